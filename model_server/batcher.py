@@ -1,0 +1,201 @@
+"""In-process dynamic batching: a bounded queue, max batch size and max delay, one device worker.
+
+Requests (already decoded to uint8 crops or tensors) wait in one queue; a single worker
+coroutine forms batches and hands them to a single device thread. While one batch runs,
+the next one is formed, so host-side assembly overlaps device compute. A full queue
+refuses new work at once (:class:`Overloaded`) instead of growing without bound, and a
+request whose deadline has passed is dropped before it reaches the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from model_server import DeadlineExceeded, Overloaded
+from model_server import metrics as m
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Item:
+    x: torch.Tensor
+    future: asyncio.Future[torch.Tensor]
+    enqueued: float
+    deadline: float | None
+
+
+class DynamicBatcher:
+    """Groups concurrent requests into device batches.
+
+    Args:
+        run: the runner; takes a host batch ``[N,...]``, returns host logits ``[N,...]``.
+        max_batch_size: most images in one device batch.
+        max_delay_s: longest the first request of a batch waits for company.
+        max_queue_images: most images waiting; more are refused with :class:`Overloaded`.
+        max_inflight_batches: batches handed to the device thread at once (2 overlaps
+            forming the next batch with running the current one).
+    """
+
+    def __init__(
+        self,
+        run: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_images: int,
+        max_inflight_batches: int = 2,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_images < max_batch_size:
+            raise ValueError("need max_batch_size >= 1 and max_queue_images >= max_batch_size")
+        self.run = run
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_images = max_queue_images
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._queued_images = 0
+        self._wakeup: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._max_inflight = max_inflight_batches
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self._worker: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Future[None]] = set()
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def start(self) -> None:
+        """Start the worker on the running event loop (idempotent)."""
+        if self._worker is None or self._worker.done():
+            self._wakeup = asyncio.Event()
+            self._slots = asyncio.Semaphore(self._max_inflight)
+            self._worker = asyncio.get_running_loop().create_task(self._work(), name="batcher")
+
+    async def submit(self, x: torch.Tensor, *, deadline: float | None = None) -> torch.Tensor:
+        """Queue ``x`` (``[n,...]``, ``n <= max_batch_size``) and wait for its rows of the output.
+
+        Raises:
+            Overloaded: the queue holds ``max_queue_images`` already.
+            DeadlineExceeded: ``deadline`` (``time.monotonic()``) passed before the batch ran.
+        """
+        n = x.shape[0]
+        if n > self.max_batch_size:
+            raise ValueError(f"{n} images exceed max_batch_size {self.max_batch_size}")
+        if self._queued_images + n > self.max_queue_images:
+            m.REJECTED.labels(reason="queue_full").inc()
+            raise Overloaded(f"batch queue is full ({self._queued_images} images waiting); retry shortly")
+        self.start()
+        assert self._wakeup is not None
+        fut: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Item(x, fut, time.monotonic(), deadline))
+        self._queued_images += n
+        m.QUEUE_DEPTH.set(self._queued_images)
+        self._wakeup.set()
+        return await fut
+
+    async def _work(self) -> None:
+        assert self._wakeup is not None and self._slots is not None
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._slots.acquire()
+            # Wait for company until the batch is full or the oldest request has waited max_delay.
+            oldest = self._queue[0].enqueued
+            while self._queued_images < self.max_batch_size:
+                remaining = oldest + self.max_delay_s - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.ensure_future(self._run_batch(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    def _take(self) -> list[_Item]:
+        now = time.monotonic()
+        batch: list[_Item] = []
+        size = 0
+        while self._queue and size + self._queue[0].x.shape[0] <= self.max_batch_size:
+            item = self._queue.popleft()
+            self._queued_images -= item.x.shape[0]
+            if item.future.done():  # the client went away
+                continue
+            if item.deadline is not None and now > item.deadline:
+                m.REJECTED.labels(reason="deadline").inc()
+                item.future.set_exception(DeadlineExceeded("request dropped: its deadline passed while it was queued"))
+                continue
+            m.QUEUE_WAIT_SECONDS.observe(now - item.enqueued)
+            batch.append(item)
+            size += item.x.shape[0]
+        m.QUEUE_DEPTH.set(self._queued_images)
+        return batch
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        assert self._slots is not None
+        try:
+            xs = [it.x for it in batch]
+            x = xs[0] if len(xs) == 1 else _concat(xs)
+            m.BATCH_SIZE.observe(x.shape[0])
+            loop = asyncio.get_running_loop()
+            try:
+                out = await loop.run_in_executor(self._executor, self._timed_run, x)
+            except Exception as e:  # the device failed this batch: fail its requests, keep serving
+                log.exception("batch of %d failed on the device", x.shape[0])
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(e)
+                return
+            m.IMAGES.inc(x.shape[0])
+            start = 0
+            for it in batch:
+                n = it.x.shape[0]
+                if not it.future.done():
+                    it.future.set_result(out[start : start + n])
+                start += n
+        finally:
+            self._slots.release()
+
+    def _timed_run(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.run(x)
+        m.DEVICE_SECONDS.observe(time.perf_counter() - t0)
+        return out
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until every accepted request has been answered (for a graceful shutdown)."""
+        end = time.monotonic() + timeout_s
+        while (self._queue or self._inflight) and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        return not (self._queue or self._inflight)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _concat(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate request tensors; mixed uint8 and float inputs are normalised to float first."""
+    if len({x.dtype for x in xs}) == 1:
+        return torch.cat(xs)
+    from model_server.preprocess import normalize
+
+    return torch.cat([normalize(x) if x.dtype == torch.uint8 else x.float() for x in xs])

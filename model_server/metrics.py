@@ -1,0 +1,82 @@
+"""Prometheus metrics of the predictor (served on KServe's ``/metrics``) and the NVML/psutil sampler."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
+
+# Sub-millisecond resolution at the low end: a batch of 1 on an H100 takes about 1 ms.
+_SECONDS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01,
+    0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+REQUEST_SECONDS = Histogram(
+    "densenet_request_seconds",
+    "Time inside the predictor, request parsed to response built",
+    ["protocol"],
+    buckets=_SECONDS,
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "densenet_queue_wait_seconds", "Time a request waits in the batch queue before its batch starts", buckets=_SECONDS
+)
+PREPROCESS_SECONDS = Histogram(
+    "densenet_preprocess_seconds", "Decode, resize and crop of one request's images", buckets=_SECONDS
+)
+H2D_SECONDS = Histogram("densenet_h2d_seconds", "Host-to-device copy and normalisation of one batch", buckets=_SECONDS)
+DEVICE_SECONDS = Histogram(
+    "densenet_device_seconds", "Model compute of one batch, device synchronised", buckets=_SECONDS
+)
+BATCH_SIZE = Histogram("densenet_batch_size", "Images per device batch", buckets=_BATCH)
+IMAGES = Counter("densenet_images_total", "Images classified")
+REJECTED = Counter("densenet_requests_rejected_total", "Requests refused", ["reason"])
+QUEUE_DEPTH = Gauge("densenet_queue_images", "Images waiting in the batch queue")
+GPU_MEMORY = Gauge("densenet_gpu_memory_used_bytes", "GPU memory used on the serving device (NVML)")
+GPU_UTIL = Gauge("densenet_gpu_utilization_ratio", "GPU utilisation over the last sample (NVML), 0..1")
+RSS = Gauge("densenet_process_rss_bytes", "Resident memory of the predictor process")
+CPU = Gauge("densenet_process_cpu_ratio", "CPU use of the predictor process, in cores")
+
+
+class ResourceSampler:
+    """Samples RSS/CPU (psutil) and GPU memory/utilisation (NVML) every ``interval_s`` in a daemon thread."""
+
+    def __init__(self, interval_s: float = 2.0, gpu_index: int | None = None) -> None:
+        self.interval_s = interval_s
+        self.gpu_index = gpu_index
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="resource-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        import psutil
+
+        proc = psutil.Process(os.getpid())
+        proc.cpu_percent(None)
+        handle = None
+        if self.gpu_index is not None:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                handle = pynvml.nvmlDeviceGetHandleByIndex(self.gpu_index)
+            except Exception as e:  # NVML missing or no permission: keep the CPU gauges
+                log.warning("NVML unavailable, GPU gauges stay empty: %s", e)
+        while not self._stop.wait(self.interval_s):
+            RSS.set(proc.memory_info().rss)
+            CPU.set(proc.cpu_percent(None) / 100.0)
+            if handle is not None:
+                import pynvml
+
+                GPU_MEMORY.set(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+                GPU_UTIL.set(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)

@@ -1,0 +1,356 @@
+"""The KServe model: v1 and v2 requests in, decoded and batched on the device, top-k out."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import kserve
+import numpy as np
+import torch
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
+
+from model_server import BadInput, DeadlineExceeded, Overloaded, PayloadTooLarge, ServerError
+from model_server import metrics as m
+from model_server.artifact import read_labels, read_manifest
+from model_server.batcher import DynamicBatcher
+from model_server.preprocess import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, decode_and_crop
+from model_server.runtimes import Runner, load_runner, resolve_device
+from optimize.registry import CROP_SIZE, NUM_CLASSES
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("probabilities", "classes", "labels", "logits")
+DEFAULT_OUTPUTS = ("probabilities", "classes", "labels")
+TENSOR_DTYPES = {"FP32": np.float32, "FP16": np.float16, "UINT8": np.uint8}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingConfig:
+    """Predictor settings (``python -m model_server --help`` documents each)."""
+
+    device: str = "auto"
+    max_batch_size: int = 32
+    max_delay_ms: float = 5.0
+    max_queue_images: int = 256
+    max_request_images: int = 32
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    default_top_k: int = 5
+    preprocess_threads: int = max(2, min(8, os.cpu_count() or 2))
+    request_timeout_s: float = 30.0
+
+
+class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
+    """Serves one artifact. ``load`` reads and verifies it, warms every batch bucket, then sets ``ready``."""
+
+    def __init__(self, name: str, artifact_dir: Path, config: ServingConfig) -> None:
+        super().__init__(name)
+        self.artifact_dir = artifact_dir
+        self.config = config
+        self.manifest: dict[str, Any] = {}
+        self.labels: np.ndarray = np.array([], dtype=object)
+        self.runner: Runner | None = None
+        self.batcher: DynamicBatcher | None = None
+        self._decode_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=config.preprocess_threads, thread_name_prefix="decode"
+        )
+        self.load_seconds: float | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def load(self) -> bool:
+        t0 = time.perf_counter()
+        self.manifest = read_manifest(self.artifact_dir)
+        device = resolve_device(self.config.device)
+        self.runner = load_runner(self.manifest, self.artifact_dir, device)
+        max_batch = min(self.config.max_batch_size, self.runner.max_batch)
+        if max_batch < self.config.max_batch_size:
+            log.warning("artifact serves batches up to %d; --max_batch_size lowered to it", max_batch)
+        self.runner.max_batch = max_batch
+        self.runner.buckets = [b for b in self.runner.buckets if b < max_batch] + [max_batch]
+        self.labels = np.array([s.encode() for s in read_labels(self.artifact_dir, self.manifest)], dtype=object)
+        self.runner.warm_up()
+        self.batcher = DynamicBatcher(
+            self.runner,
+            max_batch_size=max_batch,
+            max_delay_s=self.config.max_delay_ms / 1000.0,
+            max_queue_images=max(self.config.max_queue_images, max_batch),
+        )
+        self.load_seconds = time.perf_counter() - t0
+        log.info(
+            "loaded %s (%s, %s) on %s, warmed batches %s in %.2fs",
+            self.manifest["slug"], self.manifest["runtime"], self.manifest["precision"], device,
+            self.runner.buckets, self.load_seconds,
+        )  # fmt: skip
+        self.ready = True
+        return True
+
+    def stop(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def metadata(self) -> dict[str, Any]:
+        """v2 model metadata (``GET /v2/models/<name>``)."""
+        max_batch = self.batcher.max_batch_size if self.batcher else self.config.max_batch_size
+        return {
+            "name": self.name,
+            "versions": [],
+            "platform": f"densenet121/{self.manifest.get('runtime', '?')}",
+            "inputs": [
+                {"name": "image", "datatype": "BYTES", "shape": [-1]},
+                {"name": "input", "datatype": "FP32", "shape": [-1, 3, CROP_SIZE, CROP_SIZE]},
+            ],
+            "outputs": [
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, -1]},
+                {"name": "classes", "datatype": "INT64", "shape": [-1, -1]},
+                {"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
+                {"name": "logits", "datatype": "FP32", "shape": [-1, NUM_CLASSES]},
+            ],
+            "parameters": {"variant": self.manifest.get("slug"), "max_batch_size": max_batch},
+        }
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        inputs: list[dict[str, Any]] = self.metadata()["inputs"]
+        return inputs
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        outputs: list[dict[str, Any]] = self.metadata()["outputs"]
+        return outputs
+
+    # -- request path ----------------------------------------------------------------------------
+
+    async def predict(
+        self, payload: dict[str, Any] | InferRequest, headers: dict[str, str] | None = None
+    ) -> dict[str, Any] | InferResponse:
+        t0 = time.perf_counter()
+        is_grpc = isinstance(payload, InferRequest) and payload.from_grpc
+        protocol = "grpc" if is_grpc else ("v2" if isinstance(payload, InferRequest) else "v1")
+        try:
+            if isinstance(payload, InferRequest):
+                result: dict[str, Any] | InferResponse = await self._predict_v2(payload)
+            elif isinstance(payload, dict):
+                result = await self._predict_v1(payload)
+            else:
+                raise BadInput(f"unsupported request body of type {type(payload).__name__}")
+        except ServerError as e:
+            if isinstance(e, BadInput) and not isinstance(e, PayloadTooLarge):
+                m.REJECTED.labels(reason="bad_input").inc()
+            elif isinstance(e, PayloadTooLarge):
+                m.REJECTED.labels(reason="too_large").inc()
+            if is_grpc:
+                raise _grpc_error(e) from e
+            raise
+        m.REQUEST_SECONDS.labels(protocol=protocol).observe(time.perf_counter() - t0)
+        return result
+
+    async def _predict_v1(self, payload: dict[str, Any]) -> dict[str, Any]:
+        instances = payload.get("instances")
+        if not isinstance(instances, list):
+            raise BadInput('v1 body needs "instances": a list of {"image": {"b64": "..."}}')
+        top_k, want_logits = self._parameters(payload.get("parameters"))
+        self._check_count(len(instances))
+        images = [_v1_image_bytes(i, inst) for i, inst in enumerate(instances)]
+        logits = await self._infer(await self._decode(images))
+        probs, classes = _topk(logits, top_k)
+        predictions = []
+        for row in range(logits.shape[0]):
+            pred: dict[str, Any] = {
+                "classes": classes[row].tolist(),
+                "labels": [self.labels[c].decode() for c in classes[row]],
+                "probabilities": probs[row].tolist(),
+            }
+            if want_logits:
+                pred["logits"] = logits[row].tolist()
+            predictions.append(pred)
+        return {"predictions": predictions}
+
+    async def _predict_v2(self, request: InferRequest) -> InferResponse:
+        if len(request.inputs) != 1:
+            raise BadInput(
+                f"expected exactly 1 input (BYTES images or a [N,3,224,224] tensor), got {len(request.inputs)}"
+            )
+        params = _plain_parameters(request.parameters)
+        top_k, _ = self._parameters(params)
+        requested = [o.name for o in request.request_outputs] if request.request_outputs else list(DEFAULT_OUTPUTS)
+        unknown = [n for n in requested if n not in OUTPUTS]
+        if unknown:
+            raise BadInput(f"unknown output(s) {', '.join(unknown)}; valid outputs: {', '.join(OUTPUTS)}")
+        inp = request.inputs[0]
+        if inp.datatype == "BYTES":
+            items = _bytes_items(inp)
+            self._check_count(len(items))
+            x = await self._decode(items)
+        elif inp.datatype in TENSOR_DTYPES:
+            x = _tensor_input(inp, self.config.max_request_images)
+            self._check_count(x.shape[0])
+        else:
+            raise BadInput(
+                f"input datatype {inp.datatype!r} is not supported; valid: BYTES, {', '.join(TENSOR_DTYPES)}"
+            )
+        logits = await self._infer(x)
+        probs, classes = _topk(logits, top_k)
+        n = logits.shape[0]
+        available = {
+            "probabilities": InferOutput("probabilities", [n, top_k], "FP32", probs),
+            "classes": InferOutput("classes", [n, top_k], "INT64", classes.astype(np.int64)),
+            "labels": InferOutput("labels", [n, top_k], "BYTES", self.labels[classes]),
+            "logits": InferOutput("logits", [n, NUM_CLASSES], "FP32", logits),
+        }
+        outputs = [available[name] for name in requested]
+        if request.from_grpc:
+            # Serialise now: KServe 0.21's to_grpc() tests ``ndarray`` data for truth and fails.
+            for out in outputs:
+                out.set_data_from_numpy(out.data, binary_data=True)
+        return InferResponse(
+            response_id=request.id or "",
+            model_name=self.name,
+            infer_outputs=outputs,
+            from_grpc=request.from_grpc,
+            use_binary_outputs=request.use_binary_outputs,
+            requested_outputs=request.request_outputs,
+        )
+
+    def _parameters(self, params: Any) -> tuple[int, bool]:
+        if params is None:
+            return self.config.default_top_k, False
+        if not isinstance(params, dict):
+            raise BadInput('"parameters" must be an object')
+        top_k = params.get("top_k", self.config.default_top_k)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= NUM_CLASSES:
+            raise BadInput(f"parameter top_k must be an integer from 1 to {NUM_CLASSES}, got {top_k!r}")
+        want_logits = params.get("return_logits", False)
+        if not isinstance(want_logits, bool):
+            raise BadInput(f"parameter return_logits must be true or false, got {want_logits!r}")
+        return top_k, want_logits
+
+    def _check_count(self, n: int) -> None:
+        if n == 0:
+            raise BadInput("the batch is empty: send at least one image")
+        limit = min(self.config.max_request_images, self.batcher.max_batch_size if self.batcher else n)
+        if n > limit:
+            raise PayloadTooLarge(f"{n} images in one request; the limit is {limit} (split the request)")
+
+    async def _decode(self, images: list[bytes]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+
+        def one(data: bytes) -> torch.Tensor:
+            return decode_and_crop(data, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_image_bytes)
+
+        if len(images) == 1:
+            crops = [await loop.run_in_executor(self._decode_pool, one, images[0])]
+        else:
+            crops = list(await asyncio.gather(*(loop.run_in_executor(self._decode_pool, one, d) for d in images)))
+        m.PREPROCESS_SECONDS.observe(time.perf_counter() - t0)
+        return torch.stack(crops)
+
+    async def _infer(self, x: torch.Tensor) -> np.ndarray:
+        if self.batcher is None:
+            raise Overloaded("model is not loaded yet")
+        deadline = time.monotonic() + self.config.request_timeout_s
+        out = await self.batcher.submit(x, deadline=deadline)
+        return out.numpy()
+
+
+def _v1_image_bytes(i: int, inst: Any) -> bytes:
+    b64: Any = None
+    if isinstance(inst, dict):
+        image = inst.get("image", inst)
+        b64 = image.get("b64") if isinstance(image, dict) else image
+    elif isinstance(inst, str):
+        b64 = inst
+    if not isinstance(b64, str):
+        raise BadInput(f'instance {i}: expected {{"image": {{"b64": "<base64 image>"}}}}')
+    return _b64decode(b64, f"instance {i}")
+
+
+def _b64decode(s: str, where: str) -> bytes:
+    try:
+        return base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise BadInput(f"{where}: invalid base64 ({e})") from e
+
+
+def _bytes_items(inp: InferInput) -> list[bytes]:
+    shape = list(inp.shape)
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or shape[0] < 0:
+        raise BadInput(f"BYTES input {inp.name!r} must have shape [N] or [N,1], got {shape}")
+    try:
+        arr = inp.as_numpy()
+    except (ValueError, IndexError, InvalidInput) as e:
+        raise BadInput(f"BYTES input {inp.name!r} does not match its shape {shape}: {e}") from e
+    items: list[bytes] = []
+    for k, v in enumerate(arr.reshape(-1)):
+        if isinstance(v, bytes | bytearray):
+            items.append(bytes(v))  # binary extension and gRPC carry raw bytes
+        elif isinstance(v, str):
+            items.append(_b64decode(v, f"element {k} of {inp.name!r}"))  # JSON carries base64 text
+        else:
+            raise BadInput(f"element {k} of {inp.name!r} is not bytes or a base64 string")
+    return items
+
+
+def _tensor_input(inp: InferInput, max_images: int) -> torch.Tensor:
+    shape = list(inp.shape)
+    expected = [3, CROP_SIZE, CROP_SIZE]
+    if len(shape) != 4 or shape[1:] != expected or shape[0] < 0:
+        raise BadInput(f"tensor input {inp.name!r} must have shape [N,3,{CROP_SIZE},{CROP_SIZE}], got {shape}")
+    if shape[0] > max_images:
+        raise PayloadTooLarge(f"{shape[0]} images in one request; the limit is {max_images} (split the request)")
+    dtype = TENSOR_DTYPES[inp.datatype]
+    try:
+        raw = getattr(inp, "_raw_data", None)
+        if raw is not None:
+            arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        else:
+            arr = np.asarray(inp.data, dtype=dtype).reshape(shape)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise BadInput(
+            f"tensor input {inp.name!r}: data does not match datatype {inp.datatype} and shape {shape}: {e}"
+        ) from e
+    if arr.dtype != np.uint8 and not np.isfinite(arr).all():
+        raise BadInput(f"tensor input {inp.name!r} contains NaN or Inf")
+    t = torch.from_numpy(arr.copy())
+    return t if t.dtype == torch.uint8 else t.float()
+
+
+def _plain_parameters(params: Any) -> dict[str, Any] | None:
+    """REST parameters are a dict already; gRPC's are a map of InferParameter messages."""
+    if params is None or isinstance(params, dict):
+        return params
+    plain: dict[str, Any] = {}
+    for key, value in params.items():
+        which = value.WhichOneof("parameter_choice") if hasattr(value, "WhichOneof") else None
+        plain[key] = getattr(value, which) if which else value
+    return plain
+
+
+def _topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    t = torch.from_numpy(logits)
+    probs, classes = torch.softmax(t, dim=1).topk(k, dim=1)
+    return probs.numpy().astype(np.float32), classes.numpy()
+
+
+def _grpc_error(e: ServerError) -> Exception:
+    from grpc_interceptor import exceptions as grpc_exc
+
+    mapped: Exception
+    if isinstance(e, PayloadTooLarge | Overloaded):
+        mapped = grpc_exc.ResourceExhausted(str(e))
+    elif isinstance(e, DeadlineExceeded):
+        mapped = grpc_exc.DeadlineExceeded(str(e))
+    else:
+        mapped = InvalidInput(str(e))
+    return mapped

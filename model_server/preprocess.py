@@ -1,0 +1,95 @@
+"""Turning encoded images into model input: decode, resize 256, center-crop 224 (uint8 NCHW).
+
+Normalisation (ImageNet mean/std) happens on the device, inside the runner, so the host
+moves a quarter of the bytes and the same code serves images and raw UINT8 tensors.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from model_server import BadInput, PayloadTooLarge
+from optimize.registry import CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_SIZE
+
+#: 12 MP photos are normal; 50 MP is the default ceiling (a decompression bomb is far above it).
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+
+
+def decode_and_crop(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+) -> torch.Tensor:
+    """Decode one encoded image (JPEG, PNG, WebP, ...) to a uint8 ``[3, 224, 224]`` crop.
+
+    Matches torchvision's ImageNet eval transform (``Resize(256)``, ``CenterCrop(224)``
+    on a PIL image, bilinear). Grayscale, CMYK, palette and alpha images are converted
+    to RGB. Large JPEGs are decoded at a reduced DCT scale first (PIL ``draft``), which
+    keeps at least 256 pixels on the shorter side and makes 12 MP photos cheap.
+
+    Raises:
+        BadInput: the bytes are not a decodable image.
+        PayloadTooLarge: the encoded size or the pixel count is over the limit.
+    """
+    if not data:
+        raise BadInput("image is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"encoded image is {len(data)} bytes; the limit is {max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img: Image.Image = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+            if w < 1 or h < 1:
+                raise BadInput(f"image has no pixels ({w}x{h})")
+            if isinstance(img, ImageFile.ImageFile) and img.format == "JPEG":
+                img.draft("RGB", (RESIZE_SIZE, RESIZE_SIZE))
+            img = _to_rgb(img)
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadInput(f"bytes are not a decodable image: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt streams
+        raise BadInput(f"image could not be decoded: {e}") from e
+    return _resize_crop(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        img.load()
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite transparent pixels on white rather than on whatever colour they hide.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _resize_crop(img: Image.Image) -> torch.Tensor:
+    w, h = img.size
+    # torchvision's Resize(256): shorter side to 256, longer side truncated like int().
+    if w <= h:
+        nw, nh = RESIZE_SIZE, int(RESIZE_SIZE * h / w)
+    else:
+        nw, nh = int(RESIZE_SIZE * w / h), RESIZE_SIZE
+    img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+    left = round((nw - CROP_SIZE) / 2.0)
+    top = round((nh - CROP_SIZE) / 2.0)
+    img = img.crop((left, top, left + CROP_SIZE, top + CROP_SIZE))
+    arr = np.asarray(img, dtype=np.uint8)  # HWC
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def normalize(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 RGB ``[N,3,H,W]`` (any device) to ImageNet-normalised ``dtype``."""
+    mean = torch.tensor(IMAGENET_MEAN, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return ((batch.to(torch.float32) - mean) / std).to(dtype)
