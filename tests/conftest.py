@@ -20,17 +20,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # get_closest_marker, not ``in item.keywords``: keywords also hold folder names (tests/cluster/...).
     has_cuda = False
-    if any("gpu" in item.keywords for item in items):
+    if any(item.get_closest_marker("gpu") for item in items):
         import torch
 
         has_cuda = torch.cuda.is_available()
     for item in items:
-        if "gpu" in item.keywords and not has_cuda:
+        if item.get_closest_marker("gpu") and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; torch sees none on this machine"))
-        if "slow" in item.keywords and not config.getoption("--runslow"):
+        if item.get_closest_marker("slow") and not config.getoption("--runslow"):
             item.add_marker(pytest.mark.skip(reason="slow on 2 CPU cores; run with --runslow"))
-        if "cluster" in item.keywords and os.environ.get("DENSENET_CLUSTER_TESTS") != "1":
+        if item.get_closest_marker("cluster") and os.environ.get("DENSENET_CLUSTER_TESTS") != "1":
             item.add_marker(pytest.mark.skip(reason="needs a live Kind cluster; set DENSENET_CLUSTER_TESTS=1"))
 
 
