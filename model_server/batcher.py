@@ -1,10 +1,14 @@
 """In-process dynamic batching: a bounded queue, max batch size and max delay, one device worker.
 
-Requests (already decoded to uint8 crops or tensors) wait in one queue; a single worker
-coroutine forms batches and hands them to a single device thread. While one batch runs,
-the next one is formed, so host-side assembly overlaps device compute. A full queue
-refuses new work at once (:class:`Overloaded`) instead of growing without bound, and a
-request whose deadline has passed is dropped before it reaches the device.
+Requests wait in one queue as opaque payloads of ``n`` images each (tensors, or JPEG bytes
+the device worker decodes on the GPU); a single worker coroutine forms batches and hands
+them to a single device thread. A batch leaves as soon as the device has a free slot:
+while the device is busy, arrivals accumulate into the next batch, so batches grow with
+load and a lone request never waits (``max_delay`` adds an optional wait when the device
+is idle). Two batches may be in flight, so forming the next one overlaps running the
+current one. A full queue refuses new work at once (:class:`Overloaded`) instead of
+growing without bound, and a request whose deadline has passed is dropped before it
+reaches the device.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -27,7 +32,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class _Item:
-    x: torch.Tensor
+    payload: Any
+    n: int
     future: asyncio.Future[torch.Tensor]
     enqueued: float
     deadline: float | None
@@ -37,7 +43,8 @@ class DynamicBatcher:
     """Groups concurrent requests into device batches.
 
     Args:
-        run: the runner; takes a host batch ``[N,...]``, returns host logits ``[N,...]``.
+        run: the device function: takes the payloads of one batch, returns one result
+            (logits ``[n,...]``) or exception per payload.
         max_batch_size: most images in one device batch.
         max_delay_s: longest the first request of a batch waits for company.
         max_queue_images: most images waiting; more are refused with :class:`Overloaded`.
@@ -47,7 +54,7 @@ class DynamicBatcher:
 
     def __init__(
         self,
-        run: Callable[[torch.Tensor], torch.Tensor],
+        run: Callable[[list[Any]], list[torch.Tensor | Exception]],
         *,
         max_batch_size: int,
         max_delay_s: float,
@@ -80,14 +87,13 @@ class DynamicBatcher:
             self._slots = asyncio.Semaphore(self._max_inflight)
             self._worker = asyncio.get_running_loop().create_task(self._work(), name="batcher")
 
-    async def submit(self, x: torch.Tensor, *, deadline: float | None = None) -> torch.Tensor:
-        """Queue ``x`` (``[n,...]``, ``n <= max_batch_size``) and wait for its rows of the output.
+    async def submit(self, payload: Any, n: int, *, deadline: float | None = None) -> torch.Tensor:
+        """Queue a payload of ``n <= max_batch_size`` images and wait for its rows of the output.
 
         Raises:
             Overloaded: the queue holds ``max_queue_images`` already.
             DeadlineExceeded: ``deadline`` (``time.monotonic()``) passed before the batch ran.
         """
-        n = x.shape[0]
         if n > self.max_batch_size:
             raise ValueError(f"{n} images exceed max_batch_size {self.max_batch_size}")
         if self._queued_images + n > self.max_queue_images:
@@ -96,7 +102,7 @@ class DynamicBatcher:
         self.start()
         assert self._wakeup is not None
         fut: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Item(x, fut, time.monotonic(), deadline))
+        self._queue.append(_Item(payload, n, fut, time.monotonic(), deadline))
         self._queued_images += n
         m.QUEUE_DEPTH.set(self._queued_images)
         self._wakeup.set()
@@ -133,9 +139,9 @@ class DynamicBatcher:
         now = time.monotonic()
         batch: list[_Item] = []
         size = 0
-        while self._queue and size + self._queue[0].x.shape[0] <= self.max_batch_size:
+        while self._queue and size + self._queue[0].n <= self.max_batch_size:
             item = self._queue.popleft()
-            self._queued_images -= item.x.shape[0]
+            self._queued_images -= item.n
             if item.future.done():  # the client went away
                 continue
             if item.deadline is not None and now > item.deadline:
@@ -144,40 +150,30 @@ class DynamicBatcher:
                 continue
             m.QUEUE_WAIT_SECONDS.observe(now - item.enqueued)
             batch.append(item)
-            size += item.x.shape[0]
+            size += item.n
         m.QUEUE_DEPTH.set(self._queued_images)
         return batch
 
     async def _run_batch(self, batch: list[_Item]) -> None:
         assert self._slots is not None
         try:
-            xs = [it.x for it in batch]
-            x = xs[0] if len(xs) == 1 else _concat(xs)
-            m.BATCH_SIZE.observe(x.shape[0])
+            m.BATCH_SIZE.observe(sum(it.n for it in batch))
             loop = asyncio.get_running_loop()
             try:
-                out = await loop.run_in_executor(self._executor, self._timed_run, x)
+                results = await loop.run_in_executor(self._executor, self.run, [it.payload for it in batch])
             except Exception as e:  # the device failed this batch: fail its requests, keep serving
-                log.exception("batch of %d failed on the device", x.shape[0])
-                for it in batch:
-                    if not it.future.done():
-                        it.future.set_exception(e)
-                return
-            m.IMAGES.inc(x.shape[0])
-            start = 0
-            for it in batch:
-                n = it.x.shape[0]
-                if not it.future.done():
-                    it.future.set_result(out[start : start + n])
-                start += n
+                log.exception("batch of %d requests failed on the device", len(batch))
+                results = [e] * len(batch)
+            for it, res in zip(batch, results, strict=True):
+                if it.future.done():
+                    continue
+                if isinstance(res, Exception):
+                    it.future.set_exception(res)
+                else:
+                    m.IMAGES.inc(it.n)
+                    it.future.set_result(res)
         finally:
             self._slots.release()
-
-    def _timed_run(self, x: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
-        out = self.run(x)
-        m.DEVICE_SECONDS.observe(time.perf_counter() - t0)
-        return out
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until every accepted request has been answered (for a graceful shutdown)."""
@@ -190,12 +186,3 @@ class DynamicBatcher:
         if self._worker is not None:
             self._worker.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _concat(xs: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate request tensors; mixed uint8 and float inputs are normalised to float first."""
-    if len({x.dtype for x in xs}) == 1:
-        return torch.cat(xs)
-    from model_server.preprocess import normalize
-
-    return torch.cat([normalize(x) if x.dtype == torch.uint8 else x.float() for x in xs])

@@ -9,11 +9,15 @@ import sys
 from pathlib import Path
 
 from model_server import ServerError
-from model_server.predictor import ServingConfig
+from model_server.config import ServingConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+#: Under Knative the pod's terminationGracePeriodSeconds is the revision's timeoutSeconds (300 s by
+#: default); plain Kubernetes gives 30 s. 25 s fits both, with time left to exit.
+DEFAULT_GRACE_PERIOD_S = 25.0
+MIN_ADMIN_TOKEN_CHARS = 16
 
 
 def _env(name: str, default: str) -> str:
@@ -46,6 +50,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--request_timeout_s", type=float, default=float(_env("REQUEST_TIMEOUT_S", str(d.request_timeout_s)))
     )
+    p.add_argument(
+        "--gpu_decode", default=_env("GPU_DECODE", "true"), choices=("true", "false"),
+        help="decode JPEGs with nvJPEG on the serving GPU (default: true; ignored on the CPU)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max_inflight_requests", type=int, default=int(_env("MAX_INFLIGHT_REQUESTS", "0")),
+        help="HTTP inference requests handled at once (bodies in memory); more get 503 + Retry-After before "
+        "their body is read (default 0: max_queue_images + 2 * max_batch_size)",
+    )  # fmt: skip
+    p.add_argument(
+        "--grace_period_s", type=float, default=float(_env("GRACE_PERIOD_S", str(DEFAULT_GRACE_PERIOD_S))),
+        help="on SIGTERM, the longest to wait for accepted requests before exiting (default: %(default)s; keep it "
+        "below the pod's terminationGracePeriodSeconds)",
+    )  # fmt: skip
+    p.add_argument(
+        "--admin_token", default=_env("ADMIN_TOKEN", ""),
+        help="bearer token of the /admin/ endpoints (profiler capture, info); empty (default) turns them off. "
+        "Prefer DENSENET_ADMIN_TOKEN from a Secret: a flag is visible in the process list",
+    )  # fmt: skip
+    p.add_argument(
+        "--enable_docs", default=_env("ENABLE_DOCS", "false"), choices=("true", "false"),
+        help="serve the OpenAPI description on /openapi.json (default: false)",
+    )  # fmt: skip
+    p.add_argument(
+        "--frontends", type=int, default=int(_env("FRONTENDS", "1")),
+        help="HTTP/gRPC front-end processes feeding this device process (default: 1, all in one process); "
+        "beyond ~600 single-image requests/s one Python process is the bottleneck",
+    )  # fmt: skip
+    p.add_argument(
+        "--metrics", default=_env("METRICS", "true"), choices=("true", "false"),
+        help="request-path Prometheus metrics (default: true; false only to measure their overhead)",
+    )  # fmt: skip
     p.add_argument("--log_level", default=_env("LOG_LEVEL", "INFO"))
     return p
 
@@ -60,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
+    if args.max_inflight_requests < 0 or args.grace_period_s <= 0:
+        print("error: --max_inflight_requests must be >= 0 and --grace_period_s > 0", file=sys.stderr)
+        return 2
+    if args.admin_token and len(args.admin_token) < MIN_ADMIN_TOKEN_CHARS:
+        print(f"error: --admin_token must have at least {MIN_ADMIN_TOKEN_CHARS} characters", file=sys.stderr)
+        return 2
     config = ServingConfig(
         device=args.device,
         max_batch_size=args.max_batch_size,
@@ -68,12 +110,23 @@ def main(argv: list[str] | None = None) -> int:
         max_request_images=args.max_request_images,
         max_image_pixels=args.max_image_pixels,
         request_timeout_s=args.request_timeout_s,
+        gpu_decode=args.gpu_decode == "true",
     )
+    if args.frontends < 1:
+        print(f"error: --frontends must be >= 1, got {args.frontends}", file=sys.stderr)
+        return 2
+    if args.frontends > 1:
+        from model_server.frontend import enable_multiprocess_metrics
+
+        enable_multiprocess_metrics()  # before prometheus_client is first imported
     # kserve parses sys.argv when imported: import it only once our own flags are parsed.
-    import kserve
     import kserve.model_server as kserve_server
 
     from model_server import metrics, rest
+
+    if args.metrics == "false":
+        metrics.disable()
+    from model_server.lifecycle import DrainingModelServer, ServingState
     from model_server.predictor import DenseNetPredictor
 
     model = DenseNetPredictor(args.model_name, Path(args.model_dir), config)
@@ -85,8 +138,31 @@ def main(argv: list[str] | None = None) -> int:
     gpu = model.runner.device.index or 0 if model.runner and model.runner.device.type == "cuda" else None
     sampler = metrics.ResourceSampler(gpu_index=gpu)
     sampler.start()
-    rest.install(kserve_server.app, model, max_body_bytes=args.max_body_bytes)
-    server = kserve.ModelServer(
+    max_inflight = args.max_inflight_requests or config.max_queue_images + 2 * config.max_batch_size
+    if args.frontends > 1:
+        from model_server import frontend
+
+        spec = {
+            "model_name": args.model_name, "model_dir": args.model_dir, "config": config,
+            "http_port": args.http_port, "grpc_port": args.grpc_port, "max_body_bytes": args.max_body_bytes,
+            "log_level": args.log_level.upper(), "gpu_decode": model.gpu_decode, "max_inflight": max_inflight,
+            "admin_token": args.admin_token or None, "enable_docs": args.enable_docs == "true",
+            "grace_period_s": args.grace_period_s, "metrics": args.metrics == "true",
+        }  # fmt: skip
+        try:
+            return frontend.serve(model, frontends=args.frontends, spec=spec, grace_period_s=args.grace_period_s)
+        finally:
+            sampler.stop()
+            model.stop()
+    state = ServingState(max_inflight=max_inflight)
+    rest.install(
+        kserve_server.app, model, max_body_bytes=args.max_body_bytes, state=state,
+        admin_token=args.admin_token or None, enable_docs=args.enable_docs == "true",
+    )  # fmt: skip
+    server = DrainingModelServer(
+        model=model,
+        state=state,
+        grace_period_s=args.grace_period_s,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         enable_docs_url=False,
@@ -96,5 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         # KServe logs every request at INFO (access log and timing trace): too slow for the hot path.
         for name in ("uvicorn.access", "kserve.trace"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    server.start([model])
-    return 0
+    try:
+        server.start([model])
+    finally:
+        sampler.stop()
+        model.stop()
+    return 0 if server.clean_exit else 1

@@ -6,9 +6,8 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
-import dataclasses
 import logging
-import os
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,10 @@ from model_server import BadInput, DeadlineExceeded, Overloaded, PayloadTooLarge
 from model_server import metrics as m
 from model_server.artifact import read_labels, read_manifest
 from model_server.batcher import DynamicBatcher
-from model_server.preprocess import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS, decode_and_crop
+from model_server.config import ServingConfig
+from model_server.pipeline import DevicePipeline, JpegBatch, Payload, payload_size
+from model_server.preprocess import decode_and_crop, gpu_decodable
+from model_server.profiler import ProfileCapture
 from model_server.runtimes import Runner, load_runner, resolve_device
 from optimize.registry import CROP_SIZE, NUM_CLASSES
 
@@ -32,22 +34,6 @@ log = logging.getLogger(__name__)
 OUTPUTS = ("probabilities", "classes", "labels", "logits")
 DEFAULT_OUTPUTS = ("probabilities", "classes", "labels")
 TENSOR_DTYPES = {"FP32": np.float32, "FP16": np.float16, "UINT8": np.uint8}
-
-
-@dataclasses.dataclass(frozen=True)
-class ServingConfig:
-    """Predictor settings (``python -m model_server --help`` documents each)."""
-
-    device: str = "auto"
-    max_batch_size: int = 32
-    max_delay_ms: float = 5.0
-    max_queue_images: int = 256
-    max_request_images: int = 32
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    default_top_k: int = 5
-    preprocess_threads: int = max(2, min(8, os.cpu_count() or 2))
-    request_timeout_s: float = 30.0
 
 
 class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
@@ -65,6 +51,8 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
             max_workers=config.preprocess_threads, thread_name_prefix="decode"
         )
         self.load_seconds: float | None = None
+        self._gpu_decode = False
+        self.profiler: ProfileCapture | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -80,8 +68,13 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
         self.runner.buckets = [b for b in self.runner.buckets if b < max_batch] + [max_batch]
         self.labels = np.array([s.encode() for s in read_labels(self.artifact_dir, self.manifest)], dtype=object)
         self.runner.warm_up()
+        self.profiler = ProfileCapture(Path(self.config.profile_dir), device)
+        pipeline = DevicePipeline(self.runner, self.profiler)
+        self._gpu_decode = self.config.gpu_decode and device.type == "cuda"
+        if self._gpu_decode:
+            pipeline.warm_up()
         self.batcher = DynamicBatcher(
-            self.runner,
+            pipeline,
             max_batch_size=max_batch,
             max_delay_s=self.config.max_delay_ms / 1000.0,
             max_queue_images=max(self.config.max_queue_images, max_batch),
@@ -100,9 +93,22 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
             self.batcher.close()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
+    async def profile_control(self, op: dict[str, Any]) -> dict[str, Any]:
+        """Profiler captures: ``{"op": "start", "batches"|"seconds": ...}`` or ``{"op": "get", "id": ...}``."""
+        return profile_op(self.profiler, op)
+
+    @property
+    def gpu_decode(self) -> bool:
+        """Whether JPEGs go to the device worker for nvJPEG (CUDA device and ``gpu_decode`` on)."""
+        return self._gpu_decode
+
+    def max_batch(self) -> int:
+        """Largest device batch (the artifact's and the flag's minimum)."""
+        return self.batcher.max_batch_size if self.batcher else self.config.max_batch_size
+
     def metadata(self) -> dict[str, Any]:
         """v2 model metadata (``GET /v2/models/<name>``)."""
-        max_batch = self.batcher.max_batch_size if self.batcher else self.config.max_batch_size
+        max_batch = self.max_batch()
         return {
             "name": self.name,
             "versions": [],
@@ -237,14 +243,25 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
     def _check_count(self, n: int) -> None:
         if n == 0:
             raise BadInput("the batch is empty: send at least one image")
-        limit = min(self.config.max_request_images, self.batcher.max_batch_size if self.batcher else n)
+        limit = min(self.config.max_request_images, self.max_batch())
         if n > limit:
             raise PayloadTooLarge(f"{n} images in one request; the limit is {limit} (split the request)")
 
-    async def _decode(self, images: list[bytes]) -> torch.Tensor:
+    async def _decode(self, images: list[bytes]) -> Payload:
+        """A JPEG batch for the GPU (decoded by the device worker with nvJPEG), or CPU-decoded crops.
+
+        Every image is checked here, on the request path, so limits and bad headers fail
+        this request alone. A request with any image nvJPEG should not take (PNG, CMYK,
+        ...) is decoded on the CPU in the thread pool, PIL releasing the GIL.
+        """
         t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
         cfg = self.config
+        if self._gpu_decode and all(
+            gpu_decodable(d, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_image_bytes) for d in images
+        ):
+            m.PREPROCESS_SECONDS.observe(time.perf_counter() - t0)
+            return JpegBatch(images)
+        loop = asyncio.get_running_loop()
 
         def one(data: bytes) -> torch.Tensor:
             return decode_and_crop(data, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_image_bytes)
@@ -256,11 +273,11 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
         m.PREPROCESS_SECONDS.observe(time.perf_counter() - t0)
         return torch.stack(crops)
 
-    async def _infer(self, x: torch.Tensor) -> np.ndarray:
+    async def _infer(self, payload: Payload) -> np.ndarray:
         if self.batcher is None:
             raise Overloaded("model is not loaded yet")
         deadline = time.monotonic() + self.config.request_timeout_s
-        out = await self.batcher.submit(x, deadline=deadline)
+        out = await self.batcher.submit(payload, payload_size(payload), deadline=deadline)
         return out.numpy()
 
 
@@ -289,7 +306,7 @@ def _bytes_items(inp: InferInput) -> list[bytes]:
         raise BadInput(f"BYTES input {inp.name!r} must have shape [N] or [N,1], got {shape}")
     try:
         arr = inp.as_numpy()
-    except (ValueError, IndexError, InvalidInput) as e:
+    except (ValueError, IndexError, struct.error, InvalidInput) as e:
         raise BadInput(f"BYTES input {inp.name!r} does not match its shape {shape}: {e}") from e
     items: list[bytes] = []
     for k, v in enumerate(arr.reshape(-1)):
@@ -354,3 +371,22 @@ def _grpc_error(e: ServerError) -> Exception:
     else:
         mapped = InvalidInput(str(e))
     return mapped
+
+
+def profile_op(profiler: ProfileCapture | None, op: dict[str, Any]) -> dict[str, Any]:
+    """Run a profiler control operation (also reached over IPC from front-end processes).
+
+    Raises:
+        ValueError: unknown operation or bad bounds (HTTP 400).
+        KeyError: unknown capture id (HTTP 404).
+    """
+    if profiler is None:
+        raise ValueError("the model is not loaded")
+    if op.get("op") == "start":
+        return profiler.request(batches=op.get("batches"), seconds=op.get("seconds")).to_dict()
+    if op.get("op") == "get":
+        cap = profiler.get(str(op.get("id")))
+        if cap is None:
+            raise KeyError(f"no profiler capture {op.get('id')!r}")
+        return cap.to_dict()
+    raise ValueError(f"unknown profiler operation {op.get('op')!r}; valid: start, get")

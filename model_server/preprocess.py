@@ -19,6 +19,10 @@ from optimize.registry import CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_SIZ
 #: 12 MP photos are normal; 50 MP is the default ceiling (a decompression bomb is far above it).
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+#: Resizing the shorter side of a 1x5000 image to 256 would allocate gigabytes: refuse such shapes.
+MAX_ASPECT_RATIO = 64.0
+#: Photo formats only: PIL would otherwise also try EPS (Ghostscript), PSD, ICO, ... on hostile bytes.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 def decode_and_crop(
@@ -26,6 +30,7 @@ def decode_and_crop(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO,
 ) -> torch.Tensor:
     """Decode one encoded image (JPEG, PNG, WebP, ...) to a uint8 ``[3, 224, 224]`` crop.
 
@@ -34,8 +39,12 @@ def decode_and_crop(
     to RGB. Large JPEGs are decoded at a reduced DCT scale first (PIL ``draft``), which
     keeps at least 256 pixels on the shorter side and makes 12 MP photos cheap.
 
+    An image longer than ``max_aspect_ratio`` times its width (or the reverse) is refused:
+    resizing its shorter side to 256 would allocate gigabytes (a 1x5000 PNG of 100 bytes
+    becomes 256x1,280,000), a decompression bomb that passes the pixel limit.
+
     Raises:
-        BadInput: the bytes are not a decodable image.
+        BadInput: the bytes are not a decodable image, or its aspect ratio is beyond the limit.
         PayloadTooLarge: the encoded size or the pixel count is over the limit.
     """
     if not data:
@@ -45,12 +54,14 @@ def decode_and_crop(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img: Image.Image = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             w, h = img.size
             if w * h > max_pixels:
                 raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
             if w < 1 or h < 1:
                 raise BadInput(f"image has no pixels ({w}x{h})")
+            if max(w, h) > max_aspect_ratio * min(w, h):
+                raise BadInput(f"image is {w}x{h}: an aspect ratio beyond {max_aspect_ratio:g}:1 is refused")
             if isinstance(img, ImageFile.ImageFile) and img.format == "JPEG":
                 img.draft("RGB", (RESIZE_SIZE, RESIZE_SIZE))
             img = _to_rgb(img)
@@ -93,3 +104,59 @@ def normalize(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
     mean = torch.tensor(IMAGENET_MEAN, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(IMAGENET_STD, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
     return ((batch.to(torch.float32) - mean) / std).to(dtype)
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def gpu_decodable(data: bytes, *, max_pixels: int, max_bytes: int) -> bool:
+    """Whether nvJPEG should take this image: a baseline/progressive RGB or grayscale JPEG within the limits.
+
+    The header is read with PIL (it parses the markers only, no pixels), so the pixel limit is
+    enforced before any GPU memory is spent. Anything else (CMYK, PNG, corrupt headers) goes
+    to :func:`decode_and_crop`, which raises the precise error.
+    """
+    if not is_jpeg(data) or len(data) > max_bytes:
+        return False
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
+            w, h = img.size
+            return img.mode in ("RGB", "L") and 0 < w * h <= max_pixels and max(w, h) <= MAX_ASPECT_RATIO * min(w, h)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+
+
+def gpu_resize_crop_many(images: list[torch.Tensor]) -> torch.Tensor:
+    """``Resize(256)`` + ``CenterCrop(224)`` of decoded images, one interpolation per distinct size."""
+    out: list[torch.Tensor | None] = [None] * len(images)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(tuple(img.shape), []).append(i)
+    for shape, idx in groups.items():
+        _, h, w = shape
+        if w <= h:
+            nw, nh = RESIZE_SIZE, int(RESIZE_SIZE * h / w)
+        else:
+            nw, nh = int(RESIZE_SIZE * w / h), RESIZE_SIZE
+        x = torch.stack([images[i] for i in idx]).float()
+        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = round((nh - CROP_SIZE) / 2.0), round((nw - CROP_SIZE) / 2.0)
+        crops = x[:, :, top : top + CROP_SIZE, left : left + CROP_SIZE].round_().clamp_(0, 255).to(torch.uint8)
+        for j, i in enumerate(idx):
+            out[i] = crops[j]
+    return torch.stack([c for c in out if c is not None])
+
+
+def decode_batch_gpu(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
+    """Decode JPEGs with nvJPEG in one batched call and resize/crop them on ``device``.
+
+    Raises:
+        RuntimeError: nvJPEG refused the batch (the caller falls back to the CPU path,
+            which names the offending image).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    return list(gpu_resize_crop_many(images))

@@ -54,6 +54,8 @@ class Runner:
         dtype: the dtype the model takes as input.
         channels_last: whether the input is laid out NHWC.
         pad_to_bucket: pad batches to the next bucket (static-shape runtimes need it).
+        cuda_graphs: capture one CUDA graph per bucket at warm-up and replay it (CUDA only;
+            set from the manifest's ``options.cuda_graphs``).
     """
 
     pad_to_bucket = False
@@ -61,10 +63,15 @@ class Runner:
     def __init__(self, manifest: dict[str, Any], device: torch.device) -> None:
         self.manifest = manifest
         self.device = device
+        self.options: dict[str, Any] = dict(manifest.get("options") or {})
         self.dtype = _DTYPES.get(manifest["precision"], torch.float32)
         self.channels_last = bool(manifest.get("channels_last", False))
         self.max_batch = int(manifest["input"].get("max_batch", 64))
         self.buckets = batch_buckets(self.max_batch)
+        self.cuda_graphs = bool(self.options.get("cuda_graphs")) and device.type == "cuda"
+        if self.cuda_graphs:
+            self.pad_to_bucket = True
+        self._graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the model on a device tensor already in its dtype and layout."""
@@ -77,6 +84,16 @@ class Runner:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def run_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward a prepared device tensor, replaying the bucket's CUDA graph when one was captured."""
+        graph = self._graphs.get(x.shape[0])
+        if graph is None:
+            return self.forward(x)
+        g, static_in, static_out = graph
+        static_in.copy_(x)
+        g.replay()
+        return static_out
+
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         n = batch.shape[0]
@@ -84,34 +101,337 @@ class Runner:
             size = next((b for b in self.buckets if b >= n), n)
             if size > n:
                 batch = torch.cat([batch, batch.new_zeros((size - n, *batch.shape[1:]))])
-        out = self.forward(self.prepare(batch))
+        out = self.run_device(self.prepare(batch))
         return out[:n].float().cpu()
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture one CUDA graph per bucket (after a warm-up run on a side stream, as CUDA graphs need)."""
+        for b in self.buckets:
+            static_in = self.prepare(torch.zeros((b, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8)).clone()
+            stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            try:
+                with torch.inference_mode(), torch.cuda.stream(stream):
+                    for _ in range(2):
+                        self.forward(static_in)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.inference_mode(), torch.cuda.graph(graph):
+                    static_out = self.forward(static_in)
+            except RuntimeError as e:  # a runtime that cannot be captured still serves, uncaptured
+                log.warning("CUDA graph capture failed for batch %d (%s); running it without a graph", b, e)
+                torch.cuda.synchronize(self.device)
+                continue
+            self._graphs[b] = (graph, static_in, static_out)
+        log.info("captured CUDA graphs for buckets %s", sorted(self._graphs))
 
     def warm_up(self) -> None:
         """Run every batch bucket once so no first-call cost reaches a request."""
+        if self.cuda_graphs and not self._graphs:
+            self.capture_cuda_graphs()
         for b in self.buckets:
             self(torch.zeros((b, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
 
+#: ``__format__`` of a payload that stores pruned weights as a bitmask plus the kept values.
+MASKED_FORMAT = "masked-state-dict-v1"
+
+
+def densify_state(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Turn a masked payload back into a dense state dict (a plain state dict passes through).
+
+    A masked payload is ``{"__format__": MASKED_FORMAT, "dense": {name: tensor},
+    "masked": {name: {"shape": [..], "mask": uint8 bit-packed, "values": tensor}}}``:
+    every pruned weight keeps 1 bit per element plus its non-zero values.
+    """
+    if payload.get("__format__") != MASKED_FORMAT:
+        return payload
+    state: dict[str, torch.Tensor] = dict(payload["dense"])
+    for name, rec in payload["masked"].items():
+        shape = [int(d) for d in rec["shape"]]
+        numel = 1
+        for d in shape:
+            numel *= d
+        bits = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+        mask = (rec["mask"].unsqueeze(1) & bits).ne(0).reshape(-1)[:numel]
+        values: torch.Tensor = rec["values"]
+        dense = torch.zeros(numel, dtype=values.dtype)
+        dense[mask] = values
+        state[name] = dense.reshape(shape)
+    return state
+
+
+def densenet_for_state(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """torchvision's DenseNet-121 with each conv, batch norm and linear resized to the state dict's shapes.
+
+    Structured pruning removes channels, so a pruned state dict no longer fits the stock
+    model; rebuilding the modules from the tensor shapes needs no pickled module objects.
+    """
+    import torchvision
+    from torch import nn
+
+    model = torchvision.models.densenet121(weights=None, num_classes=NUM_CLASSES)
+    for name, module in list(model.named_modules()):
+        weight = state.get(f"{name}.weight")
+        if weight is None or tuple(weight.shape) == tuple(getattr(module, "weight").shape):  # noqa: B009
+            continue
+        new: nn.Module
+        if isinstance(module, nn.Conv2d):
+            new = nn.Conv2d(
+                weight.shape[1] * module.groups,
+                weight.shape[0],
+                module.kernel_size,  # type: ignore[arg-type]
+                stride=module.stride,  # type: ignore[arg-type]
+                padding=module.padding,  # type: ignore[arg-type]
+                groups=module.groups,
+                bias=module.bias is not None,
+            )
+        elif isinstance(module, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(weight.shape[0], eps=module.eps, momentum=module.momentum)
+        elif isinstance(module, nn.Linear):
+            new = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+        else:
+            raise ArtifactError(f"state dict resizes {name} ({type(module).__name__}), which cannot be rebuilt")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    result: nn.Module = model
+    return result
+
+
 class TorchEagerRunner(Runner):
-    """A torchvision DenseNet-121 rebuilt from a state dict loaded with ``weights_only=True``."""
+    """A torchvision DenseNet-121 rebuilt from a state dict loaded with ``weights_only=True``.
+
+    Handles plain state dicts (FP32/FP16/BF16), masked (unstructured-pruned) payloads, channel-pruned
+    shapes, ``torch.autocast`` (``options.autocast``: FP32 weights and input, half compute) and 2:4
+    semi-structured sparse layers on CUDA (``options.sparse24``).
+    """
 
     def __init__(self, manifest: dict[str, Any], artifact_dir: Path, device: torch.device) -> None:
         super().__init__(manifest, device)
-        import torchvision
-
-        state = torch.load(payload_path(artifact_dir, manifest, "model"), map_location="cpu", weights_only=True)
-        model = torchvision.models.densenet121(weights=None, num_classes=NUM_CLASSES)
+        self.autocast_dtype: torch.dtype | None = None
+        if self.options.get("autocast"):
+            # AMP keeps FP32 weights and input; autocast picks half precision per op.
+            self.autocast_dtype, self.dtype = self.dtype, torch.float32
+        payload = torch.load(payload_path(artifact_dir, manifest, "model"), map_location="cpu", weights_only=True)
+        state = densify_state(payload)
+        model = densenet_for_state(state)
         model.load_state_dict(state)
         model = model.to(device=device, dtype=self.dtype).eval()
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if self.options.get("sparse24"):
+            if device.type != "cuda":
+                raise ArtifactError("2:4 semi-structured sparse kernels exist only on CUDA GPUs")
+            self.sparse_layers = sparsify_model(model)
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                out: torch.Tensor = self.model(x)
+            return out
+        out = self.model(x)
+        return out
+
+
+def prune_2_4(weight: torch.Tensor) -> torch.Tensor:
+    """Zero the two smallest-magnitude weights of every group of four along the input dimension."""
+    w2 = weight.reshape(weight.shape[0], -1)
+    groups = w2.reshape(w2.shape[0], -1, 4)
+    keep = groups.abs().topk(2, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return (groups * mask).reshape(weight.shape)
+
+
+def sparse24_eligible(module: torch.nn.Module) -> bool:
+    """1x1 convolutions (a matrix multiply on NHWC activations) and linears whose input width is a
+    multiple of 64 (the strictest of cuSPARSELt's and CUTLASS's FP16 shape constraints)."""
+    from torch import nn
+
+    if isinstance(module, nn.Linear):
+        return module.in_features % 64 == 0
+    if isinstance(module, nn.Conv2d):
+        return (
+            module.kernel_size == (1, 1)
+            and module.stride == (1, 1)
+            and module.groups == 1
+            and module.padding in ((0, 0), "valid")
+            and module.in_channels % 64 == 0
+        )
+    return False
+
+
+class SparseMatmul(torch.nn.Module):
+    """A 1x1 convolution or linear layer whose weight is a 2:4 semi-structured sparse matrix.
+
+    A 1x1 convolution over NHWC activations is ``[N*H*W, Cin] @ W.T``; the output rows are
+    padded to a multiple of 32 because the sparse kernels need it (the classifier has 1000).
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        from torch.sparse import to_sparse_semi_structured
+
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        w = weight.detach()
+        self.conv = isinstance(module, torch.nn.Conv2d)
+        self.out_features = int(w.shape[0])
+        w2 = w.reshape(w.shape[0], -1)
+        pad = (-w2.shape[0]) % 32
+        if pad:
+            w2 = torch.cat([w2, w2.new_zeros((pad, w2.shape[1]))])
+        self.weight = torch.nn.Parameter(to_sparse_semi_structured(w2.contiguous()), requires_grad=False)
+        bias = getattr(module, "bias", None)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        if self.conv:
+            n, c, h, w = x.shape
+            rows = x.permute(0, 2, 3, 1).reshape(-1, c)
+            out = F.linear(rows, self.weight)[:, : self.out_features]
+            if self.bias is not None:
+                out = out + self.bias
+            return out.reshape(n, h, w, self.out_features).permute(0, 3, 1, 2)
+        out = F.linear(x, self.weight)[..., : self.out_features]
+        return out if self.bias is None else out + self.bias
+
+
+def sparsify_model(model: torch.nn.Module) -> list[str]:
+    """Swap every eligible layer (already 2:4-pruned by ``optimize``) for a :class:`SparseMatmul`."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    # cuSPARSELt is faster where present; CUTLASS kernels ship inside torch itself.
+    SparseSemiStructuredTensor._FORCE_CUTLASS = not torch.backends.cusparselt.is_available()
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if name and sparse24_eligible(module):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, SparseMatmul(module))
+            swapped.append(name)
+    log.info("2:4 semi-structured sparse kernels on %d layers", len(swapped))
+    return swapped
+
+
+class TorchScriptRunner(Runner):
+    """A TorchScript archive (code plus tensors, no Python pickle of objects) from ``torch.jit.load``."""
+
+    def __init__(self, manifest: dict[str, Any], artifact_dir: Path, device: torch.device) -> None:
+        super().__init__(manifest, device)
+        self.model = torch.jit.load(  # type: ignore[no-untyped-call]
+            str(payload_path(artifact_dir, manifest, "model")), map_location=device
+        )
+        self.model.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.model(x)
+        return out
+
+
+class OnnxRuntimeRunner(Runner):
+    """An ONNX model on ONNX Runtime: TensorRT EP (when its libraries load), CUDA EP with I/O binding
+    on a GPU, the CPU EP otherwise. Normalisation stays in torch (on the device), like every runner."""
+
+    def __init__(self, manifest: dict[str, Any], artifact_dir: Path, device: torch.device) -> None:
+        super().__init__(manifest, device)
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if device.type == "cpu":
+            # Same thread count as torch's intra-op pool, so CPU comparisons between runtimes are fair.
+            so.intra_op_num_threads = torch.get_num_threads()
+        path = str(payload_path(artifact_dir, manifest, "model"))
+        self.providers = self._providers(ort, device)
+        self.session = ort.InferenceSession(path, so, providers=self.providers)
+        self.active_providers: list[str] = self.session.get_providers()
+        if device.type == "cuda" and "CUDAExecutionProvider" not in self.active_providers:
+            raise ArtifactError(f"ONNX Runtime could not start its CUDA provider here (got {self.active_providers})")
+        inp = self.session.get_inputs()[0]
+        self.input_name, self.output_name = inp.name, self.session.get_outputs()[0].name
+        self.dtype = torch.float16 if "float16" in inp.type else torch.float32
+        log.info("onnxruntime providers: %s", self.active_providers)
+
+    @staticmethod
+    def _providers(ort: Any, device: torch.device) -> list[Any]:
+        if device.type != "cuda":
+            return ["CPUExecutionProvider"]
+        if hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds the CUDA/cuDNN libraries of the torch wheels this way.
+            ort.preload_dlls()
+        idx = device.index or 0
+        providers: list[Any] = []
+        if "TensorrtExecutionProvider" in ort.get_available_providers() and _tensorrt_present():
+            providers.append(("TensorrtExecutionProvider", {"device_id": idx, "trt_fp16_enable": True}))
+        providers.append(("CUDAExecutionProvider", {"device_id": idx, "cudnn_conv_algo_search": "EXHAUSTIVE"}))
+        providers.append("CPUExecutionProvider")
+        return providers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            res = self.session.run([self.output_name], {self.input_name: x.contiguous().numpy()})
+            return torch.from_numpy(res[0])
+        import numpy as np
+
+        x = x.contiguous()
+        out = torch.empty((x.shape[0], NUM_CLASSES), dtype=x.dtype, device=self.device)
+        binding = self.session.io_binding()
+        np_dtype = np.float16 if x.dtype == torch.float16 else np.float32
+        idx = self.device.index or 0
+        binding.bind_input(self.input_name, "cuda", idx, np_dtype, tuple(x.shape), x.data_ptr())
+        binding.bind_output(self.output_name, "cuda", idx, np_dtype, tuple(out.shape), out.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding)
+        return out
+
+
+def _tensorrt_present() -> bool:
+    """Whether TensorRT's own libraries are importable (ORT lists the TensorRT EP even without them)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None or importlib.util.find_spec("tensorrt_libs") is not None
+
+
+class AotiRunner(Runner):
+    """AOTInductor packages (``.pt2``, compiled kernels inside), one per batch bucket; nothing compiles at load.
+
+    The manifest's payload names ``bucket_<B>`` files; batches are padded to the next bucket.
+    CUDA must be initialised before a CUDA package is loaded (see ``benchmarks/aoti_fresh_process.py``).
+    """
+
+    pad_to_bucket = True
+
+    def __init__(self, manifest: dict[str, Any], artifact_dir: Path, device: torch.device) -> None:
+        super().__init__(manifest, device)
+        from torch._inductor import aoti_load_package
+
+        if device.type == "cuda":
+            # A fresh process has no current CUDA context until torch creates one; the package
+            # loader's cubin loading needs it, so initialise CUDA and pick the device first.
+            torch.cuda.init()  # type: ignore[no-untyped-call]
+            torch.cuda.set_device(device)
+            torch.empty(1, device=device)
+        roles = {int(k.split("_", 1)[1]): v for k, v in manifest["payload"].items() if k.startswith("bucket_")}
+        if not roles:
+            raise ArtifactError(f"{manifest['slug']} names no bucket_<B> AOTInductor packages")
+        self.buckets = sorted(roles)
+        self.max_batch = self.buckets[-1]
+        self.packages = {
+            b: aoti_load_package(
+                str(artifact_dir / name), device_index=(device.index or 0) if device.type == "cuda" else -1
+            )
+            for b, name in roles.items()
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.packages[x.shape[0]](x)
         return out
 
 
@@ -120,6 +440,9 @@ RunnerFactory = Callable[[dict[str, Any], Path, torch.device], Runner]
 #: runtime name (``variant.json``'s ``runtime``) -> loader. Techniques register theirs here.
 RUNNERS: dict[str, RunnerFactory] = {
     "torch-eager": TorchEagerRunner,
+    "torchscript": TorchScriptRunner,
+    "onnxruntime": OnnxRuntimeRunner,
+    "aoti": AotiRunner,
 }
 
 

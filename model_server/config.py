@@ -1,0 +1,30 @@
+"""Predictor settings shared by the device process and the HTTP front ends (no heavy imports)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+
+from model_server.preprocess import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingConfig:
+    """Predictor settings (``python -m model_server --help`` documents each)."""
+
+    device: str = "auto"
+    max_batch_size: int = 32
+    max_delay_ms: float = 0.0
+    max_queue_images: int = 256
+    max_request_images: int = 32
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    default_top_k: int = 5
+    preprocess_threads: int = max(2, min(8, os.cpu_count() or 2))
+    request_timeout_s: float = 30.0
+    #: Decode JPEGs with nvJPEG on the serving GPU, batched across requests by the device
+    #: worker; other formats, and every image on a CPU-only machine, are decoded by PIL.
+    gpu_decode: bool = True
+    #: Where on-demand profiler traces go (a mounted volume in a pod).
+    profile_dir: str = os.path.join(tempfile.gettempdir(), "densenet-profiles")

@@ -1,0 +1,171 @@
+"""Device-side batch assembly: what the single device worker does with a batch of requests.
+
+A request reaches the batcher either as a uint8 or float tensor ``[n,3,224,224]``
+(decoded on the CPU, or sent as a tensor) or as a list of JPEG bytes to decode on the
+GPU. For each batch the device worker decodes every JPEG of every request in one nvJPEG
+call (about 0.1 ms per VGA JPEG at batch 128 on an H100, against 8 ms with PIL on one
+CPU core), resizes and crops on the GPU (one interpolation per distinct image size),
+stages host tensors through pinned memory, runs the model once, and splits the logits
+back per request. A JPEG nvJPEG refuses fails only its own request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import torch
+
+from model_server import BadInput
+from model_server import metrics as m
+from model_server.preprocess import gpu_resize_crop_many, normalize
+from model_server.profiler import ProfileCapture
+from model_server.runtimes import Runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class JpegBatch:
+    """A request's JPEGs, checked (size, pixels, mode) but not yet decoded."""
+
+    images: list[bytes]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+Payload = torch.Tensor | JpegBatch
+
+
+def payload_size(p: Payload) -> int:
+    return len(p) if isinstance(p, JpegBatch) else int(p.shape[0])
+
+
+class DevicePipeline:
+    """Turns a list of request payloads into one model batch and back into per-request logits."""
+
+    def __init__(self, runner: Runner, profiler: ProfileCapture | None = None) -> None:
+        self.runner = runner
+        self.device = runner.device
+        self.profiler = profiler
+        self._pinned: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def __call__(self, payloads: list[Payload]) -> list[torch.Tensor | Exception]:
+        if self.profiler is None:
+            return self._run(payloads)
+        self.profiler.before_batch()
+        try:
+            return self._run(payloads)
+        finally:
+            self.profiler.after_batch()
+
+    def _run(self, payloads: list[Payload]) -> list[torch.Tensor | Exception]:
+        results: list[torch.Tensor | Exception | None] = [None] * len(payloads)
+        parts: dict[int, torch.Tensor] = {}
+        jpeg_idx = [i for i, p in enumerate(payloads) if isinstance(p, JpegBatch)]
+        if jpeg_idx:
+            t0 = time.perf_counter()
+            for i, crops in self._decode([p for p in payloads if isinstance(p, JpegBatch)]).items():
+                if isinstance(crops, Exception):
+                    results[jpeg_idx[i]] = crops
+                else:
+                    parts[jpeg_idx[i]] = crops
+            m.GPU_DECODE_SECONDS.observe(time.perf_counter() - t0)
+        for i, p in enumerate(payloads):
+            if isinstance(p, torch.Tensor):
+                parts[i] = p
+        order = sorted(parts)
+        if not order:
+            return [r if r is not None else RuntimeError("no result") for r in results]
+        h2d: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        if self.device.type == "cuda":
+            h2d = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))  # type: ignore[no-untyped-call]
+            h2d[0].record()
+        batch = self._gather([parts[i] for i in order])
+        if h2d is not None:
+            h2d[1].record()
+        t0 = time.perf_counter()
+        logits = self.runner(batch)  # returns host logits: the device is done, the events too
+        m.DEVICE_SECONDS.observe(time.perf_counter() - t0)
+        if h2d is not None:
+            m.H2D_SECONDS.observe(h2d[0].elapsed_time(h2d[1]) / 1000.0)
+        start = 0
+        for i in order:
+            n = parts[i].shape[0]
+            results[i] = logits[start : start + n]
+            start += n
+        return [r if r is not None else RuntimeError("no result") for r in results]
+
+    def _decode(self, batches: list[JpegBatch]) -> dict[int, torch.Tensor | Exception]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        flat = [data for b in batches for data in b.images]
+        encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in flat]
+        try:
+            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            images = None  # one bad stream fails the batched call: retry each request alone
+        out: dict[int, torch.Tensor | Exception] = {}
+        start = 0
+        for k, b in enumerate(batches):
+            n = len(b)
+            if images is not None:
+                out[k] = gpu_resize_crop_many(images[start : start + n])
+            else:
+                try:
+                    mine = decode_jpeg(encoded[start : start + n], mode=ImageReadMode.RGB, device=self.device)
+                    out[k] = gpu_resize_crop_many(mine)
+                except RuntimeError as e:
+                    out[k] = BadInput(f"JPEG could not be decoded: {e}")
+            start += n
+        return out
+
+    def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """One batch tensor on the device: host parts go through a pinned buffer and a non-blocking copy."""
+        if self.device.type == "cuda":
+            host = [p for p in parts if p.device.type == "cpu"]
+            if host and len({p.dtype for p in host}) == 1:
+                n = sum(p.shape[0] for p in host)
+                staged = self._pinned_buffer(n, host[0].dtype, host[0].shape[1:])
+                torch.cat(host, out=staged)
+                on_device = iter(torch.split(staged.to(self.device, non_blocking=True), [p.shape[0] for p in host]))
+                parts = [next(on_device) if p.device.type == "cpu" else p for p in parts]
+            else:
+                parts = [p.to(self.device, non_blocking=True) for p in parts]
+        if len(parts) == 1:
+            return parts[0]
+        if len({p.dtype for p in parts}) > 1:
+            parts = [normalize(p) if p.dtype == torch.uint8 else p.float() for p in parts]
+        return torch.cat(parts)
+
+    def _pinned_buffer(self, n: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+        cap = max(n, self.runner.max_batch)
+        key = (cap, dtype)
+        buf = self._pinned.get(key)
+        if buf is None:
+            buf = torch.empty((cap, *shape), dtype=dtype, pin_memory=True)
+            self._pinned[key] = buf
+        return buf[:n]
+
+    def warm_up(self) -> None:
+        """Initialise nvJPEG and the resize kernels so the first request pays nothing."""
+        if self.device.type != "cuda":
+            return
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (320, 240), (120, 60, 30)).save(buf, format="JPEG")
+        for n in sorted({1, min(8, self.runner.max_batch)}):
+            result = self([JpegBatch([buf.getvalue()] * n)])
+            if isinstance(result[0], Exception):
+                raise result[0]
+        torch.cuda.synchronize(self.device)
+
+
+def describe(payloads: list[Any]) -> str:
+    return ", ".join(f"{type(p).__name__}[{payload_size(p)}]" for p in payloads)

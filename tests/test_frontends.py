@@ -1,0 +1,90 @@
+"""``--frontends 2``: two HTTP/gRPC front-end processes feeding one device process that batches across both."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import requests
+from conftest import Server, start_server
+
+V1 = "/v1/models/densenet121:predict"
+
+
+@pytest.fixture(scope="module")
+def multi(artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("multi") / "server.log"
+    srv = start_server(
+        artifacts_dir / "densenet121-eager-fp32", log, "--frontends", "2", "--max_batch_size", "8",
+        "--max_request_images", "4", timeout_s=180,
+    )  # fmt: skip
+    yield srv
+    if srv.proc.poll() is None:
+        srv.proc.kill()
+
+
+def _jpeg() -> bytes:
+    from optimize.samples import sample_paths
+
+    return next(p for p in sample_paths() if p.name == "rocket.jpg").read_bytes()
+
+
+def test_two_frontend_processes_share_the_port(multi: Server) -> None:
+    deadline = time.monotonic() + 60  # ready means one front end is up; the other may still be starting
+    while True:
+        children = psutil.Process(multi.proc.pid).children()
+        listeners = {
+            c.pid for c in children for conn in c.connections("tcp")
+            if conn.laddr.port == multi.http_port and conn.status == psutil.CONN_LISTEN
+        }  # fmt: skip
+        if len(listeners) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(listeners) == 2, f"expected two front ends listening on {multi.http_port}, found {len(listeners)}"
+
+
+def test_requests_across_frontends_are_batched_by_one_device(multi: Server) -> None:
+    body = {"instances": [{"image": {"b64": base64.b64encode(_jpeg()).decode()}}]}
+    first = requests.post(multi.url + V1, json=body, timeout=120)
+    assert first.status_code == 200, first.text
+    expected = first.json()["predictions"][0]["classes"]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        # A new connection per request: the kernel spreads them over both front ends.
+        results = list(pool.map(lambda _: requests.post(multi.url + V1, json=body, timeout=120), range(12)))
+    assert all(r.status_code == 200 and r.json()["predictions"][0]["classes"] == expected for r in results)
+    text = requests.get(multi.url + "/metrics", timeout=10).text
+    count = float(re.search(r"^densenet_batch_size_count ([0-9.e+]+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    total = float(re.search(r"^densenet_batch_size_sum ([0-9.e+]+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    assert total >= 13, "the merged /metrics must include the device process's histograms"
+    assert count < total, "concurrent requests from both front ends never shared a device batch"
+
+
+def test_bad_input_and_grpc_through_a_frontend(multi: Server) -> None:
+    import tritonclient.grpc as grpcclient
+
+    r = requests.post(multi.url + V1, json={"instances": [{"image": {"b64": "@@"}}]}, timeout=30)
+    assert r.status_code == 400 and "base64" in r.json()["error"]
+    client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{multi.grpc_port}")
+    inp = grpcclient.InferInput("image", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([_jpeg()], dtype=np.object_))
+    assert client.infer("densenet121", [inp]).as_numpy("classes").shape == (1, 5)
+
+
+def test_sigterm_stops_every_process(multi: Server) -> None:
+    children = psutil.Process(multi.proc.pid).children()
+    multi.proc.send_signal(signal.SIGTERM)
+    try:
+        assert multi.proc.wait(timeout=60) == 0
+    except subprocess.TimeoutExpired:
+        pytest.fail("device process did not exit within 60 s of SIGTERM")
+    _gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive

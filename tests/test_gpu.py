@@ -1,0 +1,59 @@
+"""GPU serving path (skipped without CUDA): nvJPEG batch decode agrees with PIL, the server serves on CUDA."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from conftest import build_artifacts, start_server, stop_server
+from PIL import Image
+
+pytestmark = pytest.mark.gpu
+
+
+def _jpegs() -> list[bytes]:
+    from optimize.samples import sample_paths
+
+    out = []
+    for p in sample_paths()[:4]:
+        buf = io.BytesIO()
+        Image.open(p).convert("RGB").save(buf, format="JPEG", quality=92)
+        out.append(buf.getvalue())
+    return out
+
+
+def test_nvjpeg_pipeline_matches_pil_crops(tmp_path: Path) -> None:
+    from model_server.artifact import read_manifest
+    from model_server.pipeline import DevicePipeline, JpegBatch
+    from model_server.preprocess import decode_and_crop
+    from model_server.runtimes import load_runner
+
+    build_artifacts(tmp_path, "densenet121-eager-fp32")
+    d = tmp_path / "densenet121-eager-fp32"
+    runner = load_runner(read_manifest(d), d, torch.device("cuda"))
+    pipeline = DevicePipeline(runner)
+    jpegs = _jpegs()
+    gpu = pipeline([JpegBatch(jpegs[:2]), JpegBatch(jpegs[2:]), JpegBatch([b"\xff\xd8\xff" + b"\0" * 100])])
+    assert isinstance(gpu[2], Exception), "a corrupt JPEG fails its own request"
+    cpu = runner(torch.stack([decode_and_crop(j) for j in jpegs]))
+    got = torch.cat([gpu[0], gpu[1]])  # type: ignore[list-item]
+    assert (got.argmax(1) == cpu.argmax(1)).all()
+    assert (got - cpu).abs().max() < 0.1
+
+
+def test_server_on_cuda_serves_jpegs(tmp_path: Path) -> None:
+    build_artifacts(tmp_path, "densenet121-eager-fp16-cl")
+    srv = start_server(tmp_path / "densenet121-eager-fp16-cl", tmp_path / "log", "--device", "cuda")
+    try:
+        body = {"instances": [{"image": {"b64": base64.b64encode(j).decode()}} for j in _jpegs()]}
+        r = requests.post(srv.url + "/v1/models/densenet121:predict", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["predictions"]) == 4
+        metrics = requests.get(srv.url + "/metrics", timeout=10).text
+        assert "densenet_gpu_decode_seconds_count" in metrics
+    finally:
+        stop_server(srv)
