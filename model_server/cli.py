@@ -129,28 +129,36 @@ def main(argv: list[str] | None = None) -> int:
     from model_server.lifecycle import DrainingModelServer, ServingState
     from model_server.predictor import DenseNetPredictor
 
+    max_inflight = args.max_inflight_requests or config.max_queue_images + 2 * config.max_batch_size
+    fronts = None
+    if args.frontends > 1:
+        from model_server.frontend import FrontEnds
+
+        # Started first: they import KServe while this process loads and warms the model.
+        fronts = FrontEnds(
+            args.frontends,
+            {
+                "model_name": args.model_name, "model_dir": args.model_dir, "config": config,
+                "http_port": args.http_port, "grpc_port": args.grpc_port, "max_body_bytes": args.max_body_bytes,
+                "log_level": args.log_level.upper(), "max_inflight": max_inflight,
+                "admin_token": args.admin_token or None, "enable_docs": args.enable_docs == "true",
+                "grace_period_s": args.grace_period_s, "metrics": args.metrics == "true",
+            },
+        )  # fmt: skip
     model = DenseNetPredictor(args.model_name, Path(args.model_dir), config)
     try:
         model.load()
     except ServerError as e:
         log.error("cannot serve %s: %s", args.model_dir, e)
+        if fronts is not None:
+            fronts.abort()
         return 1
     gpu = model.runner.device.index or 0 if model.runner and model.runner.device.type == "cuda" else None
     sampler = metrics.ResourceSampler(gpu_index=gpu)
     sampler.start()
-    max_inflight = args.max_inflight_requests or config.max_queue_images + 2 * config.max_batch_size
-    if args.frontends > 1:
-        from model_server import frontend
-
-        spec = {
-            "model_name": args.model_name, "model_dir": args.model_dir, "config": config,
-            "http_port": args.http_port, "grpc_port": args.grpc_port, "max_body_bytes": args.max_body_bytes,
-            "log_level": args.log_level.upper(), "gpu_decode": model.gpu_decode, "max_inflight": max_inflight,
-            "admin_token": args.admin_token or None, "enable_docs": args.enable_docs == "true",
-            "grace_period_s": args.grace_period_s, "metrics": args.metrics == "true",
-        }  # fmt: skip
+    if fronts is not None:
         try:
-            return frontend.serve(model, frontends=args.frontends, spec=spec, grace_period_s=args.grace_period_s)
+            return fronts.serve(model, grace_period_s=args.grace_period_s)
         finally:
             sampler.stop()
             model.stop()

@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,10 +80,11 @@ def frontend_main(spec: dict[str, Any]) -> None:
             from model_server.artifact import read_labels, read_manifest
             from model_server.ipc import DeviceClient
 
+            device = wait_for_device(spec["ipc_path"], parent=spec["parent_pid"])
             self.manifest = read_manifest(self.artifact_dir, verify=False)  # the device process verified it
             self.labels = np.array([s.encode() for s in read_labels(self.artifact_dir, self.manifest)], dtype=object)
-            self._gpu_decode = spec["gpu_decode"]
-            self._max_batch = spec["max_batch"]
+            self._gpu_decode = bool(device["gpu_decode"])
+            self._max_batch = int(device["max_batch"])
             self.client = DeviceClient(spec["ipc_path"])
             self.ready = True
             return True
@@ -138,64 +140,107 @@ def frontend_main(spec: dict[str, Any]) -> None:
     sys.exit(0 if server.clean_exit else 1)
 
 
-def serve(model: Any, *, frontends: int, spec: dict[str, Any], grace_period_s: float) -> int:
-    """Run the device side of ``model`` (already loaded) and ``frontends`` front-end processes."""
-    from model_server.ipc import DeviceServer
-    from model_server.predictor import profile_op
+def wait_for_device(ipc_path: str, *, parent: int) -> dict[str, Any]:
+    """Block until the device process has loaded and warmed the model (it then creates the socket).
 
-    ipc_dir = tempfile.mkdtemp(prefix="densenet-ipc-")
-    ipc_path = os.path.join(ipc_dir, "device.sock")
-    ctx = multiprocessing.get_context("spawn")
+    The device writes ``device.json`` (what front ends must know) before it listens, so the
+    socket's existence means both are there. Exits if the device process is gone.
+    """
+    import json
 
-    async def run() -> int:
-        device = DeviceServer(model.batcher, ipc_path, control=lambda op: profile_op(model.profiler, op))
-        await device.start()
-        procs = []
-        for i in range(frontends):
-            p = ctx.Process(
+    while not os.path.exists(ipc_path):
+        if os.getppid() != parent:
+            log.error("the device process exited before it was ready; front end exiting")
+            sys.exit(1)
+        time.sleep(0.02)
+    info: dict[str, Any] = json.loads(Path(ipc_path).with_name("device.json").read_text())
+    return info
+
+
+class FrontEnds:
+    """Front-end processes, started before the device loads so both start-ups overlap."""
+
+    def __init__(self, n: int, spec: dict[str, Any]) -> None:
+        self.dir = tempfile.mkdtemp(prefix="densenet-ipc-")
+        self.ipc_path = os.path.join(self.dir, "device.sock")
+        ctx = multiprocessing.get_context("spawn")
+        self.procs = [
+            ctx.Process(
                 target=frontend_main,
-                args=({**spec, "index": i, "ipc_path": ipc_path, "max_batch": model.batcher.max_batch_size},),
+                args=({**spec, "index": i, "ipc_path": self.ipc_path, "parent_pid": os.getpid()},),
                 name=f"frontend-{i}",
-                daemon=False,
             )
+            for i in range(n)
+        ]
+        for p in self.procs:
             p.start()
-            procs.append(p)
-        log.info("device process %d serving %d front ends on %s", os.getpid(), frontends, ipc_path)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        code = 0
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), 0.5)
-            except TimeoutError:
-                dead = [p for p in procs if not p.is_alive()]
-                if dead:
-                    log.error("front end %s exited with %s; stopping", dead[0].name, dead[0].exitcode)
-                    code = 1
-                    break
-        for p in procs:  # front ends stop accepting and finish their requests, which we still serve
-            if p.is_alive() and p.pid is not None:
-                os.kill(p.pid, signal.SIGTERM)
-        deadline = loop.time() + grace_period_s
-        while any(p.is_alive() for p in procs) and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        await model.batcher.drain(max(0.0, deadline - loop.time()))
-        await device.close()
-        return code
 
-    try:
-        return asyncio.run(run())
-    finally:
+    def abort(self) -> None:
+        """The device failed to load: stop the front ends that are waiting for it."""
+        for p in self.procs:
+            p.kill()
+            p.join(5)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        for name in ("device.sock", "device.json"):
+            try:
+                os.unlink(os.path.join(self.dir, name))
+            except OSError:
+                pass
         try:
-            os.unlink(ipc_path)
-            os.rmdir(ipc_dir)
+            os.rmdir(self.dir)
         except OSError:
             pass
 
+    def serve(self, model: Any, *, grace_period_s: float) -> int:
+        """Serve the loaded ``model``'s device side to the front ends until SIGTERM, then drain."""
+        import json
 
-__all__ = ["enable_multiprocess_metrics", "frontend_main", "serve"]
+        from model_server.ipc import DeviceServer
+        from model_server.predictor import profile_op
+
+        Path(self.dir, "device.json").write_text(
+            json.dumps({"gpu_decode": model.gpu_decode, "max_batch": model.max_batch()})
+        )
+        procs = self.procs
+
+        async def run() -> int:
+            device = DeviceServer(model.batcher, self.ipc_path, control=lambda op: profile_op(model.profiler, op))
+            await device.start()  # creates the socket: the front ends' signal to finish loading
+            log.info("device process %d serving %d front ends on %s", os.getpid(), len(procs), self.ipc_path)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            code = 0
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), 0.5)
+                except TimeoutError:
+                    dead = [p for p in procs if not p.is_alive()]
+                    if dead:
+                        log.error("front end %s exited with %s; stopping", dead[0].name, dead[0].exitcode)
+                        code = 1
+                        break
+            for p in procs:  # front ends stop accepting and finish their requests, which we still serve
+                if p.is_alive() and p.pid is not None:
+                    os.kill(p.pid, signal.SIGTERM)
+            deadline = loop.time() + grace_period_s
+            while any(p.is_alive() for p in procs) and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    code = 1
+            await model.batcher.drain(max(0.0, deadline - loop.time()))
+            await device.close()
+            return code
+
+        try:
+            return asyncio.run(run())
+        finally:
+            self._cleanup()
+
+
+__all__ = ["FrontEnds", "enable_multiprocess_metrics", "frontend_main", "wait_for_device"]

@@ -10,12 +10,13 @@ import hmac
 import json
 import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from kserve.errors import ModelNotFound, ModelNotReady
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
@@ -624,6 +625,37 @@ def install(
             "max_inflight_requests": state.max_inflight,
             "draining": state.draining,
         }
+
+    async def admin_profile_start(request: Request) -> JSONResponse:
+        """Capture a torch.profiler trace of the next ``batches`` batches or ``seconds`` of serving."""
+        try:
+            body = orjson.loads(await request.body() or b"{}")
+        except orjson.JSONDecodeError as e:
+            raise BadInput(f"profile request body is not JSON: {e}") from e
+        if not isinstance(body, dict) or set(body) - {"batches", "seconds"}:
+            raise BadInput('profile request body: {"batches": N} or {"seconds": T}')
+        try:
+            cap = await model.profile_control({"op": "start", **body})
+        except ValueError as e:
+            raise BadInput(str(e)) from e
+        url = f"/admin/v1/profile/{cap['id']}"
+        return JSONResponse(status_code=202, content={**cap, "status_url": url, "trace_url": f"{url}/trace"})
+
+    async def admin_profile_status(capture_id: str) -> dict[str, Any]:
+        try:
+            return await model.profile_control({"op": "get", "id": capture_id})
+        except KeyError as e:
+            raise HTTPException(status_code=404, detail=f"no profiler capture {capture_id!r}") from e
+
+    async def admin_profile_trace(capture_id: str) -> Response:
+        cap = await admin_profile_status(capture_id)
+        if cap["state"] != "done" or not cap.get("trace"):
+            return JSONResponse(status_code=409, content={"error": f"capture {capture_id} is {cap['state']}", **cap})
+        return FileResponse(cap["trace"], media_type="application/json", filename=Path(cap["trace"]).name)
+
+    add_admin_route(app, "/admin/v1/profile", admin_profile_start, methods=["POST"])
+    add_admin_route(app, "/admin/v1/profile/{capture_id}", admin_profile_status, methods=["GET"])
+    add_admin_route(app, "/admin/v1/profile/{capture_id}/trace", admin_profile_trace, methods=["GET"])
 
     app.add_api_route(
         "/v1/models/{model_name}:predict",

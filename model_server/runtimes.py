@@ -431,7 +431,23 @@ class AotiRunner(Runner):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.packages[x.shape[0]](x)
+        n = x.shape[0]
+        package = self.packages.get(n)
+        if package is None:
+            # A bucket list trimmed by the server (e.g. --max_batch_size 24) can ask for a batch no
+            # package was compiled for: run the next larger package on a zero-padded batch.
+            size = next((b for b in sorted(self.packages) if b >= n), None)
+            if size is None:
+                raise ArtifactError(f"batch {n} exceeds the largest AOTInductor package ({max(self.packages)})")
+            pad = x.new_zeros((size - n, *x.shape[1:]))
+            if self.channels_last:
+                pad = pad.contiguous(memory_format=torch.channels_last)
+            padded = torch.cat([x, pad])
+            if self.channels_last:
+                padded = padded.contiguous(memory_format=torch.channels_last)
+            out: torch.Tensor = self.packages[size](padded)
+            return out[:n]
+        out = package(x)
         return out
 
 
