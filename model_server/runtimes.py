@@ -416,7 +416,7 @@ class AotiRunner(Runner):
             # A fresh process has no current CUDA context until torch creates one; the package
             # loader's cubin loading needs it, so initialise CUDA and pick the device first.
             torch.cuda.init()  # type: ignore[no-untyped-call]
-            torch.cuda.set_device(device)
+            torch.cuda.set_device(device.index or 0)
             torch.empty(1, device=device)
         roles = {int(k.split("_", 1)[1]): v for k, v in manifest["payload"].items() if k.startswith("bucket_")}
         if not roles:

@@ -49,7 +49,57 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda (default: auto)")
     b.add_argument("--max-batch", type=int, default=32, help="largest batch the artifact serves (default: 32)")
+    _add_build_options(b)
+
+    bn = sub.add_parser("bench", help="build or reuse variants, time them, write CSV, plots, traces, analysis")
+    bn.add_argument("--variant", action="append", dest="variants", metavar="SLUG", help="variant (repeatable)")
+    bn.add_argument("--batch-sizes", default="1,4,8,16,32", help="comma-separated (default: 1,4,8,16,32)")
+    bn.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU with a note), cpu, cuda")
+    bn.add_argument("--output-dir", type=Path, default=Path("results"), help="CSV, plots, profiles/, models/")
+    bn.add_argument(
+        "--tensorboard-dir", type=Path, default=Path("logs/tensorboard"), help="(default: logs/tensorboard)"
+    )
+    bn.add_argument("--weights", default="imagenet", help="imagenet, random or PATH (for variants built here)")
+    bn.add_argument("--seed", type=int, default=0)
+    bn.add_argument("--val-dir", type=Path, help="labelled image folder for real top-1/top-5")
+    bn.add_argument("--warmup", type=int, default=3, help="untimed calls before each window (default: 3)")
+    bn.add_argument("--min-iters", type=int, default=5, help="timed calls at least (default: 5)")
+    bn.add_argument("--max-iters", type=int, default=200, help="timed calls at most (default: 200)")
+    bn.add_argument("--min-time-s", type=float, default=2.0, help="timed window at least (default: 2 s)")
+    bn.add_argument("--no-profile", action="store_true", help="skip the torch.profiler trace per variant")
+    bn.add_argument(
+        "--threads", type=int, help="CPU threads for torch and ONNX Runtime alike (default: torch's, = cores)"
+    )
+    bn.add_argument("--readme", type=Path, help="also rewrite the marked results section of this Markdown file")
     return p
+
+
+def _add_build_options(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--val-dir", type=Path, help="labelled image folder (one folder per synset) for real top-1/top-5")
+    b.add_argument("--prune-amount", type=float, help="unstructured pruning amount (default: the registry's, 0.2)")
+    b.add_argument("--prune-ratio", type=float, help="structured channel-pruning ratio (default: the registry's, 0.3)")
+    b.add_argument(
+        "--finetune-dir",
+        type=Path,
+        help="unlabelled image folder: BN recalibration (and --finetune-steps of distillation) after channel pruning",
+    )
+    b.add_argument("--finetune-steps", type=int, default=0, help="distillation steps after channel pruning")
+    b.add_argument("--aoti-cache-dir", type=Path, help="keep compiled AOTInductor packages per bucket here")
+
+
+def build_options(args: argparse.Namespace) -> dict[str, object]:
+    """Builder overrides (``BuildContext.options``) from the command line."""
+    opts: dict[str, object] = {}
+    if getattr(args, "prune_amount", None) is not None:
+        opts["prune_amount"] = args.prune_amount
+    if getattr(args, "prune_ratio", None) is not None:
+        opts["prune_ratio"] = args.prune_ratio
+    if getattr(args, "finetune_dir", None) is not None:
+        opts["finetune_dir"] = str(args.finetune_dir)
+        opts["finetune_steps"] = args.finetune_steps
+    if getattr(args, "aoti_cache_dir", None) is not None:
+        opts["aoti_cache_dir"] = str(args.aoti_cache_dir)
+    return opts
 
 
 def _device_or_usage(name: str) -> torch.device:
@@ -125,6 +175,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         device=device,
         max_batch=args.max_batch,
         progress=progress,
+        options=build_options(args),
+        val_dir=args.val_dir,
     )
     rows = []
     for o in outcomes:
@@ -167,6 +219,64 @@ def cmd_build(args: argparse.Namespace) -> int:
     return EXIT_OK if all(o.ok for o in outcomes) else EXIT_FAIL
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from optimize import WeightsError
+    from optimize.bench import BenchConfig, run_bench
+
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError as e:
+        raise SystemExit(f"error: --batch-sizes: {e}") from e
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise SystemExit("error: --batch-sizes must be positive integers")
+    note = ""
+    if args.device == "auto" and not torch.cuda.is_available():
+        note = "device auto: no CUDA GPU visible, fell back to the CPU"
+        print(f"note: {note}", file=sys.stderr)
+    device = _device_or_usage(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("error: --threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        note = f"{note}; {torch.get_num_threads()} CPU threads".lstrip("; ")
+    if args.variants:
+        try:
+            variants = [registry.get(s) for s in args.variants]
+        except registry.RegistryError as e:
+            raise SystemExit(f"error: --variant: {e}") from e
+    else:
+        variants = [v for v in registry.all_variants() if device.type in v.devices]
+    skipped = [v.slug for v in variants if device.type not in v.devices]
+    if skipped:
+        print(f"note: {', '.join(skipped)} do not run on {device.type}; skipped", file=sys.stderr)
+    variants = [v for v in variants if device.type in v.devices]
+    cfg = BenchConfig(
+        batch_sizes=batch_sizes,
+        device=device,
+        output_dir=args.output_dir,
+        tensorboard_dir=args.tensorboard_dir,
+        warmup=args.warmup,
+        min_iters=args.min_iters,
+        max_iters=args.max_iters,
+        min_time_s=args.min_time_s,
+        profile=not args.no_profile,
+        device_note=note,
+    )
+    torch.set_grad_enabled(False)
+    try:
+        rows, failures = run_bench(
+            variants, cfg, weights=args.weights, seed=args.seed, val_dir=args.val_dir, readme=args.readme
+        )
+    except WeightsError as e:
+        log.error("%s", e)
+        return EXIT_FAIL
+    print(f"results: {args.output_dir}/benchmark_results.csv  tensorboard: {args.tensorboard_dir}/")
+    return EXIT_OK if rows and not failures else EXIT_FAIL
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -177,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_list(args)
         if args.command == "build":
             return cmd_build(args)
+        if args.command == "bench":
+            return cmd_bench(args)
     except SystemExit as e:
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)

@@ -103,6 +103,10 @@ class Variant:
         devices: devices the artifact can be built and run on (``cpu``, ``cuda``).
         deployable: deployed by ``deploy-knative.sh`` when no variant is named.
         tolerance: fidelity it must keep against the FP32 reference.
+        random_tolerance: the bound used instead when the reference has seeded random weights
+            (tests, offline runs): random-init logits have std ~0.7 and top-1 margins of
+            0.03-0.5, so approximations that keep ImageNet predictions flip them; ``None``
+            means the same as ``tolerance``.
         options: technique-specific settings (read-only mapping).
         description: one line for ``python -m optimize list``.
     """
@@ -117,6 +121,7 @@ class Variant:
     devices: tuple[str, ...] = ("cpu", "cuda")
     deployable: bool = True
     tolerance: Tolerance = Tolerance()
+    random_tolerance: Tolerance | None = None
     options: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}), hash=False)
 
     def __post_init__(self) -> None:
@@ -135,37 +140,228 @@ class Variant:
             "devices": list(self.devices),
             "deployable": self.deployable,
             "tolerance": dataclasses.asdict(self.tolerance),
+            "random_tolerance": dataclasses.asdict(self.random_tolerance) if self.random_tolerance else None,
             "options": dict(self.options),
             "description": self.description,
         }
 
 
-# Tolerances are on logits of the full 1000-way classifier; FP16 keeps ~3 decimal
-# digits, so its logit error is a few 1e-2 on ImageNet weights.
+# Tolerances are on logits of the full 1000-way classifier, checked on the eight sample
+# photos (so top-1 agreement moves in steps of 1/8). Why each bound is what it is
+# (the README has the numbers measured with random and ImageNet weights):
+#
+# * FP32 re-layouts and re-compilations (channels-last, TorchScript, ONNX FP32) change only
+#   the order of floating-point sums: logits stay within ~1e-4, so 1e-3 is kept.
+# * FP16 keeps ~3 decimal digits: logit error is a few 1e-2 on ImageNet weights.
+# * BF16 keeps ~2: errors of a few 1e-1 on ImageNet weights are normal, and one of eight
+#   photos whose top-2 logits are that close may swap.
+# * INT8 (8-bit weights and activations) and pruning are approximations by design. Their
+#   gate catches a broken artifact (NaN, wrong classes, a scrambled layout), not a small drift:
+#   top-1 and top-5 must stay mostly intact. The seeded random weights the tests use have
+#   logits of std ~1 with top-1 margins of ~0.25, far below ImageNet weights' margins, so their
+#   bounds are those random weights pass too; real accuracy comes from ``--val-dir``.
+# * Structured pruning without fine-tuning changes the function itself (a third of the
+#   channels are gone): its gate only bounds top-5 overlap loosely; accuracy after the
+#   optional BN recalibration / distillation (``--finetune-dir``) is what to read.
+_FP32_TOL = Tolerance(min_top1_agreement=1.0, min_top5_overlap=1.0, max_abs_logit_err=1e-3)
 _FP16_TOL = Tolerance(min_top1_agreement=1.0, min_top5_overlap=0.8, max_abs_logit_err=0.25)
+_BF16_TOL = Tolerance(min_top1_agreement=0.875, min_top5_overlap=0.8, max_abs_logit_err=1.0)
+_INT8_TOL = Tolerance(min_top1_agreement=0.75, min_top5_overlap=0.6, max_abs_logit_err=2.5)
+_UNSTRUCTURED_TOL = Tolerance(min_top1_agreement=0.75, min_top5_overlap=0.6, max_abs_logit_err=2.5)
+_STRUCTURED_TOL = Tolerance(min_top1_agreement=0.0, min_top5_overlap=0.1, max_abs_logit_err=50.0)
+# With random weights: pruning must keep most of the top-5 and a logit error below the
+# logits' own spread (a scrambled artifact has top-5 overlap ~0); structured pruning only
+# finite logits of the right shape.
+_UNSTRUCTURED_RANDOM_TOL = Tolerance(min_top1_agreement=0.0, min_top5_overlap=0.6, max_abs_logit_err=1.0)
+_STRUCTURED_RANDOM_TOL = Tolerance(min_top1_agreement=0.0, min_top5_overlap=0.0, max_abs_logit_err=10.0)
+_SPARSE24_TOL = Tolerance(min_top1_agreement=0.75, min_top5_overlap=0.6, max_abs_logit_err=2.5)
+
+_FP32 = "densenet121-eager-fp32"
+_FP16_CL = "densenet121-eager-fp16-cl"
+_ONNX_FP32 = "densenet121-onnx-fp32"
 
 
 class Variants(enum.Enum):
     """Every variant the product knows. Member values are unique frozen records."""
 
     EAGER_FP32 = Variant(
-        slug="densenet121-eager-fp32",
+        slug=_FP32,
         technique=Technique.BASELINE,
         precision=Precision.FP32,
         runtime=Runtime.TORCH_EAGER,
         base=None,
         description="torchvision DenseNet-121, eager FP32: the reference every variant is checked against",
-        tolerance=Tolerance(min_top1_agreement=1.0, min_top5_overlap=1.0, max_abs_logit_err=1e-3),
+        tolerance=_FP32_TOL,
     )
     EAGER_FP16_CL = Variant(
-        slug="densenet121-eager-fp16-cl",
+        slug=_FP16_CL,
         technique=Technique.HALF_PRECISION,
         precision=Precision.FP16,
         runtime=Runtime.TORCH_EAGER,
-        base="densenet121-eager-fp32",
+        base=_FP32,
         channels_last=True,
         description="pure FP16 weights and activations, channels-last (NHWC) memory format",
         tolerance=_FP16_TOL,
+    )
+    EAGER_FP16_CL_GRAPHS = Variant(
+        slug="densenet121-eager-fp16-cl-graphs",
+        technique=Technique.HALF_PRECISION,
+        precision=Precision.FP16,
+        runtime=Runtime.TORCH_EAGER,
+        base=_FP16_CL,
+        channels_last=True,
+        devices=("cuda",),
+        description="FP16 channels-last eager, one CUDA graph captured per batch bucket at start-up: "
+        "no compiler, no per-kernel launch cost (batch 1: 2.1 ms vs 13 ms eager on an H100)",
+        tolerance=_FP16_TOL,
+        options={"cuda_graphs": True},
+    )
+    EAGER_FP32_CL = Variant(
+        slug="densenet121-eager-fp32-cl",
+        technique=Technique.CHANNELS_LAST,
+        precision=Precision.FP32,
+        runtime=Runtime.TORCH_EAGER,
+        base=_FP32,
+        channels_last=True,
+        description="FP32 with channels-last (NHWC) weights and activations",
+        tolerance=_FP32_TOL,
+    )
+    EAGER_BF16_CL = Variant(
+        slug="densenet121-eager-bf16-cl",
+        technique=Technique.HALF_PRECISION,
+        precision=Precision.BF16,
+        runtime=Runtime.TORCH_EAGER,
+        base=_FP32,
+        channels_last=True,
+        description="pure BF16 weights and activations, channels-last (slow on CPUs without AVX512-BF16/AMX)",
+        tolerance=_BF16_TOL,
+    )
+    EAGER_FP16_AMP = Variant(
+        slug="densenet121-eager-fp16-amp",
+        technique=Technique.AUTOCAST,
+        precision=Precision.FP16,
+        runtime=Runtime.TORCH_EAGER,
+        base=_FP32,
+        channels_last=True,
+        devices=("cuda",),
+        description="FP32 weights, torch.autocast(float16) on the GPU (AMP), channels-last",
+        tolerance=_FP16_TOL,
+        options={"autocast": True},
+    )
+    EAGER_BF16_AMP = Variant(
+        slug="densenet121-eager-bf16-amp",
+        technique=Technique.AUTOCAST,
+        precision=Precision.BF16,
+        runtime=Runtime.TORCH_EAGER,
+        base=_FP32,
+        channels_last=True,
+        description="FP32 weights, torch.autocast(bfloat16) (AMP), channels-last",
+        tolerance=_BF16_TOL,
+        options={"autocast": True},
+    )
+    TORCHSCRIPT_FP32 = Variant(
+        slug="densenet121-torchscript-fp32",
+        technique=Technique.TORCHSCRIPT,
+        precision=Precision.FP32,
+        runtime=Runtime.TORCHSCRIPT,
+        base=_FP32,
+        description="torch.jit.script (scripting works for torchvision's DenseNet), frozen for inference",
+        tolerance=_FP32_TOL,
+        options={"method": "script", "freeze": True},
+    )
+    ONNX_FP32 = Variant(
+        slug=_ONNX_FP32,
+        technique=Technique.ONNX,
+        precision=Precision.FP32,
+        runtime=Runtime.ONNXRUNTIME,
+        base=_FP32,
+        description="ONNX (dynamic batch) on ONNX Runtime: CUDA EP (TensorRT EP if present) on a GPU, else CPU EP",
+        tolerance=_FP32_TOL,
+        options={"opset": 17},
+    )
+    ONNX_FP16 = Variant(
+        slug="densenet121-onnx-fp16",
+        technique=Technique.ONNX,
+        precision=Precision.FP16,
+        runtime=Runtime.ONNXRUNTIME,
+        base=_ONNX_FP32,
+        description="ONNX exported from the FP16 model (FP16 weights and I/O) on ONNX Runtime",
+        tolerance=_FP16_TOL,
+        options={"opset": 17},
+    )
+    ONNX_INT8_DYNAMIC = Variant(
+        slug="densenet121-onnx-int8-dynamic",
+        technique=Technique.DYNAMIC_QUANT,
+        precision=Precision.INT8,
+        runtime=Runtime.ONNXRUNTIME,
+        base=_ONNX_FP32,
+        devices=("cpu",),
+        deployable=False,
+        description="ONNX Runtime dynamic quantisation: INT8 weights, activations quantised per call (CPU)",
+        tolerance=_INT8_TOL,
+        options={"opset": 17, "per_channel": True},
+    )
+    ONNX_INT8_STATIC = Variant(
+        slug="densenet121-onnx-int8-static",
+        technique=Technique.STATIC_QUANT,
+        precision=Precision.INT8,
+        runtime=Runtime.ONNXRUNTIME,
+        base=_ONNX_FP32,
+        devices=("cpu",),
+        deployable=False,
+        description="ONNX Runtime static post-training quantisation (QDQ, per-channel, calibrated) for the CPU EP",
+        tolerance=_INT8_TOL,
+        options={"opset": 17, "per_channel": True, "calibration": "minmax"},
+    )
+    PRUNED_L1_20 = Variant(
+        slug="densenet121-pruned-l1-20",
+        technique=Technique.UNSTRUCTURED_PRUNE,
+        precision=Precision.FP32,
+        runtime=Runtime.TORCH_EAGER,
+        base=_FP32,
+        deployable=False,
+        description="global L1 unstructured pruning of conv and linear weights, stored as bitmask + values",
+        tolerance=_UNSTRUCTURED_TOL,
+        random_tolerance=_UNSTRUCTURED_RANDOM_TOL,
+        options={"amount": 0.2},
+    )
+    PRUNED_CHANNELS_30 = Variant(
+        slug="densenet121-pruned-channels-30",
+        technique=Technique.STRUCTURED_PRUNE,
+        precision=Precision.FP32,
+        runtime=Runtime.TORCH_EAGER,
+        base=_FP32,
+        deployable=False,
+        description="structured channel pruning (Torch-Pruning dependency graph, through the concatenations)",
+        tolerance=_STRUCTURED_TOL,
+        random_tolerance=_STRUCTURED_RANDOM_TOL,
+        options={"ratio": 0.3, "round_to": 8},
+    )
+    AOTI_FP16_CL = Variant(
+        slug="densenet121-aoti-fp16-cl",
+        technique=Technique.AOT_INDUCTOR,
+        precision=Precision.FP16,
+        runtime=Runtime.AOTI,
+        base=_FP16_CL,
+        channels_last=True,
+        devices=("cuda",),
+        description="torch.export + AOTInductor package per batch bucket (kernels inside), CUDA graphs per bucket",
+        tolerance=_FP16_TOL,
+        options={"max_autotune": True, "conv_1x1_as_mm": True, "epilogue_fusion": True, "cuda_graphs": True},
+    )
+    SPARSE24_FP16 = Variant(
+        slug="densenet121-sparse24-fp16",
+        technique=Technique.SEMI_STRUCTURED_SPARSE,
+        precision=Precision.FP16,
+        runtime=Runtime.TORCH_EAGER,
+        base=_FP16_CL,
+        channels_last=True,
+        devices=("cuda",),
+        deployable=False,
+        description="2:4 semi-structured sparsity on the layers sparse kernels cover (1x1 convs, classifier)",
+        tolerance=_SPARSE24_TOL,
+        random_tolerance=_STRUCTURED_RANDOM_TOL,
+        options={"sparse24": True},
     )
 
     @property

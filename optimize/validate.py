@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,3 +57,52 @@ def check(fidelity: Fidelity, tolerance: Tolerance, *, slug: str) -> None:
         misses.append(f"max |logit error| {fidelity.max_abs_logit_err:.4g} > {tolerance.max_abs_logit_err}")
     if misses:
         raise FidelityError(f"{slug} fails its fidelity check against the FP32 reference: {'; '.join(misses)}")
+
+
+def labelled_images(folder: Path) -> list[tuple[Path, int]]:
+    """(image, class index) pairs of an ImageNet-validation-style folder: one sub-folder per class.
+
+    Sub-folders named by class index (``0`` ... ``999``) are taken as is; otherwise the folder
+    must hold all 1000 synset folders (``n01440764`` ...), whose sorted order is the class
+    index order of torchvision's ImageNet weights (torchvision's ``ImageFolder`` convention).
+
+    Raises:
+        OptimizeError: the layout is neither.
+    """
+    from optimize import OptimizeError
+
+    suffixes = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+    classes = sorted(d for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []
+    if not classes:
+        raise OptimizeError(f"--val-dir {folder} holds no class folders (expected one folder per synset)")
+    if all(d.name.isdigit() for d in classes):
+        index = {d: int(d.name) for d in classes}
+    elif len(classes) == 1000:
+        index = {d: i for i, d in enumerate(classes)}
+    else:
+        raise OptimizeError(
+            f"--val-dir {folder} has {len(classes)} class folders: name them by class index (0..999) "
+            "or give all 1000 synset folders (sorted synset order is the class order)"
+        )
+    pairs = [(p, index[d]) for d in classes for p in sorted(d.iterdir()) if p.suffix.lower() in suffixes]
+    if not pairs:
+        raise OptimizeError(f"--val-dir {folder} holds no images")
+    return pairs
+
+
+def accuracy(runner: Any, folder: Path, *, batch: int = 32, limit: int | None = None) -> dict[str, Any]:
+    """Real top-1 / top-5 accuracy of ``runner`` on a labelled folder (see :func:`labelled_images`)."""
+    from model_server.preprocess import decode_and_crop
+
+    pairs = labelled_images(folder)[:limit] if limit else labelled_images(folder)
+    top1 = top5 = 0
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i : i + batch]
+        x = torch.stack([decode_and_crop(p.read_bytes()) for p, _ in chunk])
+        logits = runner(x)
+        labels = torch.tensor([c for _, c in chunk])
+        top = logits.topk(5, dim=1).indices
+        top1 += int((top[:, 0] == labels).sum())
+        top5 += int((top == labels[:, None]).any(dim=1).sum())
+    n = len(pairs)
+    return {"images": n, "top1": round(top1 / n, 4), "top5": round(top5 / n, 4), "folder": str(folder)}

@@ -8,7 +8,7 @@
 #
 # Exports uv.lock to a pinned requirements list (uv export --frozen --no-hashes), then runs
 # pip-audit on it against PyPI's advisory data (OSV-backed; needs HTTPS to pypi.org). Known
-# vulnerabilities that are accepted, each with its reason, are listed in docs/security.md and
+# vulnerabilities that are accepted, each with its reason, are listed in the README (Security) and
 # passed to pip-audit with --ignore-vuln from IGNORED_VULNS below. Exit codes: 0 no
 # unaccepted vulnerability; 1 vulnerabilities found, the audit could not run, or a bad flag.
 # Environment: PYTHON (default .venv/bin/python, else python3), UV (default: uv on PATH,
@@ -17,7 +17,7 @@ set -o errexit -o nounset -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-# Accepted vulnerabilities: ID and reason, one per line (keep docs/security.md in step).
+# Accepted vulnerabilities: ID and reason, one per line (keep the README's Security section in step).
 IGNORED_VULNS=(
 )
 
@@ -144,7 +144,7 @@ sys.exit(1 if vulnerable or skipped else 0)
 EOF
   then
     log "vulnerable or unaudited packages (above): upgrade (uv lock --upgrade-package NAME), or accept"
-    log "a vulnerability with its reason in IGNORED_VULNS and docs/security.md."
+    log "a vulnerability with its reason in IGNORED_VULNS and the README (Security)."
     return 1
   fi
   log "no known vulnerabilities in ${count} packages"

@@ -29,6 +29,8 @@ class BuildContext:
         calibration: uint8 ``[N,3,224,224]`` photos for calibration (static quantisation).
         max_batch: the largest batch the artifact must serve.
         out_dir: where payload files go.
+        options: run-time overrides from the command line (``prune_amount``, ``prune_ratio``,
+            ``finetune_dir``, ``finetune_steps``, ``aoti_cache_dir``, ``aoti``: inductor options).
     """
 
     reference: nn.Module
@@ -36,6 +38,7 @@ class BuildContext:
     calibration: torch.Tensor
     max_batch: int
     out_dir: Path
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -60,12 +63,21 @@ Builder = Callable[[Variant, BuildContext], Built]
 
 
 def builder_for(variant: Variant) -> Builder:
-    from optimize.techniques import eager
+    from optimize.techniques import aoti, eager, onnx, pruning, torchscript
 
     builders: dict[Technique, Builder] = {
         Technique.BASELINE: eager.build,
         Technique.HALF_PRECISION: eager.build,
         Technique.CHANNELS_LAST: eager.build,
+        Technique.AUTOCAST: eager.build,
+        Technique.TORCHSCRIPT: torchscript.build,
+        Technique.AOT_INDUCTOR: aoti.build,
+        Technique.ONNX: onnx.build,
+        Technique.DYNAMIC_QUANT: onnx.build,
+        Technique.STATIC_QUANT: onnx.build,
+        Technique.UNSTRUCTURED_PRUNE: pruning.build_unstructured,
+        Technique.STRUCTURED_PRUNE: pruning.build_structured,
+        Technique.SEMI_STRUCTURED_SPARSE: eager.build_sparse24,
     }
     try:
         return builders[variant.technique]

@@ -76,7 +76,7 @@ def check_rules(doc: dict[str, Any], *, slug: str, cpu: bool, deployed: bool) ->
     else:
         assert str(limits.get("nvidia.com/gpu")) == "1", "a GPU variant must limit nvidia.com/gpu to 1"
         assert env["DENSENET_DEVICE"] == "cuda"
-    assert "DENSENET_PROFILER_TOKEN" not in env, "the profiler stays off unless a Secret enables it"
+    assert "DENSENET_ADMIN_TOKEN" not in env, "the profiler stays off unless a Secret enables it"
     assert doc["metadata"]["name"] == slug
     text = yaml.safe_dump(doc)
     if deployed:
@@ -193,7 +193,7 @@ def test_overlays_match_the_registry() -> None:
 
 def test_profiler_token_is_documented_not_set() -> None:
     base = (REPO_ROOT / "manifests" / "base" / "knative-service.yaml").read_text()
-    assert "DENSENET_PROFILER_TOKEN" in base  # the comment saying how to enable it
+    assert "DENSENET_ADMIN_TOKEN" in base  # the comment saying how to enable it
     docs = kustomize(REPO_ROOT / "manifests" / "base")
     names = [e["name"] for e in container_of(docs[0])["env"]]
-    assert "DENSENET_PROFILER_TOKEN" not in names
+    assert "DENSENET_ADMIN_TOKEN" not in names

@@ -1,0 +1,103 @@
+"""``python -m optimize bench`` on the CPU: the CSV contract, plots, TensorBoard scalars, profiler traces,
+checkpoints, the summary table and the analysis, from one real (short) run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from optimize.bench import CSV_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("densenet121-eager-fp32", "densenet121-onnx-fp32")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory: pytest.TempPathFactory, artifacts_dir: Path) -> tuple[Path, Path, str, str]:
+    out = tmp_path_factory.mktemp("bench")
+    results, tb = out / "results", out / "logs" / "tensorboard"
+    # An artifact built with the same weights and a large enough max batch is reused, not rebuilt.
+    shutil.copytree(artifacts_dir / VARIANTS[0], results / "models" / VARIANTS[0])
+    cmd = [
+        sys.executable, "-m", "optimize", "bench", *(a for v in VARIANTS for a in ("--variant", v)),
+        "--batch-sizes", "1,2", "--device", "auto", "--output-dir", str(results), "--tensorboard-dir", str(tb),
+        "--weights", "random", "--warmup", "1", "--min-iters", "2", "--max-iters", "3", "--min-time-s", "0",
+        "--readme", str(out / "README.md"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return results, tb, proc.stdout, proc.stderr
+
+
+def test_csv_has_the_contract_columns_and_a_row_per_variant_and_batch(bench_run: tuple[Path, Path, str, str]) -> None:
+    results, *_ = bench_run
+    with (results / "benchmark_results.csv").open() as f:
+        header = next(csv.reader(f))
+        f.seek(0)
+        rows = list(csv.DictReader(f))
+    assert tuple(header[: len(CSV_COLUMNS)]) == CSV_COLUMNS
+    assert header[: len(CSV_COLUMNS)] == (
+        "model_variant,batch_size,device,ram_usage_mb,vram_usage_mb,cpu_utilization_pct,gpu_utilization_pct,"
+        "latency_ms,throughput_samples_sec,accuracy_top1,accuracy_top5,model_size_mb,optimization_technique"
+    ).split(",")
+    assert {(r["model_variant"], r["batch_size"]) for r in rows} == {(v, b) for v in VARIANTS for b in ("1", "2")}
+    for r in rows:
+        assert r["device"] == "cpu"
+        assert float(r["latency_ms"]) > 0 and float(r["throughput_samples_sec"]) > 0
+        assert float(r["p50_ms"]) <= float(r["p99_ms"])
+        assert float(r["ram_usage_mb"]) > 100  # sampled RSS of a process holding torch and a model
+        assert r["cpu_utilization_pct"] != ""  # sampled during the timed window
+        assert r["vram_usage_mb"] == r["gpu_utilization_pct"] == ""  # no GPU: empty, not made up
+        assert r["accuracy_top1"] == "" and "no labelled --val-dir" in r["accuracy_note"]
+        assert "fell back to the CPU" in r["note"]
+        assert float(r["model_size_mb"]) > 30 and r["weights"] == "random"
+    techniques = {r["model_variant"]: r["optimization_technique"] for r in rows}
+    assert techniques == {"densenet121-eager-fp32": "baseline", "densenet121-onnx-fp32": "onnx"}
+
+
+def test_plots_tensorboard_traces_and_checkpoints(bench_run: tuple[Path, Path, str, str]) -> None:
+    results, tb, _, stderr = bench_run
+    for png in ("latency_throughput_by_batch.png", "size_speed_vs_fidelity.png"):
+        data = (results / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    for v in VARIANTS:
+        assert list((tb / v).glob("events.out.tfevents.*")), f"no TensorBoard events for {v}"
+        traces = list((results / "profiles" / v).glob("*.pt.trace.json"))
+        assert traces, f"no profiler trace for {v}"
+        trace = json.loads(traces[0].read_text())
+        assert trace["traceEvents"]
+        assert (results / "models" / v / "variant.json").is_file()
+    assert "fell back to the CPU" in stderr
+
+
+def test_tensorboard_scalars_are_readable(bench_run: tuple[Path, Path, str, str]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, tb, *_ = bench_run
+    acc = EventAccumulator(str(tb / VARIANTS[1]))
+    acc.Reload()
+    assert {"latency_ms", "throughput_samples_sec"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("latency_ms")] == [1, 2]
+
+
+def test_summary_table_and_analysis(bench_run: tuple[Path, Path, str, str]) -> None:
+    results, _, stdout, _ = bench_run
+    assert "eager-fp32" in stdout and "onnx-fp32" in stdout and "latency_ms" in stdout
+    analysis = (results / "analysis.md").read_text()
+    assert "weights `random`" in analysis and "fastest" in analysis
+    readme = (results.parent / "README.md").read_text()
+    assert "<!-- bench-results:start -->" in readme and analysis in readme
+
+
+def test_bad_batch_sizes_are_a_usage_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "optimize", "bench", "--batch-sizes", "0", "--output-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--batch-sizes" in proc.stderr

@@ -1,0 +1,328 @@
+"""Every technique builds a real artifact: INT8 and pruned payloads really shrink, channel pruning really
+removes channels, the fidelity gate applies each variant's tolerance, runners take uint8 and float input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_server.artifact import read_manifest
+from model_server.runtimes import load_runner
+from optimize import FidelityError, registry
+from optimize.registry import MANIFEST_NAME, Technique
+
+FAST = ("densenet121-onnx-fp32", "densenet121-onnx-int8-static", "densenet121-pruned-l1-20")
+SLOW = (
+    "densenet121-onnx-int8-dynamic",
+    "densenet121-onnx-fp16",
+    "densenet121-pruned-channels-30",
+    "densenet121-torchscript-fp32",
+    "densenet121-eager-fp32-cl",
+    "densenet121-eager-bf16-amp",
+    "densenet121-eager-bf16-cl",
+)
+
+
+def _build(out: Path, slugs: tuple[str, ...]) -> dict[str, object]:
+    from optimize.build import build_all
+    from optimize.samples import sample_batch
+    from optimize.weights import load_reference
+
+    torch.set_grad_enabled(False)
+    reference, weights = load_reference("random", seed=0)
+    outcomes = build_all(
+        [registry.get(s) for s in slugs], reference=reference, weights=weights, images=sample_batch(),
+        output_dir=out, device=torch.device("cpu"), max_batch=2,
+    )  # fmt: skip
+    return {o.slug: o for o in outcomes}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("techniques")
+    outcomes = _build(out, FAST)
+    failed = {s: o.error for s, o in outcomes.items() if not o.ok}  # type: ignore[attr-defined]
+    assert not failed, failed
+    return out
+
+
+@pytest.fixture(scope="module")
+def built_slow(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("techniques-slow")
+    outcomes = _build(out, SLOW)
+    failed = {s: o.error for s, o in outcomes.items() if not o.ok}  # type: ignore[attr-defined]
+    assert not failed, failed
+    return out
+
+
+def _size(d: Path) -> float:
+    meta = read_manifest(d)["meta"]
+    size: float = meta["file_size_mb"]
+    return size
+
+
+def test_every_variant_has_a_builder_and_honest_devices() -> None:
+    from optimize.techniques import builder_for
+
+    for v in registry.all_variants():
+        builder_for(v)  # raises NotImplementedError where a technique has none
+        if v.precision is registry.Precision.INT8:
+            assert v.devices == ("cpu",) and not v.deployable  # ORT CPU kernels; no INT8 GPU runtime here
+        if v.runtime is registry.Runtime.AOTI or v.technique is Technique.SEMI_STRUCTURED_SPARSE:
+            assert v.devices == ("cuda",)
+
+
+def test_int8_static_artifact_is_under_a_third_of_fp32(built: Path, artifacts_dir: Path) -> None:
+    import onnx
+
+    fp32 = _size(artifacts_dir / "densenet121-eager-fp32")
+    d = built / "densenet121-onnx-int8-static"
+    assert _size(d) <= 0.3 * fp32
+    model = onnx.load(str(d / "model.onnx"))
+    int8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear") > 100
+    # Convolution and classifier weights are stored as int8: at least 7.5 M of DenseNet-121's 8 M parameters.
+    assert sum(int(torch.tensor(t.dims).prod()) for t in int8) > 7_500_000
+    details = read_manifest(d)["meta"]["details"]
+    assert details["format"] == "QDQ" and details["calibration_images"] == 8
+
+
+def test_unstructured_pruned_artifact_is_compact_and_really_sparse(built: Path, artifacts_dir: Path) -> None:
+    from model_server.runtimes import MASKED_FORMAT, densify_state
+
+    d = built / "densenet121-pruned-l1-20"
+    assert _size(d) <= 0.85 * _size(artifacts_dir / "densenet121-eager-fp32")
+    payload = torch.load(d / "model.pt", weights_only=True)  # no pickled objects, only tensors and containers
+    assert payload["__format__"] == MASKED_FORMAT
+    state = densify_state(payload)
+    convs = [k for k in state if k.endswith("conv1.weight") or k == "classifier.weight"]
+    for k in convs:
+        zeros = float((state[k] == 0).float().mean())
+        assert zeros == pytest.approx(0.2, abs=0.01), k
+    meta = read_manifest(d)["meta"]
+    assert meta["details"]["weight_sparsity"] == pytest.approx(0.2, abs=0.005)
+    assert meta["tolerance_applied"] == dataclasses.asdict(registry.get(d.name).random_tolerance)
+
+
+def test_onnx_batch_axis_is_dynamic_and_input_may_be_uint8_or_float(built: Path) -> None:
+    from model_server.preprocess import normalize
+    from optimize.build import reference_logits
+    from optimize.samples import sample_batch
+    from optimize.weights import load_reference
+
+    d = built / "densenet121-onnx-fp32"
+    runner = load_runner(read_manifest(d), d, torch.device("cpu"))
+    images = sample_batch(3)  # 3 > the artifact's max batch of 2: the graph's batch axis is dynamic
+    reference, _ = load_reference("random", seed=0)
+    ref = reference_logits(reference, images, torch.device("cpu"))
+    torch.testing.assert_close(runner(images), ref, atol=1e-3, rtol=0)
+    torch.testing.assert_close(runner(normalize(images)), ref, atol=1e-3, rtol=0)
+    assert runner.active_providers == ["CPUExecutionProvider"]  # type: ignore[attr-defined]
+
+
+def test_fidelity_gate_is_fatal_for_that_variant_only(tmp_path: Path) -> None:
+    """Held to its ImageNet tolerance, the unstructured-pruned variant fails on random weights (whose
+    top-1 margins are ~0.1 logits) and leaves no variant.json; the variant built next still succeeds."""
+    from optimize.build import build_all
+    from optimize.samples import sample_batch
+    from optimize.weights import load_reference
+
+    reference, weights = load_reference("random", seed=0)
+    strict = dataclasses.replace(registry.get("densenet121-pruned-l1-20"), random_tolerance=None)
+    outcomes = build_all(
+        [strict, registry.get("densenet121-onnx-fp32")], reference=reference, weights=weights,
+        images=sample_batch(), output_dir=tmp_path, device=torch.device("cpu"), max_batch=1,
+    )  # fmt: skip
+    assert not outcomes[0].ok and "fidelity" in (outcomes[0].error or "")
+    assert not (tmp_path / strict.slug).exists()
+    assert outcomes[1].ok and (tmp_path / "densenet121-onnx-fp32" / MANIFEST_NAME).is_file()
+
+
+def test_check_names_every_missed_bound() -> None:
+    from optimize.validate import Fidelity, check
+
+    fid = Fidelity(images=8, top1_agreement=0.5, top5_overlap=0.5, max_abs_logit_err=3.0, mean_abs_logit_err=1.0)
+    with pytest.raises(FidelityError, match=r"top-1 agreement.*top-5 overlap.*logit error"):
+        check(fid, registry.get("densenet121-onnx-int8-static").tolerance, slug="x")
+    check(fid, registry.get("densenet121-pruned-channels-30").random_tolerance, slug="x")  # type: ignore[arg-type]
+
+
+def test_accuracy_on_a_labelled_folder(tmp_path: Path, artifacts_dir: Path) -> None:
+    import shutil
+
+    from optimize import OptimizeError
+    from optimize.samples import sample_paths
+    from optimize.validate import accuracy
+
+    (tmp_path / "281").mkdir()  # folders named by class index
+    for p in sample_paths()[:3]:
+        shutil.copy(p, tmp_path / "281" / p.name)
+    d = artifacts_dir / "densenet121-eager-fp32"
+    runner = load_runner(read_manifest(d), d, torch.device("cpu"))
+    acc = accuracy(runner, tmp_path, batch=2)
+    assert acc["images"] == 3 and 0.0 <= acc["top1"] <= acc["top5"] <= 1.0
+    (tmp_path / "n01440764").mkdir()
+    with pytest.raises(OptimizeError, match="1000 synset folders"):
+        accuracy(runner, tmp_path)
+
+
+def test_2_4_mask_keeps_two_of_every_four() -> None:
+    from model_server.runtimes import prune_2_4, sparse24_eligible
+
+    w = torch.randn(128, 256, 1, 1)
+    p = prune_2_4(w).reshape(128, -1, 4)
+    assert bool(((p != 0).sum(-1) == 2).all())
+    kept = w.reshape(128, -1, 4).abs().topk(2, dim=-1).values.sum()
+    assert float(p.abs().sum()) == pytest.approx(float(kept), rel=1e-5)  # the two largest are the ones kept
+    assert sparse24_eligible(torch.nn.Conv2d(128, 32, 1, bias=False))
+    assert not sparse24_eligible(torch.nn.Conv2d(128, 32, 3, padding=1, bias=False))
+    assert not sparse24_eligible(torch.nn.Conv2d(96, 32, 1, bias=False))
+
+
+def test_aoti_package_compiles_and_loads_on_cpu(tmp_path: Path) -> None:
+    """The AOTInductor code path (export, compile with our inductor options, package, load) on a tiny
+    network; DenseNet-121 itself takes minutes to compile on these cores (a slow test below)."""
+    from torch._inductor import aoti_load_package
+
+    from optimize.techniques.aoti import compile_bucket, inductor_configs
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 1), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(16, 10),
+    ).eval()  # fmt: skip
+    cfg = inductor_configs({"conv_1x1_as_mm": True, "epilogue_fusion": True}, torch.device("cpu"))
+    path = tmp_path / "tiny-b2.pt2"
+    compile_bucket(net, 2, path, device=torch.device("cpu"), dtype=torch.float32, channels_last=False, configs=cfg)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(aoti_load_package(str(path))(x), net(x), atol=1e-4, rtol=1e-4)
+    # The server's runner: bucket packages named in the manifest, uint8 input padded to the bucket.
+    from model_server.preprocess import normalize
+    from model_server.runtimes import AotiRunner
+
+    manifest = {"slug": "tiny", "precision": "fp32", "input": {"max_batch": 2}, "payload": {"bucket_2": path.name}}
+    runner = AotiRunner(manifest, tmp_path, torch.device("cpu"))
+    pixels = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(runner(pixels), net(normalize(pixels)), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_aoti_densenet_builds_on_cpu(tmp_path: Path) -> None:
+    """The real builder on DenseNet-121 (one bucket, CPU, minutes with gcc), loaded by the server's runner."""
+    from optimize.techniques import BuildContext
+    from optimize.techniques.aoti import build
+    from optimize.weights import load_reference
+
+    reference, _ = load_reference("random", seed=0)
+    variant = dataclasses.replace(registry.get("densenet121-aoti-fp16-cl"), precision=registry.Precision.FP32)
+    ctx = BuildContext(
+        reference=reference, device=torch.device("cpu"), calibration=torch.zeros(0), max_batch=1, out_dir=tmp_path,
+        options={"aoti": {"buckets": [1], "max_autotune": False}},
+    )  # fmt: skip
+    built = build(variant, ctx)
+    assert built.payload["bucket_1"] == "model-b1.pt2"
+    from model_server.runtimes import AotiRunner
+
+    manifest = {"slug": variant.slug, "precision": "fp32", "channels_last": True, "input": {"max_batch": 1},
+                "payload": built.payload}  # fmt: skip
+    out = AotiRunner(manifest, tmp_path, torch.device("cpu"))(torch.zeros((1, 3, 224, 224), dtype=torch.uint8))
+    assert out.shape == (1, 1000) and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("slug", SLOW)
+def test_slow_variants_build_and_pass_their_gate(slug: str, built_slow: Path) -> None:
+    manifest = read_manifest(built_slow / slug)
+    assert manifest["slug"] == slug and manifest["meta"]["fidelity"]["images"] == 8
+
+
+@pytest.mark.slow
+def test_channel_pruning_really_removes_channels(built_slow: Path, artifacts_dir: Path) -> None:
+    d = built_slow / "densenet121-pruned-channels-30"
+    meta = read_manifest(d)["meta"]
+    ref = read_manifest(artifacts_dir / "densenet121-eager-fp32")["meta"]
+    assert meta["num_params"] <= 0.7 * ref["num_params"]
+    assert meta["gflops"] <= 0.7 * ref["gflops"]
+    assert _size(d) <= 0.7 * _size(artifacts_dir / "densenet121-eager-fp32")
+    state = torch.load(d / "model.pt", weights_only=True)
+    assert state["features.denseblock1.denselayer1.conv2.weight"].shape[0] < 32  # growth channels really gone
+    runner = load_runner(read_manifest(d), d, torch.device("cpu"))
+    assert runner(torch.zeros((1, 3, 224, 224), dtype=torch.uint8)).shape == (1, 1000)
+
+
+@pytest.mark.slow
+def test_int8_dynamic_is_small(built_slow: Path, artifacts_dir: Path) -> None:
+    assert _size(built_slow / "densenet121-onnx-int8-dynamic") <= 0.3 * _size(artifacts_dir / "densenet121-eager-fp32")
+    assert json.loads((built_slow / "densenet121-onnx-int8-dynamic" / MANIFEST_NAME).read_text())["devices"] == ["cpu"]
+
+
+@pytest.mark.slow
+def test_channel_pruning_finetune_hook_runs_on_an_image_folder(tmp_path: Path) -> None:
+    import shutil
+
+    from optimize.build import build_variant, reference_logits
+    from optimize.samples import sample_batch, sample_paths
+    from optimize.weights import load_reference
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for p in sample_paths()[:4]:
+        shutil.copy(p, folder / p.name)
+    reference, weights = load_reference("random", seed=0)
+    images = sample_batch()
+    manifest = build_variant(
+        registry.get("densenet121-pruned-channels-30"), reference=reference, weights=weights, images=images,
+        ref_logits=reference_logits(reference, images, torch.device("cpu")), output_dir=tmp_path / "out",
+        device=torch.device("cpu"), max_batch=1, options={"finetune_dir": str(folder), "finetune_steps": 1},
+    )  # fmt: skip
+    ft = manifest["meta"]["details"]["finetune"]
+    assert ft["bn_recalibration_images"] == 4 and ft["distillation_steps"] == 1 and ft["final_kl"] is not None
+
+
+def _build_cuda(out: Path, slug: str, options: dict[str, object] | None = None) -> dict[str, object]:
+    from optimize.build import build_variant, reference_logits
+    from optimize.samples import sample_batch
+    from optimize.weights import load_reference
+
+    reference, weights = load_reference("random", seed=0)
+    images = sample_batch()
+    cuda = torch.device("cuda")
+    return build_variant(
+        registry.get(slug), reference=reference, weights=weights, images=images,
+        ref_logits=reference_logits(reference, images, cuda), output_dir=out, device=cuda, max_batch=2,
+        options=options or {},
+    )  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_aoti_variant_on_cuda_serves_without_compiling(tmp_path: Path) -> None:
+    manifest = _build_cuda(tmp_path, "densenet121-aoti-fp16-cl", {"aoti": {"max_autotune": False}})
+    d = tmp_path / "densenet121-aoti-fp16-cl"
+    assert {"bucket_1", "bucket_2"} <= set(manifest["payload"])  # type: ignore[operator]
+    code = (
+        "import sys, torch; from pathlib import Path; from model_server.artifact import read_manifest;"
+        "from model_server.runtimes import load_runner; d = Path(sys.argv[1]);"
+        "r = load_runner(read_manifest(d), d, torch.device('cuda')); r.warm_up();"
+        "from torch._dynamo.utils import counters; assert not sum(counters['inductor'].values());"
+        "print(r(torch.zeros((1, 3, 224, 224), dtype=torch.uint8)).shape)"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]  # a fresh process: loads, captures CUDA graphs, runs
+    assert "torch.Size([1, 1000])" in out.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("slug", ["densenet121-onnx-fp16", "densenet121-eager-fp16-amp", "densenet121-sparse24-fp16"])
+def test_gpu_variants_build_on_cuda(tmp_path: Path, slug: str) -> None:
+    manifest = _build_cuda(tmp_path, slug)
+    assert manifest["devices"] == ["cuda"] or "cuda" in manifest["devices"]  # type: ignore[operator]
