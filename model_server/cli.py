@@ -86,6 +86,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _start_device_early(device: str) -> None:
+    """Create the CUDA context in a thread while this one imports KServe (~2 s each, overlapped:
+    CUDA initialisation runs in the driver without the GIL). Errors surface later, in ``load``."""
+    import threading
+
+    import torch
+
+    def init() -> None:
+        try:
+            if device != "cpu" and torch.cuda.is_available():
+                torch.zeros(1, device=device if device.startswith("cuda") else "cuda")
+        except Exception as e:  # load() reports device problems with a proper message
+            log.debug("early CUDA initialisation failed: %s", e)
+
+    threading.Thread(target=init, name="cuda-init", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -119,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         from model_server.frontend import enable_multiprocess_metrics
 
         enable_multiprocess_metrics()  # before prometheus_client is first imported
+    _start_device_early(config.device)
     # kserve parses sys.argv when imported: import it only once our own flags are parsed.
     import kserve.model_server as kserve_server
 

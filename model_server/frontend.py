@@ -104,6 +104,7 @@ def frontend_main(spec: dict[str, Any]) -> None:
         metrics.disable()
     model = RemotePredictor(spec["model_name"], Path(spec["model_dir"]), spec["config"])
     model.load()
+    _watch_parent(spec["parent_pid"], grace_s=spec["grace_period_s"])
     app = kserve_server.app
 
     async def merged_metrics(request: Request) -> Response:
@@ -138,6 +139,21 @@ def frontend_main(spec: dict[str, Any]) -> None:
     )
     server.start([model])
     sys.exit(0 if server.clean_exit else 1)
+
+
+def _watch_parent(parent: int, *, grace_s: float) -> None:
+    """A front end must not outlive its device process (killed, OOM): drain, then exit."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.error("the device process %d is gone; front end %d stopping", parent, os.getpid())
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s + 5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def wait_for_device(ipc_path: str, *, parent: int) -> dict[str, Any]:

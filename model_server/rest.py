@@ -6,8 +6,10 @@ OpenAPI description of what is really served, and HTTP status codes for the pred
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hmac
 import json
+import logging
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,8 @@ from model_server import BadInput, DeadlineExceeded, Overloaded, PayloadTooLarge
 from model_server import metrics as m
 from model_server.lifecycle import RepositoryDisabled, ServingState
 from model_server.predictor import DenseNetPredictor
+
+log = logging.getLogger(__name__)
 
 HEADER_LENGTH = "inference-header-content-length"
 RETRY_AFTER_S = "1"
@@ -700,4 +704,51 @@ def install(
     }
     for exc_type, handler in handlers.items():
         app.add_exception_handler(exc_type, handler)
+    app.router.on_startup.append(functools.partial(warm_http_path, app, model.name))
     return state
+
+
+async def warm_http_path(app: FastAPI, model_name: str) -> None:
+    """Send one v1, one v2 JSON and one v2 binary request through the whole ASGI app in-process
+    (middlewares, routes, parsing, batcher, device, response encoding) before the server accepts
+    connections, so the first client request pays no first-call costs of its own."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (320, 240), (90, 120, 60)).save(buf, format="JPEG")
+    jpeg = buf.getvalue()
+    b64 = base64.b64encode(jpeg).decode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(jpeg) + 4}}
+            ]
+        }
+    ).encode()
+    requests: list[tuple[str, dict[str, Any]]] = [
+        (f"/v1/models/{model_name}:predict", {"json": {"instances": [{"image": {"b64": b64}}]}}),
+        (
+            f"/v2/models/{model_name}/infer",
+            {"json": {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]}},
+        ),
+        (
+            f"/v2/models/{model_name}/infer",
+            {
+                "content": header + struct.pack("<I", len(jpeg)) + jpeg,
+                "headers": {HEADER_LENGTH: str(len(header)), "content-type": "application/octet-stream"},
+            },
+        ),
+    ]
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://warm-up") as client:
+            for path, kwargs in requests:
+                r = await client.post(path, **kwargs)
+                if r.status_code != 200:
+                    log.warning("warm-up request %s answered %d: %s", path, r.status_code, r.text[:200])
+    except Exception as e:  # a failed warm-up must not stop the server; the first request pays instead
+        log.warning("HTTP warm-up failed: %s", e)

@@ -79,6 +79,18 @@ def test_bad_input_and_grpc_through_a_frontend(multi: Server) -> None:
     assert client.infer("densenet121", [inp]).as_numpy("classes").shape == (1, 5)
 
 
+def test_frontends_exit_when_the_device_process_is_killed(artifacts_dir: Path, tmp_path: Path) -> None:
+    srv = start_server(artifacts_dir / "densenet121-eager-fp32", tmp_path / "log", "--frontends", "2",
+                       "--max_batch_size", "2", "--grace_period_s", "2", timeout_s=180)  # fmt: skip
+    children = psutil.Process(srv.proc.pid).children()
+    srv.proc.kill()  # no chance to stop its front ends
+    srv.proc.wait(30)
+    _gone, alive = psutil.wait_procs(children, timeout=30)
+    for p in alive:
+        p.kill()
+    assert not alive, "front ends outlived a killed device process"
+
+
 def test_sigterm_stops_every_process(multi: Server) -> None:
     children = psutil.Process(multi.proc.pid).children()
     multi.proc.send_signal(signal.SIGTERM)
