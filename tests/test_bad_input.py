@@ -23,8 +23,8 @@ import psutil
 import pytest
 import requests
 import torch
-from conftest import Server, start_server, stop_server
 from PIL import Image
+from server_support import Server, start_server, stop_server
 
 V1 = "/v1/models/densenet121:predict"
 V2 = "/v2/models/densenet121/infer"

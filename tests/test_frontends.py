@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from conftest import Server, start_server
+from server_support import Server, start_server
 
 V1 = "/v1/models/densenet121:predict"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from conftest import build_artifacts, start_server, stop_server
 from PIL import Image
+from server_support import build_artifacts, start_server, stop_server
 
 pytestmark = pytest.mark.gpu
 

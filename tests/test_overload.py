@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from conftest import Server, start_server, stop_server
 from PIL import Image
+from server_support import Server, start_server, stop_server
 
 V1 = "/v1/models/densenet121:predict"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import Server, start_server, stop_server
+from server_support import Server, start_server, stop_server
 
 TOKEN = "profiler-test-token-0123456789"
 

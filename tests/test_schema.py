@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import Server, start_server, stop_server
+from server_support import Server, start_server, stop_server
 
 TOKEN = "schema-test-admin-token-0123"
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"

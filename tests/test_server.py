@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import Server
 from PIL import Image
+from server_support import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 V1 = "/v1/models/densenet121:predict"

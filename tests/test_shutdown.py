@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from conftest import ROOT, Server, free_port, start_server, stop_server
+from server_support import ROOT, Server, free_port, start_server, stop_server
 
 V1 = "/v1/models/densenet121:predict"
 TOKEN = "shutdown-test-token-0123456789"
