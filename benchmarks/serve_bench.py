@@ -245,6 +245,56 @@ def run_locust(
     }
 
 
+class CpuByRole(threading.Thread):
+    """Where the host's CPU goes during one load: device process, front ends, Locust, the rest.
+
+    Cores used (100 = one core) averaged over the window, from psutil per-process CPU times.
+    """
+
+    def __init__(self, server_pid: int) -> None:
+        super().__init__(daemon=True)
+        self.server_pid = server_pid
+        self.stop_evt = threading.Event()
+        self.samples: list[dict[str, float]] = []
+
+    def _roles(self) -> dict[int, str]:
+        import psutil
+
+        roles = {self.server_pid: "device_process"}
+        for c in psutil.Process(self.server_pid).children(recursive=True):
+            roles[c.pid] = "front_ends"
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if proc.info["pid"] not in roles and "locust" in " ".join(proc.info["cmdline"] or []):
+                roles[proc.info["pid"]] = "locust"
+        return roles
+
+    def run(self) -> None:
+        import psutil
+
+        procs = {pid: psutil.Process(pid) for pid in self._roles()}
+        roles = self._roles()
+        for p in procs.values():
+            p.cpu_percent(None)
+        total0 = psutil.cpu_times()
+        while not self.stop_evt.wait(2.0):
+            sample: dict[str, float] = {}
+            for pid, p in list(procs.items()):
+                try:
+                    sample[roles[pid]] = sample.get(roles[pid], 0.0) + p.cpu_percent(None)
+                except psutil.Error:
+                    procs.pop(pid)
+            total1 = psutil.cpu_times()
+            busy = (total1.user + total1.system - total0.user - total0.system) / 2.0 * 100
+            total0 = total1
+            sample["host_busy"] = busy
+            self.samples.append(sample)
+
+    def summary(self) -> dict[str, float]:
+        keys = {k for s in self.samples for k in s}
+        n = max(1, len(self.samples))
+        return {f"{k}_cores": round(sum(s.get(k, 0.0) for s in self.samples) / n / 100, 2) for k in sorted(keys)}
+
+
 class Sampler(threading.Thread):
     """Peak RSS and GPU memory of the server while a load runs."""
 
@@ -330,6 +380,21 @@ def main(argv: list[str] | None = None) -> int:
         if "c1" in runs:
             metrics["e2e_c1_p50_ms"] = runs["c1"]["p50_ms"]
             metrics["e2e_c1_p99_ms"] = runs["c1"]["p99_ms"]
+        # Where the CPU goes at the best concurrency (a second, shorter run with a CPU sampler).
+        c = int(best_key[1:])
+        roles = CpuByRole(server.proc.pid)
+        locust_done = threading.Event()
+
+        def start_roles_later() -> None:  # Locust takes a few seconds to spawn its users
+            if not locust_done.wait(6.0):
+                roles.start()
+
+        threading.Thread(target=start_roles_later, daemon=True).start()
+        run_locust(server.url, args.user, c, min(args.processes, c), max(12, args.duration), sizes[0], 1, work, "cpu")
+        locust_done.set()
+        roles.stop_evt.set()
+        metrics["cpu_at_best_concurrency"] = roles.summary()
+        print(f"    CPU at c={c}: {metrics['cpu_at_best_concurrency']}", file=sys.stderr, flush=True)
         for size in sizes[1:]:
             c = int(best_key[1:])
             r = run_locust(server.url, args.user, c, min(args.processes, c), args.duration, size, 1, work, f"{size}")
