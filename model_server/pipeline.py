@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any
 
 import torch
 
@@ -165,7 +164,3 @@ class DevicePipeline:
             if isinstance(result[0], Exception):
                 raise result[0]
         torch.cuda.synchronize(self.device)
-
-
-def describe(payloads: list[Any]) -> str:
-    return ", ".join(f"{type(p).__name__}[{payload_size(p)}]" for p in payloads)
