@@ -25,7 +25,6 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import re
 import shlex
 import sys
@@ -95,38 +94,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--aoti-cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "densenet-aoti-cache")
     return p.parse_args(argv)
-
-
-def environ(device: Any) -> dict[str, Any]:
-    import torch
-
-    env: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "gpu": None,
-        "driver": None,
-        "host_cpus": os.cpu_count(),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            drv = pynvml.nvmlSystemGetDriverVersion()
-            env["driver"] = drv.decode() if isinstance(drv, bytes) else drv
-        except Exception as e:  # record why, not a guess
-            env["driver"] = f"unknown ({e})"
-    else:
-        env["gpu"] = "none (cpu dry run)"
-    try:
-        import onnxruntime
-
-        env["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    return env
 
 
 def time_fn(fn: Any, x: Any, device: Any, iters: int, warmup: int = 5) -> float:
@@ -346,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
                 notes[key] = f"failed: {type(e).__name__}: {str(e)[:400]}"
     metrics["total_s"] = round(time.perf_counter() - started, 1)
     targets = target_checks(metrics, done, batch_sizes)
-    env = environ(device)
+    from optimize.build import environment
+
+    env = environment(device)
     rec = {
         "name": args.name,
         "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),

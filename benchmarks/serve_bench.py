@@ -22,7 +22,6 @@ import csv
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -52,40 +51,6 @@ if dev.type == "cuda":
     torch.cuda.synchronize()
 print("READY", flush=True)
 """
-
-
-def environ(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "host_cpus": os.cpu_count(),
-        "device": device.type,
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
-            env["driver"] = out.stdout.strip().splitlines()[0]
-        except (OSError, subprocess.CalledProcessError):
-            env["driver"] = None
-    else:
-        env["gpu"] = None
-        env["driver"] = None
-    for mod in ("torchvision", "kserve", "locust", "onnxruntime"):
-        try:
-            from importlib.metadata import version
-
-            env[mod] = version(mod if mod != "onnxruntime" else "onnxruntime-gpu")
-        except Exception:
-            try:
-                env[mod] = version(mod)
-            except Exception:
-                env[mod] = None
-    return env
 
 
 def ondevice(model_dir: Path, device: torch.device, max_batch: int, iters: int) -> dict[str, float]:
@@ -442,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         ratios["c1_p50_minus_ondevice_b1_ms"] = round(metrics["e2e_c1_p50_ms"] - metrics["ondevice_b1_ms"], 2)
         ratios["first_request_vs_c1_p50"] = round(metrics["first_request_ms"] / metrics["e2e_c1_p50_ms"], 2)
     metrics["ratios"] = ratios
-    env = environ(device)
+    from optimize.build import environment
+
+    env = environment(device, packages=("torchvision", "kserve", "locust", "onnxruntime"))
     gpu = (env.get("gpu") or "cpu").lower().replace("nvidia ", "").replace(" ", "-")
     date = dt.date.today().isoformat()
     name = args.name or f"serve-{slug}"

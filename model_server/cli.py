@@ -137,32 +137,27 @@ def main(argv: list[str] | None = None) -> int:
 
         enable_multiprocess_metrics()  # before prometheus_client is first imported
     _start_device_early(config.device)
-    # kserve parses sys.argv when imported: import it only once our own flags are parsed.
-    import kserve.model_server as kserve_server
-
+    # rest imports kserve, which parses sys.argv when imported: only once our own flags are parsed.
     from model_server import metrics, rest
 
     if args.metrics == "false":
         metrics.disable()
-    from model_server.lifecycle import DrainingModelServer, ServingState
     from model_server.predictor import DenseNetPredictor
 
-    max_inflight = args.max_inflight_requests or config.max_queue_images + 2 * config.max_batch_size
+    spec = {
+        "model_name": args.model_name, "model_dir": args.model_dir, "config": config,
+        "http_port": args.http_port, "grpc_port": args.grpc_port, "max_body_bytes": args.max_body_bytes,
+        "log_level": args.log_level.upper(), "admin_token": args.admin_token or None,
+        "enable_docs": args.enable_docs == "true", "grace_period_s": args.grace_period_s,
+        "metrics": args.metrics == "true",
+        "max_inflight": args.max_inflight_requests or config.max_queue_images + 2 * config.max_batch_size,
+    }  # fmt: skip
     fronts = None
     if args.frontends > 1:
         from model_server.frontend import FrontEnds
 
         # Started first: they import KServe while this process loads and warms the model.
-        fronts = FrontEnds(
-            args.frontends,
-            {
-                "model_name": args.model_name, "model_dir": args.model_dir, "config": config,
-                "http_port": args.http_port, "grpc_port": args.grpc_port, "max_body_bytes": args.max_body_bytes,
-                "log_level": args.log_level.upper(), "max_inflight": max_inflight,
-                "admin_token": args.admin_token or None, "enable_docs": args.enable_docs == "true",
-                "grace_period_s": args.grace_period_s, "metrics": args.metrics == "true",
-            },
-        )  # fmt: skip
+        fronts = FrontEnds(args.frontends, spec)
     model = DenseNetPredictor(args.model_name, Path(args.model_dir), config)
     try:
         model.load()
@@ -174,33 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     gpu = model.runner.device.index or 0 if model.runner and model.runner.device.type == "cuda" else None
     sampler = metrics.ResourceSampler(gpu_index=gpu)
     sampler.start()
-    if fronts is not None:
-        try:
-            return fronts.serve(model, grace_period_s=args.grace_period_s)
-        finally:
-            sampler.stop()
-            model.stop()
-    state = ServingState(max_inflight=max_inflight)
-    rest.install(
-        kserve_server.app, model, max_body_bytes=args.max_body_bytes, state=state,
-        admin_token=args.admin_token or None, enable_docs=args.enable_docs == "true",
-    )  # fmt: skip
-    server = DrainingModelServer(
-        model=model,
-        state=state,
-        grace_period_s=args.grace_period_s,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        enable_docs_url=False,
-        enable_latency_logging=False,
-    )
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        # KServe logs every request at INFO (access log and timing trace): too slow for the hot path.
-        for name in ("uvicorn.access", "kserve.trace"):
-            logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        server.start([model])
+        if fronts is not None:
+            return fronts.serve(model, grace_period_s=args.grace_period_s)
+        return 0 if rest.serve_http(model, spec) else 1
     finally:
         sampler.stop()
         model.stop()
-    return 0 if server.clean_exit else 1

@@ -70,7 +70,6 @@ def frontend_main(spec: dict[str, Any]) -> None:
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
     from model_server import rest
-    from model_server.lifecycle import DrainingModelServer, ServingState
     from model_server.predictor import DenseNetPredictor
 
     class RemotePredictor(DenseNetPredictor):
@@ -112,13 +111,7 @@ def frontend_main(spec: dict[str, Any]) -> None:
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
 
-    app.add_api_route("/metrics", merged_metrics, methods=["GET"])
-    state = ServingState(max_inflight=spec["max_inflight"])
-    rest.install(
-        app, model, max_body_bytes=spec["max_body_bytes"], state=state,
-        admin_token=spec["admin_token"], enable_docs=spec["enable_docs"],
-    )  # fmt: skip
-
+    app.add_api_route("/metrics", merged_metrics, methods=["GET"])  # before KServe's own
     sock = _reuseport_socket(spec["http_port"])
     original_serve = kserve_rest._RefreshingServer.serve
 
@@ -126,19 +119,7 @@ def frontend_main(spec: dict[str, Any]) -> None:
         await original_serve(self, sockets=[sock])
 
     kserve_rest._RefreshingServer.serve = serve_shared  # share the HTTP port with the other front ends
-    for name in ("uvicorn.access", "kserve.trace"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    server = DrainingModelServer(
-        model=model,
-        state=state,
-        grace_period_s=spec["grace_period_s"],
-        http_port=spec["http_port"],
-        grpc_port=spec["grpc_port"],
-        enable_docs_url=False,
-        enable_latency_logging=False,
-    )
-    server.start([model])
-    sys.exit(0 if server.clean_exit else 1)
+    sys.exit(0 if rest.serve_http(model, spec) else 1)
 
 
 def _watch_parent(parent: int, *, grace_s: float) -> None:

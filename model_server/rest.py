@@ -752,3 +752,37 @@ async def warm_http_path(app: FastAPI, model_name: str) -> None:
                     log.warning("warm-up request %s answered %d: %s", path, r.status_code, r.text[:200])
     except Exception as e:  # a failed warm-up must not stop the server; the first request pays instead
         log.warning("HTTP warm-up failed: %s", e)
+
+
+def serve_http(model: DenseNetPredictor, spec: dict[str, Any]) -> bool:
+    """Install our routes on KServe's app and run its HTTP and gRPC servers until drained.
+
+    ``spec`` holds the front-end settings the CLI parsed (ports, limits, admin token, docs,
+    grace period, in-flight limit). Shared by the single-process server and every front end
+    of ``--frontends N``. Returns whether the drain finished within the grace period.
+    """
+    import kserve.model_server as kserve_server
+
+    from model_server.lifecycle import DrainingModelServer
+
+    state = ServingState(max_inflight=spec["max_inflight"])
+    install(
+        kserve_server.app, model, max_body_bytes=spec["max_body_bytes"], state=state,
+        admin_token=spec["admin_token"], enable_docs=spec["enable_docs"],
+    )  # fmt: skip
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # KServe logs every request at INFO (access log and timing trace): too slow for the hot path.
+        for name in ("uvicorn.access", "kserve.trace"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    server = DrainingModelServer(
+        model=model,
+        state=state,
+        grace_period_s=spec["grace_period_s"],
+        http_port=spec["http_port"],
+        grpc_port=spec["grpc_port"],
+        enable_docs_url=False,
+        enable_latency_logging=False,
+    )
+    server.start([model])
+    clean: bool = server.clean_exit
+    return clean

@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -65,21 +66,41 @@ def count_gflops(model: nn.Module) -> float:
     return float(counter.get_total_flops()) / 1e9
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """Versions and device a variant was built with."""
+def environment(device: torch.device, *, packages: tuple[str, ...] = ("torchvision", "onnxruntime")) -> dict[str, Any]:
+    """Versions, host and device: what ``variant.json`` and every benchmark record carry.
+
+    Args:
+        device: the device built or measured on.
+        packages: distributions whose installed versions are recorded (``None`` if absent).
+    """
+    from importlib import metadata
+
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
         "device": device.type,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cuda": torch.version.cuda,
+        "driver": None,
+        "host_cpus": os.cpu_count(),
     }
-    try:
-        import torchvision
+    if device.type == "cuda":
+        try:
+            import pynvml
 
-        env["torchvision"] = torchvision.__version__
-    except ImportError:  # pragma: no cover - torchvision is a hard dependency of optimize
-        pass
+            pynvml.nvmlInit()
+            driver = pynvml.nvmlSystemGetDriverVersion()
+            env["driver"] = driver.decode() if isinstance(driver, bytes) else driver
+        except Exception as e:  # record why, not a guess
+            env["driver"] = f"unknown ({e})"
+    for name in packages:
+        # onnxruntime ships as onnxruntime-gpu on Linux x86_64 and as onnxruntime elsewhere.
+        for dist in (f"{name}-gpu", name) if name == "onnxruntime" else (name,):
+            try:
+                env[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                env[name] = None
     return env
 
 

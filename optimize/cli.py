@@ -112,6 +112,16 @@ def _device_or_usage(name: str) -> torch.device:
         raise SystemExit(f"error: --device: {e}") from e
 
 
+def _variants(slugs: list[str] | None, device_type: str) -> list[registry.Variant]:
+    """The variants named with --variant, or every variant that runs on ``device_type``."""
+    if not slugs:
+        return [v for v in registry.all_variants() if device_type in v.devices]
+    try:
+        return [registry.get(s) for s in slugs]
+    except registry.RegistryError as e:
+        raise SystemExit(f"error: --variant: {e}") from e
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     variants = registry.deployable_variants() if args.deployable else registry.all_variants()
     if args.json:
@@ -143,13 +153,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     device = _device_or_usage(args.device)
     if args.max_batch < 1:
         raise SystemExit(f"error: --max-batch must be >= 1, got {args.max_batch}")
-    if args.variants:
-        try:
-            variants = [registry.get(s) for s in args.variants]
-        except registry.RegistryError as e:
-            raise SystemExit(f"error: --variant: {e}") from e
-    else:
-        variants = [v for v in registry.all_variants() if device.type in v.devices]
+    variants = _variants(args.variants, device.type)
     try:
         reference, weights = load_reference(args.weights, seed=args.seed)
     except WeightsError as e:
@@ -242,13 +246,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if device.type == "cpu":
         note = f"{note}; {torch.get_num_threads()} CPU threads".lstrip("; ")
-    if args.variants:
-        try:
-            variants = [registry.get(s) for s in args.variants]
-        except registry.RegistryError as e:
-            raise SystemExit(f"error: --variant: {e}") from e
-    else:
-        variants = [v for v in registry.all_variants() if device.type in v.devices]
+    variants = _variants(args.variants, device.type)
     skipped = [v.slug for v in variants if device.type not in v.devices]
     if skipped:
         print(f"note: {', '.join(skipped)} do not run on {device.type}; skipped", file=sys.stderr)
