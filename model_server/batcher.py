@@ -43,8 +43,10 @@ class DynamicBatcher:
     """Groups concurrent requests into device batches.
 
     Args:
-        run: the device function: takes the payloads of one batch, returns one result
-            (logits ``[n,...]``) or exception per payload.
+        run: the device function: takes the payloads of one batch (or what ``prepare`` made
+            of them), returns one result (logits ``[n,...]``) or exception per payload.
+        prepare: optional first stage, run on a thread of its own (decoding batch k+1 while
+            ``run`` has batch k on the device).
         max_batch_size: most images in one device batch.
         max_delay_s: longest the first request of a batch waits for company.
         max_queue_images: most images waiting; more are refused with :class:`Overloaded`.
@@ -54,8 +56,9 @@ class DynamicBatcher:
 
     def __init__(
         self,
-        run: Callable[[list[Any]], list[torch.Tensor | Exception]],
+        run: Callable[[Any], list[torch.Tensor | Exception]],
         *,
+        prepare: Callable[[list[Any]], Any] | None = None,
         max_batch_size: int,
         max_delay_s: float,
         max_queue_images: int,
@@ -64,6 +67,7 @@ class DynamicBatcher:
         if max_batch_size < 1 or max_queue_images < max_batch_size:
             raise ValueError("need max_batch_size >= 1 and max_queue_images >= max_batch_size")
         self.run = run
+        self.prepare = prepare
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_images = max_queue_images
@@ -73,6 +77,9 @@ class DynamicBatcher:
         self._slots: asyncio.Semaphore | None = None
         self._max_inflight = max_inflight_batches
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self._prepare_executor = (
+            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") if prepare else None
+        )
         self._worker: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Future[None]] = set()
 
@@ -94,6 +101,18 @@ class DynamicBatcher:
             Overloaded: the queue holds ``max_queue_images`` already.
             DeadlineExceeded: ``deadline`` (``time.monotonic()``) passed before the batch ran.
         """
+        return await self.submit_nowait(payload, n, deadline=deadline)
+
+    def submit_nowait(self, payload: Any, n: int, *, deadline: float | None = None) -> asyncio.Future[torch.Tensor]:
+        """Queue a payload like :meth:`submit`, returning its future instead of awaiting it.
+
+        For callers that answer from the future's done-callback, with no task per request
+        (the IPC server). Cancelling the future drops the request before it reaches the device.
+
+        Raises:
+            ValueError: ``n`` exceeds ``max_batch_size``.
+            Overloaded: the queue holds ``max_queue_images`` already (raised here, not set on the future).
+        """
         if n > self.max_batch_size:
             raise ValueError(f"{n} images exceed max_batch_size {self.max_batch_size}")
         if self._queued_images + n > self.max_queue_images:
@@ -106,7 +125,7 @@ class DynamicBatcher:
         self._queued_images += n
         m.QUEUE_DEPTH.set(self._queued_images)
         self._wakeup.set()
-        return await fut
+        return fut
 
     async def _work(self) -> None:
         assert self._wakeup is not None and self._slots is not None
@@ -160,7 +179,10 @@ class DynamicBatcher:
             m.BATCH_SIZE.observe(sum(it.n for it in batch))
             loop = asyncio.get_running_loop()
             try:
-                results = await loop.run_in_executor(self._executor, self.run, [it.payload for it in batch])
+                payloads: Any = [it.payload for it in batch]
+                if self.prepare is not None:  # stage 1 on its own thread: overlaps the batch on the device
+                    payloads = await loop.run_in_executor(self._prepare_executor, self.prepare, payloads)
+                results = await loop.run_in_executor(self._executor, self.run, payloads)
             except Exception as e:  # the device failed this batch: fail its requests, keep serving
                 log.exception("batch of %d requests failed on the device", len(batch))
                 results = [e] * len(batch)
@@ -186,3 +208,5 @@ class DynamicBatcher:
         if self._worker is not None:
             self._worker.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._prepare_executor is not None:
+            self._prepare_executor.shutdown(wait=False, cancel_futures=True)

@@ -73,8 +73,10 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
         self._gpu_decode = self.config.gpu_decode and device.type == "cuda"
         if self._gpu_decode:
             pipeline.warm_up()
+        two_stage = device.type == "cuda"  # decoding batch k+1 (own thread and stream) overlaps running batch k
         self.batcher = DynamicBatcher(
-            pipeline,
+            pipeline.execute if two_stage else pipeline,
+            prepare=pipeline.prepare if two_stage else None,
             max_batch_size=max_batch,
             max_delay_s=self.config.max_delay_ms / 1000.0,
             max_queue_images=max(self.config.max_queue_images, max_batch),

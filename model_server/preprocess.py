@@ -143,6 +143,8 @@ def gpu_resize_crop_many(images: list[torch.Tensor]) -> torch.Tensor:
         x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
         top, left = round((nh - CROP_SIZE) / 2.0), round((nw - CROP_SIZE) / 2.0)
         crops = x[:, :, top : top + CROP_SIZE, left : left + CROP_SIZE].round_().clamp_(0, 255).to(torch.uint8)
+        if len(groups) == 1:
+            return crops  # one size (the common case under load): already in order
         for j, i in enumerate(idx):
             out[i] = crops[j]
     return torch.stack([c for c in out if c is not None])

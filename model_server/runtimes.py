@@ -423,9 +423,15 @@ class AotiRunner(Runner):
             raise ArtifactError(f"{manifest['slug']} names no bucket_<B> AOTInductor packages")
         self.buckets = sorted(roles)
         self.max_batch = self.buckets[-1]
+        # run_single_threaded: the container's default run() synchronises on an event of its own,
+        # which a stream being captured into a CUDA graph refuses ("operation not permitted when
+        # stream is capturing"); the single-threaded entry point launches kernels only. The device
+        # worker is one thread, so nothing is lost.
         self.packages = {
             b: aoti_load_package(
-                str(artifact_dir / name), device_index=(device.index or 0) if device.type == "cuda" else -1
+                str(artifact_dir / name),
+                run_single_threaded=self.cuda_graphs,
+                device_index=(device.index or 0) if device.type == "cuda" else -1,
             )
             for b, name in roles.items()
         }

@@ -199,6 +199,11 @@ def test_aoti_package_compiles_and_loads_on_cpu(tmp_path: Path) -> None:
     path = tmp_path / "tiny-b2.pt2"
     compile_bucket(net, 2, path, device=torch.device("cpu"), dtype=torch.float32, channels_last=False, configs=cfg)
     x = torch.randn(2, 3, 224, 224)
+    # Loaded first in a fresh process (the build's guard against packages that crash at load).
+    from optimize.techniques.aoti import load_in_fresh_process
+
+    fresh = load_in_fresh_process(path, device=torch.device("cpu"), dtype=torch.float32, channels_last=False, batch=2)
+    assert fresh["rc"] == 0 and fresh["finite"], fresh
     with torch.no_grad():
         torch.testing.assert_close(aoti_load_package(str(path))(x), net(x), atol=1e-4, rtol=1e-4)
     # The server's runner: bucket packages named in the manifest, uint8 input padded to the bucket.
@@ -210,6 +215,23 @@ def test_aoti_package_compiles_and_loads_on_cpu(tmp_path: Path) -> None:
     pixels = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8)
     with torch.no_grad():
         torch.testing.assert_close(runner(pixels), net(normalize(pixels)), atol=1e-4, rtol=1e-4)
+
+
+def test_aoti_fresh_process_check_reports_a_broken_package(tmp_path: Path) -> None:
+    """A package that cannot load gives a non-zero exit and the loader's message, not a crash of the caller."""
+    from optimize.techniques.aoti import fallback_cxx, load_in_fresh_process
+
+    bogus = tmp_path / "broken.pt2"
+    bogus.write_bytes(b"not a zip archive")
+    check = load_in_fresh_process(bogus, device=torch.device("cpu"), dtype=torch.float32, channels_last=False, batch=1)
+    assert check["rc"] != 0 and check["stderr_tail"]
+    # The fallback compiler is another one than the compiler that failed (here: the g++ on PATH, if any).
+    import shutil
+
+    gxx = shutil.which("g++")
+    if gxx:
+        assert fallback_cxx("/nonexistent/wrapper/g++") == gxx
+        assert fallback_cxx(gxx) != gxx
 
 
 @pytest.mark.slow

@@ -5,6 +5,13 @@ and runs them without compiling anything. Tuning (``max_autotune``, 1x1 convolut
 multiplies, epilogue fusion) happens here, offline, once per bucket; finished packages are also
 kept in a cache keyed by weights, options, torch version, GPU and bucket, so a rebuild of the same
 thing costs a file copy (max-autotune did not finish batch 128 in 7 minutes on an H100).
+
+Every build loads its first package in a *fresh* process before anything else touches it: on the
+H100 machine, packages built with the image's ``CXX`` (``/opt/gcc/bin/g++``, a wrapper that links
+its own copy of libstdc++'s locale/regex code into the wrapper ``.so``) segfaulted at load inside
+``std::regex`` (``benchmarks/aoti_probe.py``: native backtrace under cuda-gdb). When that check
+dies on a signal, the build switches to the ``g++`` on ``PATH`` (or ``DENSENET_AOTI_CXX``) and
+compiles again, and the artifact records which compiler made it.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +40,63 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
 CACHE_ENV = "DENSENET_AOTI_CACHE"
+CXX_ENV = "DENSENET_AOTI_CXX"
+
+_FRESH_LOAD = r"""
+import json, os, sys, time, torch
+from torch._inductor import aoti_load_package
+path, device, dtype, channels_last, batch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1", int(sys.argv[5])
+if device == "cuda":
+    torch.empty(1, device="cuda")
+t0 = time.perf_counter()
+fn = aoti_load_package(path)
+load_s = time.perf_counter() - t0
+x = torch.zeros((batch, 3, 224, 224), dtype=getattr(torch, dtype), device=device)
+if channels_last:
+    x = x.contiguous(memory_format=torch.channels_last)
+with torch.no_grad():
+    out = fn(x)
+ok = bool(torch.isfinite(out.float()).all())
+from torch._dynamo.utils import counters
+print(json.dumps({"load_s": round(load_s, 2), "finite": ok, "inductor_compiles": sum(counters["inductor"].values())}))
+"""
+
+
+def default_cxx() -> str:
+    """The C++ compiler inductor would use: ``DENSENET_AOTI_CXX``, else inductor's own choice (``CXX`` or g++)."""
+    from torch._inductor import config
+
+    return os.environ.get(CXX_ENV) or str(config.cpp.cxx[-1])
+
+
+def fallback_cxx(current: str) -> str | None:
+    """Another compiler to try when ``current`` made a package that crashes at load: the g++ on PATH."""
+    for name in ("g++", "/usr/bin/g++", "c++"):
+        found = shutil.which(name)
+        if found and os.path.realpath(found) != os.path.realpath(shutil.which(current) or current):
+            return found
+    return None
+
+
+def load_in_fresh_process(
+    path: Path, *, device: torch.device, dtype: torch.dtype, channels_last: bool, batch: int
+) -> dict[str, Any]:
+    """Load and run a package in a new Python process; ``{"rc": 0, "load_s": ...}`` or the crash (``rc`` < 0)."""
+    cmd = [sys.executable, "-c", _FRESH_LOAD, str(path), device.type, str(dtype).split(".")[-1],
+           "1" if channels_last else "0", str(batch)]  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="aoti-fresh-") as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        except subprocess.TimeoutExpired:
+            return {"rc": "timeout"}
+    result: dict[str, Any] = {"rc": p.returncode}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode == 0 and lines:
+        result.update(json.loads(lines[-1]))
+    else:
+        result["stderr_tail"] = p.stderr[-800:]
+    return result
 
 
 def inductor_configs(options: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -72,9 +139,13 @@ def compile_bucket(
     dtype: torch.dtype,
     channels_last: bool,
     configs: dict[str, Any],
+    cxx: str | None = None,
 ) -> float:
     """Export ``model`` at a static batch and compile it into the package ``path``; return seconds taken."""
     from torch._inductor import aoti_compile_and_package
+
+    if cxx is not None:
+        configs = {**configs, "cpp.cxx": (None, cxx)}
 
     t0 = time.perf_counter()
     example = torch.zeros((batch, 3, 224, 224), dtype=dtype, device=device)
@@ -84,6 +155,33 @@ def compile_bucket(
         program = torch.export.export(model, (example,))
         aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
     return time.perf_counter() - t0
+
+
+def _compile_or_copy(
+    model: nn.Module,
+    batch: int,
+    target: Path,
+    cache_root: str | None,
+    key: dict[str, Any],
+    **compile_args: Any,
+) -> tuple[float, bool]:
+    """Compile one bucket's package into ``target``, or copy it from the cache; (seconds, from cache)."""
+    hit = None
+    if cache_root:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        hit = Path(cache_root) / f"{digest}.pt2"
+        if hit.is_file():
+            shutil.copyfile(hit, target)
+            return 0.0, True
+    log.info("AOTInductor: compiling batch %d with %s (%s)", batch, compile_args["configs"], compile_args["cxx"])
+    try:
+        took = round(compile_bucket(model, batch, target, **compile_args), 1)
+    except Exception as e:  # inductor raises many types (BackendCompilerFailed, CppCompileError...)
+        raise BuildError(f"AOTInductor compile of batch {batch} failed: {e}") from e
+    if hit is not None:
+        hit.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(target, hit)
+    return took, False
 
 
 def prepare_model(reference: nn.Module, *, device: torch.device, dtype: torch.dtype, channels_last: bool) -> nn.Module:
@@ -117,35 +215,42 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
     seconds: dict[str, float] = {}
     cached: list[int] = []
     configs_by_batch: dict[str, dict[str, Any]] = {}
+    cxx = default_cxx()
+    fresh: dict[str, Any] = {}
     for b in buckets:
         cfg = configs if autotune_buckets is None or b in autotune_buckets else plain_configs
         configs_by_batch[str(b)] = cfg
         name = f"model-b{b}.pt2"
         target = ctx.out_dir / name
-        hit = None
-        if cache_root:
-            key_doc = json.dumps({**key_base, "configs": cfg, "batch": b}, sort_keys=True)
-            key = hashlib.sha256(key_doc.encode()).hexdigest()[:24]
-            hit = Path(cache_root) / f"{key}.pt2"
-        if hit is not None and hit.is_file():
-            shutil.copyfile(hit, target)
+        attempts = 0
+        while True:
+            attempts += 1
+            seconds[str(b)], from_cache = _compile_or_copy(
+                model, b, target, cache_root, {**key_base, "configs": cfg, "batch": b, "cxx": cxx},
+                device=ctx.device, dtype=dtype, channels_last=variant.channels_last, configs=cfg, cxx=cxx,
+            )  # fmt: skip
+            if fresh:
+                break
+            # The first package is loaded in a fresh process before this one ever loads it: a crash
+            # there must not take the build (or later the server) down with it.
+            check = load_in_fresh_process(
+                target, device=ctx.device, dtype=dtype, channels_last=variant.channels_last, batch=b
+            )
+            fresh = {"batch": b, "cxx": cxx, **check}
+            if check["rc"] == 0:
+                break
+            other = fallback_cxx(cxx) if isinstance(check["rc"], int) and check["rc"] < 0 and attempts == 1 else None
+            if other is None:
+                raise BuildError(
+                    f"AOTInductor package for batch {b} (compiled with {cxx}) fails to load in a fresh process "
+                    f"(exit {check['rc']}): {check.get('stderr_tail', '')[-300:]}; set {CXX_ENV} to another compiler"
+                )
+            log.warning("AOTInductor: a package built with %s crashes at load (exit %s); rebuilding with %s",
+                        cxx, check["rc"], other)  # fmt: skip
+            fresh = {}
+            cxx = other
+        if from_cache:
             cached.append(b)
-            seconds[str(b)] = 0.0
-        else:
-            log.info("AOTInductor: compiling batch %d with %s", b, cfg)
-            try:
-                seconds[str(b)] = round(
-                    compile_bucket(
-                        model, b, target, device=ctx.device, dtype=dtype, channels_last=variant.channels_last,
-                        configs=cfg,
-                    ),
-                    1,
-                )  # fmt: skip
-            except Exception as e:  # inductor raises many types (BackendCompilerFailed, CppCompileError...)
-                raise BuildError(f"AOTInductor compile of batch {b} failed: {e}") from e
-            if hit is not None:
-                hit.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(target, hit)
         payload[f"bucket_{b}"] = name
     payload["model"] = f"model-b{buckets[-1]}.pt2"
     details = {
@@ -153,6 +258,8 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
         "inductor_configs": configs_by_batch,
         "compile_s_by_batch": seconds,
         "from_cache": cached,
+        "cxx": cxx,
+        "fresh_process_check": fresh,
         "cuda_graphs": bool(options.get("cuda_graphs")),
     }
     return Built(payload=payload, devices=list(variant.devices), model=ctx.reference, details=details)

@@ -1,0 +1,107 @@
+"""The device pipeline's two stages (prepare: decode + crop every JPEG of a batch at once; execute: run
+the model and split the logits) and the batcher that runs them on two threads. On the CPU here
+(torchvision decodes JPEGs on the CPU too); tests/test_gpu.py covers nvJPEG on CUDA."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from server_support import build_artifacts
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from model_server.artifact import read_manifest
+    from model_server.runtimes import load_runner
+
+    out = tmp_path_factory.mktemp("artifacts")
+    build_artifacts(out, "densenet121-eager-fp32")
+    d = out / "densenet121-eager-fp32"
+    return load_runner(read_manifest(d), d, torch.device("cpu"))
+
+
+def _jpeg(w: int, h: int, colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    img = Image.new("RGB", (w, h), colour)
+    img.paste((255 - colour[0], 40, 200), (w // 4, h // 4, w // 2, h // 2))  # some structure to classify
+    img.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_prepare_decodes_all_requests_together_and_execute_splits_them_back(runner) -> None:  # type: ignore[no-untyped-def]
+    from model_server import BadInput
+    from model_server.pipeline import DevicePipeline, JpegBatch
+    from model_server.preprocess import decode_and_crop
+
+    pipeline = DevicePipeline(runner)
+    a, b, c = _jpeg(320, 240, (200, 30, 30)), _jpeg(320, 240, (30, 200, 30)), _jpeg(200, 300, (30, 30, 200))
+    pixels = decode_and_crop(b)[None]
+    corrupt = JpegBatch([b"\xff\xd8\xff" + b"\0" * 100])
+    staged = pipeline.prepare([JpegBatch([a, b]), pixels, JpegBatch([c]), corrupt])
+    assert staged.whole is None  # a tensor payload in the batch: parts are gathered in execute
+    assert isinstance(staged.failed.get(3), BadInput), "a corrupt JPEG fails only its own request"
+    results = pipeline.execute(staged)
+    assert [r.shape[0] for r in results[:3]] == [2, 1, 1]  # type: ignore[union-attr]
+    assert isinstance(results[3], BadInput)
+    # Each request's rows equal what that request gets alone (same decode, same model).
+    alone = [pipeline([JpegBatch([a, b])])[0], pipeline([pixels])[0], pipeline([JpegBatch([c])])[0]]
+    for got, want in zip(results[:3], alone, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+def test_a_batch_of_jpeg_requests_is_one_tensor_in_request_order(runner) -> None:  # type: ignore[no-untyped-def]
+    from model_server.pipeline import DevicePipeline, JpegBatch
+
+    pipeline = DevicePipeline(runner)
+    jpegs = [_jpeg(320, 240, (20 * i, 90, 160)) for i in range(3)] + [_jpeg(240, 320, (10, 10, 10))]
+    staged = pipeline.prepare([JpegBatch([j]) for j in jpegs])
+    assert staged.whole is not None and staged.whole.shape == (4, 3, 224, 224)
+    for i in range(4):  # mixed sizes (two resize groups) still come back in request order
+        assert torch.equal(staged.parts[i][0], staged.whole[i])
+    alone = pipeline.prepare([JpegBatch([jpegs[3]])])
+    assert torch.equal(alone.parts[0][0], staged.whole[3])
+
+
+def test_batcher_runs_prepare_and_device_stages_on_their_own_threads() -> None:
+    from model_server.batcher import DynamicBatcher
+
+    threads: dict[str, set[str]] = {"prepare": set(), "run": set()}
+
+    def prepare(payloads: list[int]) -> list[int]:
+        threads["prepare"].add(threading.current_thread().name)
+        return [p * 10 for p in payloads]
+
+    def run(staged: list[int]) -> list[torch.Tensor | Exception]:
+        threads["run"].add(threading.current_thread().name)
+        return [torch.tensor([float(s)]) if s >= 0 else ValueError("negative") for s in staged]
+
+    async def main() -> list[object]:
+        batcher = DynamicBatcher(run, prepare=prepare, max_batch_size=4, max_delay_s=0.0, max_queue_images=64)
+        try:
+            jobs = [batcher.submit(i, 1) for i in (1, 2, 3, -1, 5, 6, 7, 8, 9)]
+            return await asyncio.gather(*jobs, return_exceptions=True)
+        finally:
+            batcher.close()
+
+    out = asyncio.run(main())
+    assert [float(o) for o in out if isinstance(o, torch.Tensor)] == [10.0, 20.0, 30.0, 50.0, 60.0, 70.0, 80.0, 90.0]
+    assert isinstance(out[3], ValueError)  # a failure stays with its own request
+    assert all(n.startswith("prepare") for n in threads["prepare"])
+    assert all(n.startswith("device") for n in threads["run"])
+
+
+def test_pipeline_on_a_file_it_cannot_decode_keeps_the_rest(runner, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from model_server.pipeline import DevicePipeline, JpegBatch
+
+    pipeline = DevicePipeline(runner)
+    good = _jpeg(320, 240, (1, 2, 3))
+    truncated = good[: len(good) // 3]
+    out = pipeline([JpegBatch([good]), JpegBatch([truncated]), JpegBatch([good])])
+    assert isinstance(out[0], torch.Tensor) and isinstance(out[2], torch.Tensor)
+    torch.testing.assert_close(out[0], out[2])
