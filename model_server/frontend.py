@@ -77,8 +77,9 @@ def frontend_main(spec: dict[str, Any]) -> None:
 
         def load(self) -> bool:
             from model_server.artifact import read_labels, read_manifest
-            from model_server.ipc import DeviceClient
+            from model_server.ipc import DeviceClient, retain_freed_memory
 
+            retain_freed_memory()  # request bodies of ~100 KB each: no page faults per request
             device = wait_for_device(spec["ipc_path"], parent=spec["parent_pid"])
             self.manifest = read_manifest(self.artifact_dir, verify=False)  # the device process verified it
             self.labels = np.array([s.encode() for s in read_labels(self.artifact_dir, self.manifest)], dtype=object)
@@ -194,8 +195,10 @@ class FrontEnds:
         """Serve the loaded ``model``'s device side to the front ends until SIGTERM, then drain."""
         import json
 
-        from model_server.ipc import DeviceServer
+        from model_server.ipc import DeviceServer, retain_freed_memory
         from model_server.predictor import profile_op
+
+        retain_freed_memory()  # a payload allocated and freed per request: no page faults per request
 
         Path(self.dir, "device.json").write_text(
             json.dumps({"gpu_decode": model.gpu_decode, "max_batch": model.max_batch()})

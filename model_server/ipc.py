@@ -13,11 +13,28 @@ then meta (kind 0: n uint32 JPEG lengths; kind 1: one dtype code byte), then the
 Response frame: header ``<QBHI`` (id, status, n, payload bytes), then float32 logits
 ``[n,1000]`` or a UTF-8 error message. Kind 2 is a control request (profiler captures):
 JSON in the meta, JSON back.
+
+The device process is one Python process for every front end, so its per-request Python
+is the serving ceiling (it was GIL-bound at ~2,400 req/s on an H100 host). Both ends are
+therefore :class:`asyncio.BufferedProtocol` s rather than streams: the kernel receives
+into one buffer that is parsed in place, every complete frame of a read at once; a
+request goes to the batcher without a task of its own (``submit_nowait``) and is answered
+from its future's done-callback; and the frames written in one loop turn leave in one
+``write`` (one answer per request of a batch would otherwise be one syscall each).
+``benchmarks/ipc_bench.py`` measures the device process's CPU per request.
+
+Backpressure: a front end that stops reading its answers stops being read (once
+``_WRITE_HIGH_WATER`` of answers wait in the device process) until it catches up; a client
+whose requests cannot be sent waits in ``infer`` like a stream's ``drain``. A front end that
+closes its end is answered what it already sent; once an answer cannot be written (it is
+gone), its remaining requests are cancelled, and the batcher drops them before the device.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import itertools
 import json
 import logging
@@ -49,6 +66,23 @@ _ERRORS: dict[int, type[ServerError]] = {
     DEADLINE: DeadlineExceeded,
     ERROR: ServerError,
 }
+_GONE = "the device process is gone; retry on another replica"
+
+# The receive buffer of a connection: a read takes whatever fits (at least _MIN_READ), so a
+# busy front end's frames arrive several per read; the incomplete frame at the end moves to
+# the front when the free space runs low (a partial 91 KB JPEG at most every ~0.75 MB read).
+# A frame larger than the buffer grows it to fit, so the frame still lands in place; a
+# buffer grown past _KEEP_BYTES goes back to the usual size once it is empty.
+_CHUNK = 2**20
+_MIN_READ = 256 * 1024
+_KEEP_BYTES = 8 * 2**20
+_U32 = struct.Struct("<I")
+# Answers queued in user space, per front end, before the device process stops reading
+# that front end's requests (a front end that does not read its answers gets no new work
+# in); about 1,000 single-image answers, far above what one batch writes at once.
+_WRITE_HIGH_WATER = 4 * 2**20
+
+Buffer = bytes | bytearray | memoryview
 
 
 def _status(e: BaseException) -> int:
@@ -63,30 +97,236 @@ def _status(e: BaseException) -> int:
     return ERROR
 
 
-def encode_request(req_id: int, payload: Payload, timeout_s: float) -> bytes:
+def retain_freed_memory() -> bool:
+    """Keep freed heap memory in this process instead of handing it back to the kernel (process-wide).
+
+    Every request's payload is a fresh allocation (a 91 KB JPEG, a 150 KB tensor image) freed
+    once answered. With glibc's defaults the top of the heap is trimmed after such frees and
+    anything over 128 KB is its own ``mmap``, so the next payloads fault their pages in again.
+    Raising the trim and mmap thresholds cut the device process's CPU per request from 140 to
+    103 µs (91 KB JPEGs) and from 231 to 165 µs (tensors) in ``benchmarks/ipc_bench.py``; the
+    price is that the process keeps up to ~256 MB of freed memory. Called by the device
+    process and the front ends at start.
+
+    Returns:
+        False where the C library is not glibc (nothing changed).
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
+    return all(
+        mallopt(param, value)
+        for param, value in ((m_trim_threshold, 256 * 2**20), (m_top_pad, 64 * 2**20), (m_mmap_threshold, 32 * 2**20))
+    )
+
+
+def request_parts(req_id: int, payload: Payload, timeout_s: float) -> list[Buffer]:
+    """One request frame as buffers to write back to back (the body is not copied)."""
     if isinstance(payload, JpegBatch):
-        meta = struct.pack(f"<{len(payload)}I", *(len(d) for d in payload.images))
-        body = b"".join(payload.images)
-        kind = KIND_JPEG
-    else:
-        t = payload.contiguous()
-        meta = bytes([_CODES[t.dtype]])
-        body = t.numpy().tobytes()
-        kind = KIND_TENSOR
-    return REQ.pack(req_id, kind, payload_size(payload), timeout_s, len(meta), len(body)) + meta + body
+        images = payload.images
+        meta = struct.pack(f"<{len(images)}I", *map(len, images))
+        head = REQ.pack(req_id, KIND_JPEG, len(images), timeout_s, len(meta), sum(map(len, images)))
+        return [head + meta, *images]
+    t = payload.contiguous()
+    body = t.numpy().data.cast("B")
+    head = REQ.pack(req_id, KIND_TENSOR, payload_size(payload), timeout_s, 1, body.nbytes)
+    return [head + bytes([_CODES[t.dtype]]), body]
 
 
-def decode_request(kind: int, n: int, meta: bytes, body: bytes) -> Payload:
+def encode_request(req_id: int, payload: Payload, timeout_s: float) -> bytes:
+    return b"".join(request_parts(req_id, payload, timeout_s))
+
+
+def decode_request(kind: int, n: int, meta: bytes, body: bytes | bytearray) -> Payload:
     if kind == KIND_JPEG:
-        lengths = struct.unpack(f"<{n}I", meta)
+        data = bytes(body)  # no copy when it is bytes already; a full slice of bytes is the object itself
+        lengths = _U32.unpack(meta) if n == 1 else struct.unpack(f"<{n}I", meta)
         images, start = [], 0
         for length in lengths:
-            images.append(body[start : start + length])
+            images.append(data[start : start + length])
             start += length
         return JpegBatch(images)
     dtype = _DTYPES[meta[0]]
-    t = torch.frombuffer(bytearray(body), dtype=dtype).reshape(n, 3, CROP_SIZE, CROP_SIZE)
+    writable = body if isinstance(body, bytearray) else bytearray(body)
+    t = torch.frombuffer(writable, dtype=dtype).reshape(n, 3, CROP_SIZE, CROP_SIZE)
     return t if dtype == torch.uint8 else t.float()
+
+
+class _Framed(asyncio.BufferedProtocol):
+    """Frames both ways on one stream: reads parsed in place, writes of one loop turn sent together."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray(_CHUNK)
+        self._start = 0  # first unparsed byte
+        self._end = 0  # end of the bytes received
+        self._out: list[Buffer] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if len(self._buf) - self._end < _MIN_READ:
+            self._make_room()
+        return memoryview(self._buf)[self._end :]
+
+    def _make_room(self) -> None:
+        # Called with no view of the buffer alive (the transport dropped the last one), so it may
+        # be replaced; the partial frame moves to the front, and the buffer grows to hold it whole.
+        pending = self._end - self._start
+        need = pending + _MIN_READ
+        if pending >= self._head_size():
+            need = max(need, self._frame_size(self._start))
+        if need > len(self._buf):
+            grown = bytearray(max(need, _CHUNK))
+            grown[:pending] = memoryview(self._buf)[self._start : self._end]
+            self._buf = grown
+        else:
+            with memoryview(self._buf) as view:
+                view[:pending] = view[self._start : self._end]
+        self._start, self._end = 0, pending
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        # The transport still holds a view of the buffer: parse without resizing it.
+        with memoryview(self._buf) as view:
+            self._start = self._parse(view, self._start, self._end)
+        if self._start == self._end:
+            self._start = self._end = 0
+            if len(self._buf) > _KEEP_BYTES:
+                self._buf = bytearray(_CHUNK)
+
+    def _head_size(self) -> int:
+        raise NotImplementedError
+
+    def _frame_size(self, at: int) -> int:
+        """Header plus payload bytes of the frame whose header starts at ``at``."""
+        raise NotImplementedError
+
+    def _parse(self, view: memoryview, pos: int, end: int) -> int:
+        """Handle every complete frame in ``view[pos:end]``; return where the first incomplete one starts."""
+        raise NotImplementedError
+
+    def send(self, *parts: Buffer) -> None:
+        """Queue a frame; everything queued in this loop turn goes out in one write."""
+        if not self._out:
+            self.loop.call_soon(self.flush)
+        self._out.extend(parts)
+
+    def flush(self) -> None:
+        out, self._out = self._out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
+
+
+class _DeviceConnection(_Framed):
+    """The device process's end of one front end's connection."""
+
+    def __init__(self, server: DeviceServer) -> None:
+        super().__init__()
+        self.server = server
+        self.inflight: set[asyncio.Future[torch.Tensor]] = set()
+        self._eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        self.server.connections += 1
+
+    def _head_size(self) -> int:
+        return REQ.size
+
+    def _frame_size(self, at: int) -> int:
+        fields = REQ.unpack_from(self._buf, at)
+        return int(REQ.size + fields[4] + fields[5])
+
+    def _parse(self, view: memoryview, pos: int, end: int) -> int:
+        size = REQ.size
+        while end - pos >= size:
+            req_id, kind, n, timeout_s, meta_len, body_len = REQ.unpack_from(view, pos)
+            body_at = pos + size + meta_len
+            stop = body_at + body_len
+            if stop > end:
+                break
+            meta = bytes(view[pos + size : body_at])
+            # A tensor body becomes a bytearray at once: torch.frombuffer wants it writable.
+            body = bytearray(view[body_at:stop]) if kind == KIND_TENSOR else bytes(view[body_at:stop])
+            pos = stop
+            if kind == KIND_CONTROL:
+                self.send(*self.server.control_answer(req_id, meta))
+            else:
+                self._request(req_id, kind, n, timeout_s, meta, body)
+        return pos
+
+    def _request(self, req_id: int, kind: int, n: int, timeout_s: float, meta: bytes, body: bytes | bytearray) -> None:
+        try:
+            payload = decode_request(kind, n, meta, body)
+            fut = self.server.batcher.submit_nowait(payload, n, deadline=time.monotonic() + timeout_s)
+        except Exception as e:
+            self._fail(req_id, n, e)
+            return
+        self.inflight.add(fut)
+        fut.add_done_callback(functools.partial(self._answer, req_id, n))
+
+    def _answer(self, req_id: int, n: int, fut: asyncio.Future[torch.Tensor]) -> None:
+        self.inflight.discard(fut)
+        if fut.cancelled():  # its front end is gone (connection_lost)
+            return
+        e = fut.exception()
+        if e is None:
+            try:
+                data = np.ascontiguousarray(fut.result().numpy(), dtype=np.float32).data.cast("B")
+            except Exception as conv:
+                self._fail(req_id, n, conv)
+            else:
+                self.send(RESP.pack(req_id, OK, n, data.nbytes), data)
+        else:
+            self._fail(req_id, n, e)
+        if self._eof and not self.inflight:
+            self._close()
+
+    def _fail(self, req_id: int, n: int, e: BaseException) -> None:
+        """Every failure goes back to its own request, typed."""
+        if not isinstance(e, ServerError):
+            log.error("request %d failed in the device process", req_id, exc_info=e)
+        msg = str(e).encode()
+        self.send(RESP.pack(req_id, _status(e), n, len(msg)), msg)
+
+    def eof_received(self) -> bool:
+        # The front end sends no more: answer what it already sent, then close. A Unix socket shows
+        # a front end that is gone the same way; the first answer it cannot take ends the connection.
+        self._eof = True
+        if not self.inflight:
+            self._close()
+        return True
+
+    def _close(self) -> None:
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()  # after the transport's own buffer is written
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self._eof:
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections -= 1
+        self.transport = None
+        self._out.clear()
+        # Nobody is left to read the answers: the batcher skips a done future before the device.
+        for fut in self.inflight:
+            fut.cancel()
+        self.inflight.clear()
 
 
 class DeviceServer:
@@ -103,68 +343,89 @@ class DeviceServer:
 
     async def start(self) -> None:
         self.batcher.start()
-        self._server = await asyncio.start_unix_server(self._handle, path=self.path, limit=2**20)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _DeviceConnection(self), path=self.path)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        tasks: set[asyncio.Task[None]] = set()
+    def control_answer(self, req_id: int, meta: bytes) -> tuple[bytes, bytes]:
+        """The response frame (header, payload) of a control request."""
         try:
-            while True:
-                try:
-                    header = await reader.readexactly(REQ.size)
-                except asyncio.IncompleteReadError:
-                    break
-                req_id, kind, n, timeout_s, meta_len, body_len = REQ.unpack(header)
-                meta = await reader.readexactly(meta_len)
-                body = await reader.readexactly(body_len)
-                task = asyncio.ensure_future(self._serve(writer, req_id, kind, n, timeout_s, meta, body))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-        finally:
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            writer.close()
-            self.connections -= 1
+            if self.control is None:
+                raise BadInput("this device process takes no control requests")
+            data = json.dumps(self.control(json.loads(meta))).encode()
+            return RESP.pack(req_id, OK, 0, len(data)), data
+        except Exception as e:
+            status = (
+                NOT_FOUND if isinstance(e, KeyError) else BAD_INPUT if isinstance(e, ValueError | BadInput) else ERROR
+            )
+            msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e).encode()
+            return RESP.pack(req_id, status, 0, len(msg)), msg
 
-    async def _serve(
-        self, writer: asyncio.StreamWriter, req_id: int, kind: int, n: int, timeout_s: float, meta: bytes, body: bytes
-    ) -> None:
-        if kind == KIND_CONTROL:
-            try:
-                if self.control is None:
-                    raise BadInput("this device process takes no control requests")
-                data = json.dumps(self.control(json.loads(meta))).encode()
-                writer.write(RESP.pack(req_id, OK, 0, len(data)) + data)
-            except Exception as e:
-                status = (
-                    NOT_FOUND
-                    if isinstance(e, KeyError)
-                    else BAD_INPUT
-                    if isinstance(e, ValueError | BadInput)
-                    else ERROR
-                )
-                msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e).encode()
-                writer.write(RESP.pack(req_id, status, 0, len(msg)) + msg)
-            return
-        try:
-            payload = decode_request(kind, n, meta, body)
-            out = await self.batcher.submit(payload, n, deadline=time.monotonic() + timeout_s)
-            data = out.numpy().astype(np.float32, copy=False).tobytes()
-            writer.write(RESP.pack(req_id, OK, n, len(data)) + data)
-        except Exception as e:  # every failure goes back to its request, typed
-            if not isinstance(e, ServerError):
-                log.exception("request %d failed in the device process", req_id)
-            msg = str(e).encode()
-            writer.write(RESP.pack(req_id, _status(e), n, len(msg)) + msg)
-        try:
-            await writer.drain()
-        except ConnectionError:
-            pass
+
+class _FrontConnection(_Framed):
+    """A front end's end of its connection to the device process."""
+
+    def __init__(self, client: DeviceClient) -> None:
+        super().__init__()
+        self.client = client
+        self._drained: asyncio.Future[None] | None = None
+
+    def _head_size(self) -> int:
+        return RESP.size
+
+    def _frame_size(self, at: int) -> int:
+        return int(RESP.size + RESP.unpack_from(self._buf, at)[3])
+
+    def _parse(self, view: memoryview, pos: int, end: int) -> int:
+        size = RESP.size
+        pending = self.client.pending
+        while end - pos >= size:
+            req_id, status, n, length = RESP.unpack_from(view, pos)
+            stop = pos + size + length
+            if stop > end:
+                break
+            data = view[pos + size : stop]
+            pos = stop
+            fut = pending.get(req_id)
+            if fut is None or fut.done():
+                continue
+            if status == OK and req_id in self.client.control_ids:
+                fut.set_result(json.loads(bytes(data)))
+            elif status == OK:
+                fut.set_result(np.frombuffer(bytes(data), dtype=np.float32).reshape(n, NUM_CLASSES))
+            elif status == NOT_FOUND:
+                fut.set_exception(KeyError(bytes(data).decode(errors="replace")))
+            else:
+                fut.set_exception(_ERRORS.get(status, ServerError)(bytes(data).decode(errors="replace")))
+        return pos
+
+    async def drained(self) -> None:
+        """Wait while the transport holds more than its high-water mark of unsent requests."""
+        if self._drained is not None:
+            await asyncio.shield(self._drained)
+
+    def pause_writing(self) -> None:
+        self._drained = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._drained = None
+
+    def eof_received(self) -> bool:
+        return False  # the device process closed: close our end too (connection_lost follows)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._out.clear()
+        self.resume_writing()
+        if not self.client.closing:
+            log.error("lost the device process: %s", exc or "it closed the connection")
+        self.client.lost()
 
 
 class DeviceClient:
@@ -173,75 +434,67 @@ class DeviceClient:
     def __init__(self, path: str) -> None:
         self.path = path
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Any]] = {}
-        self._control_ids: set[int] = set()
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.control_ids: set[int] = set()
+        self._conn: _FrontConnection | None = None
         self._lock: asyncio.Lock | None = None
         self.closed = False
+        self.closing = False
 
-    async def _connect(self) -> asyncio.StreamWriter:
-        if self._writer is None:
+    async def _connect(self) -> _FrontConnection:
+        if self._conn is None:
             if self._lock is None:
                 self._lock = asyncio.Lock()
             async with self._lock:
-                if self._writer is None:
-                    reader, writer = await asyncio.open_unix_connection(self.path, limit=2**20)
-                    self._reader_task = asyncio.ensure_future(self._read(reader))
-                    self._writer = writer
-        return self._writer
+                if self._conn is None:
+                    loop = asyncio.get_running_loop()
+                    _, self._conn = await loop.create_unix_connection(lambda: _FrontConnection(self), self.path)
+        return self._conn
 
-    async def infer(self, payload: Payload, timeout_s: float) -> np.ndarray:
+    async def _call(self, req_id: int, parts: list[Buffer]) -> Any:
         if self.closed:
-            raise Overloaded("the device process is gone; retry on another replica")
-        writer = await self._connect()
-        req_id = next(self._ids)
-        fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._pending[req_id] = fut
-        writer.write(encode_request(req_id, payload, timeout_s))
-        await writer.drain()
+            raise Overloaded(_GONE)
+        conn = self._conn if self._conn is not None else await self._connect()
+        if self.closed:  # lost while connecting
+            raise Overloaded(_GONE)
+        fut: asyncio.Future[Any] = conn.loop.create_future()
+        self.pending[req_id] = fut
         try:
+            conn.send(*parts)
+            await conn.drained()
             return await fut
         finally:
-            self._pending.pop(req_id, None)
+            self.pending.pop(req_id, None)
+
+    async def infer(self, payload: Payload, timeout_s: float) -> np.ndarray:
+        req_id = next(self._ids)
+        result: np.ndarray = await self._call(req_id, request_parts(req_id, payload, timeout_s))
+        return result
 
     async def control(self, op: dict[str, Any]) -> dict[str, Any]:
         """Send a control request (e.g. a profiler capture) to the device process."""
-        writer = await self._connect()
         req_id = next(self._ids)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[req_id] = fut
-        self._control_ids.add(req_id)
         meta = json.dumps(op).encode()
-        writer.write(REQ.pack(req_id, KIND_CONTROL, 0, 0.0, len(meta), 0) + meta)
-        await writer.drain()
+        self.control_ids.add(req_id)
         try:
-            result: dict[str, Any] = await fut
+            result: dict[str, Any] = await self._call(
+                req_id, [REQ.pack(req_id, KIND_CONTROL, 0, 0.0, len(meta), 0), meta]
+            )
             return result
         finally:
-            self._pending.pop(req_id, None)
-            self._control_ids.discard(req_id)
+            self.control_ids.discard(req_id)
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                req_id, status, n, length = RESP.unpack(await reader.readexactly(RESP.size))
-                data = await reader.readexactly(length)
-                fut = self._pending.get(req_id)
-                if fut is None or fut.done():
-                    continue
-                if status == OK and req_id in self._control_ids:
-                    fut.set_result(json.loads(data))
-                elif status == OK:
-                    fut.set_result(np.frombuffer(data, dtype=np.float32).reshape(n, NUM_CLASSES))
-                elif status == NOT_FOUND:
-                    fut.set_exception(KeyError(data.decode(errors="replace")))
-                else:
-                    fut.set_exception(_ERRORS.get(status, ServerError)(data.decode(errors="replace")))
-        except (asyncio.IncompleteReadError, ConnectionError) as e:
-            log.error("lost the device process: %s", e)
-        finally:
-            self.closed = True
-            for fut in self._pending.values():
-                if not fut.done():
-                    fut.set_exception(Overloaded("the device process is gone; retry on another replica"))
+    def lost(self) -> None:
+        """The connection is gone: every request in flight fails, and so does every later one."""
+        self.closed = True
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(Overloaded(_GONE))
+
+    def close(self) -> None:
+        """Close the connection; requests in flight fail with :class:`Overloaded`."""
+        self.closing = True
+        if self._conn is not None and self._conn.transport is not None:
+            self._conn.transport.abort()
+        else:
+            self.lost()

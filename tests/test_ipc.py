@@ -1,0 +1,360 @@
+"""The front-end/device socket (``--frontends N``): a real DeviceServer and batcher on a real Unix socket.
+
+The device function is the one stand-in (no GPU here): it answers each request with rows
+that identify it (an image's length, a tensor's first value), so a test sees whose answer
+came back. Raw-socket tests write frames exactly as a front end does, to control how they
+are cut into reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import struct
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import torch
+
+from model_server import BadInput, DeadlineExceeded, Overloaded, ServerError
+from model_server.batcher import DynamicBatcher
+from model_server.ipc import (
+    BAD_INPUT,
+    DEADLINE,
+    ERROR,
+    KIND_TENSOR,
+    OK,
+    REQ,
+    RESP,
+    DeviceClient,
+    DeviceServer,
+    encode_request,
+)
+from model_server.pipeline import JpegBatch
+from optimize.registry import CROP_SIZE, NUM_CLASSES
+
+T = TypeVar("T")
+
+
+class Device:
+    """The device function: each request's rows carry its identity; ``gate`` holds batches in flight."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+        self.requests = 0
+
+    def __call__(self, payloads: list[Any]) -> list[torch.Tensor | Exception]:
+        self.started.set()
+        self.gate.wait(30)
+        self.requests += len(payloads)
+        out: list[torch.Tensor | Exception] = []
+        for p in payloads:
+            if isinstance(p, JpegBatch):
+                if any(img.startswith(b"bad") for img in p.images):
+                    out.append(BadInput("JPEG could not be decoded"))
+                    continue
+                if any(img.startswith(b"boom") for img in p.images):
+                    out.append(RuntimeError("device fault"))
+                    continue
+                ident = torch.tensor([float(len(img)) for img in p.images])
+            else:
+                ident = p.reshape(p.shape[0], -1)[:, 0].float()
+            out.append(ident[:, None].expand(-1, NUM_CLASSES))  # not contiguous, like some runtimes' outputs
+        return out
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, 60)
+
+    return asyncio.run(bounded())
+
+
+@contextlib.asynccontextmanager
+async def device_server(
+    device: Device | None = None,
+    *,
+    control: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    max_batch: int = 8,
+    max_queue: int = 256,
+) -> AsyncIterator[DeviceServer]:
+    device = device or Device()
+    folder = tempfile.mkdtemp(prefix="ipc-test-")  # short: a Unix socket path holds ~100 bytes
+    batcher = DynamicBatcher(device, max_batch_size=max_batch, max_delay_s=0.0, max_queue_images=max_queue)
+    server = DeviceServer(batcher, os.path.join(folder, "device.sock"), control=control)
+    await server.start()
+    try:
+        yield server
+    finally:
+        device.gate.set()
+        await server.close()
+        batcher.close()
+        shutil.rmtree(folder)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, int, int, bytes]:
+    req_id, status, n, length = RESP.unpack(await reader.readexactly(RESP.size))
+    return req_id, status, n, await reader.readexactly(length)
+
+
+def logits(n: int, data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.float32).reshape(n, NUM_CLASSES)
+
+
+async def wait_until(cond: Callable[[], bool]) -> None:
+    while not cond():
+        await asyncio.sleep(0.005)
+
+
+def test_jpeg_and_tensor_payloads_round_trip_to_their_own_request() -> None:
+    async def main() -> None:
+        async with device_server() as server:
+            client = DeviceClient(server.path)
+            out = await client.infer(JpegBatch([b"x" * 10, b"y" * 20]), 5.0)
+            assert out.shape == (2, NUM_CLASSES) and out.dtype == np.float32
+            assert (out[0] == 10).all() and (out[1] == 20).all()
+            for dtype, value in ((torch.uint8, 7), (torch.float16, 0.5), (torch.float32, -3.25)):
+                t = torch.full((1, 3, CROP_SIZE, CROP_SIZE), value, dtype=dtype)
+                assert (await client.infer(t, 5.0) == value).all()
+            # Many in flight on one connection: written together, read together, answered apart.
+            sizes = list(range(1, 101))
+            results = await asyncio.gather(*(client.infer(JpegBatch([b"z" * k]), 5.0) for k in sizes))
+            assert [int(r[0, 0]) for r in results] == sizes
+            client.close()
+
+    run(main())
+
+
+def test_several_frames_in_one_write_are_all_answered() -> None:
+    async def main() -> None:
+        async with device_server() as server:
+            reader, writer = await asyncio.open_unix_connection(server.path)
+            writer.write(b"".join(encode_request(i, JpegBatch([b"j" * i]), 5.0) for i in range(1, 6)))
+            answers = {}
+            for _ in range(5):
+                req_id, status, n, data = await read_response(reader)
+                assert status == OK and n == 1
+                answers[req_id] = int(logits(n, data)[0, 0])
+            assert answers == {i: i for i in range(1, 6)}
+            writer.close()
+
+    run(main())
+
+
+def test_a_frame_split_across_reads_and_a_frame_larger_than_the_buffer() -> None:
+    async def main() -> None:
+        async with device_server() as server:
+            reader, writer = await asyncio.open_unix_connection(server.path)
+            frame = encode_request(1, JpegBatch([b"a" * 300, b"b" * 5000]), 5.0)
+            cuts = [0, 5, REQ.size + 3, REQ.size + 8, 1000, 4000, len(frame)]  # inside header, meta, body
+            for lo, hi in itertools.pairwise(cuts):
+                writer.write(frame[lo:hi])
+                await writer.drain()
+                await asyncio.sleep(0.02)  # each piece its own read
+            req_id, status, n, data = await read_response(reader)
+            assert (req_id, status, n) == (1, OK, 2)
+            assert logits(n, data)[:, 0].tolist() == [300.0, 5000.0]
+            # A 3 MB image between two small frames, the lot in one write: the receive buffer
+            # (256 KiB) grows for it, and the frame after it is still found.
+            writer.write(
+                encode_request(2, JpegBatch([b"s" * 7]), 5.0)
+                + encode_request(3, JpegBatch([b"L" * 3_000_000]), 5.0)
+                + encode_request(4, JpegBatch([b"t" * 9]), 5.0)
+            )
+            got = {}
+            for _ in range(3):
+                req_id, status, n, data = await read_response(reader)
+                assert status == OK
+                got[req_id] = int(logits(n, data)[0, 0])
+            assert got == {2: 7, 3: 3_000_000, 4: 9}
+            writer.close()
+
+    run(main())
+
+
+def test_each_failure_goes_back_to_its_own_request_typed(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with device_server(max_batch=4) as server:
+            client = DeviceClient(server.path)
+            good, bad, boom, big, late = await asyncio.gather(
+                client.infer(JpegBatch([b"g" * 3]), 5.0),
+                client.infer(JpegBatch([b"bad jpeg"]), 5.0),
+                client.infer(JpegBatch([b"boom"]), 5.0),
+                client.infer(JpegBatch([b"x"] * 5), 5.0),  # over max_batch_size
+                client.infer(JpegBatch([b"x"]), -1.0),  # its deadline passed before it was sent
+                return_exceptions=True,
+            )
+            assert isinstance(good, np.ndarray) and good[0, 0] == 3
+            assert isinstance(bad, BadInput) and "could not be decoded" in str(bad)
+            assert type(boom) is ServerError and "device fault" in str(boom)
+            assert type(big) is ServerError and "exceed max_batch_size" in str(big)
+            assert isinstance(late, DeadlineExceeded)
+            # A malformed frame (unknown dtype code) fails its request; the connection goes on.
+            reader, writer = await asyncio.open_unix_connection(server.path)
+            writer.write(REQ.pack(9, KIND_TENSOR, 1, 5.0, 1, 0) + bytes([99]))
+            writer.write(encode_request(10, JpegBatch([b"ok"]), 5.0))
+            assert (await read_response(reader))[:2] == (9, ERROR)
+            req_id, status, _, data = await read_response(reader)
+            assert (req_id, status, logits(1, data)[0, 0]) == (10, OK, 2.0)
+            writer.close()
+            client.close()
+
+    caplog.set_level(logging.ERROR, logger="model_server.ipc")
+    run(main())
+    logged = [r.getMessage() for r in caplog.records if r.name == "model_server.ipc"]
+    assert len(logged) == 3, logged  # unexpected faults are logged (boom, max_batch, dtype); typed ones are not
+
+
+def test_a_full_queue_answers_overloaded_at_once() -> None:
+    async def main() -> None:
+        device = Device()
+        device.gate.clear()
+        async with device_server(device, max_batch=2, max_queue=2) as server:
+            client = DeviceClient(server.path)
+            sent = []
+            while server.batcher.queued_images < 2:  # both device slots busy, then the queue full
+                sent.append(asyncio.ensure_future(client.infer(JpegBatch([b"q"]), 5.0)))
+                await asyncio.sleep(0.02)
+            with pytest.raises(Overloaded, match="queue is full"):
+                await client.infer(JpegBatch([b"o"]), 5.0)
+            device.gate.set()
+            assert all(isinstance(r, np.ndarray) for r in await asyncio.gather(*sent))
+            client.close()
+
+    run(main())
+
+
+def test_a_front_end_that_disconnects_mid_flight_costs_nothing_else(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        device = Device()
+        device.gate.clear()
+        async with device_server(device, max_batch=1) as server:
+            _, writer = await asyncio.open_unix_connection(server.path)
+            writer.write(b"".join(encode_request(i, JpegBatch([b"d"]), 5.0) for i in range(1, 21)))
+            await writer.drain()
+            await wait_until(device.started.is_set)  # the first is on the device, the others queued
+            writer.transport.abort()
+            await asyncio.sleep(0.05)
+            device.gate.set()
+            # A Unix socket shows a closed peer as EOF, like a half-close: the device process goes on
+            # with what was sent until its first answer cannot be written, then drops the rest.
+            await wait_until(lambda: server.connections == 0)
+            other = DeviceClient(server.path)
+            assert (await other.infer(JpegBatch([b"o" * 4]), 5.0))[0, 0] == 4
+            assert device.requests < 10, "the gone front end's queued requests still reached the device"
+            other.close()
+
+    caplog.set_level(logging.WARNING)
+    run(main())
+    assert not [r for r in caplog.records if r.name.startswith(("model_server", "asyncio"))], caplog.text
+
+
+def test_a_front_end_that_stops_sending_still_gets_every_answer() -> None:
+    async def main() -> None:
+        device = Device()
+        device.gate.clear()
+        async with device_server(device) as server:
+            reader, writer = await asyncio.open_unix_connection(server.path)
+            writer.write(b"".join(encode_request(i, JpegBatch([b"e" * i]), 5.0) for i in range(1, 4)))
+            writer.write_eof()  # half-close: no more requests, answers still welcome
+            await asyncio.sleep(0.05)
+            device.gate.set()
+            got = sorted([(await read_response(reader))[0] for _ in range(3)])
+            assert got == [1, 2, 3]
+            assert await reader.read() == b""  # then the device process closes its end
+            writer.close()
+
+    run(main())
+
+
+def test_a_front_end_that_does_not_read_is_answered_once_it_does() -> None:
+    async def main() -> None:
+        async with device_server(max_batch=64, max_queue=4096) as server:
+            reader, writer = await asyncio.open_unix_connection(server.path)
+            count = 3000  # ~12 MB of answers: more than the socket and the write high-water mark hold
+            writer.write(b"".join(encode_request(i, JpegBatch([b"p"]), 30.0) for i in range(count)))
+            await writer.drain()
+            await asyncio.sleep(0.5)
+            ids = set()
+            for _ in range(count):
+                req_id, status, _, _ = await read_response(reader)
+                assert status == OK
+                ids.add(req_id)
+            assert ids == set(range(count))
+            writer.close()
+
+    run(main())
+
+
+def test_control_frames() -> None:
+    def control(op: dict[str, Any]) -> dict[str, Any]:
+        if op.get("op") == "get":
+            raise KeyError(f"no profiler capture {op.get('id')!r}")
+        if op.get("op") != "start":
+            raise ValueError("unknown profiler operation")
+        return {"id": "c1", "state": "pending"}
+
+    async def main() -> None:
+        async with device_server(control=control) as server:
+            client = DeviceClient(server.path)
+            assert await client.control({"op": "start"}) == {"id": "c1", "state": "pending"}
+            with pytest.raises(KeyError, match="no profiler capture 'zz'"):
+                await client.control({"op": "get", "id": "zz"})
+            with pytest.raises(BadInput, match="unknown profiler operation"):
+                await client.control({"op": "nope"})
+            # Control and inference requests interleave on one connection.
+            out, ctl = await asyncio.gather(client.infer(JpegBatch([b"i" * 5]), 5.0), client.control({"op": "start"}))
+            assert out[0, 0] == 5 and ctl["id"] == "c1"
+            client.close()
+        async with device_server() as server:
+            client = DeviceClient(server.path)
+            with pytest.raises(BadInput, match="no control requests"):
+                await client.control({"op": "start"})
+            client.close()
+
+    run(main())
+
+
+def test_the_client_fails_over_when_the_device_process_goes(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        folder = tempfile.mkdtemp(prefix="ipc-test-")
+        path = os.path.join(folder, "device.sock")
+
+        async def dying(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readexactly(REQ.size)
+            writer.write(RESP.pack(1, OK, 1, 100))  # half an answer, then the process is gone
+            writer.transport.abort()
+
+        server = await asyncio.start_unix_server(dying, path=path)
+        try:
+            client = DeviceClient(path)
+            with pytest.raises(Overloaded, match="device process is gone"):
+                await client.infer(JpegBatch([b"x"]), 5.0)
+            with pytest.raises(Overloaded):
+                await client.infer(JpegBatch([b"x"]), 5.0)
+        finally:
+            server.close()
+            shutil.rmtree(folder)
+
+    caplog.set_level(logging.ERROR, logger="model_server.ipc")
+    run(main())
+    assert "lost the device process" in caplog.text
+
+
+def test_the_request_frame_format_is_unchanged() -> None:
+    frame = encode_request(7, JpegBatch([b"ab", b"cde"]), 1.5)
+    assert frame == REQ.pack(7, 0, 2, 1.5, 8, 5) + struct.pack("<2I", 2, 3) + b"abcde"
+    t = torch.arange(3 * CROP_SIZE * CROP_SIZE, dtype=torch.float32).reshape(1, 3, CROP_SIZE, CROP_SIZE)
+    frame = encode_request(8, t, 2.0)
+    assert frame == REQ.pack(8, 1, 1, 2.0, 1, t.numel() * 4) + bytes([1]) + t.numpy().tobytes()
+    assert (BAD_INPUT, DEADLINE) == (1, 4)
