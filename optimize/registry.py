@@ -313,6 +313,19 @@ class Variants(enum.Enum):
         tolerance=_INT8_TOL,
         options={"opset": 17, "per_channel": True, "calibration": "minmax"},
     )
+    ONNX_INT8_STATIC_FOLDED = Variant(
+        slug="densenet121-onnx-int8-static-folded",
+        technique=Technique.STATIC_QUANT,
+        precision=Precision.INT8,
+        runtime=Runtime.ONNXRUNTIME,
+        base="densenet121-onnx-int8-static",
+        devices=("cpu",),
+        deployable=False,
+        description="static INT8 QDQ after rewriting the batch norms on DenseNet's concatenations (scale folded "
+        "into the next conv, shift a quantised Add): NHWC INT8 end to end on ORT's CPU EP, no layout transposes",
+        tolerance=_INT8_TOL,
+        options={"opset": 17, "per_channel": True, "calibration": "minmax", "fold_concat_bn": True},
+    )
     PRUNED_L1_20 = Variant(
         slug="densenet121-pruned-l1-20",
         technique=Technique.UNSTRUCTURED_PRUNE,
@@ -336,6 +349,21 @@ class Variants(enum.Enum):
         tolerance=_STRUCTURED_TOL,
         random_tolerance=_STRUCTURED_RANDOM_TOL,
         options={"ratio": 0.3, "round_to": 8},
+    )
+    PRUNED_CHANNELS_30_FP16_CL_GRAPHS = Variant(
+        slug="densenet121-pruned-channels-30-fp16-cl-graphs",
+        technique=Technique.STRUCTURED_PRUNE,
+        precision=Precision.FP16,
+        runtime=Runtime.TORCH_EAGER,
+        base="densenet121-eager-fp16-cl-graphs",
+        channels_last=True,
+        devices=("cuda",),
+        deployable=False,
+        description="the channel-pruned network served like its unpruned base on a GPU: FP16 channels-last, "
+        "one CUDA graph per bucket (with launches gone, the removed FLOPs show at batch 32)",
+        tolerance=_STRUCTURED_TOL,
+        random_tolerance=_STRUCTURED_RANDOM_TOL,
+        options={"ratio": 0.3, "round_to": 8, "cuda_graphs": True},
     )
     AOTI_FP16_CL = Variant(
         slug="densenet121-aoti-fp16-cl",
