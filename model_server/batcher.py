@@ -122,8 +122,7 @@ class DynamicBatcher:
         assert self._wakeup is not None
         fut: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         self._queue.append(_Item(payload, n, fut, time.monotonic(), deadline))
-        self._queued_images += n
-        m.QUEUE_DEPTH.set(self._queued_images)
+        self._queued_images += n  # QUEUE_DEPTH is set once per batch (in _take), not per request
         self._wakeup.set()
         return fut
 
@@ -186,14 +185,17 @@ class DynamicBatcher:
             except Exception as e:  # the device failed this batch: fail its requests, keep serving
                 log.exception("batch of %d requests failed on the device", len(batch))
                 results = [e] * len(batch)
+            served = 0
             for it, res in zip(batch, results, strict=True):
                 if it.future.done():
                     continue
                 if isinstance(res, Exception):
                     it.future.set_exception(res)
                 else:
-                    m.IMAGES.inc(it.n)
+                    served += it.n
                     it.future.set_result(res)
+            if served:
+                m.IMAGES.inc(served)  # once per batch: a multiprocess metric write costs a lock and an mmap store
         finally:
             self._slots.release()
 

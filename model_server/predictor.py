@@ -61,6 +61,7 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
         self.manifest = read_manifest(self.artifact_dir)
         device = resolve_device(self.config.device)
         self.runner = load_runner(self.manifest, self.artifact_dir, device)
+        t_loaded = time.perf_counter()
         max_batch = min(self.config.max_batch_size, self.runner.max_batch)
         if max_batch < self.config.max_batch_size:
             log.warning("artifact serves batches up to %d; --max_batch_size lowered to it", max_batch)
@@ -68,11 +69,14 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
         self.runner.buckets = [b for b in self.runner.buckets if b < max_batch] + [max_batch]
         self.labels = np.array([s.encode() for s in read_labels(self.artifact_dir, self.manifest)], dtype=object)
         self.runner.warm_up()
+        t_warm = time.perf_counter()
         self.profiler = ProfileCapture(Path(self.config.profile_dir), device)
         pipeline = DevicePipeline(self.runner, self.profiler)
         self._gpu_decode = self.config.gpu_decode and device.type == "cuda"
         if self._gpu_decode:
             pipeline.warm_up()
+        log.info("start-up: weights loaded %.2fs, buckets warmed %.2fs, decoder warmed %.2fs",
+                 t_loaded - t0, t_warm - t_loaded, time.perf_counter() - t_warm)  # fmt: skip
         two_stage = device.type == "cuda"  # decoding batch k+1 (own thread and stream) overlaps running batch k
         self.batcher = DynamicBatcher(
             pipeline.execute if two_stage else pipeline,

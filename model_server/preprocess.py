@@ -127,6 +127,10 @@ def gpu_decodable(data: bytes, *, max_pixels: int, max_bytes: int) -> bool:
         return False
 
 
+#: most decoded pixels resized in one interpolation call (x 12 bytes of float scratch: about 0.6 GB)
+RESIZE_CHUNK_PIXELS = 48_000_000
+
+
 def gpu_resize_crop_many(images: list[torch.Tensor]) -> torch.Tensor:
     """``Resize(256)`` + ``CenterCrop(224)`` of decoded images, one interpolation per distinct size."""
     out: list[torch.Tensor | None] = [None] * len(images)
@@ -139,10 +143,17 @@ def gpu_resize_crop_many(images: list[torch.Tensor]) -> torch.Tensor:
             nw, nh = RESIZE_SIZE, int(RESIZE_SIZE * h / w)
         else:
             nw, nh = int(RESIZE_SIZE * w / h), RESIZE_SIZE
-        x = torch.stack([images[i] for i in idx]).float()
-        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        # The float copy the interpolation needs is 12 bytes per pixel: resize a size group in chunks of
+        # at most RESIZE_CHUNK_PIXELS (a batch of 128 12-MP photos would otherwise take 18 GB at once).
+        step = max(1, RESIZE_CHUNK_PIXELS // (h * w))
         top, left = round((nh - CROP_SIZE) / 2.0), round((nw - CROP_SIZE) / 2.0)
-        crops = x[:, :, top : top + CROP_SIZE, left : left + CROP_SIZE].round_().clamp_(0, 255).to(torch.uint8)
+        chunks = []
+        for k in range(0, len(idx), step):
+            x = torch.stack([images[i] for i in idx[k : k + step]]).float()
+            x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+            x = x[:, :, top : top + CROP_SIZE, left : left + CROP_SIZE]
+            chunks.append(x.round_().clamp_(0, 255).to(torch.uint8))
+        crops = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         if len(groups) == 1:
             return crops  # one size (the common case under load): already in order
         for j, i in enumerate(idx):

@@ -105,3 +105,16 @@ def test_pipeline_on_a_file_it_cannot_decode_keeps_the_rest(runner, tmp_path: Pa
     out = pipeline([JpegBatch([good]), JpegBatch([truncated]), JpegBatch([good])])
     assert isinstance(out[0], torch.Tensor) and isinstance(out[2], torch.Tensor)
     torch.testing.assert_close(out[0], out[2])
+
+
+def test_resize_in_chunks_matches_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A size group bigger than the pixel budget is resized in chunks, with the same result."""
+    import model_server.preprocess as pre
+
+    torch.manual_seed(0)
+    images = [torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8) for _ in range(5)]
+    one_pass = pre.gpu_resize_crop_many(images)
+    monkeypatch.setattr(pre, "RESIZE_CHUNK_PIXELS", 2 * 300 * 400)  # two images per chunk: 3 chunks
+    chunked = pre.gpu_resize_crop_many(images)
+    assert chunked.shape == (5, 3, 224, 224)
+    assert torch.equal(one_pass, chunked)

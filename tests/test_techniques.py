@@ -344,7 +344,15 @@ def test_aoti_variant_on_cuda_serves_without_compiling(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("slug", ["densenet121-onnx-fp16", "densenet121-eager-fp16-amp", "densenet121-sparse24-fp16"])
+@pytest.mark.parametrize(
+    "slug",
+    [
+        "densenet121-onnx-fp16",
+        "densenet121-eager-fp16-amp",
+        "densenet121-sparse24-fp16",
+        "densenet121-pruned-channels-30-fp16-cl-graphs",
+    ],
+)
 def test_gpu_variants_build_on_cuda(tmp_path: Path, slug: str) -> None:
     manifest = _build_cuda(tmp_path, slug)
     assert manifest["devices"] == ["cuda"] or "cuda" in manifest["devices"]  # type: ignore[operator]
