@@ -196,6 +196,7 @@ class FrontEnds:
         import json
 
         from model_server.ipc import DeviceServer, retain_freed_memory
+        from model_server.lifecycle import settle_after_startup
         from model_server.predictor import profile_op
 
         retain_freed_memory()  # a payload allocated and freed per request: no page faults per request
@@ -208,6 +209,7 @@ class FrontEnds:
         async def run() -> int:
             device = DeviceServer(model.batcher, self.ipc_path, control=lambda op: profile_op(model.profiler, op))
             await device.start()  # creates the socket: the front ends' signal to finish loading
+            settle_after_startup()
             log.info("device process %d serving %d front ends on %s", os.getpid(), len(procs), self.ipc_path)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()

@@ -752,6 +752,9 @@ async def warm_http_path(app: FastAPI, model_name: str) -> None:
                     log.warning("warm-up request %s answered %d: %s", path, r.status_code, r.text[:200])
     except Exception as e:  # a failed warm-up must not stop the server; the first request pays instead
         log.warning("HTTP warm-up failed: %s", e)
+    from model_server.lifecycle import settle_after_startup
+
+    settle_after_startup()
 
 
 def serve_http(model: DenseNetPredictor, spec: dict[str, Any]) -> bool:

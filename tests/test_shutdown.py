@@ -188,3 +188,15 @@ def test_missing_manifest_is_refused(tmp_path: Path) -> None:
     proc = _serve_once(tmp_path)
     assert proc.returncode == 1
     assert "variant.json" in proc.stderr
+
+
+def test_settle_after_startup_freezes_what_start_up_left() -> None:
+    import gc
+
+    from model_server.lifecycle import settle_after_startup
+
+    try:
+        settle_after_startup()
+        assert gc.get_freeze_count() > 1000  # a process with torch imported holds far more objects
+    finally:
+        gc.unfreeze()
