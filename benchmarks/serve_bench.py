@@ -240,7 +240,8 @@ def run_locust(
     reqs = int(agg["Request Count"])
     return {
         "req_s": float(agg["Requests/s"]),
-        "img_s": float(agg["Requests/s"]) * images,
+        # Locust's Requests/s counts refused requests too: images/s counts answered ones only.
+        "img_s": float(agg["Requests/s"]) * images * (reqs - int(agg["Failure Count"])) / max(reqs, 1),
         "p50_ms": float(agg["50%"]),
         "p99_ms": float(agg["99%"]),
         "failures": int(agg["Failure Count"]),
