@@ -57,6 +57,7 @@ def ondevice(model_dir: Path, device: torch.device, max_batch: int, iters: int) 
     """The variant's own throughput at ``max_batch`` and latency at batch 1, through the server's runner."""
     from model_server.artifact import read_manifest
     from model_server.runtimes import load_runner
+    from optimize.bench import timed_call_ms
 
     runner = load_runner(read_manifest(model_dir), model_dir, device)
     runner.max_batch = max_batch
@@ -68,19 +69,7 @@ def ondevice(model_dir: Path, device: torch.device, max_batch: int, iters: int) 
         x = x.to(device) if device.type == "cuda" else x  # input already on the device: compute only
         for _ in range(5):
             runner(x)
-        times = []
-        for _ in range(iters):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                runner(x)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                runner(x)
-                times.append((time.perf_counter() - t0) * 1000)
+        times = [timed_call_ms(runner, x, cuda=device.type == "cuda") for _ in range(iters)]
         med = statistics.median(times)
         if batch == 1:
             res["ondevice_b1_ms"] = round(med, 3)

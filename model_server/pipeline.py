@@ -114,11 +114,9 @@ class DevicePipeline:
         if staged.ready is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(staged.ready)
-            for t in parts.values():
+            for t in parts.values():  # views of one crop tensor share its storage: recording one covers all
                 if t.device.type == "cuda":
                     t.record_stream(current)  # made on the side stream, used (and freed) on this one
-            if staged.whole is not None:
-                staged.whole.record_stream(current)
         h2d: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
         if self.device.type == "cuda":
             h2d = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))  # type: ignore[no-untyped-call]

@@ -167,17 +167,7 @@ def time_runner(runner: Any, batch: int, cfg: BenchConfig) -> dict[str, Any]:
         while len(times) < cfg.max_iters and (
             len(times) < cfg.min_iters or time.perf_counter() - t_start < cfg.min_time_s
         ):
-            if cuda:
-                start, end = _event(), _event()
-                start.record()
-                runner(x)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                runner(x)
-                times.append((time.perf_counter() - t0) * 1000)
+            times.append(timed_call_ms(runner, x, cuda=cuda))
     row: dict[str, Any] = {
         "latency_ms": round(statistics.fmean(times), 3),
         "p50_ms": round(_pct(times, 0.50), 3),
@@ -201,6 +191,20 @@ def time_runner(runner: Any, batch: int, cfg: BenchConfig) -> dict[str, Any]:
 
 def _event() -> Any:
     return torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+
+
+def timed_call_ms(fn: Any, x: torch.Tensor, *, cuda: bool) -> float:
+    """Milliseconds of one ``fn(x)``: CUDA events on a GPU, the wall clock on a CPU."""
+    if cuda:
+        start, end = _event(), _event()
+        start.record()
+        fn(x)
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end))
+    t0 = time.perf_counter()
+    fn(x)
+    return (time.perf_counter() - t0) * 1000
 
 
 def _device_latency(runner: Any, x: torch.Tensor, cfg: BenchConfig, reps: int = 20) -> float:

@@ -217,38 +217,42 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
     configs_by_batch: dict[str, dict[str, Any]] = {}
     cxx = default_cxx()
     fresh: dict[str, Any] = {}
-    for b in buckets:
+
+    def compile_one(b: int, cfg: dict[str, Any], target: Path) -> bool:
+        seconds[str(b)], from_cache = _compile_or_copy(
+            model, b, target, cache_root, {**key_base, "configs": cfg, "batch": b, "cxx": cxx},
+            device=ctx.device, dtype=dtype, channels_last=variant.channels_last, configs=cfg, cxx=cxx,
+        )  # fmt: skip
+        return from_cache
+
+    def check(b: int, target: Path) -> dict[str, Any]:
+        loaded = load_in_fresh_process(target, device=ctx.device, dtype=dtype, channels_last=variant.channels_last,
+                                       batch=b)  # fmt: skip
+        return {"batch": b, "cxx": cxx, **loaded}
+
+    for i, b in enumerate(buckets):
         cfg = configs if autotune_buckets is None or b in autotune_buckets else plain_configs
         configs_by_batch[str(b)] = cfg
         name = f"model-b{b}.pt2"
         target = ctx.out_dir / name
-        attempts = 0
-        while True:
-            attempts += 1
-            seconds[str(b)], from_cache = _compile_or_copy(
-                model, b, target, cache_root, {**key_base, "configs": cfg, "batch": b, "cxx": cxx},
-                device=ctx.device, dtype=dtype, channels_last=variant.channels_last, configs=cfg, cxx=cxx,
-            )  # fmt: skip
-            if fresh:
-                break
+        from_cache = compile_one(b, cfg, target)
+        if i == 0:
             # The first package is loaded in a fresh process before this one ever loads it: a crash
             # there must not take the build (or later the server) down with it.
-            check = load_in_fresh_process(
-                target, device=ctx.device, dtype=dtype, channels_last=variant.channels_last, batch=b
-            )
-            fresh = {"batch": b, "cxx": cxx, **check}
-            if check["rc"] == 0:
-                break
-            other = fallback_cxx(cxx) if isinstance(check["rc"], int) and check["rc"] < 0 and attempts == 1 else None
-            if other is None:
+            fresh = check(b, target)
+            crashed = isinstance(fresh["rc"], int) and fresh["rc"] < 0
+            other = fallback_cxx(cxx) if crashed else None
+            if other is not None:
+                log.warning("AOTInductor: a package built with %s crashes at load (exit %s); rebuilding with %s",
+                            cxx, fresh["rc"], other)  # fmt: skip
+                cxx = other
+                from_cache = compile_one(b, cfg, target)
+                fresh = check(b, target)
+            if fresh["rc"] != 0:
                 raise BuildError(
                     f"AOTInductor package for batch {b} (compiled with {cxx}) fails to load in a fresh process "
-                    f"(exit {check['rc']}): {check.get('stderr_tail', '')[-300:]}; set {CXX_ENV} to another compiler"
+                    f"(exit {fresh['rc']}): {fresh.get('stderr_tail', '')[-300:]}; set {CXX_ENV} to another compiler"
                 )
-            log.warning("AOTInductor: a package built with %s crashes at load (exit %s); rebuilding with %s",
-                        cxx, check["rc"], other)  # fmt: skip
-            fresh = {}
-            cxx = other
         if from_cache:
             cached.append(b)
         payload[f"bucket_{b}"] = name
