@@ -65,17 +65,40 @@ def _serve(path: str, opts: dict[str, Any]) -> None:
     from model_server.pipeline import payload_size
     from optimize.registry import NUM_CLASSES
 
+    if opts["switch_interval_ms"]:
+        sys.setswitchinterval(opts["switch_interval_ms"] / 1000.0)
     counts = {"batches": 0, "requests": 0, "images": 0}
+    stage_wall = {"prepare_s": 0.0, "run_s": 0.0}
     device_s = opts["device_ms"] / 1000.0
+    prepare_s = opts["prepare_ms"] / 1000.0
+    gil_ops = opts["gil_ops"]
     # Made once: filling a fresh tensor per batch wakes torch's OpenMP pool, whose spinning
     # threads would be counted as the device process's CPU (the pipeline copies logits back
     # from the GPU instead).
     torch.set_num_threads(1)
     logits = torch.zeros(opts["max_batch"], NUM_CLASSES)
+    small = torch.zeros(8)
+
+    def torch_calls(n: int) -> None:
+        # Like the pipeline's tensor calls (decode, resize, events, graph replay, copies): each
+        # releases the GIL inside and must win it back from the event loop to go on.
+        for _ in range(n):
+            torch.add(small, 1.0)
+
+    def prepare(payloads: list[Any]) -> list[Any]:
+        t0 = time.perf_counter()
+        torch_calls(gil_ops)
+        if prepare_s:
+            time.sleep(prepare_s)  # nvJPEG's time: no GIL held
+        stage_wall["prepare_s"] += time.perf_counter() - t0
+        return payloads
 
     def run(payloads: list[Any]) -> list[Any]:
+        t0 = time.perf_counter()
+        torch_calls(gil_ops)
         if device_s:
             time.sleep(device_s)  # the GPU's time: no GIL held, like a CUDA sync
+        stage_wall["run_s"] += time.perf_counter() - t0
         sizes = [payload_size(p) for p in payloads]
         out, start = [], 0
         for n in sizes:
@@ -89,11 +112,18 @@ def _serve(path: str, opts: dict[str, Any]) -> None:
     def control(op: dict[str, Any]) -> dict[str, Any]:
         ru = resource.getrusage(resource.RUSAGE_SELF)
         # Runs on the event loop's thread: thread_time is the loop's share, the rest is the device thread's.
-        return {"cpu_s": _cpu_s(), "sys_s": ru.ru_stime, "loop_s": time.thread_time(), "t": time.monotonic(), **counts}
+        return {
+            "cpu_s": _cpu_s(), "sys_s": ru.ru_stime, "loop_s": time.thread_time(), "t": time.monotonic(),
+            **counts, **stage_wall,
+        }  # fmt: skip
 
     async def main() -> None:
         batcher = DynamicBatcher(
-            run, max_batch_size=opts["max_batch"], max_delay_s=0.0, max_queue_images=opts["max_queue"]
+            run,
+            prepare=prepare if opts["two_stage"] else None,
+            max_batch_size=opts["max_batch"],
+            max_delay_s=0.0,
+            max_queue_images=opts["max_queue"],
         )
         server = DeviceServer(batcher, path, control=control)
         await server.start()
@@ -224,6 +254,12 @@ def bench(opts: dict[str, Any]) -> dict[str, Any]:
         return round((last[key] - first[key]) / requests * 1e6, 1)
 
     latencies = [x for r in results for x in r["latencies"]]
+    batches = max(1, last["batches"] - first["batches"])
+    ideal_ms = {"prepare_s": opts["prepare_ms"] if opts["two_stage"] else 0.0, "run_s": opts["device_ms"]}
+
+    def stage_ms(key: str) -> float:
+        return round((last[key] - first[key]) / batches * 1000, 3)
+
     return {
         "name": "ipc_bench",
         "requests_per_s": round(requests / wall, 1),
@@ -232,7 +268,12 @@ def bench(opts: dict[str, Any]) -> dict[str, Any]:
         "device_sys_cpu_us_per_request": per_request_us("sys_s"),
         "device_cpu_cores": round((last["cpu_s"] - first["cpu_s"]) / wall, 3),
         "client_cpu_us_per_request": round(sum(r["cpu_s"] for r in results) / requests * 1e6, 1),
-        "requests_per_batch": round(requests / max(1, last["batches"] - first["batches"]), 2),
+        "requests_per_batch": round(requests / batches, 2),
+        # Wall time of each stage per batch, and what it would be if the GIL were always free
+        # (its sleeps alone; the torch calls themselves take microseconds).
+        "prepare_ms_per_batch": stage_ms("prepare_s"),
+        "run_ms_per_batch": stage_ms("run_s"),
+        "stage_ideal_ms": ideal_ms,
         "p50_ms": round(_percentile(latencies, 0.5) * 1000, 3),
         "p99_ms": round(_percentile(latencies, 0.99) * 1000, 3),
         "errors": sum(r["errors"] for r in results),
@@ -250,6 +291,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=1, help="images per request, default 1")
     p.add_argument("--payload-bytes", type=int, default=91_000, help="bytes per JPEG, default 91000 (VGA)")
     p.add_argument("--device-ms", type=float, default=1.0, help="simulated device time per batch, default 1.0")
+    p.add_argument(
+        "--two-stage", choices=("true", "false"), default="false",
+        help="a prepare stage on its own thread before the device function, as the GPU pipeline has (default false)",
+    )  # fmt: skip
+    p.add_argument("--prepare-ms", type=float, default=0.0, help="simulated decode time per batch (two-stage)")
+    p.add_argument(
+        "--gil-ops", type=int, default=0,
+        help="GIL-releasing torch calls per stage per batch, as decode/resize/replay/copy make (default 0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--switch-interval-ms", type=float, default=0.0,
+        help="sys.setswitchinterval in the device process (default 0: Python's own, 5 ms)",
+    )  # fmt: skip
     p.add_argument("--max-batch", type=int, default=64, help="batcher max_batch_size, default 64")
     p.add_argument("--max-queue", type=int, default=1024, help="batcher max_queue_images, default 1024")
     p.add_argument("--metrics", choices=("true", "false"), default="true", help="Prometheus metrics, default true")
@@ -265,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = {k: v for k, v in vars(args).items()}
     opts["metrics"] = args.metrics == "true"
     opts["malloc_tuning"] = args.malloc_tuning == "true"
+    opts["two_stage"] = args.two_stage == "true"
     print(json.dumps(bench(opts)))
     return 0
 

@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
         "--metrics", default=_env("METRICS", "true"), choices=("true", "false"),
         help="request-path Prometheus metrics (default: true; false only to measure their overhead)",
     )  # fmt: skip
+    p.add_argument(
+        "--gil_switch_interval_ms", type=float, default=float(_env("GIL_SWITCH_INTERVAL_MS", "0")),
+        help="sys.setswitchinterval of this process, in ms (default 0: Python's 5 ms). The decode and device "
+        "threads win the GIL back after every tensor call; a busy event loop keeps it up to this long",
+    )  # fmt: skip
     p.add_argument("--log_level", default=_env("LOG_LEVEL", "INFO"))
     return p
 
@@ -113,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
+    if args.gil_switch_interval_ms < 0:
+        print(f"error: --gil_switch_interval_ms must be >= 0, got {args.gil_switch_interval_ms}", file=sys.stderr)
+        return 2
+    if args.gil_switch_interval_ms:
+        sys.setswitchinterval(args.gil_switch_interval_ms / 1000.0)
     if args.max_inflight_requests < 0 or args.grace_period_s <= 0:
         print("error: --max_inflight_requests must be >= 0 and --grace_period_s > 0", file=sys.stderr)
         return 2

@@ -76,7 +76,6 @@ _GONE = "the device process is gone; retry on another replica"
 _CHUNK = 2**20
 _MIN_READ = 256 * 1024
 _KEEP_BYTES = 8 * 2**20
-_U32 = struct.Struct("<I")
 # Answers queued in user space, per front end, before the device process stops reading
 # that front end's requests (a front end that does not read its answers gets no new work
 # in); about 1,000 single-image answers, far above what one batch writes at once.
@@ -142,13 +141,19 @@ def encode_request(req_id: int, payload: Payload, timeout_s: float) -> bytes:
 
 def decode_request(kind: int, n: int, meta: bytes, body: bytes | bytearray) -> Payload:
     if kind == KIND_JPEG:
-        data = bytes(body)  # no copy when it is bytes already; a full slice of bytes is the object itself
-        lengths = _U32.unpack(meta) if n == 1 else struct.unpack(f"<{n}I", meta)
+        buffer = body if isinstance(body, bytearray) else bytearray(body)
+        if n == 1:
+            return JpegBatch([buffer], buffer=buffer)
+        lengths = struct.unpack(f"<{n}I", meta)
+        if sum(lengths) != len(body):
+            raise BadInput(f"JPEG lengths add up to {sum(lengths)} bytes, the frame carries {len(body)}")
+        # Views, not copies: the decode stage makes one tensor of the whole (writable) body.
+        view = memoryview(buffer)
         images, start = [], 0
         for length in lengths:
-            images.append(data[start : start + length])
+            images.append(view[start : start + length])
             start += length
-        return JpegBatch(images)
+        return JpegBatch(images, buffer=buffer)
     dtype = _DTYPES[meta[0]]
     writable = body if isinstance(body, bytearray) else bytearray(body)
     t = torch.frombuffer(writable, dtype=dtype).reshape(n, 3, CROP_SIZE, CROP_SIZE)
@@ -255,8 +260,9 @@ class _DeviceConnection(_Framed):
             if stop > end:
                 break
             meta = bytes(view[pos + size : body_at])
-            # A tensor body becomes a bytearray at once: torch.frombuffer wants it writable.
-            body = bytearray(view[body_at:stop]) if kind == KIND_TENSOR else bytes(view[body_at:stop])
+            # The body becomes a bytearray at once (one copy out of the read buffer): torch.frombuffer
+            # wants it writable, for a tensor and for the JPEGs the decode stage reads in place.
+            body = bytearray(view[body_at:stop])
             pos = stop
             if kind == KIND_CONTROL:
                 self.send(*self.server.control_answer(req_id, meta))

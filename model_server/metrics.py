@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import threading
@@ -46,6 +47,33 @@ GPU_MEMORY = Gauge("densenet_gpu_memory_used_bytes", "GPU memory used on the ser
 GPU_UTIL = Gauge("densenet_gpu_utilization_ratio", "GPU utilisation over the last sample (NVML), 0..1")
 RSS = Gauge("densenet_process_rss_bytes", "Resident memory of the predictor process")
 CPU = Gauge("densenet_process_cpu_ratio", "CPU use of the predictor process, in cores")
+
+
+def observe_many(histogram: Histogram | _Off, values: list[float]) -> None:
+    """Observe several values with one write per touched bucket, as ``observe`` on each would.
+
+    In multiprocess mode (``--frontends N``) every ``observe`` takes a lock and writes two
+    doubles to an mmap file: about 5 us, which the batch loop would pay per request. Here a
+    batch's queue waits cost one sum write plus one write per distinct bucket. Reads the
+    histogram's own bounds and values (prometheus_client's ``_upper_bounds``/``_buckets``/
+    ``_sum``, stable since 0.4); a histogram without them gets one ``observe`` per value.
+    """
+    if not values:
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None:
+        for v in values:
+            histogram.observe(v)
+        return
+    counts: dict[int, int] = {}
+    for v in values:
+        i = bisect.bisect_left(bounds, v)  # the first bound >= v, as observe() picks
+        counts[i] = counts.get(i, 0) + 1
+    total.inc(sum(values))
+    for i, k in counts.items():
+        buckets[i].inc(k)
 
 
 class ResourceSampler:

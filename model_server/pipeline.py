@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -29,12 +30,28 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class JpegBatch:
-    """A request's JPEGs, checked (size, pixels, mode) but not yet decoded."""
+    """A request's JPEGs, checked (size, pixels, mode) but not yet decoded.
 
-    images: list[bytes]
+    ``buffer``, when set, is the images back to back in one writable buffer (what the IPC
+    frame delivered): the decode stage then makes one tensor of it and splits it into views
+    instead of copying every image into a bytearray of its own.
+    """
+
+    images: Sequence[bytes | memoryview]
+    buffer: bytearray | None = None
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def encoded(self) -> list[torch.Tensor]:
+        """The images as 1-D uint8 CPU tensors, as nvJPEG takes them (views of ``buffer`` when set)."""
+        if self.buffer is not None:
+            whole = torch.frombuffer(self.buffer, dtype=torch.uint8)
+            if len(self.images) == 1:
+                return [whole]
+            return list(torch.split(whole, [len(d) for d in self.images]))
+        # torch.frombuffer wants a writable buffer (bytes would warn): one copy each.
+        return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in self.images]
 
 
 Payload = torch.Tensor | JpegBatch
@@ -142,8 +159,7 @@ class DevicePipeline:
 
         batches = [payloads[i] for i in jpeg_idx]
         counts = [len(b) for b in batches if isinstance(b, JpegBatch)]
-        encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for b in batches if isinstance(b, JpegBatch)
-                   for d in b.images]  # fmt: skip
+        encoded = [t for b in batches if isinstance(b, JpegBatch) for t in b.encoded()]
         try:
             images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:

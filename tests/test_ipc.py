@@ -30,12 +30,14 @@ from model_server.ipc import (
     BAD_INPUT,
     DEADLINE,
     ERROR,
+    KIND_JPEG,
     KIND_TENSOR,
     OK,
     REQ,
     RESP,
     DeviceClient,
     DeviceServer,
+    decode_request,
     encode_request,
 )
 from model_server.pipeline import JpegBatch
@@ -60,13 +62,14 @@ class Device:
         out: list[torch.Tensor | Exception] = []
         for p in payloads:
             if isinstance(p, JpegBatch):
-                if any(img.startswith(b"bad") for img in p.images):
+                images = [bytes(t.numpy()) for t in p.encoded()]  # what the decode stage hands nvJPEG
+                if any(img.startswith(b"bad") for img in images):
                     out.append(BadInput("JPEG could not be decoded"))
                     continue
-                if any(img.startswith(b"boom") for img in p.images):
+                if any(img.startswith(b"boom") for img in images):
                     out.append(RuntimeError("device fault"))
                     continue
-                ident = torch.tensor([float(len(img)) for img in p.images])
+                ident = torch.tensor([float(len(img)) for img in images])
             else:
                 ident = p.reshape(p.shape[0], -1)[:, 0].float()
             out.append(ident[:, None].expand(-1, NUM_CLASSES))  # not contiguous, like some runtimes' outputs
@@ -358,3 +361,23 @@ def test_the_request_frame_format_is_unchanged() -> None:
     frame = encode_request(8, t, 2.0)
     assert frame == REQ.pack(8, 1, 1, 2.0, 1, t.numel() * 4) + bytes([1]) + t.numpy().tobytes()
     assert (BAD_INPUT, DEADLINE) == (1, 4)
+
+
+def test_a_decoded_jpeg_frame_hands_nvjpeg_views_of_one_buffer() -> None:
+    images = [b"\xff\xd8first", b"\xff\xd8second!", b"\xff\xd8x"]
+    frame = encode_request(3, JpegBatch(images), 1.0)
+    meta = frame[REQ.size : REQ.size + 4 * len(images)]
+    body = bytearray(frame[REQ.size + len(meta) :])
+    batch = decode_request(KIND_JPEG, len(images), meta, body)
+    assert isinstance(batch, JpegBatch)
+    assert [bytes(d) for d in batch.images] == images
+    tensors = batch.encoded()
+    assert [bytes(t.numpy()) for t in tensors] == images
+    assert all(t.is_contiguous() and t.dtype == torch.uint8 for t in tensors)
+    body[0] = 0  # the tensors are views of the frame's body, not copies of it
+    assert tensors[0][0].item() == 0
+
+
+def test_a_jpeg_frame_whose_lengths_do_not_match_its_body_is_refused() -> None:
+    with pytest.raises(BadInput, match="add up to 7 bytes"):
+        decode_request(KIND_JPEG, 2, struct.pack("<2I", 3, 4), bytearray(b"abcdefgh"))

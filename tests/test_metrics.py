@@ -1,0 +1,69 @@
+"""observe_many: the batch loop's one-write-per-bucket observation equals one observe per value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from model_server import metrics as m
+
+ROOT = Path(__file__).resolve().parents[1]
+# Edge cases: exactly on a bound, between bounds, below the first, above the last, zero.
+VALUES = [0.0, 0.0001, 0.00011, 0.003, 0.003, 0.0049, 0.05, 7.5, 10.0, 11.0, 1e-9, 0.25]
+
+
+def _pair() -> tuple[Histogram, Histogram, CollectorRegistry, CollectorRegistry]:
+    a, b = CollectorRegistry(), CollectorRegistry()
+    buckets = m.QUEUE_WAIT_SECONDS._upper_bounds[:-1]
+    return Histogram("h", "h", buckets=buckets, registry=a), Histogram("h", "h", buckets=buckets, registry=b), a, b
+
+
+def test_observe_many_exposes_what_observe_per_value_does() -> None:
+    one, many, reg_one, reg_many = _pair()
+    for v in VALUES:
+        one.observe(v)
+    m.observe_many(many, VALUES)
+    m.observe_many(many, [])
+    strip = [ln for ln in generate_latest(reg_one).decode().splitlines() if "_created" not in ln]
+    assert strip == [ln for ln in generate_latest(reg_many).decode().splitlines() if "_created" not in ln]
+    assert f"h_count {float(len(VALUES))}" in strip
+
+
+def test_observe_many_on_metrics_turned_off_is_a_no_op() -> None:
+    m.observe_many(m._Off(), VALUES)  # type: ignore[arg-type]
+
+
+def test_observe_many_in_multiprocess_mode_matches_observe(tmp_path: Path) -> None:
+    """The --frontends N case: values live in mmap files, merged by the MultiProcessCollector."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from prometheus_client import CollectorRegistry, Histogram, generate_latest, multiprocess
+        from model_server.metrics import observe_many
+        values = {VALUES!r}
+        kind = sys.argv[1]
+        h = Histogram("h_" + kind, "h", buckets=(0.0001, 0.003, 0.05, 10.0))
+        if kind == "one":
+            for v in values:
+                h.observe(v)
+        else:
+            observe_many(h, values)
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg)
+        print(generate_latest(reg).decode())
+        """
+    )
+    out = {}
+    for kind in ("one", "many"):
+        d = tmp_path / kind
+        d.mkdir()
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(d), "PYTHONPATH": str(ROOT)}
+        text = subprocess.run([sys.executable, "-c", script, kind], env=env, capture_output=True, text=True, check=True)
+        out[kind] = sorted(ln.replace("h_" + kind, "h") for ln in text.stdout.splitlines() if ln.startswith("h_"))
+    assert out["one"] == out["many"]
+    assert any(ln.startswith('h_bucket{le="0.003"} 6.0') for ln in out["many"])
