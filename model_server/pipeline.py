@@ -37,7 +37,7 @@ class JpegBatch:
     instead of copying every image into a bytearray of its own.
     """
 
-    images: Sequence[bytes | memoryview]
+    images: Sequence[bytes | bytearray | memoryview]
     buffer: bytearray | None = None
 
     def __len__(self) -> int:
