@@ -42,6 +42,7 @@ log = logging.getLogger("gpu_bench")
 # AOTInductor first: it is the slowest to build, and the budget check skips what comes last.
 GPU_VARIANTS = (
     "densenet121-aoti-fp16-cl",
+    "densenet121-aoti-fp16-cl-dynamic",
     "densenet121-eager-fp32",
     "densenet121-eager-fp16-cl",
     "densenet121-eager-fp16-amp",
@@ -168,7 +169,8 @@ def bench_variant(
     if variant.runtime is registry.Runtime.AOTI:
         options["aoti"] = {
             "buckets": batch_sizes,
-            "max_autotune": not args.skip_autotune,
+            # A dynamic-batch package is tuned for no batch size in particular: never max-autotune.
+            "max_autotune": not args.skip_autotune and not variant.options.get("dynamic_batch"),
             "autotune_buckets": [int(b) for b in args.autotune_buckets.split(",") if b],
         }
         if preset is not None:

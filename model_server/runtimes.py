@@ -406,7 +406,8 @@ def _tensorrt_present() -> bool:
 class AotiRunner(Runner):
     """AOTInductor packages (``.pt2``, compiled kernels inside), one per batch bucket; nothing compiles at load.
 
-    The manifest's payload names ``bucket_<B>`` files; batches are padded to the next bucket.
+    The manifest's payload names ``bucket_<B>`` files (one file for every bucket when its batch
+    dimension is dynamic); batches are padded to the next bucket.
     CUDA must be initialised before a CUDA package is loaded (see ``benchmarks/aoti_fresh_process.py``).
     """
 
@@ -431,14 +432,16 @@ class AotiRunner(Runner):
         # which a stream being captured into a CUDA graph refuses ("operation not permitted when
         # stream is capturing"); the single-threaded entry point launches kernels only. The device
         # worker is one thread, so nothing is lost.
-        self.packages = {
-            b: aoti_load_package(
+        # A package with a dynamic batch dimension is named by several buckets: loaded once.
+        loaded = {
+            name: aoti_load_package(
                 str(artifact_dir / name),
                 run_single_threaded=self.cuda_graphs,
                 device_index=(device.index or 0) if device.type == "cuda" else -1,
             )
-            for b, name in roles.items()
+            for name in sorted(set(roles.values()))
         }
+        self.packages = {b: loaded[name] for b, name in roles.items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]

@@ -377,6 +377,19 @@ class Variants(enum.Enum):
         tolerance=_FP16_TOL,
         options={"max_autotune": True, "conv_1x1_as_mm": True, "epilogue_fusion": True, "cuda_graphs": True},
     )
+    AOTI_FP16_CL_DYNAMIC = Variant(
+        slug="densenet121-aoti-fp16-cl-dynamic",
+        technique=Technique.AOT_INDUCTOR,
+        precision=Precision.FP16,
+        runtime=Runtime.AOTI,
+        base=_FP16_CL,
+        channels_last=True,
+        devices=("cuda",),
+        description="one AOTInductor package with a dynamic batch dimension for every bucket: one compile "
+        "instead of one per bucket (no max-autotune), CUDA graphs per bucket at start-up",
+        tolerance=_FP16_TOL,
+        options={"dynamic_batch": True, "conv_1x1_as_mm": True, "epilogue_fusion": True, "cuda_graphs": True},
+    )
     SPARSE24_FP16 = Variant(
         slug="densenet121-sparse24-fp16",
         technique=Technique.SEMI_STRUCTURED_SPARSE,

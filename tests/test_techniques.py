@@ -217,6 +217,50 @@ def test_aoti_package_compiles_and_loads_on_cpu(tmp_path: Path) -> None:
         torch.testing.assert_close(runner(pixels), net(normalize(pixels)), atol=1e-4, rtol=1e-4)
 
 
+def test_a_dynamic_batch_package_serves_every_bucket_from_one_file(tmp_path: Path) -> None:
+    """``dynamic_batch``: one export with a symbolic batch (1..4), one compile, one load for buckets 1, 2, 4."""
+    from optimize.techniques.aoti import compile_bucket, inductor_configs, load_in_fresh_process
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 1),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10),
+    ).eval()  # fmt: skip
+    cfg = inductor_configs({"conv_1x1_as_mm": True, "epilogue_fusion": True}, torch.device("cpu"))
+    path = tmp_path / "tiny-b1-4.pt2"
+    compile_bucket(net, 4, path, device=torch.device("cpu"), dtype=torch.float32, channels_last=True, configs=cfg,
+                   dynamic=True)  # fmt: skip
+    fresh = load_in_fresh_process(path, device=torch.device("cpu"), dtype=torch.float32, channels_last=True, batch=1)
+    assert fresh["rc"] == 0 and fresh["finite"] and fresh["inductor_compiles"] == 0, fresh
+    from model_server.preprocess import normalize
+    from model_server.runtimes import AotiRunner
+
+    # The builder with the option: one package named by every bucket, compiled once.
+    from optimize.techniques import BuildContext
+    from optimize.techniques.aoti import build
+
+    variant = dataclasses.replace(registry.get("densenet121-aoti-fp16-cl-dynamic"), precision=registry.Precision.FP32)
+    out = tmp_path / "built"
+    out.mkdir()
+    ctx = BuildContext(reference=net, device=torch.device("cpu"), calibration=torch.zeros(0), max_batch=4, out_dir=out,
+                       options={"aoti": {"buckets": [1, 2, 4]}})  # fmt: skip
+    built = build(variant, ctx)
+    assert {k: v for k, v in built.payload.items() if k.startswith("bucket_")} == {
+        "bucket_1": "model-b1-4.pt2", "bucket_2": "model-b1-4.pt2", "bucket_4": "model-b1-4.pt2"
+    }  # fmt: skip
+    assert [p.name for p in out.glob("*.pt2")] == ["model-b1-4.pt2"]
+    assert built.details["dynamic_batch"] and list(built.details["compile_s_by_batch"]) == ["4"]
+    manifest = {"slug": "tiny", "precision": "fp32", "channels_last": True, "input": {"max_batch": 4},
+                "payload": {f"bucket_{b}": path.name for b in (1, 2, 4)}}  # fmt: skip
+    runner = AotiRunner(manifest, tmp_path, torch.device("cpu"))
+    assert len({id(p) for p in runner.packages.values()}) == 1  # loaded once, not once per bucket
+    for n in (1, 3, 4):  # 3 runs padded to the bucket of 4
+        pixels = torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8)
+        with torch.no_grad():
+            out = runner(pixels)
+            torch.testing.assert_close(out, net(normalize(pixels)), atol=1e-4, rtol=1e-4)
+
+
 def test_aoti_fresh_process_check_reports_a_broken_package(tmp_path: Path) -> None:
     """A package that cannot load gives a non-zero exit and the loader's message, not a crash of the caller."""
     from optimize.techniques.aoti import fallback_cxx, load_in_fresh_process
@@ -323,9 +367,10 @@ def _build_cuda(out: Path, slug: str, options: dict[str, object] | None = None) 
 
 
 @pytest.mark.gpu
-def test_aoti_variant_on_cuda_serves_without_compiling(tmp_path: Path) -> None:
-    manifest = _build_cuda(tmp_path, "densenet121-aoti-fp16-cl", {"aoti": {"max_autotune": False}})
-    d = tmp_path / "densenet121-aoti-fp16-cl"
+@pytest.mark.parametrize("slug", ["densenet121-aoti-fp16-cl", "densenet121-aoti-fp16-cl-dynamic"])
+def test_aoti_variant_on_cuda_serves_without_compiling(tmp_path: Path, slug: str) -> None:
+    manifest = _build_cuda(tmp_path, slug, {"aoti": {"max_autotune": False}})
+    d = tmp_path / slug
     assert {"bucket_1", "bucket_2"} <= set(manifest["payload"])  # type: ignore[operator]
     code = (
         "import sys, torch; from pathlib import Path; from model_server.artifact import read_manifest;"

@@ -1,10 +1,13 @@
 """AOTInductor variant: ``torch.export`` + ``aoti_compile_and_package`` once per batch bucket.
 
 Each bucket's ``.pt2`` package holds the compiled kernels (and the weights), so serving loads
-and runs them without compiling anything. Tuning (``max_autotune``, 1x1 convolutions as matrix
-multiplies, epilogue fusion) happens here, offline, once per bucket; finished packages are also
-kept in a cache keyed by weights, options, torch version, GPU and bucket, so a rebuild of the same
-thing costs a file copy (max-autotune did not finish batch 128 in 7 minutes on an H100).
+and runs them without compiling anything. With the ``dynamic_batch`` option one package with a
+symbolic batch dimension serves every bucket instead: one compile (not one per bucket) and one
+copy of the weights, for kernels that cannot specialise on the batch size. Tuning
+(``max_autotune``, 1x1 convolutions as matrix multiplies, epilogue fusion) happens here, offline,
+once per bucket; finished packages are also kept in a cache keyed by weights, options, torch
+version, GPU and bucket, so a rebuild of the same thing costs a file copy (max-autotune did not
+finish batch 128 in 7 minutes on an H100).
 
 Every build loads its first package in a *fresh* process before anything else touches it: on the
 H100 machine, packages built with the image's ``CXX`` (``/opt/gcc/bin/g++``, a wrapper that links
@@ -140,19 +143,25 @@ def compile_bucket(
     channels_last: bool,
     configs: dict[str, Any],
     cxx: str | None = None,
+    dynamic: bool = False,
 ) -> float:
-    """Export ``model`` at a static batch and compile it into the package ``path``; return seconds taken."""
+    """Export ``model`` and compile it into the package ``path``; return seconds taken.
+
+    The batch dimension is ``batch`` exactly, or, with ``dynamic``, any size from 1 to ``batch``
+    (traced at 2: export would specialise an example of 1).
+    """
     from torch._inductor import aoti_compile_and_package
 
     if cxx is not None:
         configs = {**configs, "cpp.cxx": (None, cxx)}
 
     t0 = time.perf_counter()
-    example = torch.zeros((batch, 3, 224, 224), dtype=dtype, device=device)
+    example = torch.zeros((min(batch, 2) if dynamic else batch, 3, 224, 224), dtype=dtype, device=device)
     if channels_last:
         example = example.contiguous(memory_format=torch.channels_last)
+    shapes = ({0: torch.export.Dim("batch", min=1, max=batch)},) if dynamic and batch > 1 else None
     with torch.inference_mode(False), torch.no_grad():
-        program = torch.export.export(model, (example,))
+        program = torch.export.export(model, (example,), dynamic_shapes=shapes)
         aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
     return time.perf_counter() - t0
 
@@ -173,7 +182,8 @@ def _compile_or_copy(
         if hit.is_file():
             shutil.copyfile(hit, target)
             return 0.0, True
-    log.info("AOTInductor: compiling batch %d with %s (%s)", batch, compile_args["configs"], compile_args["cxx"])
+    log.info("AOTInductor: compiling batch %s%d with %s (%s)", "1..." if compile_args.get("dynamic") else "", batch,
+             compile_args["configs"], compile_args["cxx"])  # fmt: skip
     try:
         took = round(compile_bucket(model, batch, target, **compile_args), 1)
     except Exception as e:  # inductor raises many types (BackendCompilerFailed, CppCompileError...)
@@ -202,6 +212,9 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
     autotune_buckets = options.get("autotune_buckets")
     plain_configs = inductor_configs({**options, "max_autotune": False}, ctx.device)
     buckets = [int(b) for b in options.get("buckets", batch_buckets(ctx.max_batch))]
+    dynamic = bool(options.get("dynamic_batch"))
+    if dynamic:
+        autotune_buckets = None  # one package: tuned (or not) as a whole
     cache_root = os.environ.get(CACHE_ENV) or ctx.options.get("aoti_cache_dir")
     key_base = {
         "weights": weights_digest(model),
@@ -219,21 +232,24 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
     fresh: dict[str, Any] = {}
 
     def compile_one(b: int, cfg: dict[str, Any], target: Path) -> bool:
+        key = {**key_base, "configs": cfg, "batch": b, "cxx": cxx, **({"dynamic": True} if dynamic else {})}
         seconds[str(b)], from_cache = _compile_or_copy(
-            model, b, target, cache_root, {**key_base, "configs": cfg, "batch": b, "cxx": cxx},
+            model, b, target, cache_root, key,
             device=ctx.device, dtype=dtype, channels_last=variant.channels_last, configs=cfg, cxx=cxx,
+            dynamic=dynamic,
         )  # fmt: skip
         return from_cache
 
     def check(b: int, target: Path) -> dict[str, Any]:
         loaded = load_in_fresh_process(target, device=ctx.device, dtype=dtype, channels_last=variant.channels_last,
-                                       batch=b)  # fmt: skip
+                                       batch=1 if dynamic else b)  # fmt: skip
         return {"batch": b, "cxx": cxx, **loaded}
 
-    for i, b in enumerate(buckets):
+    # A dynamic package is compiled once, at the largest bucket, and named by every bucket.
+    for i, b in enumerate([buckets[-1]] if dynamic else buckets):
         cfg = configs if autotune_buckets is None or b in autotune_buckets else plain_configs
         configs_by_batch[str(b)] = cfg
-        name = f"model-b{b}.pt2"
+        name = f"model-b1-{b}.pt2" if dynamic else f"model-b{b}.pt2"
         target = ctx.out_dir / name
         from_cache = compile_one(b, cfg, target)
         if i == 0:
@@ -255,10 +271,12 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
                 )
         if from_cache:
             cached.append(b)
-        payload[f"bucket_{b}"] = name
-    payload["model"] = f"model-b{buckets[-1]}.pt2"
+        for bucket in buckets if dynamic else [b]:
+            payload[f"bucket_{bucket}"] = name
+    payload["model"] = payload[f"bucket_{buckets[-1]}"]
     details = {
         "buckets": buckets,
+        "dynamic_batch": dynamic,
         "inductor_configs": configs_by_batch,
         "compile_s_by_batch": seconds,
         "from_cache": cached,
