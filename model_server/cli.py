@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
         help="decode JPEGs with nvJPEG on the serving GPU (default: true; ignored on the CPU)",
     )  # fmt: skip
     p.add_argument(
+        "--cpu_decode_share", type=float, default=float(_env("CPU_DECODE_SHARE", "0")),
+        help="share (0..1) of GPU-decodable JPEGs decoded with PIL in the front ends instead, to unload the "
+        "GPU decode stage when it limits throughput; skipped while the CPU pool is busy (default 0)",
+    )  # fmt: skip
+    p.add_argument(
         "--max_inflight_requests", type=int, default=int(_env("MAX_INFLIGHT_REQUESTS", "0")),
         help="HTTP inference requests handled at once (bodies in memory); more get 503 + Retry-After before "
         "their body is read (default 0: max_queue_images + 2 * max_batch_size)",
@@ -118,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
+    if not 0.0 <= args.cpu_decode_share <= 1.0:
+        print(f"error: --cpu_decode_share must be from 0 to 1, got {args.cpu_decode_share}", file=sys.stderr)
+        return 2
     if args.gil_switch_interval_ms < 0:
         print(f"error: --gil_switch_interval_ms must be >= 0, got {args.gil_switch_interval_ms}", file=sys.stderr)
         return 2
@@ -138,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         max_image_pixels=args.max_image_pixels,
         request_timeout_s=args.request_timeout_s,
         gpu_decode=args.gpu_decode == "true",
+        cpu_decode_share=args.cpu_decode_share,
     )
     if args.frontends < 1:
         print(f"error: --frontends must be >= 1, got {args.frontends}", file=sys.stderr)

@@ -26,5 +26,9 @@ class ServingConfig:
     #: Decode JPEGs with nvJPEG on the serving GPU, batched across requests by the device
     #: worker; other formats, and every image on a CPU-only machine, are decoded by PIL.
     gpu_decode: bool = True
+    #: Share (0..1) of GPU-decodable images the front ends decode with PIL anyway, to take load
+    #: off the decode stage when it, not the model, limits throughput. Skipped while the CPU
+    #: pool is busy, so it never queues behind itself. 0 (default): nvJPEG takes every JPEG.
+    cpu_decode_share: float = 0.0
     #: Where on-demand profiler traces go (a mounted volume in a pod).
     profile_dir: str = os.path.join(tempfile.gettempdir(), "densenet-profiles")

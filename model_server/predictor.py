@@ -52,6 +52,8 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
         )
         self.load_seconds: float | None = None
         self._gpu_decode = False
+        self._cpu_credit = 0.0  # images owed to the CPU under cpu_decode_share
+        self._cpu_decoding = 0  # CPU decodes running or queued in the pool
         self.profiler: ProfileCapture | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -262,8 +264,10 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
         """
         t0 = time.perf_counter()
         cfg = self.config
-        if self._gpu_decode and all(
-            gpu_decodable(d, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_image_bytes) for d in images
+        if (
+            self._gpu_decode
+            and all(gpu_decodable(d, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_image_bytes) for d in images)
+            and not self._cpu_turn(len(images))
         ):
             m.PREPROCESS_SECONDS.observe(time.perf_counter() - t0)
             return JpegBatch(images)
@@ -272,12 +276,31 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
         def one(data: bytes) -> torch.Tensor:
             return decode_and_crop(data, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_image_bytes)
 
-        if len(images) == 1:
-            crops = [await loop.run_in_executor(self._decode_pool, one, images[0])]
-        else:
-            crops = list(await asyncio.gather(*(loop.run_in_executor(self._decode_pool, one, d) for d in images)))
+        self._cpu_decoding += len(images)
+        try:
+            if len(images) == 1:
+                crops = [await loop.run_in_executor(self._decode_pool, one, images[0])]
+            else:
+                crops = list(await asyncio.gather(*(loop.run_in_executor(self._decode_pool, one, d) for d in images)))
+        finally:
+            self._cpu_decoding -= len(images)
         m.PREPROCESS_SECONDS.observe(time.perf_counter() - t0)
         return torch.stack(crops)
+
+    def _cpu_turn(self, n: int) -> bool:
+        """Whether this request's ``n`` GPU-decodable images go to PIL under ``cpu_decode_share``.
+
+        A credit counter spreads the share evenly over requests; a request is never sent to a
+        pool that has a decode waiting for each of its threads already (the GPU takes it).
+        """
+        share = self.config.cpu_decode_share
+        if share <= 0.0:
+            return False
+        self._cpu_credit = min(self._cpu_credit + share * n, float(max(n, 1)))  # no unbounded banking
+        if self._cpu_credit < n or self._cpu_decoding + n > self.config.preprocess_threads:
+            return False
+        self._cpu_credit -= n
+        return True
 
     async def _infer(self, payload: Payload) -> np.ndarray:
         if self.batcher is None:

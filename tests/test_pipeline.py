@@ -118,3 +118,30 @@ def test_resize_in_chunks_matches_one_pass(monkeypatch: pytest.MonkeyPatch) -> N
     chunked = pre.gpu_resize_crop_many(images)
     assert chunked.shape == (5, 3, 224, 224)
     assert torch.equal(one_pass, chunked)
+
+
+@pytest.mark.parametrize(("share", "to_cpu"), [(0.0, 0), (0.25, 2), (0.5, 4), (1.0, 8)])
+def test_cpu_decode_share_sends_that_share_of_jpegs_to_pil(share: float, to_cpu: int) -> None:
+    """--cpu_decode_share: of 8 GPU-decodable requests, ``share`` are decoded by PIL in the front end
+    (real crops, as the CPU path makes them) and the rest go on as JPEG bytes for nvJPEG."""
+    from model_server.config import ServingConfig
+    from model_server.pipeline import JpegBatch
+    from model_server.predictor import DenseNetPredictor
+    from model_server.preprocess import decode_and_crop
+
+    p = DenseNetPredictor("densenet121", Path("unused"), ServingConfig(cpu_decode_share=share, preprocess_threads=2))
+    p._gpu_decode = True  # what load() sets on a GPU with nvJPEG; the routing happens before any device
+    jpeg = _jpeg(320, 240, (10, 120, 60))
+
+    async def main() -> list[object]:
+        return [await p._decode([jpeg]) for _ in range(8)]
+
+    out = asyncio.run(main())
+    cpu = [o for o in out if isinstance(o, torch.Tensor)]
+    assert len(cpu) == to_cpu and len(out) - to_cpu == sum(isinstance(o, JpegBatch) for o in out)
+    for t in cpu:
+        assert torch.equal(t, decode_and_crop(jpeg)[None])
+    # A pool with a decode queued for every thread already: the GPU takes the request, whatever the share.
+    p._cpu_decoding = 2
+    assert all(isinstance(asyncio.run(p._decode([jpeg])), JpegBatch) for _ in range(4))
+    p._decode_pool.shutdown()
