@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Usage: benchmarks/gpu_suite.sh [--steps check,onnx,aoti-dynamic,serve,serve-aoti] [--artifacts DIR]
+#                                [--duration S] [--pairs N] [--help]
+#
+# The GPU records of issues #4 and #5, step by step, on one CUDA host (from the repository root).
+# Each step is one benchmark script; each writes its JSON record under benchmarks/results/ (and a
+# copy under $OUT when set). Steps are sized to fit one 10-minute call each:
+#
+#   check         GPU, driver and versions; which runtimes import (always runs first)
+#   onnx          gpu_bench: ONNX Runtime CUDA EP (FP32, FP16, I/O binding) against stock
+#                 torch.compile and the CUDA-graph variant (needs onnxruntime-gpu)       ~4 min
+#   aoti-dynamic  gpu_bench: AOTInductor, one package with a dynamic batch dimension     ~4 min
+#   serve         serve_bench on densenet121-eager-fp16-cl-graphs, with interleaved A/B arms:
+#                 metrics off, --cpu_decode_share 0.3, --gil_switch_interval_ms 1       ~9 min
+#   serve-aoti    serve_bench on densenet121-aoti-fp16-cl-dynamic (built first, cached) ~8 min
+#
+# Environment: PYTHON (default python3), DENSENET_AOTI_CACHE (compiled packages are reused).
+set -o errexit -o nounset -o pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+STEPS="check,onnx,aoti-dynamic,serve,serve-aoti"
+ARTIFACTS="${TMPDIR:-/tmp}/densenet-suite-artifacts"
+DURATION=10
+PAIRS=2
+SERVER_ARGS="--max_batch_size 128 --frontends 6"
+
+usage() {
+  sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+log() {
+  printf '[gpu_suite %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2
+}
+
+parse_args() {
+  while [ "$#" -gt 0 ]; do
+    case "$1" in
+      --steps) STEPS="$2"; shift 2 ;;
+      --artifacts) ARTIFACTS="$2"; shift 2 ;;
+      --duration) DURATION="$2"; shift 2 ;;
+      --pairs) PAIRS="$2"; shift 2 ;;
+      -h|--help) usage; exit 0 ;;
+      *) log "unknown argument: $1"; usage >&2; exit 1 ;;
+    esac
+  done
+  local step
+  for step in ${STEPS//,/ }; do
+    case "${step}" in
+      check|onnx|aoti-dynamic|serve|serve-aoti) ;;
+      *) log "unknown step '${step}'; valid: check, onnx, aoti-dynamic, serve, serve-aoti"; exit 1 ;;
+    esac
+  done
+}
+
+step_check() {
+  if ! command -v nvidia-smi >/dev/null; then
+    log "nvidia-smi not found: this suite needs a CUDA host (run the CPU benchmarks instead)"
+    exit 1
+  fi
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2
+  "${PYTHON}" - <<'EOF' >&2
+import importlib, sys
+import torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
+for name in ("torchvision", "kserve", "locust", "onnxruntime"):
+    try:
+        mod = importlib.import_module(name)
+        extra = ""
+        if name == "onnxruntime":
+            extra = " providers=" + ",".join(mod.get_available_providers())
+        print(name, getattr(mod, "__version__", "?") + extra)
+    except Exception as e:  # report every missing piece at once
+        print(name, "MISSING:", type(e).__name__, e)
+EOF
+}
+
+ort_cuda_available() {
+  "${PYTHON}" -c 'import onnxruntime as o; import sys; sys.exit(0 if "CUDAExecutionProvider" in o.get_available_providers() else 1)' \
+    >/dev/null 2>&1
+}
+
+step_onnx() {
+  if ! ort_cuda_available; then
+    log "onnx: skipped, onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)"
+    return 0
+  fi
+  log "onnx: ONNX Runtime CUDA EP against stock torch.compile"
+  "${PYTHON}" "${ROOT}/benchmarks/gpu_bench.py" --name issue4-onnx --skip-autotune --batch-sizes 1,32,128 \
+    --variants densenet121-onnx-fp32,densenet121-onnx-fp16,densenet121-eager-fp16-cl-graphs
+}
+
+step_aoti_dynamic() {
+  log "aoti-dynamic: one AOTInductor package for every batch size"
+  "${PYTHON}" "${ROOT}/benchmarks/gpu_bench.py" --name issue4-aoti-dynamic --skip-autotune --batch-sizes 1,32,128 \
+    --variants densenet121-aoti-fp16-cl-dynamic,densenet121-eager-fp16-cl-graphs
+}
+
+build_artifact() {
+  local slug="$1"
+  if [ -f "${ARTIFACTS}/${slug}/variant.json" ]; then
+    log "artifact ${slug}: already built in ${ARTIFACTS}"
+    return 0
+  fi
+  log "artifact ${slug}: building (random weights, max batch 128)"
+  "${PYTHON}" -m optimize build --variant "${slug}" --weights random --device cuda --max-batch 128 \
+    --output-dir "${ARTIFACTS}"
+}
+
+step_serve() {
+  local slug=densenet121-eager-fp16-cl-graphs
+  build_artifact "${slug}"
+  log "serve: ${slug}, single-image sweep, sizes, batched, then interleaved A/B arms"
+  "${PYTHON}" "${ROOT}/benchmarks/serve_bench.py" --model-dir "${ARTIFACTS}/${slug}" \
+    --concurrency 1,96,128,192 --processes 6 --duration "${DURATION}" --sizes vga,12mp \
+    --batched-concurrency 8,16 --server-args "${SERVER_ARGS}" --pairs "${PAIRS}" --metrics-overhead \
+    --compare "cpu_share_0.3=${SERVER_ARGS} --cpu_decode_share 0.3" \
+    --compare "gil_1ms=${SERVER_ARGS} --gil_switch_interval_ms 1"
+}
+
+step_serve_aoti() {
+  local slug=densenet121-aoti-fp16-cl-dynamic
+  build_artifact "${slug}"
+  log "serve-aoti: ${slug}"
+  "${PYTHON}" "${ROOT}/benchmarks/serve_bench.py" --model-dir "${ARTIFACTS}/${slug}" \
+    --concurrency 1,96,128,192 --processes 6 --duration "${DURATION}" --sizes vga \
+    --batched-concurrency 8,16 --server-args "${SERVER_ARGS}" --phases ondevice,floor,single,batched
+}
+
+main() {
+  parse_args "$@"
+  cd "${ROOT}"
+  step_check
+  local step
+  for step in ${STEPS//,/ }; do
+    case "${step}" in
+      check) ;;
+      onnx) step_onnx ;;
+      aoti-dynamic) step_aoti_dynamic ;;
+      serve) step_serve ;;
+      serve-aoti) step_serve_aoti ;;
+    esac
+  done
+  log "done: records in ${ROOT}/benchmarks/results${OUT:+ and ${OUT}}"
+}
+
+main "$@"

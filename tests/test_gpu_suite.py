@@ -1,0 +1,74 @@
+"""benchmarks/gpu_suite.sh with stub executables on PATH: which benchmark commands each step runs.
+
+No GPU here: ``nvidia-smi`` and the Python interpreter are stubs that record their arguments, so
+these tests check the suite's plumbing (steps, flags, skips), never a benchmark's result.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
+
+STUB_PYTHON = """#!/usr/bin/env bash
+# Records every call; answers the ONNX Runtime probe with $ORT_CUDA (0: has the CUDA EP).
+printf '%s\\n' "$*" >> "$CALLS"
+if [ "${1:-}" = "-c" ]; then exit "${ORT_CUDA:-1}"; fi
+if [ "${1:-}" = "-" ]; then cat >/dev/null; fi
+exit 0
+"""
+
+
+def _run(tmp_path: Path, *args: str, ort_cuda: int = 1) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python-stub").write_text(STUB_PYTHON)
+    (bin_dir / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'NVIDIA H100 80GB HBM3, 580.00, 81559 MiB'\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.write_text("")
+    env = {
+        **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python-stub"),
+        "CALLS": str(calls), "ORT_CUDA": str(ort_cuda), "TMPDIR": str(tmp_path),
+    }  # fmt: skip
+    proc = subprocess.run(["bash", str(SUITE), *args], env=env, capture_output=True, text=True, timeout=60)
+    return proc, calls.read_text().splitlines()
+
+
+def test_serve_step_builds_the_artifact_then_runs_serve_bench_with_its_ab_arms(tmp_path: Path) -> None:
+    proc, calls = _run(tmp_path, "--steps", "serve", "--duration", "7", "--pairs", "3")
+    assert proc.returncode == 0, proc.stderr
+    build = [c for c in calls if c.startswith("-m optimize build")]
+    assert build and "--variant densenet121-eager-fp16-cl-graphs" in build[0] and "--max-batch 128" in build[0]
+    bench = [c for c in calls if "benchmarks/serve_bench.py" in c]
+    assert len(bench) == 1
+    for flag in ("--duration 7", "--pairs 3", "--metrics-overhead", "--cpu_decode_share 0.3",
+                 "--gil_switch_interval_ms 1", "--frontends 6"):  # fmt: skip
+        assert flag in bench[0], flag
+
+
+def test_onnx_step_is_skipped_without_the_cuda_provider_and_runs_with_it(tmp_path: Path) -> None:
+    proc, calls = _run(tmp_path, "--steps", "onnx", ort_cuda=1)
+    assert proc.returncode == 0 and "no CUDAExecutionProvider" in proc.stderr
+    assert not [c for c in calls if "gpu_bench.py" in c]
+    proc, calls = _run(tmp_path, "--steps", "onnx", ort_cuda=0)
+    bench = [c for c in calls if "gpu_bench.py" in c]
+    assert proc.returncode == 0 and len(bench) == 1 and "densenet121-onnx-fp16" in bench[0]
+
+
+@pytest.mark.parametrize("args", [["--steps", "nope"], ["--bogus"]])
+def test_bad_arguments_exit_1_with_usage(tmp_path: Path, args: list[str]) -> None:
+    proc, calls = _run(tmp_path, *args)
+    assert proc.returncode == 1 and ("unknown step 'nope'" in proc.stderr or "unknown argument" in proc.stderr)
+    assert calls == []
+
+
+def test_help_exits_0() -> None:
+    proc = subprocess.run(["bash", str(SUITE), "--help"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and "serve-aoti" in proc.stdout
