@@ -1,46 +1,197 @@
-"""Decode paths compared on one machine: PIL (CPU, draft mode) vs nvJPEG single and batched, per image."""
+"""Where the serving decode stage's time goes: PIL vs nvJPEG, per batch size, idle and beside the model.
+
+In the H100 serving runs the decode stage (``DevicePipeline.prepare``: one nvJPEG call for the
+batch, then resize/crop on a side stream) took 0.3 ms per VGA JPEG at ~30 per batch, against
+0.11 ms per image for nvJPEG alone at batch 128 on an idle GPU. This script separates the parts,
+for batches of 1 to 128 photos of each size:
+
+* ``pil_ms``: one photo through the CPU path (``decode_and_crop``: PIL, draft mode, resize, crop);
+* ``nvjpeg_ms``: ``torchvision.io.decode_jpeg`` on the batch, device synchronised;
+* ``crop_ms``: ``gpu_resize_crop_many`` on the decoded batch;
+* ``prepare_ms``: the server's whole prepare stage on one-photo requests (``JpegBatch`` each, as
+  the IPC delivers them), and ``prepare_host_cpu_ms``, the CPU time the calling thread spent in it
+  (``time.thread_time``: the host-side work that competes for the device process's GIL);
+* ``busy_prepare_ms``: the prepare stage again while another thread replays DenseNet-121 FP16
+  channels-last at batch 32 in a CUDA graph on the default stream (as the device thread does
+  while batch k+1 is decoded), with the model's replays per second in that window.
+
+Writes ``benchmarks/results/<date>-<gpu>-<name>.json`` (keys ``name``, ``command``, ``date``,
+``environ``, ``metrics``) and a copy under ``$OUT``. On a machine without CUDA it runs the CPU
+parts only (torchvision decodes on the CPU), which is what the tests use.
+
+    python benchmarks/decode_bench.py --batch-sizes 1,8,32,64,128 --sizes vga,12mp
+"""
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
 import json
 import os
+import shlex
+import statistics
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-import torch
+import torch  # noqa: E402
 
-from loadtest._payloads import photo_set
-from model_server.preprocess import decode_and_crop, decode_batch_gpu
+from loadtest._payloads import photo_set  # noqa: E402
+from model_server.preprocess import decode_and_crop, gpu_resize_crop_many  # noqa: E402
 
 
-def timed(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
+def _median_ms(fn: Callable[[], object], reps: int, device: torch.device, *, cpu: bool = False) -> tuple[float, float]:
+    """Median wall ms of ``fn`` (device synchronised after each call) and median calling-thread CPU ms."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    sync()
+    walls, cpus = [], []
     for _ in range(reps):
+        t0, c0 = time.perf_counter(), time.thread_time()
         fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps * 1000
+        sync()
+        walls.append((time.perf_counter() - t0) * 1000)
+        cpus.append((time.thread_time() - c0) * 1000)
+    return round(statistics.median(walls), 3), round(statistics.median(cpus), 3)
 
 
-def main() -> int:
-    dev = torch.device("cuda")
-    res: dict[str, float] = {}
-    for size in ("vga", "12mp"):
+class ModelLoad:
+    """DenseNet-121 FP16 channels-last at batch 32, replayed from a CUDA graph in a thread of its own."""
+
+    def __init__(self, device: torch.device) -> None:
+        import torchvision
+
+        model = torchvision.models.densenet121(weights=None).to(device).half().eval()
+        self.model = model.to(memory_format=torch.channels_last)
+        self.x = torch.randn(32, 3, 224, 224, device=device, dtype=torch.half).contiguous(
+            memory_format=torch.channels_last
+        )
+        self.stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        with torch.no_grad(), torch.cuda.stream(self.stream):
+            self.model(self.x)  # warm-up before capture
+        self.stream.synchronize()  # type: ignore[no-untyped-call]
+        self.graph = torch.cuda.CUDAGraph()  # type: ignore[no-untyped-call]
+        with torch.no_grad(), torch.cuda.graph(self.graph, stream=self.stream):
+            self.model(self.x)
+        self.replays = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-load", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.graph.replay()
+            self.stream.synchronize()  # type: ignore[no-untyped-call]
+            self.replays += 1
+
+    def __enter__(self) -> ModelLoad:
+        self._t0 = time.perf_counter()
+        self._thread.start()
+        time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.replays_per_s = round(self.replays / (time.perf_counter() - self._t0), 1)
+
+
+def bench(device: torch.device, sizes: list[str], batch_sizes: list[int], reps: int) -> dict[str, Any]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from model_server.pipeline import DevicePipeline, JpegBatch
+    from model_server.runtimes import Runner
+
+    class _NoModel(Runner):  # prepare() only: the pipeline needs a runner for its device
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    runner = _NoModel({"slug": "none", "precision": "fp32", "input": {"max_batch": max(batch_sizes)}}, device)
+    pipeline = DevicePipeline(runner)
+    load = ModelLoad(device) if device.type == "cuda" else None
+    metrics: dict[str, Any] = {}
+    for size in sizes:
         jpegs = [p.jpeg for p in photo_set(size)]
-        one = jpegs[0]
-        res[f"{size}_jpeg_kb"] = round(sum(len(j) for j in jpegs) / len(jpegs) / 1024, 1)
-        res[f"{size}_pil_cpu_ms"] = round(timed(lambda one=one: decode_and_crop(one), 20), 3)
-        res[f"{size}_nvjpeg_single_ms"] = round(timed(lambda one=one: decode_batch_gpu([one], dev), 20), 3)
-        for n in (32, 128):
+        metrics[f"{size}_jpeg_kb"] = round(sum(len(j) for j in jpegs) / len(jpegs) / 1024, 1)
+        metrics[f"{size}_pil_ms"], _ = _median_ms(lambda j=jpegs[0]: decode_and_crop(j), reps, device)
+        for n in batch_sizes:
+            print(f"  {size} batch {n}", file=sys.stderr, flush=True)
             batch = (jpegs * (n // len(jpegs) + 1))[:n]
-            res[f"{size}_nvjpeg_batch{n}_ms_per_img"] = round(timed(lambda b=batch: decode_batch_gpu(b, dev), 5) / n, 3)
-    print(json.dumps(res, indent=1))
+            encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in batch]
+            key = f"{size}_b{n}"
+
+            def nvjpeg(enc: list[torch.Tensor] = encoded) -> list[torch.Tensor]:
+                return decode_jpeg(enc, mode=ImageReadMode.RGB, device=device)  # type: ignore[no-any-return]
+
+            decoded = nvjpeg()
+            metrics[f"{key}_nvjpeg_ms"], metrics[f"{key}_nvjpeg_host_cpu_ms"] = _median_ms(nvjpeg, reps, device)
+            metrics[f"{key}_crop_ms"], _ = _median_ms(lambda d=decoded: gpu_resize_crop_many(d), reps, device)
+            requests = [JpegBatch([d], buffer=bytearray(d)) for d in batch]  # one photo per request, as served
+
+            def prepare(reqs: list[Any] = requests) -> object:
+                staged = pipeline.prepare(reqs)
+                if staged.ready is not None:
+                    staged.ready.synchronize()
+                return staged
+
+            metrics[f"{key}_prepare_ms"], metrics[f"{key}_prepare_host_cpu_ms"] = _median_ms(prepare, reps, device)
+            metrics[f"{key}_prepare_ms_per_img"] = round(metrics[f"{key}_prepare_ms"] / n, 4)
+            if load is not None:
+                with load:
+                    metrics[f"{key}_busy_prepare_ms"], _ = _median_ms(prepare, reps, device)
+                metrics[f"{key}_busy_model_replays_per_s"] = load.replays_per_s
+                load.replays = 0
+    if load is not None:
+        with load:
+            time.sleep(1.0)
+        metrics["model_alone_replays_per_s"] = load.replays_per_s
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    p.add_argument("--sizes", default="vga,12mp", help="photo sizes (loadtest/_payloads.py), default vga,12mp")
+    p.add_argument("--batch-sizes", default="1,8,32,64,128", help="photos per batch, default 1,8,32,64,128")
+    p.add_argument("--reps", type=int, default=10, help="timed calls per measurement (median), default 10")
+    p.add_argument("--name", default="decode", help="record name (file name part), default decode")
+    p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    given = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(given)
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        p.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        p.error(f"--batch-sizes must be positive, got {args.batch_sizes!r}")
+    device = torch.device(args.device)
+    print(f"decode_bench on {device}: sizes {args.sizes}, batches {batch_sizes}", file=sys.stderr, flush=True)
+    metrics = bench(device, args.sizes.split(","), batch_sizes, args.reps)
+    from optimize.build import environment
+
+    env = environment(device, packages=("torchvision", "pillow"))
+    gpu = (env.get("gpu") or "cpu").lower().replace("nvidia ", "").replace(" ", "-")
+    date = dt.date.today().isoformat()
+    record = {
+        "name": args.name,
+        "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/decode_bench.py", *given]),
+        "date": date,
+        "environ": env,
+        "metrics": metrics,
+    }
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path = args.results_dir / f"{date}-{gpu}-{args.name}.json"
+    text = json.dumps(record, indent=1) + "\n"
+    path.write_text(text)
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "decode_bench.json").write_text(json.dumps(res, indent=1))
+        Path(os.environ["OUT"], path.name).write_text(text)
+    print(json.dumps(metrics, indent=1))
+    print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

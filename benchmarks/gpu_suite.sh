@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: benchmarks/gpu_suite.sh [--steps check,onnx,aoti-dynamic,serve,serve-aoti] [--artifacts DIR]
+# Usage: benchmarks/gpu_suite.sh [--steps check,decode,onnx,aoti-dynamic,serve,serve-aoti] [--artifacts DIR]
 #                                [--duration S] [--pairs N] [--help]
 #
 # The GPU records of issues #4 and #5, step by step, on one CUDA host (from the repository root).
@@ -7,6 +7,8 @@
 # copy under $OUT when set). Steps are sized to fit one 10-minute call each:
 #
 #   check         GPU, driver and versions; which runtimes import (always runs first)
+#   decode        decode_bench: nvJPEG, crop and the prepare stage per batch size, idle and
+#                 beside the model in a CUDA graph (why 0.3 ms/JPEG served vs 0.11 idle)  ~2 min
 #   onnx          gpu_bench: ONNX Runtime CUDA EP (FP32, FP16, I/O binding) against stock
 #                 torch.compile and the CUDA-graph variant (needs onnxruntime-gpu)       ~4 min
 #   aoti-dynamic  gpu_bench: AOTInductor, one package with a dynamic batch dimension     ~4 min
@@ -19,14 +21,14 @@ set -o errexit -o nounset -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-STEPS="check,onnx,aoti-dynamic,serve,serve-aoti"
+STEPS="check,decode,onnx,aoti-dynamic,serve,serve-aoti"
 ARTIFACTS="${TMPDIR:-/tmp}/densenet-suite-artifacts"
 DURATION=10
 PAIRS=2
 SERVER_ARGS="--max_batch_size 128 --frontends 6"
 
 usage() {
-  sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 log() {
@@ -47,8 +49,8 @@ parse_args() {
   local step
   for step in ${STEPS//,/ }; do
     case "${step}" in
-      check|onnx|aoti-dynamic|serve|serve-aoti) ;;
-      *) log "unknown step '${step}'; valid: check, onnx, aoti-dynamic, serve, serve-aoti"; exit 1 ;;
+      check|decode|onnx|aoti-dynamic|serve|serve-aoti) ;;
+      *) log "unknown step '${step}'; valid: check, decode, onnx, aoti-dynamic, serve, serve-aoti"; exit 1 ;;
     esac
   done
 }
@@ -79,6 +81,11 @@ EOF
 ort_cuda_available() {
   "${PYTHON}" -c 'import onnxruntime as o; import sys; sys.exit(0 if "CUDAExecutionProvider" in o.get_available_providers() else 1)' \
     >/dev/null 2>&1
+}
+
+step_decode() {
+  log "decode: nvJPEG, crop and prepare per batch size, idle and beside the model"
+  "${PYTHON}" "${ROOT}/benchmarks/decode_bench.py" --sizes vga,12mp --batch-sizes 1,8,32,64,128
 }
 
 step_onnx() {
@@ -136,6 +143,7 @@ main() {
   for step in ${STEPS//,/ }; do
     case "${step}" in
       check) ;;
+      decode) step_decode ;;
       onnx) step_onnx ;;
       aoti-dynamic) step_aoti_dynamic ;;
       serve) step_serve ;;

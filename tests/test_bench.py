@@ -101,3 +101,23 @@ def test_bad_batch_sizes_are_a_usage_error(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and "--batch-sizes" in proc.stderr
+
+
+def test_decode_bench_writes_a_record_of_every_stage(tmp_path: Path) -> None:
+    """benchmarks/decode_bench.py on the CPU (torchvision decodes there too): one record, every stage's key."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/decode_bench.py", "--device", "cpu", "--sizes", "vga", "--batch-sizes", "1,2",
+         "--reps", "1", "--results-dir", str(tmp_path), "--name", "decode-test"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (path,) = tmp_path.glob("*-decode-test.json")
+    record = json.loads(path.read_text())
+    assert {"name", "command", "date", "environ", "metrics"} <= set(record)
+    m = record["metrics"]
+    for key in ("vga_pil_ms", "vga_b2_nvjpeg_ms", "vga_b2_crop_ms", "vga_b2_prepare_ms", "vga_b2_prepare_host_cpu_ms"):
+        assert m[key] > 0, key
+    assert "vga_b2_busy_prepare_ms" not in m  # the model-load arm needs CUDA
+    bad = subprocess.run([sys.executable, "benchmarks/decode_bench.py", "--batch-sizes", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "--batch-sizes must be positive" in bad.stderr

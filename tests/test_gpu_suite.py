@@ -72,3 +72,9 @@ def test_bad_arguments_exit_1_with_usage(tmp_path: Path, args: list[str]) -> Non
 def test_help_exits_0() -> None:
     proc = subprocess.run(["bash", str(SUITE), "--help"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and "serve-aoti" in proc.stdout
+
+
+def test_decode_step_runs_the_decode_breakdown(tmp_path: Path) -> None:
+    proc, calls = _run(tmp_path, "--steps", "decode")
+    bench = [c for c in calls if "benchmarks/decode_bench.py" in c]
+    assert proc.returncode == 0 and len(bench) == 1 and "--batch-sizes 1,8,32,64,128" in bench[0]
