@@ -122,8 +122,7 @@ step_serve() {
   "${PYTHON}" "${ROOT}/benchmarks/serve_bench.py" --model-dir "${ARTIFACTS}/${slug}" \
     --concurrency 1,96,128,192 --processes 6 --duration "${DURATION}" --sizes vga,12mp \
     --batched-concurrency 8,16 --server-args "${SERVER_ARGS}" --pairs "${PAIRS}" --metrics-overhead \
-    --compare "cpu_share_0.3=${SERVER_ARGS} --cpu_decode_share 0.3" \
-    --compare "gil_1ms=${SERVER_ARGS} --gil_switch_interval_ms 1"
+    --compare "cpu_share_0.3=--cpu_decode_share 0.3" --compare "gil_1ms=--gil_switch_interval_ms 1"
 }
 
 step_serve_aoti() {

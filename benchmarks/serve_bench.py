@@ -12,6 +12,14 @@ Example (H100)::
     python benchmarks/serve_bench.py --model-dir artifacts/densenet121-eager-fp16-cl \\
         --concurrency 1,16,64,128 --processes 6 --duration 20
 
+Server configurations are compared interleaved (``--compare LABEL=SERVER_ARGS``, ``--pairs``):
+the base (``--server-args``) and every compared arm take turns, each run on a fresh server,
+so that the machine's drift falls on all of them; ``--metrics-overhead`` is the comparison
+with ``--metrics false``. ``--phases`` runs a subset, e.g. only ``single,compare``::
+
+    python benchmarks/serve_bench.py --model-dir artifacts/densenet121-eager-fp16-cl-graphs \\
+        --phases single,compare --concurrency 128 --metrics-overhead --pairs 5 --duration 15
+
 Never import kserve here: Locust runs in subprocesses, the server in another.
 """
 
@@ -29,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +109,8 @@ def gpu_mem_of(pid: int) -> float | None:
         h = pynvml.nvmlDeviceGetHandleByIndex(0)
         for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
             if p.pid == pid and p.usedGpuMemory:
-                return round(p.usedGpuMemory / 2**20, 1)
-        return round(pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**20, 1)  # pid not visible (containers)
+                return round(float(p.usedGpuMemory) / 2**20, 1)
+        return round(float(pynvml.nvmlDeviceGetMemoryInfo(h).used) / 2**20, 1)  # pid not visible (containers)
     except Exception:
         return None
 
@@ -109,7 +118,7 @@ def gpu_mem_of(pid: int) -> float | None:
 def rss_of(pid: int) -> float:
     import psutil
 
-    return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+    return round(float(psutil.Process(pid).memory_info().rss) / 2**20, 1)
 
 
 class Server:
@@ -304,6 +313,252 @@ class Sampler(threading.Thread):
             self.vram = max(self.vram, gpu_mem_of(self.pid) or 0.0)
 
 
+#: What a run measures, in the order it runs; ``--phases`` picks a subset. The cold start
+#: (``ready_s``, ``first_request_ms``, idle memory) is always measured: the loads need the server anyway.
+PHASES = ("ondevice", "floor", "single", "cpu-roles", "sizes", "batched", "compare")
+#: The arm every ``--compare`` arm is measured against: the server with ``--server-args`` alone.
+BASE = "base"
+#: The arm ``--metrics-overhead`` adds, and the one ``metrics_overhead_pct`` is computed from.
+METRICS_OFF = "metrics_off"
+#: Issue 5's bound on what the request-path metrics may cost in throughput.
+METRICS_OVERHEAD_TARGET_PCT = 3.0
+_LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def parse_phases(spec: str | None) -> list[str]:
+    """``--phases``: a comma list of :data:`PHASES` (all of them for ``None``), returned in run order.
+
+    Raises:
+        ValueError: an unknown or empty list.
+    """
+    if spec is None:
+        return list(PHASES)
+    asked = {s.strip() for s in spec.split(",") if s.strip()}
+    unknown = sorted(asked - set(PHASES))
+    if unknown or not asked:
+        raise ValueError(f"--phases: unknown {', '.join(unknown) or '(empty)'}; choose among {','.join(PHASES)}")
+    return [ph for ph in PHASES if ph in asked]
+
+
+def parse_compare(specs: Sequence[str], *, metrics_overhead: bool) -> dict[str, list[str]]:
+    """``--compare LABEL=SERVER_ARGS`` flags as ``{label: server argv}``, in the order given.
+
+    ``--metrics-overhead`` is shorthand for ``--compare metrics_off="--metrics false"`` (an arm
+    of that label given explicitly is kept as it is).
+
+    Raises:
+        ValueError: a spec without ``=``, a label that is empty, ``base``, repeated, or not
+            made of letters, digits, ``_``, ``.`` and ``-`` (labels name files).
+    """
+    arms: dict[str, list[str]] = {}
+    for spec in specs:
+        label, sep, server_args = spec.partition("=")
+        label = label.strip()
+        if not sep or not label:
+            raise ValueError(f"--compare {spec!r}: expected LABEL=SERVER_ARGS")
+        if not set(label) <= _LABEL_CHARS:
+            raise ValueError(f"--compare label {label!r}: use letters, digits, '_', '.' and '-'")
+        if label == BASE or label in arms:
+            raise ValueError(f"--compare label {label!r} is {'reserved' if label == BASE else 'given twice'}")
+        arms[label] = shlex.split(server_args)
+    if metrics_overhead and METRICS_OFF not in arms:
+        arms[METRICS_OFF] = ["--metrics", "false"]
+    return arms
+
+
+def interleaved_order(labels: Sequence[str], pairs: int) -> list[tuple[int, str]]:
+    """``(pair, arm)`` in run order: the base and each compared arm, ``pairs`` times, every other
+    pair reversed (base, A, B, B, A, base, ...).
+
+    Alternating, rather than all repetitions of one arm in a row, lets slow drift of the
+    machine (clocks, heat, neighbours) fall on every arm alike; reversing every other pair
+    cancels a steady drift, which a fixed order would put on the later arms.
+    """
+    arms = (BASE, *labels)
+    return [(pair, arm) for pair in range(1, pairs + 1) for arm in (arms if pair % 2 else arms[::-1])]
+
+
+def spread_pct(values: Sequence[float]) -> float | None:
+    """Run-to-run noise of repeated runs: (max − min) / median, in %; ``None`` below two runs."""
+    if len(values) < 2:
+        return None
+    med = statistics.median(values)
+    return round((max(values) - min(values)) / med * 100, 2) if med else None
+
+
+def summarize_arm(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One arm's repetitions (:func:`run_locust` results, in run order): lists, medians, extremes, spread."""
+    img = [round(float(r["img_s"]), 1) for r in runs]
+    p50 = [float(r["p50_ms"]) for r in runs]
+    p99 = [float(r["p99_ms"]) for r in runs]
+    out: dict[str, Any] = {
+        "img_s": img,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "failures": [int(r["failures"]) for r in runs],
+        "img_s_median": round(statistics.median(img), 1),
+        "img_s_min": min(img),
+        "img_s_max": max(img),
+        "p50_ms_median": statistics.median(p50),
+        "p99_ms_median": statistics.median(p99),
+    }
+    spread = spread_pct(img)
+    if spread is not None:
+        out["img_s_spread_pct"] = spread
+    if all("ready_s" in r for r in runs):
+        out["ready_s"] = [r["ready_s"] for r in runs]
+    out["server"] = [r.get("server", {}) for r in runs]
+    return out
+
+
+def compare_arms(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Every arm summarised; each compared arm also against the base, by medians and pair by pair.
+
+    ``ratio_vs_base`` is the ratio of the medians of answered img/s (above 1: faster than the
+    base); ``pair_ratios`` the same within each pair, whose range shows how far to trust it.
+    """
+    base = summarize_arm(runs[BASE])
+    out = {BASE: base}
+    for label, arm_runs in runs.items():
+        if label == BASE:
+            continue
+        arm = summarize_arm(arm_runs)
+        if base["img_s_median"]:
+            arm["ratio_vs_base"] = round(arm["img_s_median"] / base["img_s_median"], 4)
+        pair = [round(a / b, 4) for a, b in zip(arm["img_s"], base["img_s"], strict=False) if b]
+        if pair:
+            arm["pair_ratios"] = pair
+            arm["pair_ratio_min"], arm["pair_ratio_max"] = min(pair), max(pair)
+        out[label] = arm
+    return out
+
+
+def metrics_overhead(arms: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The metrics-overhead figures from the base arm (metrics on) and the ``metrics_off`` arm.
+
+    ``metrics_overhead_pct`` is (off − on) / off of the medians, in % (positive: the metrics
+    cost throughput); ``metrics_overhead_noise_pct`` the base arm's spread across its runs,
+    against which a difference of a few % has to be read.
+    """
+    on, off = arms[BASE], arms[METRICS_OFF]
+    out: dict[str, Any] = {"metrics_on_img_s": on["img_s_median"], "metrics_off_img_s": off["img_s_median"]}
+    if off["img_s_median"]:
+        out["metrics_overhead_pct"] = round((off["img_s_median"] - on["img_s_median"]) / off["img_s_median"] * 100, 2)
+    per_pair: list[dict[str, Any]] = []
+    for pair, (a, b) in enumerate(zip(on["img_s"], off["img_s"], strict=False), 1):
+        row: dict[str, Any] = {"pair": pair, "on_img_s": a, "off_img_s": b}
+        if b:
+            row["overhead_pct"] = round((b - a) / b * 100, 2)
+        per_pair.append(row)
+    out["metrics_overhead_runs"] = per_pair
+    if "img_s_spread_pct" in on:
+        out["metrics_overhead_noise_pct"] = on["img_s_spread_pct"]
+    return out
+
+
+def overhead_line(figures: Mapping[str, Any], *, target_pct: float = METRICS_OVERHEAD_TARGET_PCT) -> str:
+    """One line on the metrics overhead for the terminal, saying whether the run resolves the target."""
+    runs = figures["metrics_overhead_runs"]
+    pct = figures.get("metrics_overhead_pct")
+    head = "metrics overhead: " + (f"{pct:+.2f} %" if pct is not None else "n/a (no images answered with metrics off)")
+    line = (
+        f"{head} of throughput (on {figures['metrics_on_img_s']:.1f} vs off {figures['metrics_off_img_s']:.1f} img/s, "
+        f"medians of {len(runs)} pair{'s' if len(runs) != 1 else ''}); per pair "
+        + ", ".join(f"{r['overhead_pct']:+.2f}" if "overhead_pct" in r else "n/a" for r in runs)
+        + " %"
+    )
+    noise = figures.get("metrics_overhead_noise_pct")
+    if noise is None:
+        return line + f"; noise unknown with one pair: the {target_pct:g} % target is not resolved"
+    line += f"; noise (base arm max-min) {noise:.2f} %"
+    if noise >= target_pct:
+        return line + f": the {target_pct:g} % target is not resolved by this run"
+    if pct is None:
+        return line
+    return line + f": {'within' if pct <= target_pct else 'above'} the {target_pct:g} % target"
+
+
+def compute_ratios(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The ratios issue 5's targets are stated in, each only where the figures it needs were measured."""
+
+    def have(*keys: str) -> bool:
+        return all(isinstance(metrics.get(k), int | float) and not isinstance(metrics.get(k), bool) for k in keys)
+
+    ratios: dict[str, float] = {}
+    if have("e2e_batched_img_s", "ondevice_img_s") and metrics["ondevice_img_s"]:
+        ratios["batched_vs_ondevice"] = round(metrics["e2e_batched_img_s"] / metrics["ondevice_img_s"], 3)
+    if have("ready_s", "floor_ready_s") and metrics["floor_ready_s"]:
+        ratios["ready_vs_floor"] = round(metrics["ready_s"] / metrics["floor_ready_s"], 3)
+    if have("e2e_c1_p50_ms", "ondevice_b1_ms"):
+        ratios["c1_p50_minus_ondevice_b1_ms"] = round(metrics["e2e_c1_p50_ms"] - metrics["ondevice_b1_ms"], 2)
+    if have("first_request_ms", "e2e_c1_p50_ms") and metrics["e2e_c1_p50_ms"]:
+        ratios["first_request_vs_c1_p50"] = round(metrics["first_request_ms"] / metrics["e2e_c1_p50_ms"], 2)
+    return ratios
+
+
+def load_users(metrics: Mapping[str, Any], levels: Sequence[int], explicit: int | None = None) -> int:
+    """Users for the loads at 'the best concurrency': ``explicit``, else the single-image best, else the top level."""
+    if explicit:
+        return explicit
+    best = metrics.get("e2e_single_best_users")
+    return int(best) if best else max(levels)
+
+
+def run_arm(
+    args: argparse.Namespace, server_args: list[str], users: int, jpeg: bytes, work: Path, tag: str
+) -> dict[str, Any]:
+    """One repetition of one arm on a fresh server: start, wait for ready, one warm request, Locust, stop."""
+    server = Server(args.model_dir, args.device, args.port or free_port_pair(), server_args, work / f"server-{tag}.log")
+    try:
+        ready_s = server.wait_ready()
+        one_request_ms(server.url, jpeg)  # the first request pays for lazy set-up: not part of the load
+        procs = 1 if users == 1 else min(args.processes, users)
+        run = run_locust(server.url, args.user, users, procs, args.duration, args.sizes.split(",")[0], 1, work, tag)
+    finally:
+        server.stop()
+    run["ready_s"] = round(ready_s, 3)
+    return run
+
+
+def compare_phase(
+    args: argparse.Namespace, base_args: list[str], arms: Mapping[str, list[str]], users: int, jpeg: bytes, work: Path
+) -> dict[str, Any]:
+    """The interleaved comparison: every arm ``args.pairs`` times, alternating, each on a fresh server."""
+    server_args = {BASE: base_args, **{label: [*base_args, *extra] for label, extra in arms.items()}}
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in server_args}
+    for pair, label in interleaved_order(list(arms), args.pairs):
+        r = run_arm(args, server_args[label], users, jpeg, work, f"cmp-{label}-{pair}")
+        runs[label].append(r)
+        print(f"    pair {pair}/{args.pairs} {label:<12} {r['img_s']:8.1f} img/s  p50 {r['p50_ms']:7.1f} ms  "
+              f"p99 {r['p99_ms']:7.1f} ms  failures {r['failures']}  (ready {r['ready_s']:.1f} s)",
+              file=sys.stderr, flush=True)  # fmt: skip
+    return {
+        "users": users,
+        "pairs": args.pairs,
+        "duration_s": args.duration,
+        "order": list(server_args),
+        "server_args": {label: shlex.join(a) for label, a in server_args.items()},
+        "arms": compare_arms(runs),
+    }
+
+
+def compare_lines(compare: Mapping[str, Any]) -> list[str]:
+    """One terminal line per compared arm: its median against the base's, and both spreads."""
+    base = compare["arms"][BASE]
+    lines = []
+    for label, arm in compare["arms"].items():
+        if label == BASE:
+            continue
+        ratio = f"{arm['ratio_vs_base']:.3f}x" if "ratio_vs_base" in arm else "n/a"
+        spreads = [f"{a['img_s_spread_pct']:.1f} %" if "img_s_spread_pct" in a else "n/a" for a in (arm, base)]
+        lines.append(
+            f"compare {label} vs {BASE} at {compare['users']} users, {compare['pairs']} pairs: {ratio} "
+            f"(median {arm['img_s_median']:.1f} vs {base['img_s_median']:.1f} img/s; "
+            f"spread max-min {spreads[0]} vs {spreads[1]})"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, required=True)
@@ -320,13 +575,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-args", default="", help="extra predictor flags, e.g. '--max_batch_size 64'")
     p.add_argument("--ondevice-iters", type=int, default=50)
     p.add_argument(
+        "--phases", default=None,
+        help=f"what to run, a comma list among {','.join(PHASES)} (default: all; compare only with --compare)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compare", action="append", default=[], metavar="LABEL=SERVER_ARGS",
+        help="a server configuration to compare with the base one (--server-args alone): SERVER_ARGS are added "
+        "after --server-args; repeatable. Arms alternate, each run on a fresh server",
+    )  # fmt: skip
+    p.add_argument("--pairs", type=int, default=3, help="repetitions of every compared arm and of the base")
+    p.add_argument(
+        "--compare-users", type=int, default=None,
+        help="Locust users for the compare runs (default: the best single-image concurrency, else the top level)",
+    )  # fmt: skip
+    p.add_argument(
         "--metrics-overhead", action="store_true",
-        help="also run the best single-image load with metrics on, then on a fresh server with --metrics false",
+        help='shorthand for --compare metrics_off="--metrics false"; records metrics_overhead_pct',
     )  # fmt: skip
     p.add_argument("--port", type=int, default=0, help="HTTP port (gRPC gets port+1); default: a free one")
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default="")
     args = p.parse_args(argv)
+    try:
+        phases = parse_phases(args.phases)
+        arms = parse_compare(args.compare, metrics_overhead=args.metrics_overhead)
+    except ValueError as e:
+        p.error(str(e))
+    if arms and "compare" not in phases:
+        p.error("--compare and --metrics-overhead need the compare phase in --phases")
+    if args.phases is not None and "compare" in phases and not arms:
+        p.error("the compare phase needs --compare or --metrics-overhead")
+    if args.pairs < 1:
+        p.error("--pairs must be at least 1")
+    if not arms and "compare" in phases:
+        phases.remove("compare")
 
     device = torch.device(args.device)
     manifest = json.loads((args.model_dir / "variant.json").read_text())
@@ -337,123 +619,133 @@ def main(argv: list[str] | None = None) -> int:
         max_batch = int(extra[extra.index("--max_batch_size") + 1])
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     metrics: dict[str, Any] = {}
+    main_loads = [ph for ph in ("single", "cpu-roles", "sizes", "batched") if ph in phases]
+    steps = [ph for ph in ("ondevice", "floor") if ph in phases] + ["cold"]
+    steps += ["single"] * any(ph in phases for ph in ("single", "cpu-roles", "sizes"))
+    steps += [ph for ph in ("batched", "compare") if ph in phases]
 
-    print(f"[1/5] on-device {slug} at batch 1 and {max_batch}", file=sys.stderr, flush=True)
-    metrics.update(ondevice(args.model_dir, device, max_batch, args.ondevice_iters))
-    print(f"[2/5] floor: bare torch process to weights on {device}", file=sys.stderr, flush=True)
-    metrics["floor_ready_s"] = round(floor_ready(args.model_dir, device), 3)
+    def step(name: str, text: str) -> None:
+        print(f"[{steps.index(name) + 1}/{len(steps)}] {text}", file=sys.stderr, flush=True)
 
-    print("[3/5] predictor cold start", file=sys.stderr, flush=True)
+    if "ondevice" in phases:
+        step("ondevice", f"on-device {slug} at batch 1 and {max_batch}")
+        metrics.update(ondevice(args.model_dir, device, max_batch, args.ondevice_iters))
+    if "floor" in phases:
+        step("floor", f"floor: bare torch process to weights on {device}")
+        metrics["floor_ready_s"] = round(floor_ready(args.model_dir, device), 3)
+
+    step("cold", "predictor cold start")
     port = args.port or free_port_pair()
     server = Server(args.model_dir, args.device, port, extra, work / "server.log")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    sizes = args.sizes.split(",")
+    runs: dict[str, dict[str, Any]] = {}
+    batched: dict[str, dict[str, Any]] = {}
     try:
         metrics["ready_s"] = round(server.wait_ready(), 3)
         from loadtest._payloads import photo_set
 
-        sizes = args.sizes.split(",")
         jpeg = photo_set(sizes[0])[0].jpeg
         metrics["first_request_ms"] = round(one_request_ms(server.url, jpeg), 2)
         time.sleep(2.5)
         metrics["rss_idle_mb"] = rss_of(server.proc.pid)
         metrics["vram_idle_mb"] = gpu_mem_of(server.proc.pid)
 
-        print("[4/5] Locust: single image per request", file=sys.stderr, flush=True)
-        levels = [int(c) for c in args.concurrency.split(",")]
-        runs: dict[str, dict[str, Any]] = {}
         sampler = Sampler(server.proc.pid)
-        sampler.start()
-        for c in levels:
-            procs = 1 if c == 1 else min(args.processes, c)
-            r = run_locust(server.url, args.user, c, procs, args.duration, sizes[0], 1, work, f"c{c}")
-            runs[f"c{c}"] = r
-            print(f"    c={c:<4} {r['req_s']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
-                  f"failures {r['failures']}", file=sys.stderr, flush=True)  # fmt: skip
-        ok = {k: v for k, v in runs.items() if v["failures"] == 0} or runs
-        best_key = max(ok, key=lambda k: ok[k]["img_s"])
-        metrics["e2e_single_img_s"] = round(ok[best_key]["img_s"], 1)
-        metrics["e2e_single_p99_ms"] = ok[best_key]["p99_ms"]
-        metrics["e2e_single_p50_ms"] = ok[best_key]["p50_ms"]
-        metrics["e2e_single_best_users"] = int(best_key[1:])
-        if "c1" in runs:
-            metrics["e2e_c1_p50_ms"] = runs["c1"]["p50_ms"]
-            metrics["e2e_c1_p99_ms"] = runs["c1"]["p99_ms"]
-        # Where the CPU goes at the best concurrency (a second, shorter run with a CPU sampler).
-        c = int(best_key[1:])
-        roles = CpuByRole(server.proc.pid)
-        locust_done = threading.Event()
+        if main_loads:
+            sampler.start()
+        if "single" in steps:
+            step("single", "Locust: single image per request")
+        if "single" in phases:
+            for c in levels:
+                procs = 1 if c == 1 else min(args.processes, c)
+                r = run_locust(server.url, args.user, c, procs, args.duration, sizes[0], 1, work, f"c{c}")
+                runs[f"c{c}"] = r
+                print(f"    c={c:<4} {r['req_s']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
+                      f"failures {r['failures']}", file=sys.stderr, flush=True)  # fmt: skip
+            ok = {k: v for k, v in runs.items() if v["failures"] == 0} or runs
+            best_key = max(ok, key=lambda k: ok[k]["img_s"])
+            metrics["e2e_single_img_s"] = round(ok[best_key]["img_s"], 1)
+            metrics["e2e_single_p99_ms"] = ok[best_key]["p99_ms"]
+            metrics["e2e_single_p50_ms"] = ok[best_key]["p50_ms"]
+            metrics["e2e_single_best_users"] = int(best_key[1:])
+            if "c1" in runs:
+                metrics["e2e_c1_p50_ms"] = runs["c1"]["p50_ms"]
+                metrics["e2e_c1_p99_ms"] = runs["c1"]["p99_ms"]
+        if "cpu-roles" in phases:
+            # Where the CPU goes at the best concurrency (a second, shorter run with a CPU sampler).
+            c = load_users(metrics, levels)
+            roles = CpuByRole(server.proc.pid)
+            locust_done = threading.Event()
 
-        def start_roles_later() -> None:  # Locust takes a few seconds to spawn its users
-            if not locust_done.wait(6.0):
-                roles.start()
+            def start_roles_later() -> None:  # Locust takes a few seconds to spawn its users
+                if not locust_done.wait(6.0):
+                    roles.start()
 
-        threading.Thread(target=start_roles_later, daemon=True).start()
-        run_locust(server.url, args.user, c, min(args.processes, c), max(12, args.duration), sizes[0], 1, work, "cpu")
-        locust_done.set()
-        roles.stop_evt.set()
-        metrics["cpu_at_best_concurrency"] = roles.summary()
-        print(f"    CPU at c={c}: {metrics['cpu_at_best_concurrency']}", file=sys.stderr, flush=True)
-        for size in sizes[1:]:
-            c = int(best_key[1:])
-            r = run_locust(server.url, args.user, c, min(args.processes, c), args.duration, size, 1, work, f"{size}")
-            metrics[f"e2e_single_{size}_img_s"] = round(r["img_s"], 1)
-            metrics[f"e2e_single_{size}_p99_ms"] = r["p99_ms"]
-            print(f"    {size} c={c}: {r['img_s']:.1f} img/s p99 {r['p99_ms']} ms", file=sys.stderr, flush=True)
+            threading.Thread(target=start_roles_later, daemon=True).start()
+            run_locust(server.url, args.user, c, min(args.processes, c), max(12, args.duration), sizes[0], 1, work,
+                       "cpu")  # fmt: skip
+            locust_done.set()
+            roles.stop_evt.set()
+            metrics["cpu_at_best_concurrency"] = roles.summary()
+            print(f"    CPU at c={c}: {metrics['cpu_at_best_concurrency']}", file=sys.stderr, flush=True)
+        if "sizes" in phases:
+            c = load_users(metrics, levels)
+            for size in sizes[1:]:
+                r = run_locust(server.url, args.user, c, min(args.processes, c), args.duration, size, 1, work, size)
+                metrics[f"e2e_single_{size}_img_s"] = round(r["img_s"], 1)
+                metrics[f"e2e_single_{size}_p99_ms"] = r["p99_ms"]
+                print(f"    {size} c={c}: {r['img_s']:.1f} img/s p99 {r['p99_ms']} ms", file=sys.stderr, flush=True)
 
-        print(f"[5/5] Locust: {args.batch_images} images per request", file=sys.stderr, flush=True)
-        batched: dict[str, dict[str, Any]] = {}
-        for bc in (int(c) for c in str(args.batched_concurrency).split(",")):
-            batched[f"c{bc}"] = run_locust(server.url, args.user, bc, min(args.processes, bc), args.duration, sizes[0],
-                                           args.batch_images, work, f"batched-c{bc}")  # fmt: skip
-            print(f"    batched c={bc}: {batched[f'c{bc}']['img_s']:.1f} img/s", file=sys.stderr, flush=True)
-        best_b = max(batched, key=lambda k: batched[k]["img_s"])  # the best concurrency, as for single images
-        r = batched[best_b]
-        metrics["e2e_batched_img_s"] = round(r["img_s"], 1)
-        metrics["e2e_batched_p99_ms"] = r["p99_ms"]
-        metrics["e2e_batched_users"] = int(best_b[1:])
-        metrics["batched_runs"] = batched
-        sampler.stop_evt.set()
-        metrics["rss_load_mb"] = sampler.rss
-        metrics["vram_load_mb"] = sampler.vram
-        metrics["failures_total"] = sum(v["failures"] for v in [*runs.values(), *batched.values()])
-        metrics["runs"] = runs
+        if "batched" in phases:
+            step("batched", f"Locust: {args.batch_images} images per request")
+            for bc in (int(c) for c in str(args.batched_concurrency).split(",")):
+                batched[f"c{bc}"] = run_locust(server.url, args.user, bc, min(args.processes, bc), args.duration,
+                                               sizes[0], args.batch_images, work, f"batched-c{bc}")  # fmt: skip
+                print(f"    batched c={bc}: {batched[f'c{bc}']['img_s']:.1f} img/s", file=sys.stderr, flush=True)
+            best_b = max(batched, key=lambda k: batched[k]["img_s"])  # the best concurrency, as for single images
+            r = batched[best_b]
+            metrics["e2e_batched_img_s"] = round(r["img_s"], 1)
+            metrics["e2e_batched_p99_ms"] = r["p99_ms"]
+            metrics["e2e_batched_users"] = int(best_b[1:])
+            metrics["batched_runs"] = batched
+        if main_loads:
+            sampler.stop_evt.set()
+            metrics["rss_load_mb"] = sampler.rss
+            metrics["vram_load_mb"] = sampler.vram
+        if runs:
+            metrics["runs"] = runs
         metrics["server_metrics_excerpt"] = [
             line for line in requests.get(server.url + "/metrics", timeout=10).text.splitlines()
             if line.startswith(("densenet_batch_size_sum", "densenet_batch_size_count", "densenet_requests_rejected"))
         ]  # fmt: skip
-        if args.metrics_overhead:
-            print("[+] metrics on vs off at the best concurrency", file=sys.stderr, flush=True)
-            c = int(best_key[1:])
-            on = run_locust(server.url, args.user, c, min(args.processes, c), args.duration, sizes[0], 1, work, "m_on")
-            server.stop()
-            server = Server(args.model_dir, args.device, port, [*extra, "--metrics", "false"], work / "server-off.log")
-            server.wait_ready()
-            off = run_locust(
-                server.url, args.user, c, min(args.processes, c), args.duration, sizes[0], 1, work, "m_off"
-            )
-            metrics["metrics_on_img_s"] = round(on["img_s"], 1)
-            metrics["metrics_off_img_s"] = round(off["img_s"], 1)
-            metrics["metrics_overhead_pct"] = round((off["img_s"] - on["img_s"]) / off["img_s"] * 100, 2)
+        server.stop()  # the compare arms each get a fresh server, and the device to themselves
+
+        if "compare" in phases:
+            users = load_users(metrics, levels, args.compare_users)
+            step("compare", f"interleaved compare at {users} users: {BASE}, {', '.join(arms)}; {args.pairs} pairs, "
+                 "each run on a fresh server")  # fmt: skip
+            metrics["compare"] = compare_phase(args, extra, arms, users, jpeg, work)
+            if METRICS_OFF in arms:
+                metrics.update(metrics_overhead(metrics["compare"]["arms"]))
     finally:
         server.stop()
 
-    ratios = {
-        "batched_vs_ondevice": round(metrics["e2e_batched_img_s"] / metrics["ondevice_img_s"], 3),
-        "ready_vs_floor": round(metrics["ready_s"] / metrics["floor_ready_s"], 3),
-    }
-    if "e2e_c1_p50_ms" in metrics:
-        ratios["c1_p50_minus_ondevice_b1_ms"] = round(metrics["e2e_c1_p50_ms"] - metrics["ondevice_b1_ms"], 2)
-        ratios["first_request_vs_c1_p50"] = round(metrics["first_request_ms"] / metrics["e2e_c1_p50_ms"], 2)
-    metrics["ratios"] = ratios
+    compare_failures = [n for arm in metrics.get("compare", {}).get("arms", {}).values() for n in arm["failures"]]
+    metrics["failures_total"] = sum(v["failures"] for v in [*runs.values(), *batched.values()]) + sum(compare_failures)
+    metrics["ratios"] = compute_ratios(metrics)
     from optimize.build import environment
 
     env = environment(device, packages=("torchvision", "kserve", "locust", "onnxruntime"))
     gpu = (env.get("gpu") or "cpu").lower().replace("nvidia ", "").replace(" ", "-")
     date = dt.date.today().isoformat()
     name = args.name or f"serve-{slug}"
+    cli = sys.argv[1:] if argv is None else argv
     record = {
         "name": name,
-        "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(__file__).relative_to(ROOT)), *sys.argv[1:]]),
+        "command": "python " + shlex.join([str(Path(__file__).relative_to(ROOT)), *cli]),
         "date": date,
+        "phases": phases,
         "environ": env,
         "metrics": metrics,
         "server_command": " ".join(shlex.quote(a) for a in server.cmd),
@@ -464,7 +756,12 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], path.name).write_text(path.read_text())
         Path(os.environ["OUT"], f"{name}-server.log").write_text(server.log.read_text()[-200_000:])
-    print(json.dumps({k: v for k, v in metrics.items() if k not in ("runs", "server_metrics_excerpt")}, indent=1))
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("runs", "server_metrics_excerpt", "compare")},
+                     indent=1))  # fmt: skip
+    if "compare" in metrics:
+        print("\n".join(compare_lines(metrics["compare"])))
+    if "metrics_overhead_runs" in metrics:
+        print(overhead_line(metrics))
     print(f"wrote {path}")
     return 0
 

@@ -1,0 +1,215 @@
+"""The serving benchmark's interleaved comparison: its arithmetic, its flags, and one real short run on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_serve_bench() -> ModuleType:
+    # A script, not a package module: loaded from its path (it never imports kserve).
+    spec = importlib.util.spec_from_file_location("serve_bench", ROOT / "benchmarks" / "serve_bench.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sb = _load_serve_bench()
+
+
+def _runs(*img_s: float) -> list[dict[str, Any]]:
+    return [
+        {"img_s": v, "p50_ms": 10.0 + i, "p99_ms": 20.0 + i, "failures": 0, "server": {}, "ready_s": 1.0}
+        for i, v in enumerate(img_s)
+    ]
+
+
+def test_arms_alternate_pair_by_pair_every_other_pair_reversed() -> None:
+    assert sb.interleaved_order(["a", "b"], 2) == [(1, "base"), (1, "a"), (1, "b"), (2, "b"), (2, "a"), (2, "base")]
+    assert sb.interleaved_order(["metrics_off"], 1) == [(1, "base"), (1, "metrics_off")]
+
+
+def test_spread_is_range_over_median_and_needs_two_runs() -> None:
+    assert sb.spread_pct([90.0, 100.0, 110.0]) == 20.0
+    assert sb.spread_pct([100.0]) is None
+    assert sb.spread_pct([0.0, 0.0]) is None
+
+
+def test_compared_arm_gets_ratio_of_medians_and_pair_ratios() -> None:
+    arms = sb.compare_arms({"base": _runs(100.0, 110.0, 90.0), "x": _runs(95.0, 99.0, 90.0)})
+    base, x = arms["base"], arms["x"]
+    assert base["img_s"] == [100.0, 110.0, 90.0] and base["p50_ms"] == [10.0, 11.0, 12.0]
+    assert (base["img_s_median"], base["img_s_min"], base["img_s_max"]) == (100.0, 90.0, 110.0)
+    assert base["img_s_spread_pct"] == 20.0 and base["p99_ms_median"] == 21.0
+    assert base["ready_s"] == [1.0, 1.0, 1.0] and len(base["server"]) == 3
+    assert "ratio_vs_base" not in base
+    assert x["ratio_vs_base"] == 0.95
+    assert x["pair_ratios"] == [0.95, 0.9, 1.0]
+    assert (x["pair_ratio_min"], x["pair_ratio_max"]) == (0.9, 1.0)
+
+
+def test_no_ratio_against_a_base_that_answered_nothing() -> None:
+    arms = sb.compare_arms({"base": _runs(0.0), "x": _runs(5.0)})
+    assert "ratio_vs_base" not in arms["x"] and "pair_ratios" not in arms["x"]
+    assert "img_s_spread_pct" not in arms["x"]  # one run: no noise estimate, rather than a zero
+
+
+def test_metrics_overhead_from_medians_with_per_pair_figures_and_noise() -> None:
+    arms = sb.compare_arms({"base": _runs(97.0, 95.0, 99.0), "metrics_off": _runs(100.0, 100.0, 98.0)})
+    figures = sb.metrics_overhead(arms)
+    assert figures["metrics_on_img_s"] == 97.0 and figures["metrics_off_img_s"] == 100.0
+    assert figures["metrics_overhead_pct"] == 3.0  # positive: the metrics cost throughput
+    assert [r["overhead_pct"] for r in figures["metrics_overhead_runs"]] == [3.0, 5.0, -1.02]
+    assert figures["metrics_overhead_noise_pct"] == round(4 / 97 * 100, 2)
+    line = sb.overhead_line(figures)
+    assert line.startswith("metrics overhead: +3.00 % of throughput")
+    assert "not resolved" in line  # 4 % noise cannot tell 3 % from 0
+
+
+def test_overhead_line_says_within_when_the_noise_allows_it() -> None:
+    arms = sb.compare_arms({"base": _runs(99.0, 99.5), "metrics_off": _runs(100.0, 100.0)})
+    line = sb.overhead_line(sb.metrics_overhead(arms))
+    assert "within the 3 % target" in line
+    one_pair = sb.metrics_overhead(sb.compare_arms({"base": _runs(99.0), "metrics_off": _runs(100.0)}))
+    assert "metrics_overhead_noise_pct" not in one_pair
+    assert "noise unknown with one pair" in sb.overhead_line(one_pair)
+
+
+def test_ratios_only_from_figures_that_were_measured() -> None:
+    assert sb.compute_ratios({}) == {}
+    assert sb.compute_ratios({"ready_s": 2.0, "floor_ready_s": 1.0, "first_request_ms": 30.0}) == {
+        "ready_vs_floor": 2.0
+    }
+    assert sb.compute_ratios({"ready_s": 2.0, "floor_ready_s": 0.0, "ondevice_img_s": None}) == {}
+    full = {
+        "e2e_batched_img_s": 500.0,
+        "ondevice_img_s": 1000.0,
+        "ready_s": 13.0,
+        "floor_ready_s": 10.0,
+        "e2e_c1_p50_ms": 5.0,
+        "ondevice_b1_ms": 2.0,
+        "first_request_ms": 10.0,
+    }
+    assert sb.compute_ratios(full) == {
+        "batched_vs_ondevice": 0.5,
+        "ready_vs_floor": 1.3,
+        "c1_p50_minus_ondevice_b1_ms": 3.0,
+        "first_request_vs_c1_p50": 2.0,
+    }
+
+
+def test_phases_and_compare_flags_parse() -> None:
+    assert sb.parse_phases(None) == list(sb.PHASES)
+    assert sb.parse_phases("compare, single") == ["single", "compare"]
+    with pytest.raises(ValueError, match="unknown bogus"):
+        sb.parse_phases("single,bogus")
+    assert sb.parse_compare(["gil1ms=--gil_switch_interval_ms 1", 'q=--x "a b"'], metrics_overhead=True) == {
+        "gil1ms": ["--gil_switch_interval_ms", "1"],
+        "q": ["--x", "a b"],
+        "metrics_off": ["--metrics", "false"],
+    }
+    assert sb.parse_compare(["metrics_off=--metrics false --frontends 2"], metrics_overhead=True) == {
+        "metrics_off": ["--metrics", "false", "--frontends", "2"]
+    }
+    for bad in (["x"], ["=--a"], ["base=--a"], ["a=", "a=--b"], ["a/b=--c"]):
+        with pytest.raises(ValueError):
+            sb.parse_compare(bad, metrics_overhead=False)
+
+
+def test_best_concurrency_falls_back_to_the_top_level() -> None:
+    assert sb.load_users({"e2e_single_best_users": 64}, [1, 64, 128]) == 64
+    assert sb.load_users({}, [1, 64, 128]) == 128
+    assert sb.load_users({"e2e_single_best_users": 64}, [1, 64, 128], 32) == 32
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--phases", "single", "--metrics-overhead"],  # a comparison asked for, its phase left out
+        ["--phases", "single,compare"],  # the compare phase with nothing to compare
+        ["--metrics-overhead", "--pairs", "0"],
+        ["--phases", "warp"],
+        ["--compare", "no-equals-sign"],
+    ],
+)
+def test_unusable_flags_exit_2_before_any_work(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        sb.main(["--model-dir", str(tmp_path / "absent"), *argv])
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_single_and_compare_phases_on_the_cpu(artifacts_dir: Path, tmp_path: Path) -> None:
+    """A real run, as short as a CPU allows: one server for the single-image load, two fresh ones to compare."""
+    cmd = [
+        sys.executable,
+        "benchmarks/serve_bench.py",
+        "--model-dir",
+        str(artifacts_dir / "densenet121-eager-fp32"),
+        "--device",
+        "cpu",
+        "--phases",
+        "single,compare",
+        "--pairs",
+        "1",
+        "--compare",
+        "x=--metrics false",
+        "--concurrency",
+        "1",
+        "--duration",
+        "2",
+        "--processes",
+        "1",
+        "--sizes",
+        "vga",
+        "--server-args",
+        "--max_batch_size 1 --max_delay_ms 1 --log_level WARNING",
+        "--results-dir",
+        str(tmp_path),
+        "--name",
+        "cpu-compare",
+    ]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    (path,) = tmp_path.glob("*-cpu-compare.json")
+    record = json.loads(path.read_text())
+    assert record["phases"] == ["single", "compare"]
+    metrics = record["metrics"]
+    assert metrics["e2e_single_img_s"] > 0 and metrics["e2e_single_best_users"] == 1
+
+    compare = metrics["compare"]
+    assert compare["users"] == 1 and compare["pairs"] == 1 and compare["order"] == ["base", "x"]
+    assert compare["server_args"]["x"].endswith("--metrics false")
+    for arm in compare["arms"].values():
+        assert len(arm["img_s"]) == len(arm["p50_ms"]) == len(arm["p99_ms"]) == len(arm["server"]) == 1
+        assert arm["img_s_median"] == arm["img_s"][0] > 0 and arm["failures"] == [0]
+    assert compare["arms"]["base"]["server"][0]["device_mean_ms"] > 0  # the breakdown of the run, from /metrics
+    x = compare["arms"]["x"]
+    assert x["ratio_vs_base"] == pytest.approx(x["img_s_median"] / compare["arms"]["base"]["img_s_median"], abs=1e-3)
+
+    for absent in (
+        "ondevice_img_s",
+        "ondevice_b1_ms",
+        "floor_ready_s",
+        "e2e_batched_img_s",
+        "batched_runs",
+        "cpu_at_best_concurrency",
+        "e2e_single_12mp_img_s",
+        "metrics_overhead_pct",
+    ):
+        assert absent not in metrics, absent
+    assert set(metrics["ratios"]) == {"first_request_vs_c1_p50"}
+    assert "compare x vs base at 1 users, 1 pairs:" in out.stdout
+    assert "pair 1/1 x" in out.stderr
