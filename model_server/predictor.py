@@ -24,7 +24,7 @@ from model_server.artifact import read_labels, read_manifest
 from model_server.batcher import DynamicBatcher
 from model_server.config import ServingConfig
 from model_server.pipeline import DevicePipeline, JpegBatch, Payload, payload_size
-from model_server.preprocess import decode_and_crop, gpu_decodable
+from model_server.preprocess import CpuDecodeShare, decode_and_crop, gpu_decodable
 from model_server.profiler import ProfileCapture
 from model_server.runtimes import Runner, load_runner, resolve_device
 from optimize.registry import CROP_SIZE, NUM_CLASSES
@@ -52,8 +52,7 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
         )
         self.load_seconds: float | None = None
         self._gpu_decode = False
-        self._cpu_credit = 0.0  # images owed to the CPU under cpu_decode_share
-        self._cpu_decoding = 0  # CPU decodes running or queued in the pool
+        self._cpu_share = CpuDecodeShare(config.cpu_decode_share, threads=config.preprocess_threads)
         self.profiler: ProfileCapture | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -267,7 +266,7 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
         if (
             self._gpu_decode
             and all(gpu_decodable(d, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_image_bytes) for d in images)
-            and not self._cpu_turn(len(images))
+            and not self._cpu_share.take(len(images))
         ):
             m.PREPROCESS_SECONDS.observe(time.perf_counter() - t0)
             return JpegBatch(images)
@@ -276,31 +275,16 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
         def one(data: bytes) -> torch.Tensor:
             return decode_and_crop(data, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_image_bytes)
 
-        self._cpu_decoding += len(images)
+        self._cpu_share.decoding += len(images)
         try:
             if len(images) == 1:
                 crops = [await loop.run_in_executor(self._decode_pool, one, images[0])]
             else:
                 crops = list(await asyncio.gather(*(loop.run_in_executor(self._decode_pool, one, d) for d in images)))
         finally:
-            self._cpu_decoding -= len(images)
+            self._cpu_share.decoding -= len(images)
         m.PREPROCESS_SECONDS.observe(time.perf_counter() - t0)
         return torch.stack(crops)
-
-    def _cpu_turn(self, n: int) -> bool:
-        """Whether this request's ``n`` GPU-decodable images go to PIL under ``cpu_decode_share``.
-
-        A credit counter spreads the share evenly over requests; a request is never sent to a
-        pool that has a decode waiting for each of its threads already (the GPU takes it).
-        """
-        share = self.config.cpu_decode_share
-        if share <= 0.0:
-            return False
-        self._cpu_credit = min(self._cpu_credit + share * n, float(max(n, 1)))  # no unbounded banking
-        if self._cpu_credit < n or self._cpu_decoding + n > self.config.preprocess_threads:
-            return False
-        self._cpu_credit -= n
-        return True
 
     async def _infer(self, payload: Payload) -> np.ndarray:
         if self.batcher is None:

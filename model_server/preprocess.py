@@ -207,6 +207,33 @@ def gpu_resize_crop_many(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([c for c in out if c is not None])
 
 
+class CpuDecodeShare:
+    """Which GPU-decodable requests the CPU decodes anyway (``--cpu_decode_share``).
+
+    A credit counter spreads ``share`` of the images evenly over requests; a request never goes
+    to a CPU pool whose ``threads`` all have a decode running or queued (the GPU takes it then),
+    so the share cannot build a queue behind itself. ``decoding`` is kept by the caller.
+    """
+
+    def __init__(self, share: float, *, threads: int) -> None:
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"cpu_decode_share must be from 0 to 1, got {share}")
+        self.share = share
+        self.threads = threads
+        self.decoding = 0  # images being decoded (or queued) in the CPU pool
+        self._credit = 0.0  # images owed to the CPU
+
+    def take(self, n: int) -> bool:
+        """Whether a request of ``n`` GPU-decodable images is decoded on the CPU."""
+        if self.share <= 0.0:
+            return False
+        self._credit = min(self._credit + self.share * n, float(max(n, 1)))  # no unbounded banking
+        if self._credit < n or self.decoding + n > self.threads:
+            return False
+        self._credit -= n
+        return True
+
+
 def decode_batch_gpu(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
     """Decode JPEGs with nvJPEG in one batched call and resize/crop them on ``device``.
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import threading
 from pathlib import Path
 
@@ -121,27 +122,50 @@ def test_resize_in_chunks_matches_one_pass(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.parametrize(("share", "to_cpu"), [(0.0, 0), (0.25, 2), (0.5, 4), (1.0, 8)])
-def test_cpu_decode_share_sends_that_share_of_jpegs_to_pil(share: float, to_cpu: int) -> None:
-    """--cpu_decode_share: of 8 GPU-decodable requests, ``share`` are decoded by PIL in the front end
-    (real crops, as the CPU path makes them) and the rest go on as JPEG bytes for nvJPEG."""
-    from model_server.config import ServingConfig
-    from model_server.pipeline import JpegBatch
-    from model_server.predictor import DenseNetPredictor
-    from model_server.preprocess import decode_and_crop
+def test_cpu_decode_share_sends_that_share_of_requests_to_the_cpu(share: float, to_cpu: int) -> None:
+    """--cpu_decode_share: of 8 one-image requests, ``share`` go to PIL, spread evenly; a pool with a
+    decode for each of its threads already gets none, whatever the share."""
+    from model_server.preprocess import CpuDecodeShare
 
-    p = DenseNetPredictor("densenet121", Path("unused"), ServingConfig(cpu_decode_share=share, preprocess_threads=2))
-    p._gpu_decode = True  # what load() sets on a GPU with nvJPEG; the routing happens before any device
-    jpeg = _jpeg(320, 240, (10, 120, 60))
+    router = CpuDecodeShare(share, threads=2)
+    picks = [router.take(1) for _ in range(8)]
+    assert sum(picks) == to_cpu
+    if 0 < to_cpu < 8:  # evenly: at a share of 1/2 or less, never two CPU requests in a row
+        assert not any(a and b for a, b in itertools.pairwise(picks))
+    router.decoding = 2
+    assert not any(router.take(1) for _ in range(4))
+    router.decoding = 0
+    assert not CpuDecodeShare(1.0, threads=8).take(9)  # more images than threads: the GPU takes them
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        CpuDecodeShare(1.5, threads=2)
 
-    async def main() -> list[object]:
-        return [await p._decode([jpeg]) for _ in range(8)]
 
-    out = asyncio.run(main())
-    cpu = [o for o in out if isinstance(o, torch.Tensor)]
-    assert len(cpu) == to_cpu and len(out) - to_cpu == sum(isinstance(o, JpegBatch) for o in out)
-    for t in cpu:
-        assert torch.equal(t, decode_and_crop(jpeg)[None])
-    # A pool with a decode queued for every thread already: the GPU takes the request, whatever the share.
-    p._cpu_decoding = 2
-    assert all(isinstance(asyncio.run(p._decode([jpeg])), JpegBatch) for _ in range(4))
-    p._decode_pool.shutdown()
+def test_the_front_end_decodes_its_cpu_share_with_pil_and_forwards_the_rest_as_jpeg() -> None:
+    """The predictor's request path with the share on (in a fresh process: KServe's protobuf modules
+    may be imported only once per process): real PIL crops for the CPU share, JPEG bytes otherwise."""
+    import subprocess
+    import sys
+
+    code = """
+import asyncio, torch
+from pathlib import Path
+from model_server.config import ServingConfig
+from model_server.pipeline import JpegBatch
+from model_server.predictor import DenseNetPredictor
+from model_server.preprocess import decode_and_crop
+from loadtest._payloads import photo_set
+jpeg = photo_set("vga")[0].jpeg
+p = DenseNetPredictor("densenet121", Path("unused"), ServingConfig(cpu_decode_share=0.5, preprocess_threads=2))
+p._gpu_decode = True  # what load() sets on a GPU with nvJPEG; routing happens before any device
+async def main():
+    return [await p._decode([jpeg]) for _ in range(6)]
+out = asyncio.run(main())
+cpu = [o for o in out if isinstance(o, torch.Tensor)]
+assert len(cpu) == 3 and sum(isinstance(o, JpegBatch) for o in out) == 3, out
+assert all(torch.equal(t, decode_and_crop(jpeg)[None]) for t in cpu)
+assert p._cpu_share.decoding == 0
+print("OK")
+"""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-2000:]
