@@ -402,7 +402,8 @@ class _FrontConnection(_Framed):
             if status == OK and req_id in self.client.control_ids:
                 fut.set_result(json.loads(bytes(data)))
             elif status == OK:
-                fut.set_result(np.frombuffer(bytes(data), dtype=np.float32).reshape(n, NUM_CLASSES))
+                # A bytearray: the copy out of the read buffer is writable, as torch.from_numpy wants it.
+                fut.set_result(np.frombuffer(bytearray(data), dtype=np.float32).reshape(n, NUM_CLASSES))
             elif status == NOT_FOUND:
                 fut.set_exception(KeyError(bytes(data).decode(errors="replace")))
             else:

@@ -1,0 +1,28 @@
+"""benchmarks/frontend_bench.py: real front ends in front of a stand-in device process, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_frontend_bench_serves_real_requests_and_reports_cpu_per_request(artifacts_dir: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/frontend_bench.py", "--model-dir", str(artifacts_dir / "densenet121-eager-fp32"),
+         "--frontends", "2", "--concurrency", "2", "--seconds", "2", "--warmup-s", "0.5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["errors"] == 0 and result["requests"] > 0
+    assert result["p50_ms"] > 0 and result["frontend_cpu_us_per_request"] > 0
+
+
+def test_frontend_bench_refuses_a_folder_without_an_artifact(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "benchmarks/frontend_bench.py", "--model-dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "holds no variant.json" in proc.stderr
