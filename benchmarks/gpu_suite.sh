@@ -12,8 +12,9 @@
 #   onnx          gpu_bench: ONNX Runtime CUDA EP (FP32, FP16, I/O binding) against stock
 #                 torch.compile and the CUDA-graph variant (needs onnxruntime-gpu)       ~4 min
 #   aoti-dynamic  gpu_bench: AOTInductor, one package with a dynamic batch dimension     ~4 min
-#   serve         serve_bench on densenet121-eager-fp16-cl-graphs, with interleaved A/B arms:
-#                 metrics off, --cpu_decode_share 0.3, --gil_switch_interval_ms 1       ~9 min
+#   serve         serve_bench on densenet121-eager-fp16-cl-graphs, a profiler trace of 20 batches
+#                 under load, interleaved A/B arms: metrics off, --cpu_decode_share 0.3,
+#                 --gil_switch_interval_ms 1                                             ~9 min
 #   serve-aoti    serve_bench on densenet121-aoti-fp16-cl-dynamic (built first, cached) ~8 min
 #
 # Environment: PYTHON (default python3), DENSENET_AOTI_CACHE (compiled packages are reused).
@@ -28,7 +29,7 @@ PAIRS=2
 SERVER_ARGS="--max_batch_size 128 --frontends 6"
 
 usage() {
-  sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 log() {
@@ -121,7 +122,7 @@ step_serve() {
   log "serve: ${slug}, single-image sweep, sizes, batched, then interleaved A/B arms"
   "${PYTHON}" "${ROOT}/benchmarks/serve_bench.py" --model-dir "${ARTIFACTS}/${slug}" \
     --concurrency 1,96,128,192 --processes 6 --duration "${DURATION}" --sizes vga,12mp \
-    --batched-concurrency 8,16 --server-args "${SERVER_ARGS}" --pairs "${PAIRS}" --metrics-overhead \
+    --batched-concurrency 8,16 --server-args "${SERVER_ARGS}" --pairs "${PAIRS}" --metrics-overhead --trace-batches 20 \
     --compare "cpu_share_0.3=--cpu_decode_share 0.3" --compare "gil_1ms=--gil_switch_interval_ms 1"
 }
 

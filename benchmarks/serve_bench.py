@@ -30,7 +30,9 @@ import csv
 import datetime as dt
 import json
 import os
+import secrets
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -122,15 +124,19 @@ def rss_of(pid: int) -> float:
 
 
 class Server:
-    def __init__(self, model_dir: Path, device: str, port: int, extra: list[str], log: Path) -> None:
+    def __init__(
+        self, model_dir: Path, device: str, port: int, extra: list[str], log: Path, *, admin_token: str = ""
+    ) -> None:
         self.url = f"http://127.0.0.1:{port}"
         cmd = [
             sys.executable, "-m", "model_server", "--model_dir", str(model_dir), "--model_name", "densenet121",
             "--http_port", str(port), "--grpc_port", str(port + 1), "--device", device, *extra,
         ]  # fmt: skip
         self.cmd = cmd
+        self.admin_token = admin_token
+        env = {**os.environ, "DENSENET_ADMIN_TOKEN": admin_token} if admin_token else None  # not in the process list
         self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
         self.log = log
 
     def wait_ready(self, timeout_s: float = 600) -> float:
@@ -151,6 +157,24 @@ class Server:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def capture_trace(server: Server, batches: int, out: Path, *, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Ask the in-pod profiler for a trace of the next ``batches`` batches; download it to ``out``."""
+    headers = {"Authorization": f"Bearer {server.admin_token}"}
+    r = requests.post(server.url + "/admin/v1/profile", json={"batches": batches}, headers=headers, timeout=10)
+    if r.status_code != 202:
+        return {"error": f"profile start answered {r.status_code}: {r.text[:200]}"}
+    cap = r.json()
+    deadline = time.monotonic() + timeout_s
+    while cap.get("state") in ("pending", "running") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        cap = requests.get(server.url + r.json()["status_url"], headers=headers, timeout=10).json()
+    if cap.get("state") != "done":
+        return {"error": f"capture ended {cap.get('state')}", **cap}
+    trace = requests.get(server.url + r.json()["trace_url"], headers=headers, timeout=60)
+    out.write_bytes(trace.content)
+    return {"file": out.name, "bytes": len(trace.content), "batches": batches}
 
 
 def free_port_pair() -> int:
@@ -592,6 +616,11 @@ def main(argv: list[str] | None = None) -> int:
         "--metrics-overhead", action="store_true",
         help='shorthand for --compare metrics_off="--metrics false"; records metrics_overhead_pct',
     )  # fmt: skip
+    p.add_argument(
+        "--trace-batches", type=int, default=0,
+        help="in the cpu-roles run, capture an in-pod torch.profiler trace of this many batches (Perfetto/"
+        "TensorBoard JSON, next to the record and under $OUT; the server gets a random admin token); default 0: off",
+    )  # fmt: skip
     p.add_argument("--port", type=int, default=0, help="HTTP port (gRPC gets port+1); default: a free one")
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default="")
@@ -607,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("the compare phase needs --compare or --metrics-overhead")
     if args.pairs < 1:
         p.error("--pairs must be at least 1")
+    if args.trace_batches < 0 or (args.trace_batches and "cpu-roles" not in phases):
+        p.error("--trace-batches must be >= 0 and needs the cpu-roles phase in --phases")
     if not arms and "compare" in phases:
         phases.remove("compare")
 
@@ -636,7 +667,8 @@ def main(argv: list[str] | None = None) -> int:
 
     step("cold", "predictor cold start")
     port = args.port or free_port_pair()
-    server = Server(args.model_dir, args.device, port, extra, work / "server.log")
+    token = secrets.token_hex(16) if args.trace_batches else ""
+    server = Server(args.model_dir, args.device, port, extra, work / "server.log", admin_token=token)
     levels = [int(c) for c in args.concurrency.split(",")]
     sizes = args.sizes.split(",")
     runs: dict[str, dict[str, Any]] = {}
@@ -683,11 +715,27 @@ def main(argv: list[str] | None = None) -> int:
                     roles.start()
 
             threading.Thread(target=start_roles_later, daemon=True).start()
+            trace: dict[str, Any] = {}
+            if args.trace_batches:
+                name = args.name or f"serve-{slug}"
+
+                def trace_later() -> None:  # under the same load, once Locust's users are all running
+                    if not locust_done.wait(7.0):
+                        trace.update(capture_trace(server, args.trace_batches, work / f"{name}-trace.json"))
+
+                tracer = threading.Thread(target=trace_later, daemon=True)
+                tracer.start()
             run_locust(server.url, args.user, c, min(args.processes, c), max(12, args.duration), sizes[0], 1, work,
                        "cpu")  # fmt: skip
             locust_done.set()
             roles.stop_evt.set()
             metrics["cpu_at_best_concurrency"] = roles.summary()
+            if args.trace_batches:
+                tracer.join(70)
+                metrics["profiler_trace"] = trace or {"error": "the capture did not start before the load ended"}
+                if trace.get("file") and os.environ.get("OUT"):
+                    shutil.copyfile(work / trace["file"], Path(os.environ["OUT"], trace["file"]))
+                print(f"    profiler trace at c={c}: {metrics['profiler_trace']}", file=sys.stderr, flush=True)
             print(f"    CPU at c={c}: {metrics['cpu_at_best_concurrency']}", file=sys.stderr, flush=True)
         if "sizes" in phases:
             c = load_users(metrics, levels)

@@ -48,7 +48,7 @@ def test_serve_step_builds_the_artifact_then_runs_serve_bench_with_its_ab_arms(t
     assert build and "--variant densenet121-eager-fp16-cl-graphs" in build[0] and "--max-batch 128" in build[0]
     bench = [c for c in calls if "benchmarks/serve_bench.py" in c]
     assert len(bench) == 1
-    for flag in ("--duration 7", "--pairs 3", "--metrics-overhead", "--cpu_decode_share 0.3",
+    for flag in ("--duration 7", "--pairs 3", "--metrics-overhead", "--trace-batches 20", "--cpu_decode_share 0.3",
                  "--gil_switch_interval_ms 1", "--frontends 6"):  # fmt: skip
         assert flag in bench[0], flag
 

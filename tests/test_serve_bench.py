@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,7 @@ def test_best_concurrency_falls_back_to_the_top_level() -> None:
         ["--metrics-overhead", "--pairs", "0"],
         ["--phases", "warp"],
         ["--compare", "no-equals-sign"],
+        ["--phases", "single", "--trace-batches", "5"],  # a trace is taken in the cpu-roles run only
     ],
 )
 def test_unusable_flags_exit_2_before_any_work(
@@ -213,3 +215,25 @@ def test_single_and_compare_phases_on_the_cpu(artifacts_dir: Path, tmp_path: Pat
     assert set(metrics["ratios"]) == {"first_request_vs_c1_p50"}
     assert "compare x vs base at 1 users, 1 pairs:" in out.stdout
     assert "pair 1/1 x" in out.stderr
+
+
+def test_a_profiler_trace_is_captured_under_load_on_the_cpu(artifacts_dir: Path, tmp_path: Path) -> None:
+    """--trace-batches: the in-pod profiler (admin token given to the server through its environment)
+    traces batches while the cpu-roles load runs; the trace lands next to the record."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    cmd = [
+        sys.executable, "benchmarks/serve_bench.py", "--model-dir", str(artifacts_dir / "densenet121-eager-fp32"),
+        "--device", "cpu", "--phases", "cpu-roles", "--trace-batches", "2", "--concurrency", "2",
+        "--duration", "2", "--processes", "1", "--sizes", "vga",
+        "--server-args", "--max_batch_size 2 --log_level WARNING", "--results-dir", str(tmp_path), "--name", "trace",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OUT": str(out_dir)})  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    record = json.loads(next(tmp_path.glob("*-trace.json")).read_text())
+    trace = record["metrics"]["profiler_trace"]
+    assert trace.get("file") == "trace-trace.json" and trace["bytes"] > 0, trace
+    events = json.loads((out_dir / "trace-trace.json").read_text())["traceEvents"]
+    assert any(e.get("name", "").startswith("aten::") for e in events)  # the model's ops are in it
+    assert "DENSENET_ADMIN_TOKEN" not in record["server_command"] and "--admin_token" not in record["server_command"]
