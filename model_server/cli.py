@@ -7,9 +7,14 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from model_server import ServerError
 from model_server.config import ServingConfig
+
+if TYPE_CHECKING:
+    from model_server.frontend import FrontEnds
+    from model_server.runtimes import Runner
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +102,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _start_device_early(device: str) -> None:
-    """Create the CUDA context in a thread while this one imports KServe (~2 s each, overlapped:
-    CUDA initialisation runs in the driver without the GIL). Errors surface later, in ``load``."""
+    """Create the CUDA context in a thread while this one imports KServe or reads the weights (~2 s
+    each, overlapped: CUDA initialisation runs in the driver without the GIL). Errors surface later,
+    in ``load_model``."""
     import threading
 
     import torch
@@ -151,18 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.frontends < 1:
         print(f"error: --frontends must be >= 1, got {args.frontends}", file=sys.stderr)
         return 2
-    if args.frontends > 1:
-        from model_server.frontend import enable_multiprocess_metrics
-
-        enable_multiprocess_metrics()  # before prometheus_client is first imported
-    _start_device_early(config.device)
-    # rest imports kserve, which parses sys.argv when imported: only once our own flags are parsed.
-    from model_server import metrics, rest
-
-    if args.metrics == "false":
-        metrics.disable()
-    from model_server.predictor import DenseNetPredictor
-
     spec = {
         "model_name": args.model_name, "model_dir": args.model_dir, "config": config,
         "http_port": args.http_port, "grpc_port": args.grpc_port, "max_body_bytes": args.max_body_bytes,
@@ -171,27 +165,80 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": args.metrics == "true",
         "max_inflight": args.max_inflight_requests or config.max_queue_images + 2 * config.max_batch_size,
     }  # fmt: skip
-    fronts = None
     if args.frontends > 1:
-        from model_server.frontend import FrontEnds
+        from model_server.frontend import FrontEnds, enable_multiprocess_metrics
 
-        # Started first: they import KServe while this process loads and warms the model.
+        enable_multiprocess_metrics()  # before prometheus_client is first imported, here and in the front ends
+        # Spawned before this process imports torch: they import torch and KServe while it loads the model.
         fronts = FrontEnds(args.frontends, spec)
-    model = DenseNetPredictor(args.model_name, Path(args.model_dir), config)
+        return _serve_device(args, config, fronts)
+    return _serve_single(args, config, spec)
+
+
+def _serve_device(args: argparse.Namespace, config: ServingConfig, fronts: FrontEnds) -> int:
+    """The device process of ``--frontends N``: loads and warms the model, then serves the front ends.
+    It never imports KServe, FastAPI or grpc (about 2 s of start-up it would spend before the load)."""
+    _start_device_early(config.device)
+    from model_server import metrics
+    from model_server.device import freeze_so_far, load_model
+
+    if args.metrics == "false":
+        metrics.disable()
+    freeze_so_far()  # the imports
     try:
-        model.load()
+        model = load_model(Path(args.model_dir), config)
     except ServerError as e:
         log.error("cannot serve %s: %s", args.model_dir, e)
-        if fronts is not None:
-            fronts.abort()
+        fronts.abort()
         return 1
-    gpu = model.runner.device.index or 0 if model.runner and model.runner.device.type == "cuda" else None
-    sampler = metrics.ResourceSampler(gpu_index=gpu)
+    freeze_so_far()  # torchvision (imported by the load) and the model
+    sampler = metrics.ResourceSampler(gpu_index=_gpu_index(model.runner))
     sampler.start()
     try:
-        if fronts is not None:
-            return fronts.serve(model, grace_period_s=args.grace_period_s)
+        code: int = fronts.serve(model, grace_period_s=args.grace_period_s)
+        return code
+    finally:
+        sampler.stop()
+        model.stop()
+
+
+def _serve_single(args: argparse.Namespace, config: ServingConfig, spec: dict[str, Any]) -> int:
+    """One process: the model loads and warms in a thread while this one imports KServe, which so
+    overlaps the parts of the load that release the GIL (file reads, the CUDA driver, torch's kernels)."""
+    import concurrent.futures
+
+    _start_device_early(config.device)
+    from model_server import metrics
+    from model_server.device import load_model
+
+    if args.metrics == "false":
+        metrics.disable()
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="load") as pool:
+        loading = pool.submit(load_model, Path(args.model_dir), config)
+        # rest imports kserve, which parses sys.argv when imported: only once our own flags are parsed.
+        from model_server import rest
+        from model_server.device import freeze_so_far
+        from model_server.predictor import DenseNetPredictor
+
+        freeze_so_far()  # the imports (and what the load made so far)
+        model = DenseNetPredictor(args.model_name, Path(args.model_dir), config)
+        try:
+            model.attach(loading.result())
+        except ServerError as e:
+            log.error("cannot serve %s: %s", args.model_dir, e)
+            return 1
+    freeze_so_far()  # the rest of the load
+    sampler = metrics.ResourceSampler(gpu_index=_gpu_index(model.runner))
+    sampler.start()
+    try:
         return 0 if rest.serve_http(model, spec) else 1
     finally:
         sampler.stop()
         model.stop()
+
+
+def _gpu_index(runner: Runner | None) -> int | None:
+    if runner is None or runner.device.type != "cuda":
+        return None
+    index: int = runner.device.index or 0
+    return index

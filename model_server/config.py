@@ -6,7 +6,11 @@ import dataclasses
 import os
 import tempfile
 
-from model_server.preprocess import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
+# Here, not in preprocess (which imports torch and PIL): the CLI parses its flags, and starts the
+# front-end processes of --frontends N, before the device process spends seconds importing torch.
+#: 12 MP photos are normal; 50 MP is the default ceiling (a decompression bomb is far above it).
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)

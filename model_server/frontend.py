@@ -1,13 +1,19 @@
 """Several HTTP/gRPC front-end processes feeding one device process (``--frontends N``).
 
-The device process loads the model, warms it up, and serves a Unix socket
-(:mod:`model_server.ipc`); only then it starts N front ends. Each front end is a full
+The device process starts N front ends first thing (they import torch and KServe while it
+imports torch and loads the model; it never imports KServe itself), then loads the model,
+warms it up, and serves a Unix socket (:mod:`model_server.ipc`). Each front end is a full
 KServe ``ModelServer`` (v1, v2, gRPC, health, metadata) whose model forwards validated
 payloads to the device process instead of running them, so the device batches across
 every front end. All front ends listen on the same HTTP and gRPC ports (``SO_REUSEPORT``:
 the kernel spreads connections). Metrics from every process are merged by
 ``prometheus_client``'s multiprocess mode, so ``/metrics`` on any front end shows the
 device's histograms too.
+
+Ready means every front end is warm: each sends its warm-up requests through its own app
+(and so through the IPC connection and the device) before it listens, and none listens before
+all of them are warm. A readiness probe, and the first request, can reach any of them; a
+front end still warming would slow the first requests, its warm-up batches sharing the device.
 
 On SIGTERM the device process forwards it to the front ends (each stops accepting and
 finishes its requests, which the device still serves), then drains and exits.
@@ -24,14 +30,17 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from model_server.device import LoadedModel
     from model_server.pipeline import Payload
 
 
@@ -61,33 +70,50 @@ def _reuseport_socket(port: int) -> socket.socket:
 
 
 def frontend_main(spec: dict[str, Any]) -> None:
-    """Entry point of one front-end process (spawned)."""
+    """Entry point of one front-end process (spawned).
+
+    Everything that needs no device (imports, routes, KServe's app and servers) is done while the
+    device process still loads; once it listens, the app's start-up connects, sends its warm-up
+    requests (``rest.warm_http_path``) and waits for the other front ends; then HTTP and gRPC listen.
+    :class:`FrontEnds` puts what that wait shares in ``spec`` (``warm``, ``abort``, ``frontends``);
+    a front end started without them (a benchmark harness) waits for none.
+    """
     logging.basicConfig(
         level=spec["log_level"], format=f"%(asctime)s %(levelname)s fe{spec['index']} %(name)s: %(message)s"
     )
     import kserve.model_server as kserve_server
+    import numpy as np
+    from kserve.protocol.grpc import server as kserve_grpc
     from kserve.protocol.rest import server as kserve_rest
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
     from model_server import rest
+    from model_server.device import freeze_so_far
     from model_server.predictor import DenseNetPredictor
 
     class RemotePredictor(DenseNetPredictor):
         """The predictor's request path, with the device in another process."""
 
         def load(self) -> bool:
+            """What needs no device; :meth:`connect` adds the device's side before anything listens."""
             from model_server.artifact import read_labels, read_manifest
-            from model_server.ipc import DeviceClient, retain_freed_memory
+            from model_server.ipc import retain_freed_memory
 
             retain_freed_memory()  # request bodies of ~100 KB each: no page faults per request
-            device = wait_for_device(spec["ipc_path"], parent=spec["parent_pid"])
-            self.manifest = read_manifest(self.artifact_dir, verify=False)  # the device process verified it
+            self.manifest = read_manifest(self.artifact_dir, verify=False)  # the device process verifies it
             self.labels = np.array([s.encode() for s in read_labels(self.artifact_dir, self.manifest)], dtype=object)
+            # KServe registers only a ready model; nothing listens before connect() and the warm-up.
+            self.ready = True
+            return True
+
+        async def connect(self) -> None:
+            """Wait for the device process to be warm, then take its facts and open the IPC client."""
+            from model_server.ipc import DeviceClient
+
+            device = await wait_for_device(spec["ipc_path"], parent=spec["parent_pid"])
             self._gpu_decode = bool(device["gpu_decode"])
             self._max_batch = int(device["max_batch"])
             self.client = DeviceClient(spec["ipc_path"])
-            self.ready = True
-            return True
 
         def max_batch(self) -> int:
             return int(self._max_batch)
@@ -114,13 +140,64 @@ def frontend_main(spec: dict[str, Any]) -> None:
 
     app.add_api_route("/metrics", merged_metrics, methods=["GET"])  # before KServe's own
     sock = _reuseport_socket(spec["http_port"])
+    all_warm = asyncio.Event()
+
+    async def start_up() -> None:  # the app's own start-up (the warm-up requests) runs in between
+        await model.connect()
+
+    async def started_up() -> None:
+        if spec.get("warm") is not None:
+            await wait_for_siblings(spec["warm"], spec["abort"], index=spec["index"], frontends=spec["frontends"])
+        all_warm.set()
+
     original_serve = kserve_rest._RefreshingServer.serve
 
     async def serve_shared(self: Any, sockets: list[socket.socket] | None = None) -> None:
-        await original_serve(self, sockets=[sock])
+        if not self.config.loaded:
+            self.config.load()
+        self.config.lifespan_class = _lifespan_around(self.config.lifespan_class, before=start_up, after=started_up)
+        await original_serve(self, sockets=[sock])  # the HTTP port is shared with the other front ends
 
-    kserve_rest._RefreshingServer.serve = serve_shared  # share the HTTP port with the other front ends
+    original_grpc_start = kserve_grpc.GRPCServer.start
+
+    async def grpc_start_when_warm(self: Any, max_workers: int) -> None:
+        await all_warm.wait()  # gRPC's readiness and first calls mean what HTTP's do
+        await original_grpc_start(self, max_workers)
+
+    kserve_rest._RefreshingServer.serve = serve_shared
+    kserve_grpc.GRPCServer.start = grpc_start_when_warm
+    freeze_so_far()
     sys.exit(0 if rest.serve_http(model, spec) else 1)
+
+
+def _lifespan_around(
+    lifespan_class: type[Any], *, before: Callable[[], Awaitable[None]], after: Callable[[], Awaitable[None]]
+) -> type[Any]:
+    """uvicorn's lifespan with ``before`` run ahead of the app's start-up handlers and ``after`` once
+    they succeeded; uvicorn listens only when both are done."""
+
+    class Around(lifespan_class):  # type: ignore[misc]
+        async def startup(self) -> None:
+            await before()
+            await super().startup()
+            if not self.should_exit:  # a failed start-up exits at once
+                await after()
+
+    return Around
+
+
+async def wait_for_siblings(warm: Any, abort: Any, *, index: int, frontends: int) -> None:
+    """Count this front end as warm, then wait until all ``frontends`` are (or the device process stops them)."""
+    # Logged before it counts: once any front end listens, every front end's line is in the log.
+    log.info("front end %d warm: its warm-up requests went through its app and the device", index)
+    with warm.get_lock():
+        warm.value += 1
+    t0 = time.perf_counter()
+    while warm.value < frontends and not abort.is_set():
+        await asyncio.sleep(0.002)
+    if warm.value >= frontends:
+        log.info("front end %d listening: all %d front ends warm (waited %.3fs for the others)",
+                 index, frontends, time.perf_counter() - t0)  # fmt: skip
 
 
 def _watch_parent(parent: int, *, grace_s: float) -> None:
@@ -138,8 +215,8 @@ def _watch_parent(parent: int, *, grace_s: float) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def wait_for_device(ipc_path: str, *, parent: int) -> dict[str, Any]:
-    """Block until the device process has loaded and warmed the model (it then creates the socket).
+async def wait_for_device(ipc_path: str, *, parent: int) -> dict[str, Any]:
+    """Wait until the device process has loaded and warmed the model (it then creates the socket).
 
     The device writes ``device.json`` (what front ends must know) before it listens, so the
     socket's existence means both are there. Exits if the device process is gone.
@@ -150,7 +227,7 @@ def wait_for_device(ipc_path: str, *, parent: int) -> dict[str, Any]:
         if os.getppid() != parent:
             log.error("the device process exited before it was ready; front end exiting")
             sys.exit(1)
-        time.sleep(0.02)
+        await asyncio.sleep(0.005)
     info: dict[str, Any] = json.loads(Path(ipc_path).with_name("device.json").read_text())
     return info
 
@@ -162,12 +239,13 @@ class FrontEnds:
         self.dir = tempfile.mkdtemp(prefix="densenet-ipc-")
         self.ipc_path = os.path.join(self.dir, "device.sock")
         ctx = multiprocessing.get_context("spawn")
+        #: Front ends done warming up (none listens before all are), and the device's "stop waiting".
+        self.warm = ctx.Value("i", 0)
+        self.stopping = ctx.Event()
+        shared = {"ipc_path": self.ipc_path, "parent_pid": os.getpid(), "frontends": n, "warm": self.warm,
+                  "abort": self.stopping}  # fmt: skip
         self.procs = [
-            ctx.Process(
-                target=frontend_main,
-                args=({**spec, "index": i, "ipc_path": self.ipc_path, "parent_pid": os.getpid()},),
-                name=f"frontend-{i}",
-            )
+            ctx.Process(target=frontend_main, args=({**spec, **shared, "index": i},), name=f"frontend-{i}")
             for i in range(n)
         ]
         for p in self.procs:
@@ -175,6 +253,7 @@ class FrontEnds:
 
     def abort(self) -> None:
         """The device failed to load: stop the front ends that are waiting for it."""
+        self.stopping.set()
         for p in self.procs:
             p.kill()
             p.join(5)
@@ -191,13 +270,12 @@ class FrontEnds:
         except OSError:
             pass
 
-    def serve(self, model: Any, *, grace_period_s: float) -> int:
+    def serve(self, model: LoadedModel, *, grace_period_s: float) -> int:
         """Serve the loaded ``model``'s device side to the front ends until SIGTERM, then drain."""
         import json
 
+        from model_server.device import profile_op, settle_after_startup
         from model_server.ipc import DeviceServer, retain_freed_memory
-        from model_server.lifecycle import settle_after_startup
-        from model_server.predictor import profile_op
 
         retain_freed_memory()  # a payload allocated and freed per request: no page faults per request
 
@@ -225,6 +303,7 @@ class FrontEnds:
                         log.error("front end %s exited with %s; stopping", dead[0].name, dead[0].exitcode)
                         code = 1
                         break
+            self.stopping.set()  # a front end still waiting for its siblings to warm up stops waiting
             for p in procs:  # front ends stop accepting and finish their requests, which we still serve
                 if p.is_alive() and p.pid is not None:
                     os.kill(p.pid, signal.SIGTERM)
@@ -245,4 +324,4 @@ class FrontEnds:
             self._cleanup()
 
 
-__all__ = ["FrontEnds", "enable_multiprocess_metrics", "frontend_main", "wait_for_device"]
+__all__ = ["FrontEnds", "enable_multiprocess_metrics", "frontend_main", "wait_for_device", "wait_for_siblings"]

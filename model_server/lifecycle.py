@@ -30,18 +30,10 @@ import kserve
 from grpc_interceptor import exceptions as grpc_exc
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
+# Lives with the device side, which the device process of --frontends N imports without KServe.
+from model_server.device import settle_after_startup as settle_after_startup
+
 log = logging.getLogger(__name__)
-
-
-def settle_after_startup() -> None:
-    """Collect once, then move every object alive after start-up (modules, the model, KServe's app)
-    out of the garbage collector's reach (``gc.freeze``): later collections walk only what requests
-    allocate, so no multi-millisecond full collection lands in a request's latency."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    log.debug("gc: %d start-up objects frozen", gc.get_freeze_count())
 
 
 class ServingState:

@@ -20,13 +20,13 @@ from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, In
 
 from model_server import BadInput, DeadlineExceeded, Overloaded, PayloadTooLarge, ServerError
 from model_server import metrics as m
-from model_server.artifact import read_labels, read_manifest
 from model_server.batcher import DynamicBatcher
 from model_server.config import ServingConfig
-from model_server.pipeline import DevicePipeline, JpegBatch, Payload, payload_size
+from model_server.device import LoadedModel, load_model, profile_op
+from model_server.pipeline import JpegBatch, Payload, payload_size
 from model_server.preprocess import CpuDecodeShare, decode_and_crop, gpu_decodable
 from model_server.profiler import ProfileCapture
-from model_server.runtimes import Runner, load_runner, resolve_device
+from model_server.runtimes import Runner
 from optimize.registry import CROP_SIZE, NUM_CLASSES
 
 log = logging.getLogger(__name__)
@@ -58,40 +58,18 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
     # -- lifecycle -------------------------------------------------------------------------------
 
     def load(self) -> bool:
-        t0 = time.perf_counter()
-        self.manifest = read_manifest(self.artifact_dir)
-        device = resolve_device(self.config.device)
-        self.runner = load_runner(self.manifest, self.artifact_dir, device)
-        t_loaded = time.perf_counter()
-        max_batch = min(self.config.max_batch_size, self.runner.max_batch)
-        if max_batch < self.config.max_batch_size:
-            log.warning("artifact serves batches up to %d; --max_batch_size lowered to it", max_batch)
-        self.runner.max_batch = max_batch
-        self.runner.buckets = [b for b in self.runner.buckets if b < max_batch] + [max_batch]
-        self.labels = np.array([s.encode() for s in read_labels(self.artifact_dir, self.manifest)], dtype=object)
-        self.runner.warm_up()
-        t_warm = time.perf_counter()
-        self.profiler = ProfileCapture(Path(self.config.profile_dir), device)
-        pipeline = DevicePipeline(self.runner, self.profiler)
-        self._gpu_decode = self.config.gpu_decode and device.type == "cuda"
-        if self._gpu_decode:
-            pipeline.warm_up()
-        log.info("start-up: weights loaded %.2fs, buckets warmed %.2fs, decoder warmed %.2fs",
-                 t_loaded - t0, t_warm - t_loaded, time.perf_counter() - t_warm)  # fmt: skip
-        two_stage = device.type == "cuda"  # decoding batch k+1 (own thread and stream) overlaps running batch k
-        self.batcher = DynamicBatcher(
-            pipeline.execute if two_stage else pipeline,
-            prepare=pipeline.prepare if two_stage else None,
-            max_batch_size=max_batch,
-            max_delay_s=self.config.max_delay_ms / 1000.0,
-            max_queue_images=max(self.config.max_queue_images, max_batch),
-        )
-        self.load_seconds = time.perf_counter() - t0
-        log.info(
-            "loaded %s (%s, %s) on %s, warmed batches %s in %.2fs",
-            self.manifest["slug"], self.manifest["runtime"], self.manifest["precision"], device,
-            self.runner.buckets, self.load_seconds,
-        )  # fmt: skip
+        return self.attach(load_model(self.artifact_dir, self.config))
+
+    def attach(self, loaded: LoadedModel) -> bool:
+        """Serve an artifact :func:`~model_server.device.load_model` loaded and warmed (the CLI runs
+        it in a thread while this process imports KServe), then set ``ready``."""
+        self.manifest = loaded.manifest
+        self.labels = loaded.labels
+        self.runner = loaded.runner
+        self.profiler = loaded.profiler
+        self.batcher = loaded.batcher
+        self._gpu_decode = loaded.gpu_decode
+        self.load_seconds = loaded.load_seconds
         self.ready = True
         return True
 
@@ -384,22 +362,3 @@ def _grpc_error(e: ServerError) -> Exception:
     else:
         mapped = InvalidInput(str(e))
     return mapped
-
-
-def profile_op(profiler: ProfileCapture | None, op: dict[str, Any]) -> dict[str, Any]:
-    """Run a profiler control operation (also reached over IPC from front-end processes).
-
-    Raises:
-        ValueError: unknown operation or bad bounds (HTTP 400).
-        KeyError: unknown capture id (HTTP 404).
-    """
-    if profiler is None:
-        raise ValueError("the model is not loaded")
-    if op.get("op") == "start":
-        return profiler.request(batches=op.get("batches"), seconds=op.get("seconds")).to_dict()
-    if op.get("op") == "get":
-        cap = profiler.get(str(op.get("id")))
-        if cap is None:
-            raise KeyError(f"no profiler capture {op.get('id')!r}")
-        return cap.to_dict()
-    raise ValueError(f"unknown profiler operation {op.get('op')!r}; valid: start, get")

@@ -14,11 +14,9 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from model_server import BadInput, PayloadTooLarge
+from model_server.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 from optimize.registry import CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_SIZE
 
-#: 12 MP photos are normal; 50 MP is the default ceiling (a decompression bomb is far above it).
-DEFAULT_MAX_PIXELS = 50_000_000
-DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 #: Resizing the shorter side of a 1x5000 image to 256 would allocate gigabytes: refuse such shapes.
 MAX_ASPECT_RATIO = 64.0
 #: Photo formats only: PIL would otherwise also try EPS (Ghostscript), PSD, ICO, ... on hostile bytes.

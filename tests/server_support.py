@@ -41,15 +41,19 @@ def build_artifacts(out: Path, *variants: str) -> None:
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen[bytes], http_port: int, grpc_port: int, log: Path) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], http_port: int, grpc_port: int, log: Path, log_at_ready: str = ""
+    ) -> None:
         self.proc, self.http_port, self.grpc_port, self.log = proc, http_port, grpc_port, log
+        #: The server's log as it was when ``/v2/health/ready`` first answered 200.
+        self.log_at_ready = log_at_ready
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
 
-def start_server(model_dir: Path, log: Path, *extra: str, timeout_s: float = 120.0) -> Server:
+def start_server(model_dir: Path, log: Path, *extra: str, timeout_s: float = 120.0, poll_s: float = 0.25) -> Server:
     import requests
 
     http_port, grpc_port = free_port(), free_port()
@@ -65,10 +69,10 @@ def start_server(model_dir: Path, log: Path, *extra: str, timeout_s: float = 120
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             if requests.get(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=1).status_code == 200:
-                return Server(proc, http_port, grpc_port, log)
+                return Server(proc, http_port, grpc_port, log, log.read_text())
         except requests.RequestException:
             pass
-        time.sleep(0.25)
+        time.sleep(poll_s)
     proc.kill()
     raise RuntimeError(f"server not ready in {timeout_s}s:\n{log.read_text()[-3000:]}")
 

@@ -25,7 +25,7 @@ def multi(artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     log = tmp_path_factory.mktemp("multi") / "server.log"
     srv = start_server(
         artifacts_dir / "densenet121-eager-fp32", log, "--frontends", "2", "--max_batch_size", "8",
-        "--max_request_images", "4", timeout_s=180,
+        "--max_request_images", "4", timeout_s=180, poll_s=0.01,
     )  # fmt: skip
     yield srv
     if srv.proc.poll() is None:
@@ -38,8 +38,33 @@ def _jpeg() -> bytes:
     return next(p for p in sample_paths() if p.name == "rocket.jpg").read_bytes()
 
 
+def test_ready_only_once_every_front_end_is_warm(multi: Server) -> None:
+    """A readiness probe (and the first request) may reach either front end: both must have sent
+    their warm-up requests through their own app to the device before either answers."""
+    for index in (0, 1):
+        assert re.search(rf"fe{index} \S+: front end {index} warm: its warm-up requests", multi.log_at_ready), (
+            f"front end {index} was not warm when the server answered ready:\n{multi.log_at_ready[-3000:]}"
+        )
+    assert not re.search(r"WARNING .*(warm-up request|HTTP warm-up failed)", multi.log_at_ready), multi.log_at_ready
+
+
+def test_device_process_never_imports_kserve(multi: Server) -> None:
+    """The device process only loads the model and serves the front ends over a Unix socket: it
+    must not spend start-up seconds importing KServe, FastAPI and grpc (their native modules would
+    be mapped into it); the front ends do import them."""
+
+    def native(pid: int) -> set[str]:
+        paths = {m.path for m in psutil.Process(pid).memory_maps()}
+        return {name for name in ("grpc", "pydantic_core") if any(f"/{name}/" in path for path in paths)}
+
+    assert native(multi.proc.pid) == set()
+    children = psutil.Process(multi.proc.pid).children()
+    front_ends = [c.pid for c in children if "--multiprocessing-fork" in c.cmdline()]  # not the resource tracker
+    assert len(front_ends) == 2 and all(native(pid) == {"grpc", "pydantic_core"} for pid in front_ends)
+
+
 def test_two_frontend_processes_share_the_port(multi: Server) -> None:
-    deadline = time.monotonic() + 60  # ready means one front end is up; the other may still be starting
+    deadline = time.monotonic() + 60  # every front end is warm at ready; each listens a moment later
     while True:
         children = psutil.Process(multi.proc.pid).children()
         listeners = {
