@@ -771,8 +771,9 @@ async def _call_with_name(endpoint: Callable[[Request, str], Any], model_name: s
 
 async def warm_http_path(app: FastAPI, model_name: str) -> None:
     """Send one v1, one v2 JSON and one v2 binary request through the whole ASGI app in-process
-    (middlewares, routes, parsing, batcher, device, response encoding) before the server accepts
-    connections, so the first client request pays no first-call costs of its own."""
+    (middlewares, routes, parsing, batcher, device, response encoding), then the health and
+    metadata GETs, before the server accepts connections, so the first client request (or
+    probe) pays no first-call costs of its own."""
     import base64
     import io
 
@@ -811,6 +812,12 @@ async def warm_http_path(app: FastAPI, model_name: str) -> None:
                 r = await client.post(path, **kwargs)
                 if r.status_code != 200:
                     log.warning("warm-up request %s answered %d: %s", path, r.status_code, r.text[:200])
+            # Probes and metadata too: their first call builds response classes and schemas (FastAPI
+            # warns once about ORJSONResponse there), which would land on the first readiness probe.
+            for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{model_name}/ready",
+                         f"/v2/models/{model_name}", f"/v1/models/{model_name}"):  # fmt: skip
+                r = await client.get(path)
+                log.debug("warm-up GET %s answered %d", path, r.status_code)  # not ready yet is fine here
     except Exception as e:  # a failed warm-up must not stop the server; the first request pays instead
         log.warning("HTTP warm-up failed: %s", e)
     from model_server.lifecycle import settle_after_startup
