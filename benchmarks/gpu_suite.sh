@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: benchmarks/gpu_suite.sh [--steps check,decode,onnx,aoti-dynamic,serve,serve-aoti] [--artifacts DIR]
+# Usage: benchmarks/gpu_suite.sh [--steps check,decode,onnx,aoti-dynamic,serve,ab,serve-aoti] [--artifacts DIR]
 #                                [--duration S] [--pairs N] [--help]
 #
 # The GPU records of issues #4 and #5, step by step, on one CUDA host (from the repository root).
@@ -12,9 +12,10 @@
 #   onnx          gpu_bench: ONNX Runtime CUDA EP (FP32, FP16, I/O binding) against stock
 #                 torch.compile and the CUDA-graph variant (needs onnxruntime-gpu)       ~4 min
 #   aoti-dynamic  gpu_bench: AOTInductor, one package with a dynamic batch dimension     ~4 min
-#   serve         serve_bench on densenet121-eager-fp16-cl-graphs, a profiler trace of 20 batches
-#                 under load, interleaved A/B arms: metrics off, --cpu_decode_share 0.3,
-#                 --gil_switch_interval_ms 1                                             ~9 min
+#   serve         serve_bench on densenet121-eager-fp16-cl-graphs: on-device, floor, cold start,
+#                 single-JPEG sweep, a profiler trace of 20 batches under load, 12 MP, batched ~5 min
+#   ab            the same variant at 128 users, interleaved A/B arms on fresh servers: metrics
+#                 off, --cpu_decode_share 0.3, --gil_switch_interval_ms 1 (--pairs)     ~6 min
 #   serve-aoti    serve_bench on densenet121-aoti-fp16-cl-dynamic (built first, cached) ~8 min
 #
 # Environment: PYTHON (default python3), DENSENET_AOTI_CACHE (compiled packages are reused).
@@ -22,14 +23,14 @@ set -o errexit -o nounset -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-STEPS="check,decode,onnx,aoti-dynamic,serve,serve-aoti"
+STEPS="check,decode,onnx,aoti-dynamic,serve,ab,serve-aoti"
 ARTIFACTS="${TMPDIR:-/tmp}/densenet-suite-artifacts"
 DURATION=10
 PAIRS=2
 SERVER_ARGS="--max_batch_size 128 --frontends 6"
 
 usage() {
-  sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 log() {
@@ -50,8 +51,8 @@ parse_args() {
   local step
   for step in ${STEPS//,/ }; do
     case "${step}" in
-      check|decode|onnx|aoti-dynamic|serve|serve-aoti) ;;
-      *) log "unknown step '${step}'; valid: check, decode, onnx, aoti-dynamic, serve, serve-aoti"; exit 1 ;;
+      check|decode|onnx|aoti-dynamic|serve|ab|serve-aoti) ;;
+      *) log "unknown step '${step}'; valid: check, decode, onnx, aoti-dynamic, serve, ab, serve-aoti"; exit 1 ;;
     esac
   done
 }
@@ -119,10 +120,20 @@ build_artifact() {
 step_serve() {
   local slug=densenet121-eager-fp16-cl-graphs
   build_artifact "${slug}"
-  log "serve: ${slug}, single-image sweep, sizes, batched, then interleaved A/B arms"
+  log "serve: ${slug}, single-image sweep, a profiler trace, sizes, batched"
   "${PYTHON}" "${ROOT}/benchmarks/serve_bench.py" --model-dir "${ARTIFACTS}/${slug}" \
     --concurrency 1,96,128,192 --processes 6 --duration "${DURATION}" --sizes vga,12mp \
-    --batched-concurrency 8,16 --server-args "${SERVER_ARGS}" --pairs "${PAIRS}" --metrics-overhead --trace-batches 20 \
+    --batched-concurrency 8,16 --server-args "${SERVER_ARGS}" --trace-batches 20 \
+    --phases ondevice,floor,single,cpu-roles,sizes,batched
+}
+
+step_ab() {
+  local slug=densenet121-eager-fp16-cl-graphs
+  build_artifact "${slug}"
+  log "ab: ${slug} at 128 users, base against each arm, ${PAIRS} pairs"
+  "${PYTHON}" "${ROOT}/benchmarks/serve_bench.py" --model-dir "${ARTIFACTS}/${slug}" --name "serve-${slug}-ab" \
+    --concurrency 128 --processes 6 --duration "${DURATION}" --sizes vga --server-args "${SERVER_ARGS}" \
+    --phases compare --pairs "${PAIRS}" --metrics-overhead \
     --compare "cpu_share_0.3=--cpu_decode_share 0.3" --compare "gil_1ms=--gil_switch_interval_ms 1"
 }
 
@@ -147,6 +158,7 @@ main() {
       onnx) step_onnx ;;
       aoti-dynamic) step_aoti_dynamic ;;
       serve) step_serve ;;
+      ab) step_ab ;;
       serve-aoti) step_serve_aoti ;;
     esac
   done

@@ -41,16 +41,17 @@ def _run(tmp_path: Path, *args: str, ort_cuda: int = 1) -> tuple[subprocess.Comp
     return proc, calls.read_text().splitlines()
 
 
-def test_serve_step_builds_the_artifact_then_runs_serve_bench_with_its_ab_arms(tmp_path: Path) -> None:
-    proc, calls = _run(tmp_path, "--steps", "serve", "--duration", "7", "--pairs", "3")
+def test_serve_and_ab_steps_build_the_artifact_then_run_serve_bench(tmp_path: Path) -> None:
+    proc, calls = _run(tmp_path, "--steps", "serve,ab", "--duration", "7", "--pairs", "3")
     assert proc.returncode == 0, proc.stderr
     build = [c for c in calls if c.startswith("-m optimize build")]
     assert build and "--variant densenet121-eager-fp16-cl-graphs" in build[0] and "--max-batch 128" in build[0]
-    bench = [c for c in calls if "benchmarks/serve_bench.py" in c]
-    assert len(bench) == 1
-    for flag in ("--duration 7", "--pairs 3", "--metrics-overhead", "--trace-batches 20", "--cpu_decode_share 0.3",
-                 "--gil_switch_interval_ms 1", "--frontends 6"):  # fmt: skip
-        assert flag in bench[0], flag
+    serve, ab = [c for c in calls if "benchmarks/serve_bench.py" in c]
+    for flag in ("--duration 7", "--trace-batches 20", "--frontends 6", "--phases ondevice,floor,single"):
+        assert flag in serve, flag
+    for flag in ("--phases compare", "--pairs 3", "--metrics-overhead", "--cpu_decode_share 0.3",
+                 "--gil_switch_interval_ms 1", "--concurrency 128", "--frontends 6"):  # fmt: skip
+        assert flag in ab, flag
 
 
 def test_onnx_step_is_skipped_without_the_cuda_provider_and_runs_with_it(tmp_path: Path) -> None:
