@@ -44,11 +44,23 @@ import torch  # noqa: E402
 
 from loadtest._payloads import photo_set  # noqa: E402
 from model_server.preprocess import decode_and_crop, gpu_resize_crop_many  # noqa: E402
+from model_server.runtimes import Runner  # noqa: E402
 
 
-def _median_ms(fn: Callable[[], object], reps: int, device: torch.device, *, cpu: bool = False) -> tuple[float, float]:
-    """Median wall ms of ``fn`` (device synchronised after each call) and median calling-thread CPU ms."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def _median_ms(
+    fn: Callable[[], object], reps: int, device: torch.device, *, sync_all: bool = True
+) -> tuple[float, float]:
+    """Median wall ms of ``fn`` and median calling-thread CPU ms.
+
+    After each call the device is synchronised (``sync_all``) or only this thread's current stream
+    (beside a load: a device-wide synchronisation would wait for the load's work as well).
+    """
+    if device.type != "cuda":
+        sync: Callable[[], object] = lambda: None  # noqa: E731
+    elif sync_all:
+        sync = torch.cuda.synchronize
+    else:
+        sync = torch.cuda.current_stream(device).synchronize
     fn()
     sync()
     walls, cpus = [], []
@@ -61,10 +73,31 @@ def _median_ms(fn: Callable[[], object], reps: int, device: torch.device, *, cpu
     return round(statistics.median(walls), 3), round(statistics.median(cpus), 3)
 
 
-class ModelLoad:
-    """DenseNet-121 FP16 channels-last at batch 32, replayed from a CUDA graph in a thread of its own."""
+LOAD_ARMS = ("legacy-graph", "side-graph", "side-eager", "process-graph")
 
-    def __init__(self, device: torch.device) -> None:
+
+class ModelLoad:
+    """DenseNet-121 FP16 channels-last at batch 32, run over and over in a thread of its own.
+
+    ``arm`` says how: ``legacy-graph`` replays a CUDA graph on the thread's current stream, the
+    legacy default stream, which implicitly waits for (and is waited for by) every blocking stream
+    and every synchronous copy; ``side-graph`` replays it on a non-blocking side stream;
+    ``side-eager`` runs the model eagerly on that side stream; ``process-graph`` replays the graph
+    in a child process (a CUDA context of its own, time-sliced with this one).
+    """
+
+    def __init__(self, device: torch.device, arm: str = "legacy-graph") -> None:
+        if arm not in LOAD_ARMS:
+            raise ValueError(f"unknown load arm {arm!r}; valid: {', '.join(LOAD_ARMS)}")
+        self.arm = arm
+        self.device = device
+        self.replays = 0
+        self.replays_per_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread()
+        self._proc: Any = None
+        if arm == "process-graph":
+            return
         import torchvision
 
         model = torchvision.models.densenet121(weights=None).to(device).half().eval()
@@ -79,37 +112,115 @@ class ModelLoad:
         self.graph = torch.cuda.CUDAGraph()  # type: ignore[no-untyped-call]
         with torch.no_grad(), torch.cuda.graph(self.graph, stream=self.stream):
             self.model(self.x)
-        self.replays = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="model-load", daemon=True)
+
+    def _step(self) -> None:
+        if self.arm == "legacy-graph":
+            self.graph.replay()
+            torch.cuda.current_stream(self.device).synchronize()  # type: ignore[no-untyped-call]
+            return
+        with torch.cuda.stream(self.stream):
+            if self.arm == "side-graph":
+                self.graph.replay()
+            else:
+                with torch.no_grad():
+                    self.model(self.x)
+        self.stream.synchronize()  # type: ignore[no-untyped-call]
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.graph.replay()
-            self.stream.synchronize()  # type: ignore[no-untyped-call]
+            self._step()
             self.replays += 1
 
     def __enter__(self) -> ModelLoad:
+        self.replays = 0
         self._t0 = time.perf_counter()
+        if self.arm == "process-graph":
+            import subprocess
+
+            code = (
+                "import sys; sys.path.insert(0, {root!r})\n"
+                "import time, torch\n"
+                "from decode_bench import ModelLoad\n"
+                "load = ModelLoad(torch.device({device!r}), 'side-graph')\n"
+                "print('ready', flush=True)\n"
+                "with load:\n"
+                "    sys.stdin.readline()\n"
+                "print(load.replays_per_s, flush=True)\n"
+            ).format(root=str(ROOT / "benchmarks"), device=str(self.device))
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+            assert self._proc.stdout is not None
+            self._proc.stdout.readline()  # "ready": captured and replaying
+            time.sleep(0.5)
+            return self
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-load", daemon=True)
         self._thread.start()
         time.sleep(0.2)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            out, _ = self._proc.communicate("stop\n", timeout=60)
+            self.replays_per_s = float(out.strip().splitlines()[-1])
+            self._proc = None
+            return
         self._stop.set()
         self._thread.join()
         self.replays_per_s = round(self.replays / (time.perf_counter() - self._t0), 1)
+
+
+def contention(device: torch.device, arms: list[str], size: str, n: int, reps: int) -> dict[str, Any]:
+    """nvJPEG, crop and the whole prepare stage for ``n`` photos, idle and beside each load arm."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from model_server.pipeline import DevicePipeline, JpegBatch
+
+    pipeline = DevicePipeline(_NoModel({"slug": "none", "precision": "fp32", "input": {"max_batch": n}}, device))
+    jpegs = [p.jpeg for p in photo_set(size)]
+    batch = (jpegs * (n // len(jpegs) + 1))[:n]
+    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in batch]
+    decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    requests = [JpegBatch([d], buffer=bytearray(d)) for d in batch]
+
+    def prepare() -> object:
+        staged = pipeline.prepare(requests)
+        if staged.ready is not None:
+            staged.ready.synchronize()
+        return staged
+
+    parts: dict[str, Callable[[], object]] = {
+        "nvjpeg": lambda: decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device),
+        "crop": lambda: gpu_resize_crop_many(decoded),
+        "prepare": prepare,
+    }
+    metrics: dict[str, Any] = {"contention_size": size, "contention_batch": n}
+    for part, fn in parts.items():
+        metrics[f"idle_{part}_ms"], _ = _median_ms(fn, reps, device, sync_all=False)
+    for arm in arms:
+        print(f"  contention: {arm}", file=sys.stderr, flush=True)
+        load = ModelLoad(device, arm)
+        with load:
+            for part, fn in parts.items():
+                metrics[f"{arm}_{part}_ms"], _ = _median_ms(fn, reps, device, sync_all=False)
+        metrics[f"{arm}_model_replays_per_s"] = load.replays_per_s
+        del load
+        torch.cuda.empty_cache()
+    return metrics
+
+
+class _NoModel(Runner):
+    """prepare() only: the pipeline needs a runner for its device."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 def bench(device: torch.device, sizes: list[str], batch_sizes: list[int], reps: int) -> dict[str, Any]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     from model_server.pipeline import DevicePipeline, JpegBatch
-    from model_server.runtimes import Runner
-
-    class _NoModel(Runner):  # prepare() only: the pipeline needs a runner for its device
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x
 
     runner = _NoModel({"slug": "none", "precision": "fp32", "input": {"max_batch": max(batch_sizes)}}, device)
     pipeline = DevicePipeline(runner)
@@ -143,7 +254,7 @@ def bench(device: torch.device, sizes: list[str], batch_sizes: list[int], reps: 
             metrics[f"{key}_prepare_ms_per_img"] = round(metrics[f"{key}_prepare_ms"] / n, 4)
             if load is not None:
                 with load:
-                    metrics[f"{key}_busy_prepare_ms"], _ = _median_ms(prepare, reps, device)
+                    metrics[f"{key}_busy_prepare_ms"], _ = _median_ms(prepare, reps, device, sync_all=False)
                 metrics[f"{key}_busy_model_replays_per_s"] = load.replays_per_s
                 load.replays = 0
     if load is not None:
@@ -159,7 +270,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="vga,12mp", help="photo sizes (loadtest/_payloads.py), default vga,12mp")
     p.add_argument("--batch-sizes", default="1,8,32,64,128", help="photos per batch, default 1,8,32,64,128")
     p.add_argument("--reps", type=int, default=10, help="timed calls per measurement (median), default 10")
-    p.add_argument("--name", default="decode", help="record name (file name part), default decode")
+    p.add_argument("--name", default=None, help="record name (file name part), default decode or decode-contention")
+    p.add_argument(
+        "--contention",
+        default=None,
+        metavar="ARMS",
+        help=f"instead of the sweep: nvJPEG, crop and prepare idle and beside each load arm ({', '.join(LOAD_ARMS)})",
+    )
+    p.add_argument("--contention-size", default="vga", help="photo size for --contention, default vga")
+    p.add_argument("--contention-batch", type=int, default=32, help="photos per batch for --contention, default 32")
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     given = sys.argv[1:] if argv is None else argv
     args = p.parse_args(given)
@@ -170,8 +289,19 @@ def main(argv: list[str] | None = None) -> int:
     if not batch_sizes or min(batch_sizes) < 1:
         p.error(f"--batch-sizes must be positive, got {args.batch_sizes!r}")
     device = torch.device(args.device)
-    print(f"decode_bench on {device}: sizes {args.sizes}, batches {batch_sizes}", file=sys.stderr, flush=True)
-    metrics = bench(device, args.sizes.split(","), batch_sizes, args.reps)
+    arms = args.contention.split(",") if args.contention else []
+    for arm in arms:
+        if arm not in LOAD_ARMS:
+            p.error(f"--contention: unknown arm {arm!r}; valid: {', '.join(LOAD_ARMS)}")
+    if arms and device.type != "cuda":
+        p.error("--contention needs a CUDA device")
+    args.name = args.name or ("decode-contention" if arms else "decode")
+    if arms:
+        print(f"decode_bench on {device}: contention {arms}", file=sys.stderr, flush=True)
+        metrics = contention(device, arms, args.contention_size, args.contention_batch, args.reps)
+    else:
+        print(f"decode_bench on {device}: sizes {args.sizes}, batches {batch_sizes}", file=sys.stderr, flush=True)
+        metrics = bench(device, args.sizes.split(","), batch_sizes, args.reps)
     from optimize.build import environment
 
     env = environment(device, packages=("torchvision", "pillow"))

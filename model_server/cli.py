@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
         "GPU decode stage when it limits throughput; skipped while the CPU pool is busy (default 0)",
     )  # fmt: skip
     p.add_argument(
+        "--model_stream", default=_env("MODEL_STREAM", d.model_stream), choices=("default", "side"),
+        help="CUDA stream the model runs on: the legacy default stream, or a non-blocking side stream that "
+        "decoding does not wait for (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
         "--max_inflight_requests", type=int, default=int(_env("MAX_INFLIGHT_REQUESTS", "0")),
         help="HTTP inference requests handled at once (bodies in memory); more get 503 + Retry-After before "
         "their body is read (default 0: max_queue_images + 2 * max_batch_size)",
@@ -153,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         request_timeout_s=args.request_timeout_s,
         gpu_decode=args.gpu_decode == "true",
         cpu_decode_share=args.cpu_decode_share,
+        model_stream=args.model_stream,
     )
     if args.frontends < 1:
         print(f"error: --frontends must be >= 1, got {args.frontends}", file=sys.stderr)

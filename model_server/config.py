@@ -34,5 +34,8 @@ class ServingConfig:
     #: off the decode stage when it, not the model, limits throughput. Skipped while the CPU
     #: pool is busy, so it never queues behind itself. 0 (default): nvJPEG takes every JPEG.
     cpu_decode_share: float = 0.0
+    #: CUDA stream the model's batches run on: "default" (the legacy default stream) or "side"
+    #: (a non-blocking stream of their own, so nvJPEG's synchronous work does not wait for them).
+    model_stream: str = "default"
     #: Where on-demand profiler traces go (a mounted volume in a pod).
     profile_dir: str = os.path.join(tempfile.gettempdir(), "densenet-profiles")

@@ -68,7 +68,7 @@ def load_model(artifact_dir: Path, config: ServingConfig) -> LoadedModel:
     runner.warm_up()
     t_warm = time.perf_counter()
     profiler = ProfileCapture(Path(config.profile_dir), device)
-    pipeline = DevicePipeline(runner, profiler)
+    pipeline = DevicePipeline(runner, profiler, model_stream=config.model_stream)
     gpu_decode = config.gpu_decode and device.type == "cuda"
     if gpu_decode:
         pipeline.warm_up()
