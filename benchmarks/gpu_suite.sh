@@ -13,7 +13,8 @@
 #                 torch.compile and the CUDA-graph variant (needs onnxruntime-gpu)       ~4 min
 #   aoti-dynamic  gpu_bench: AOTInductor, one package with a dynamic batch dimension     ~4 min
 #   serve         serve_bench on densenet121-eager-fp16-cl-graphs: on-device, floor, cold start,
-#                 single-JPEG sweep, a profiler trace of 20 batches under load, 12 MP, batched ~5 min
+#                 single-JPEG sweep, a profiler trace of 20 batches under load (and py-spy stacks
+#                 of the device process when py-spy is on PATH), 12 MP, batched             ~5 min
 #   ab            the same variant at 128 users, interleaved A/B arms on fresh servers: metrics
 #                 off, --cpu_decode_share 0.3, --gil_switch_interval_ms 1 (--pairs)     ~6 min
 #   serve-aoti    serve_bench on densenet121-aoti-fp16-cl-dynamic (built first, cached) ~8 min
@@ -30,7 +31,7 @@ PAIRS=2
 SERVER_ARGS="--max_batch_size 128 --frontends 6"
 
 usage() {
-  sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 log() {
@@ -120,10 +121,14 @@ build_artifact() {
 step_serve() {
   local slug=densenet121-eager-fp16-cl-graphs
   build_artifact "${slug}"
+  local spy=()
+  if command -v py-spy >/dev/null; then
+    spy=(--py-spy 8)  # what holds the device process's GIL under load
+  fi
   log "serve: ${slug}, single-image sweep, a profiler trace, sizes, batched"
   "${PYTHON}" "${ROOT}/benchmarks/serve_bench.py" --model-dir "${ARTIFACTS}/${slug}" \
     --concurrency 1,96,128,192 --processes 6 --duration "${DURATION}" --sizes vga,12mp \
-    --batched-concurrency 8,16 --server-args "${SERVER_ARGS}" --trace-batches 20 \
+    --batched-concurrency 8,16 --server-args "${SERVER_ARGS}" --trace-batches 20 "${spy[@]}" \
     --phases ondevice,floor,single,cpu-roles,sizes,batched
 }
 

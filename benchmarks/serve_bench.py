@@ -323,6 +323,37 @@ class CpuByRole(threading.Thread):
         return {f"{k}_cores": round(sum(s.get(k, 0.0) for s in self.samples) / n / 100, 2) for k in sorted(keys)}
 
 
+def py_spy_path() -> str | None:
+    """The py-spy executable: on PATH or next to this Python (a virtual environment's bin)."""
+    found = shutil.which("py-spy")
+    beside = Path(sys.executable).with_name("py-spy")
+    return found or (str(beside) if beside.exists() else None)
+
+
+def record_py_spy(pid: int, seconds: float, folder: Path, name: str) -> list[Path]:
+    """Two py-spy recordings of ``pid`` at once, non-blocking (the process is never paused), as
+    collapsed stacks: ``<name>-gil.txt`` samples only the thread holding the GIL (what serialises
+    the device process), ``<name>-threads.txt`` every active thread, one stack root per thread."""
+    spy = py_spy_path()
+    if spy is None:
+        return []
+    outs = {"gil": ["--gil"], "threads": ["--threads"]}
+    procs = []
+    for kind, extra in outs.items():
+        out = folder / f"{name}-py-spy-{kind}.txt"
+        cmd = [spy, "record", "--pid", str(pid), "--rate", "100", "--duration", str(max(1, round(seconds))),
+               "--nonblocking", "--format", "raw", "--output", str(out), *extra]  # fmt: skip
+        procs.append((out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+    written = []
+    for out, proc in procs:
+        _, err = proc.communicate(timeout=seconds + 60)
+        if proc.returncode == 0 and out.exists():
+            written.append(out)
+        else:
+            print(f"    py-spy failed ({proc.returncode}): {err.strip()[-300:]}", file=sys.stderr, flush=True)
+    return written
+
+
 class Sampler(threading.Thread):
     """Peak RSS and GPU memory of the server while a load runs."""
 
@@ -621,6 +652,12 @@ def main(argv: list[str] | None = None) -> int:
         help="in the cpu-roles run, capture an in-pod torch.profiler trace of this many batches (Perfetto/"
         "TensorBoard JSON, next to the record and under $OUT; the server gets a random admin token); default 0: off",
     )  # fmt: skip
+    p.add_argument(
+        "--py-spy", type=float, default=0.0, metavar="SECONDS",
+        help="in the cpu-roles run, sample the device process with py-spy (non-blocking, 100 Hz) for SECONDS: "
+        "collapsed stacks of what holds the GIL and of every thread's activity, next to the record and under "
+        "$OUT (py-spy must be installed); default 0: off",
+    )  # fmt: skip
     p.add_argument("--port", type=int, default=0, help="HTTP port (gRPC gets port+1); default: a free one")
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default="")
@@ -638,6 +675,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--pairs must be at least 1")
     if args.trace_batches < 0 or (args.trace_batches and "cpu-roles" not in phases):
         p.error("--trace-batches must be >= 0 and needs the cpu-roles phase in --phases")
+    if args.py_spy < 0 or (args.py_spy and "cpu-roles" not in phases):
+        p.error("--py-spy must be >= 0 and needs the cpu-roles phase in --phases")
+    if args.py_spy and not py_spy_path():
+        p.error("--py-spy needs the py-spy executable (pip install py-spy)")
     if not arms and "compare" in phases:
         phases.remove("compare")
 
@@ -725,6 +766,16 @@ def main(argv: list[str] | None = None) -> int:
 
                 tracer = threading.Thread(target=trace_later, daemon=True)
                 tracer.start()
+            spies: list[Path] = []
+            if args.py_spy:
+                spy_name = args.name or f"serve-{slug}"
+
+                def spy_later() -> None:  # under the same load, once Locust's users are all running
+                    if not locust_done.wait(6.0):
+                        spies.extend(record_py_spy(server.proc.pid, args.py_spy, work, spy_name))
+
+                spy_thread = threading.Thread(target=spy_later, daemon=True)
+                spy_thread.start()
             run_locust(server.url, args.user, c, min(args.processes, c), max(12, args.duration), sizes[0], 1, work,
                        "cpu")  # fmt: skip
             locust_done.set()
@@ -736,6 +787,13 @@ def main(argv: list[str] | None = None) -> int:
                 if trace.get("file") and os.environ.get("OUT"):
                     shutil.copyfile(work / trace["file"], Path(os.environ["OUT"], trace["file"]))
                 print(f"    profiler trace at c={c}: {metrics['profiler_trace']}", file=sys.stderr, flush=True)
+            if args.py_spy:
+                spy_thread.join(args.py_spy + 30)
+                metrics["py_spy_profiles"] = [f.name for f in spies]
+                for f in spies:
+                    if os.environ.get("OUT"):
+                        shutil.copyfile(f, Path(os.environ["OUT"], f.name))
+                print(f"    py-spy of the device process: {[f.name for f in spies]}", file=sys.stderr, flush=True)
             print(f"    CPU at c={c}: {metrics['cpu_at_best_concurrency']}", file=sys.stderr, flush=True)
         if "sizes" in phases:
             c = load_users(metrics, levels)

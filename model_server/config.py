@@ -36,6 +36,6 @@ class ServingConfig:
     cpu_decode_share: float = 0.0
     #: CUDA stream the model's batches run on: "default" (the legacy default stream) or "side"
     #: (a non-blocking stream of their own, so nvJPEG's synchronous work does not wait for them).
-    model_stream: str = "default"
+    model_stream: str = "side"
     #: Where on-demand profiler traces go (a mounted volume in a pod).
     profile_dir: str = os.path.join(tempfile.gettempdir(), "densenet-profiles")

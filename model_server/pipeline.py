@@ -85,7 +85,7 @@ class DevicePipeline:
     """
 
     def __init__(
-        self, runner: Runner, profiler: ProfileCapture | None = None, *, model_stream: str = "default"
+        self, runner: Runner, profiler: ProfileCapture | None = None, *, model_stream: str = "side"
     ) -> None:
         if model_stream not in MODEL_STREAMS:
             raise ValueError(f"model_stream must be one of {', '.join(MODEL_STREAMS)}, got {model_stream!r}")
