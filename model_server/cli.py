@@ -98,9 +98,10 @@ def _parser() -> argparse.ArgumentParser:
         help="request-path Prometheus metrics (default: true; false only to measure their overhead)",
     )  # fmt: skip
     p.add_argument(
-        "--gil_switch_interval_ms", type=float, default=float(_env("GIL_SWITCH_INTERVAL_MS", "0")),
-        help="sys.setswitchinterval of this process, in ms (default 0: Python's 5 ms). The decode and device "
-        "threads win the GIL back after every tensor call; a busy event loop keeps it up to this long",
+        "--gil_switch_interval_ms", type=float, default=float(_env("GIL_SWITCH_INTERVAL_MS", "1")),
+        help="sys.setswitchinterval of this process, in ms (default 1; 0 keeps Python's 5 ms). The decode and "
+        "device threads win the GIL back after every tensor call; a busy event loop keeps it up to this long "
+        "(H100, 128 users: 1 ms served 1.058x the throughput of 5 ms, p99 40-44 vs 49-57 ms)",
     )  # fmt: skip
     p.add_argument("--log_level", default=_env("LOG_LEVEL", "INFO"))
     return p

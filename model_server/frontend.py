@@ -22,9 +22,11 @@ finishes its requests, which the device still serves), then drains and exits.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -48,8 +50,19 @@ log = logging.getLogger(__name__)
 
 
 def enable_multiprocess_metrics() -> str:
-    """Point prometheus_client at a shared folder; must run before it is first imported."""
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="densenet-metrics-")
+    """Point prometheus_client at a shared folder; must run before it is first imported.
+
+    Unless ``PROMETHEUS_MULTIPROC_DIR`` names one, the folder is made in memory (``/dev/shm``) where
+    there is one: every metric write stores into an mmap of a file there, and a file on a disk-backed
+    ``/tmp`` gets its dirty pages written back under load, when a store can fault or wait for the
+    write-back. A folder made here is removed when this process exits.
+    """
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        shm = Path("/dev/shm")
+        base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+        path = tempfile.mkdtemp(prefix="densenet-metrics-", dir=base)
+        atexit.register(shutil.rmtree, path, True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     for f in Path(path).glob("*.db"):  # stale files of an earlier run would be summed in
         f.unlink()
