@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,11 @@ class LoadedModel:
         self.batcher.close()
 
 
-def load_model(artifact_dir: Path, config: ServingConfig) -> LoadedModel:
+def load_model(artifact_dir: Path, config: ServingConfig, *, early: threading.Thread | None = None) -> LoadedModel:
     """Read and verify the artifact, load it on ``config.device``, warm every batch bucket and the decoder.
+
+    ``early``: a thread still initialising the device (the CLI's early CUDA and nvJPEG start); it is
+    joined before the first warm-up, as a CUDA graph capture fails if another thread calls CUDA.
 
     Raises:
         ArtifactError: the artifact is missing, malformed or fails its checksum.
@@ -65,6 +69,8 @@ def load_model(artifact_dir: Path, config: ServingConfig) -> LoadedModel:
     runner.max_batch = max_batch
     runner.buckets = [b for b in runner.buckets if b < max_batch] + [max_batch]
     labels = np.array([s.encode() for s in read_labels(artifact_dir, manifest)], dtype=object)
+    if early is not None:
+        early.join()
     runner.warm_up()
     t_warm = time.perf_counter()
     profiler = ProfileCapture(Path(config.profile_dir), device)

@@ -205,6 +205,23 @@ def gpu_resize_crop_many(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([c for c in out if c is not None])
 
 
+def warm_gpu_decoder(device: torch.device) -> torch.Tensor:
+    """Initialise nvJPEG (handles, buffers, the hardware decoder) and the crop kernels on ``device``
+    with a small JPEG at batch 1 and 8, so neither the warm-up nor a request pays for it; returns the
+    crops of the batch of 8."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    buf = io.BytesIO()
+    Image.new("RGB", (320, 240), (120, 60, 30)).save(buf, format="JPEG")
+    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    crops = torch.empty(0)
+    for n in (1, 8):
+        crops = gpu_resize_crop_many(decode_jpeg([data] * n, mode=ImageReadMode.RGB, device=device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return crops
+
+
 class CpuDecodeShare:
     """Which GPU-decodable requests the CPU decodes anyway (``--cpu_decode_share``).
 

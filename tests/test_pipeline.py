@@ -169,3 +169,45 @@ print("OK")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-2000:]
+
+
+def test_load_model_joins_the_early_device_start_before_it_warms_up(
+    artifacts_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CUDA graph capture fails if another thread calls CUDA: the early nvJPEG warm-up must be over."""
+    import time
+
+    from model_server.config import ServingConfig
+    from model_server.device import load_model
+    from model_server.runtimes import Runner
+
+    order: list[str] = []
+
+    def early_work() -> None:
+        time.sleep(0.5)
+        order.append("early start done")
+
+    real_warm_up = Runner.warm_up
+
+    def warm_up(self: Runner) -> None:
+        order.append("warm-up")
+        real_warm_up(self)
+
+    monkeypatch.setattr(Runner, "warm_up", warm_up)
+    early = threading.Thread(target=early_work)
+    early.start()
+    model = load_model(
+        artifacts_dir / "densenet121-eager-fp32", ServingConfig(device="cpu", max_batch_size=2), early=early
+    )
+    model.stop()
+    assert order == ["early start done", "warm-up"]
+
+
+def test_warm_gpu_decoder_decodes_and_crops_on_the_given_device() -> None:
+    """On the CPU the same calls run through torchvision's CPU decoder (on a GPU: nvJPEG)."""
+    from model_server.preprocess import warm_gpu_decoder
+
+    crops = warm_gpu_decoder(torch.device("cpu"))
+    assert crops.shape == (8, 3, 224, 224) and crops.dtype == torch.uint8
+    assert torch.equal(crops[0], crops[7])  # eight copies of one JPEG
+    assert 100 < crops[0, 0].float().mean() < 140  # the warm-up image is RGB (120, 60, 30)

@@ -237,3 +237,19 @@ def test_a_profiler_trace_is_captured_under_load_on_the_cpu(artifacts_dir: Path,
     events = json.loads((out_dir / "trace-trace.json").read_text())["traceEvents"]
     assert any(e.get("name", "").startswith("aten::") for e in events)  # the model's ops are in it
     assert "DENSENET_ADMIN_TOKEN" not in record["server_command"] and "--admin_token" not in record["server_command"]
+
+
+def test_throughput_within_the_latency_objective_is_the_best_run_that_met_it() -> None:
+    runs = {
+        "c1": {"img_s": 170.0, "p99_ms": 7.0, "failures": 0},
+        "c96": {"img_s": 3075.9, "p99_ms": 35.0, "failures": 0},
+        "c128": {"img_s": 3466.3, "p99_ms": 51.0, "failures": 0},
+        "c192": {"img_s": 3551.9, "p99_ms": 40.0, "failures": 3},  # failures: never counts
+    }
+    assert sb.within_slo(runs, 50.0) == {
+        "e2e_single_slo_p99_target_ms": 50.0,
+        "e2e_single_slo_img_s": 3075.9,
+        "e2e_single_slo_p99_ms": 35.0,
+        "e2e_single_slo_users": 96,
+    }
+    assert sb.within_slo(runs, 5.0) == {"e2e_single_slo_p99_target_ms": 5.0, "e2e_single_slo_img_s": 0.0}
