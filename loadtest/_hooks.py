@@ -38,49 +38,127 @@ SHAPES = ("none", "step", "spike", "soak")
 def add_options(parser: Any) -> None:
     """Register this package's options (each also settable through its ``LOCUST_`` variable)."""
     group = parser.add_argument_group("densenet-knative", "Options of the DenseNet-121 predictor load test")
-    group.add_argument("--variant", env_var="LOCUST_VARIANT", default="",
-                       help="Variant slug the run is reported under (default: first DNS label of --host-header or "
-                            "--host)")
-    group.add_argument("--host-header", env_var="LOCUST_HOST_HEADER", default="",
-                       help="Host header for every request, e.g. densenet121-eager-fp32.default.example.com to reach "
-                            "a Knative service through the Kourier ingress without DNS")
-    group.add_argument("--model-name", env_var="LOCUST_MODEL_NAME", default="densenet121",
-                       help="Model name in the predictor's URLs")
-    group.add_argument("--image-sizes", env_var="LOCUST_IMAGE_SIZES", default="vga",
-                       help="Comma-separated payload photo sizes: vga, hd, fhd, 5mp, 4k, 12mp or WxH; requests pick "
-                            "one at random and are grouped by it")
-    group.add_argument("--images-per-request", env_var="LOCUST_IMAGES_PER_REQUEST", default="1",
-                       help="Images per request; a comma-separated list picks one at random per request")
+    group.add_argument(
+        "--variant",
+        env_var="LOCUST_VARIANT",
+        default="",
+        help="Variant slug the run is reported under (default: first DNS label of --host-header or --host)",
+    )
+    group.add_argument(
+        "--host-header",
+        env_var="LOCUST_HOST_HEADER",
+        default="",
+        help="Host header for every request, e.g. densenet121-eager-fp32.default.example.com to reach "
+        "a Knative service through the Kourier ingress without DNS",
+    )
+    group.add_argument(
+        "--model-name", env_var="LOCUST_MODEL_NAME", default="densenet121", help="Model name in the predictor's URLs"
+    )
+    group.add_argument(
+        "--image-sizes",
+        env_var="LOCUST_IMAGE_SIZES",
+        default="vga",
+        help="Comma-separated payload photo sizes: vga, hd, fhd, 5mp, 4k, 12mp or WxH; requests pick "
+        "one at random and are grouped by it",
+    )
+    group.add_argument(
+        "--images-per-request",
+        env_var="LOCUST_IMAGES_PER_REQUEST",
+        default="1",
+        help="Images per request; a comma-separated list picks one at random per request",
+    )
     group.add_argument("--top-k", env_var="LOCUST_TOP_K", type=int, default=5, help="top_k asked for and checked")
-    group.add_argument("--tensor-dtype", env_var="LOCUST_TENSOR_DTYPE", choices=("uint8", "fp32", "fp16"),
-                       default="uint8", help="Datatype of the tensor users' preprocessed input (fp16: binary only)")
-    group.add_argument("--think-time", env_var="LOCUST_THINK_TIME", type=float, default=0.0,
-                       help="Seconds each user waits between requests (0: closed loop, as fast as answers come)")
-    group.add_argument("--shape", env_var="LOCUST_SHAPE", choices=SHAPES, default="none",
-                       help="Load shape: none (plain -u/-r/-t), step, spike (from zero) or soak")
-    group.add_argument("--steps", env_var="LOCUST_STEPS", type=int, default=5,
-                       help="step shape: number of steps up to -u users, each held -t/steps seconds")
-    group.add_argument("--step-time", env_var="LOCUST_STEP_TIME", type=float, default=60.0,
-                       help="step shape: seconds per step when -t is not given")
-    group.add_argument("--spike-wait", env_var="LOCUST_SPIKE_WAIT", type=float, default=0.0,
-                       help="spike shape: seconds at 0 users before the spike")
-    group.add_argument("--spike-zero-timeout", env_var="LOCUST_SPIKE_ZERO_TIMEOUT", type=float, default=0.0,
-                       help="spike shape: with the pod watcher, also wait up to this many seconds for the revision to "
-                            "scale to zero before the spike")
-    group.add_argument("--kube-namespace", env_var="LOCUST_KUBE_NAMESPACE", default="",
-                       help="Namespace of the Knative services; enables the pod watcher and per-pod /metrics scraping")
-    group.add_argument("--kube-services", env_var="LOCUST_KUBE_SERVICES", default="",
-                       help="Comma-separated Knative services to watch (default: the variant)")
+    group.add_argument(
+        "--tensor-dtype",
+        env_var="LOCUST_TENSOR_DTYPE",
+        choices=("uint8", "fp32", "fp16"),
+        default="uint8",
+        help="Datatype of the tensor users' preprocessed input (fp16: binary only)",
+    )
+    group.add_argument(
+        "--think-time",
+        env_var="LOCUST_THINK_TIME",
+        type=float,
+        default=0.0,
+        help="Seconds each user waits between requests (0: closed loop, as fast as answers come)",
+    )
+    group.add_argument(
+        "--shape",
+        env_var="LOCUST_SHAPE",
+        choices=SHAPES,
+        default="none",
+        help="Load shape: none (plain -u/-r/-t), step, spike (from zero) or soak",
+    )
+    group.add_argument(
+        "--steps",
+        env_var="LOCUST_STEPS",
+        type=int,
+        default=5,
+        help="step shape: number of steps up to -u users, each held -t/steps seconds",
+    )
+    group.add_argument(
+        "--step-time",
+        env_var="LOCUST_STEP_TIME",
+        type=float,
+        default=60.0,
+        help="step shape: seconds per step when -t is not given",
+    )
+    group.add_argument(
+        "--spike-wait",
+        env_var="LOCUST_SPIKE_WAIT",
+        type=float,
+        default=0.0,
+        help="spike shape: seconds at 0 users before the spike",
+    )
+    group.add_argument(
+        "--spike-zero-timeout",
+        env_var="LOCUST_SPIKE_ZERO_TIMEOUT",
+        type=float,
+        default=0.0,
+        help="spike shape: with the pod watcher, also wait up to this many seconds for the revision to "
+        "scale to zero before the spike",
+    )
+    group.add_argument(
+        "--kube-namespace",
+        env_var="LOCUST_KUBE_NAMESPACE",
+        default="",
+        help="Namespace of the Knative services; enables the pod watcher and per-pod /metrics scraping",
+    )
+    group.add_argument(
+        "--kube-services",
+        env_var="LOCUST_KUBE_SERVICES",
+        default="",
+        help="Comma-separated Knative services to watch (default: the variant)",
+    )
     group.add_argument("--kube-context", env_var="LOCUST_KUBE_CONTEXT", default="", help="kubeconfig context")
-    group.add_argument("--metrics-url", env_var="LOCUST_METRICS_URL", default="",
-                       help="Predictor /metrics URL scraped before and after the run (default: HOST/metrics, or every "
-                            "ready pod through the API server with --kube-namespace; 'off' disables)")
-    group.add_argument("--metrics-port", env_var="LOCUST_METRICS_PORT", type=int, default=8080,
-                       help="Container port of /metrics for the per-pod scrape")
-    group.add_argument("--slo-p95-ms", env_var="LOCUST_SLO_P95_MS", type=float, default=None,
-                       help="SLO: the run fails (exit 1) when the overall p95 exceeds this many ms")
-    group.add_argument("--slo-max-failure-ratio", env_var="LOCUST_SLO_MAX_FAILURE_RATIO", type=float, default=None,
-                       help="SLO: the run fails (exit 1) when failed/all requests exceeds this ratio, e.g. 0.01")
+    group.add_argument(
+        "--metrics-url",
+        env_var="LOCUST_METRICS_URL",
+        default="",
+        help="Predictor /metrics URL scraped before and after the run (default: HOST/metrics, or every "
+        "ready pod through the API server with --kube-namespace; 'off' disables)",
+    )
+    group.add_argument(
+        "--metrics-port",
+        env_var="LOCUST_METRICS_PORT",
+        type=int,
+        default=8080,
+        help="Container port of /metrics for the per-pod scrape",
+    )
+    group.add_argument(
+        "--slo-p95-ms",
+        env_var="LOCUST_SLO_P95_MS",
+        type=float,
+        default=None,
+        help="SLO: the run fails (exit 1) when the overall p95 exceeds this many ms",
+    )
+    group.add_argument(
+        "--slo-max-failure-ratio",
+        env_var="LOCUST_SLO_MAX_FAILURE_RATIO",
+        type=float,
+        default=None,
+        help="SLO: the run fails (exit 1) when failed/all requests exceeds this ratio, e.g. 0.01",
+    )
 
 
 def default_variant(host: str | None, host_header: str = "") -> str:
@@ -115,8 +193,10 @@ def evaluate_slo(total: Any, *, p95_ms: float | None, max_failure_ratio: float |
         if p95 > p95_ms:
             violations.append(f"p95 {p95:.0f} ms > {p95_ms:g} ms")
     if max_failure_ratio is not None and total.fail_ratio > max_failure_ratio:
-        violations.append(f"failure ratio {total.fail_ratio:.4f} > {max_failure_ratio:g} "
-                          f"({total.num_failures} of {total.num_requests})")
+        violations.append(
+            f"failure ratio {total.fail_ratio:.4f} > {max_failure_ratio:g} "
+            f"({total.num_failures} of {total.num_requests})"
+        )
     return violations
 
 
@@ -172,8 +252,9 @@ def _ask_server_variant(environment: Environment) -> str | None:
     options = _options(environment)
     headers = {"Host": options.host_header} if options.host_header else {}
     try:
-        response = requests.get(f"{(environment.host or '').rstrip('/')}/v2/models/{options.model_name}",
-                                headers=headers, timeout=5)
+        response = requests.get(
+            f"{(environment.host or '').rstrip('/')}/v2/models/{options.model_name}", headers=headers, timeout=5
+        )
         versions = response.json().get("versions") if response.ok else None
     except (requests.RequestException, ValueError) as e:
         logger.debug("no model metadata: %s", e)
@@ -182,8 +263,9 @@ def _ask_server_variant(environment: Environment) -> str | None:
 
 
 @events.request.add_listener
-def _on_request(request_type: str, name: str, response_time: float, exception: Any = None,
-                start_time: float | None = None, **_: Any) -> None:
+def _on_request(
+    request_type: str, name: str, response_time: float, exception: Any = None, start_time: float | None = None, **_: Any
+) -> None:
     end = time.time()
     start = start_time if start_time is not None else end - response_time / 1000.0
     STATE.saw(start, start + response_time / 1000.0, exception is None)
@@ -349,8 +431,11 @@ def run_summary(environment: Environment) -> dict[str, Any]:
     pods_at_first = watcher.ready_at(STATE.first_request_t) if watcher and STATE.first_request_t else None
     cold = pods_at_first == 0
     client_mean = total.avg_response_time if total.num_requests else None
-    delta = ({k: v for k, v in STATE.metrics_delta.items() if k.startswith("densenet_")}
-             if STATE.metrics_delta is not None else None)
+    delta = (
+        {k: v for k, v in STATE.metrics_delta.items() if k.startswith("densenet_")}
+        if STATE.metrics_delta is not None
+        else None
+    )
     return {
         "schema": 1,
         "variant": variant_of(environment),
@@ -376,10 +461,15 @@ def run_summary(environment: Environment) -> dict[str, Any]:
         "metrics_delta": delta,
         "breakdown_ms": _metrics.breakdown(delta, client_mean_ms=client_mean) if delta is not None else None,
         "totals": _totals(total),
-        "names": {entry.name: {**_totals(entry), "images_per_request": images_in(entry.name)}
-                  for entry in environment.stats.entries.values()},
-        "slo": {"p95_ms": options.slo_p95_ms, "max_failure_ratio": options.slo_max_failure_ratio,
-                "violations": STATE.slo_violations},
+        "names": {
+            entry.name: {**_totals(entry), "images_per_request": images_in(entry.name)}
+            for entry in environment.stats.entries.values()
+        },
+        "slo": {
+            "p95_ms": options.slo_p95_ms,
+            "max_failure_ratio": options.slo_max_failure_ratio,
+            "violations": STATE.slo_violations,
+        },
     }
 
 
@@ -390,15 +480,17 @@ def _on_quitting(environment: Environment, **_: Any) -> None:
         return
     if STATE.watcher is not None:
         STATE.watcher.stop()
-    STATE.slo_violations = evaluate_slo(environment.stats.total, p95_ms=options.slo_p95_ms,
-                                        max_failure_ratio=options.slo_max_failure_ratio)
+    STATE.slo_violations = evaluate_slo(
+        environment.stats.total, p95_ms=options.slo_p95_ms, max_failure_ratio=options.slo_max_failure_ratio
+    )
     if options.slo_p95_ms is not None or options.slo_max_failure_ratio is not None:
         if STATE.slo_violations:
             logger.error("SLO missed: %s", "; ".join(STATE.slo_violations))
             environment.process_exit_code = 1
         else:
-            logger.info("SLO met (p95 <= %s ms, failure ratio <= %s)", options.slo_p95_ms,
-                        options.slo_max_failure_ratio)
+            logger.info(
+                "SLO met (p95 <= %s ms, failure ratio <= %s)", options.slo_p95_ms, options.slo_max_failure_ratio
+            )
             environment.process_exit_code = 0
     if not options.variant and environment.host:
         # Asked only now: at the start, a request would wake a revision scaled to zero.

@@ -206,8 +206,9 @@ def _tensor(jpeg: bytes, dtype: str) -> np.ndarray:
         image = opened.convert("RGB")
     width, height = image.size
     scale = RESIZE_SIZE / min(width, height)
-    image = image.resize((max(RESIZE_SIZE, round(width * scale)), max(RESIZE_SIZE, round(height * scale))),
-                         Image.Resampling.BILINEAR)
+    image = image.resize(
+        (max(RESIZE_SIZE, round(width * scale)), max(RESIZE_SIZE, round(height * scale))), Image.Resampling.BILINEAR
+    )
     width, height = image.size
     left, top = (width - CROP_SIZE) // 2, (height - CROP_SIZE) // 2
     image = image.crop((left, top, left + CROP_SIZE, top + CROP_SIZE))

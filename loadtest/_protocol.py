@@ -53,8 +53,9 @@ def _params(top_k: int) -> dict[str, Any]:
 def v1_request(model: str, photos: Sequence[Photo], *, top_k: int = 5) -> Prepared:
     """KServe v1 ``:predict`` with base64 JPEGs."""
     payload = {"instances": [{"image": {"b64": photo.b64}} for photo in photos], "parameters": _params(top_k)}
-    return Prepared(f"/v1/models/{model}:predict", json.dumps(payload).encode(), {"Content-Type": "application/json"},
-                    len(photos))
+    return Prepared(
+        f"/v1/models/{model}:predict", json.dumps(payload).encode(), {"Content-Type": "application/json"}, len(photos)
+    )
 
 
 def v2_bytes_request(model: str, photos: Sequence[Photo], *, top_k: int = 5) -> Prepared:
@@ -63,8 +64,9 @@ def v2_bytes_request(model: str, photos: Sequence[Photo], *, top_k: int = 5) -> 
         "inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(photos)], "data": [p.b64 for p in photos]}],
         "parameters": _params(top_k),
     }
-    return Prepared(f"/v2/models/{model}/infer", json.dumps(payload).encode(), {"Content-Type": "application/json"},
-                    len(photos))
+    return Prepared(
+        f"/v2/models/{model}/infer", json.dumps(payload).encode(), {"Content-Type": "application/json"}, len(photos)
+    )
 
 
 def _binary(model: str, tensor_json: dict[str, Any], raw: bytes, *, top_k: int, images: int) -> Prepared:
@@ -98,12 +100,12 @@ def v2_tensor_request(model: str, photos: Sequence[Photo], *, dtype: str = "uint
         "inputs": [{"name": "input", "datatype": datatype, "shape": list(array.shape), "data": array.ravel().tolist()}],
         "parameters": _params(top_k),
     }
-    return Prepared(f"/v2/models/{model}/infer", json.dumps(payload).encode(), {"Content-Type": "application/json"},
-                    len(photos))
+    return Prepared(
+        f"/v2/models/{model}/infer", json.dumps(payload).encode(), {"Content-Type": "application/json"}, len(photos)
+    )
 
 
-def v2_binary_tensor_request(model: str, photos: Sequence[Photo], *, dtype: str = "uint8",
-                             top_k: int = 5) -> Prepared:
+def v2_binary_tensor_request(model: str, photos: Sequence[Photo], *, dtype: str = "uint8", top_k: int = 5) -> Prepared:
     """v2 ``infer`` with a preprocessed tensor as raw little-endian bytes (binary-tensor extension)."""
     array = _stack(photos, dtype)
     datatype, numpy_dtype = _V2_DTYPES[dtype]
@@ -114,14 +116,21 @@ def v2_binary_tensor_request(model: str, photos: Sequence[Photo], *, dtype: str 
 # --- response checks -------------------------------------------------------------------------------
 
 
-def _check_rows(classes: Sequence[Sequence[Any]], probabilities: Sequence[Sequence[Any]],
-                labels: Sequence[Sequence[Any]] | None, *, images: int, top_k: int) -> None:
+def _check_rows(
+    classes: Sequence[Sequence[Any]],
+    probabilities: Sequence[Sequence[Any]],
+    labels: Sequence[Sequence[Any]] | None,
+    *,
+    images: int,
+    top_k: int,
+) -> None:
     if len(classes) != images or len(probabilities) != images:
         raise ResponseError(f"expected {images} results, got {len(classes)} classes / {len(probabilities)} rows")
     for row, (cls, prob) in enumerate(zip(classes, probabilities, strict=True)):
         if len(cls) != top_k or len(prob) != top_k:
             raise ResponseError(
-                f"result {row}: expected top-{top_k}, got {len(cls)} classes, {len(prob)} probabilities")
+                f"result {row}: expected top-{top_k}, got {len(cls)} classes, {len(prob)} probabilities"
+            )
         if not all(isinstance(c, int | np.integer) and 0 <= c < NUM_CLASSES for c in cls):
             raise ResponseError(f"result {row}: class ids out of range: {list(cls)[:5]}")
         values = [float(p) for p in prob]
@@ -157,7 +166,7 @@ def _decode_binary_output(output: Mapping[str, Any], raw: bytes) -> list[Any]:
         values, offset = [], 0
         while offset < len(raw):
             (length,) = struct.unpack_from("<I", raw, offset)
-            values.append(raw[offset + 4:offset + 4 + length].decode("utf-8"))
+            values.append(raw[offset + 4 : offset + 4 + length].decode("utf-8"))
             offset += 4 + length
         return values
     return np.frombuffer(raw, dtype=_NUMPY_BY_DATATYPE[datatype]).tolist()
@@ -179,7 +188,7 @@ def parse_v2_outputs(body: bytes, headers: Mapping[str, str] | None = None) -> d
         for output in document["outputs"]:
             size = (output.get("parameters") or {}).get("binary_data_size")
             if size is not None:
-                data = _decode_binary_output(output, raw[offset:offset + int(size)])
+                data = _decode_binary_output(output, raw[offset : offset + int(size)])
                 offset += int(size)
             else:
                 data = output["data"]
@@ -193,7 +202,7 @@ def _rows(output: tuple[list[int], list[Any]], name: str, *, images: int, top_k:
     shape, flat = output
     if shape != [images, top_k] or len(flat) != images * top_k:
         raise ResponseError(f"output {name!r}: shape {shape} with {len(flat)} values, expected [{images}, {top_k}]")
-    return [flat[i * top_k:(i + 1) * top_k] for i in range(images)]
+    return [flat[i * top_k : (i + 1) * top_k] for i in range(images)]
 
 
 def check_v2_response(body: bytes, headers: Mapping[str, str] | None = None, *, images: int, top_k: int = 5) -> None:

@@ -79,8 +79,15 @@ class PodWatcher:
         clock: Time source, epoch seconds.
     """
 
-    def __init__(self, api_client: Any, namespace: str, services: Sequence[str], *, watch_timeout_s: int = 5,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        api_client: Any,
+        namespace: str,
+        services: Sequence[str],
+        *,
+        watch_timeout_s: int = 5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         from kubernetes import client
 
         if not services:
@@ -113,11 +120,16 @@ class PodWatcher:
 
             try:
                 ksvc = self._custom.get_namespaced_custom_object(
-                    "serving.knative.dev", "v1", self.namespace, "services", service)
+                    "serving.knative.dev", "v1", self.namespace, "services", service
+                )
                 self._revisions[service] = (ksvc.get("status") or {}).get("latestReadyRevisionName")
             except ApiException as e:
-                logger.warning("cannot read Knative service %s/%s (%s); counting pods of every revision",
-                               self.namespace, service, e.status)
+                logger.warning(
+                    "cannot read Knative service %s/%s (%s); counting pods of every revision",
+                    self.namespace,
+                    service,
+                    e.status,
+                )
                 self._revisions[service] = None
         return self._revisions[service]
 
@@ -126,15 +138,21 @@ class PodWatcher:
         service = service or self.services[0]
         revision = self.current_revision(service)
         with self._lock:
-            return sum(1 for svc, rev, ready in self._pods.values()
-                       if ready and svc == service and (revision is None or rev == revision))
+            return sum(
+                1
+                for svc, rev, ready in self._pods.values()
+                if ready and svc == service and (revision is None or rev == revision)
+            )
 
     def ready_pod_names(self, service: str | None = None) -> list[str]:
         service = service or self.services[0]
         revision = self.current_revision(service)
         with self._lock:
-            return sorted(name for name, (svc, rev, ready) in self._pods.items()
-                          if ready and svc == service and (revision is None or rev == revision))
+            return sorted(
+                name
+                for name, (svc, rev, ready) in self._pods.items()
+                if ready and svc == service and (revision is None or rev == revision)
+            )
 
     def ready_at(self, t: float, service: str | None = None) -> int | None:
         """Ready pods at time ``t`` from the timeline; ``None`` before the first sample."""
@@ -195,8 +213,9 @@ class PodWatcher:
 
     def sync(self) -> str | None:
         """List the pods once; returns the list's resourceVersion to watch from."""
-        response = self._core.list_namespaced_pod(self.namespace, label_selector=self.label_selector,
-                                                  _preload_content=False)
+        response = self._core.list_namespaced_pod(
+            self.namespace, label_selector=self.label_selector, _preload_content=False
+        )
         listing = json.loads(response.data)
         self._reset(listing.get("items") or [])
         self._synced.set()
@@ -206,8 +225,11 @@ class PodWatcher:
         from kubernetes import watch
 
         stream = watch.Watch()
-        kwargs: dict[str, Any] = {"label_selector": self.label_selector, "timeout_seconds": self.watch_timeout_s,
-                                  "_request_timeout": self.watch_timeout_s + 5}
+        kwargs: dict[str, Any] = {
+            "label_selector": self.label_selector,
+            "timeout_seconds": self.watch_timeout_s,
+            "_request_timeout": self.watch_timeout_s + 5,
+        }
         if resource_version:
             kwargs["resource_version"] = resource_version
         for event in stream.stream(self._core.list_namespaced_pod, self.namespace, **kwargs):
@@ -262,7 +284,8 @@ class PodWatcher:
         for name in self.ready_pod_names(service):
             try:
                 texts[name] = self._core.connect_get_namespaced_pod_proxy_with_path(
-                    f"{name}:{port}", self.namespace, path)
+                    f"{name}:{port}", self.namespace, path
+                )
             except Exception as e:
                 logger.warning("cannot scrape %s: %s", name, e)
         return texts

@@ -44,8 +44,9 @@ def _parse_counts(text: str) -> list[int]:
 
 
 @functools.cache
-def _bodies(builder: Callable[..., _protocol.Prepared], model: str, size: str, images: int,
-            options: tuple[tuple[str, Any], ...]) -> tuple[_protocol.Prepared, ...]:
+def _bodies(
+    builder: Callable[..., _protocol.Prepared], model: str, size: str, images: int, options: tuple[tuple[str, Any], ...]
+) -> tuple[_protocol.Prepared, ...]:
     photos = photo_set(size)
     bodies = []
     for first in range(min(BODIES_PER_KEY, len(photos))):
@@ -97,8 +98,13 @@ class PredictorUser(FastHttpUser):
         prepared = random.choice(_bodies(type(self).build, self.model, size, images, options))
         body: Any = prepared.body  # bytes go out as they are (FastHttpSession's hint says str)
         headers = {**prepared.headers, **self.extra_headers}
-        with self.client.post(prepared.path, data=body, headers=headers, catch_response=True,
-                              name=request_name(self.protocol, size, images)) as response:
+        with self.client.post(
+            prepared.path,
+            data=body,
+            headers=headers,
+            catch_response=True,
+            name=request_name(self.protocol, size, images),
+        ) as response:
             if response.status_code != 200:
                 text = (response.text or "")[:200] if response.content else ""
                 response.failure(f"HTTP {response.status_code}: {text}")

@@ -109,10 +109,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _start_device_early(device: str, *, warm_decoder: bool) -> threading.Thread:
-    """Create the CUDA context, then initialise nvJPEG and the crop kernels (about 0.7 s on an H100),
-    in a thread while this one imports KServe or reads the weights: both run in the driver, mostly
-    without the GIL. ``load_model`` joins the thread before it captures CUDA graphs, which another
-    thread's CUDA calls would break. Errors surface later, in ``load_model``."""
+    """Create the CUDA context, load cuDNN and cuBLAS, then initialise nvJPEG and the crop kernels
+    (about 0.7 s on an H100), in a thread while this one imports KServe or reads the weights: all
+    of it runs in the driver and the libraries, mostly without the GIL. ``load_model`` joins the
+    thread before it captures CUDA graphs, which another thread's CUDA calls would break. Errors
+    surface later, in ``load_model``."""
     import torch
 
     def init() -> None:
@@ -120,6 +121,9 @@ def _start_device_early(device: str, *, warm_decoder: bool) -> threading.Thread:
             if device != "cpu" and torch.cuda.is_available():
                 dev = torch.device(device if device.startswith("cuda") else "cuda")
                 torch.zeros(1, device=dev)
+                from model_server.runtimes import warm_device_libraries
+
+                warm_device_libraries(dev)
                 if warm_decoder:
                     from model_server.preprocess import warm_gpu_decoder
 

@@ -84,9 +84,7 @@ class DevicePipeline:
     device's stream; an event orders the two. Calling the pipeline runs both in turn.
     """
 
-    def __init__(
-        self, runner: Runner, profiler: ProfileCapture | None = None, *, model_stream: str = "side"
-    ) -> None:
+    def __init__(self, runner: Runner, profiler: ProfileCapture | None = None, *, model_stream: str = "side") -> None:
         if model_stream not in MODEL_STREAMS:
             raise ValueError(f"model_stream must be one of {', '.join(MODEL_STREAMS)}, got {model_stream!r}")
         self.runner = runner

@@ -30,7 +30,9 @@ def _infer(srv: Server) -> None:
     from optimize.samples import sample_paths
 
     img = base64.b64encode(sample_paths()[3].read_bytes()).decode()
-    r = requests.post(srv.url + "/v1/models/densenet121:predict", json={"instances": [{"image": {"b64": img}}]}, timeout=60)
+    r = requests.post(
+        srv.url + "/v1/models/densenet121:predict", json={"instances": [{"image": {"b64": img}}]}, timeout=60
+    )
     assert r.status_code == 200, r.text
 
 

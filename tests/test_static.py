@@ -1,4 +1,4 @@
-"""House checks: ruff on the whole tree, mypy strict on the two typed packages."""
+"""House checks: ruff (lint and format) on the whole tree, mypy strict on the two typed packages."""
 
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ def _tool(name: str) -> str:
 
 def test_ruff_clean() -> None:
     out = subprocess.run([_tool("ruff"), "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_ruff_format_clean() -> None:
+    out = subprocess.run([_tool("ruff"), "format", "--check", "."], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

@@ -24,12 +24,37 @@ from loadtest._names import images_in
 logger = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = [
-    "variant", "run", "user_classes", "requests", "failures", "failure_ratio", "requests_s", "images_s",
-    "p50_ms", "p95_ms", "p99_ms", "avg_ms", "max_users", "max_pods", "cold_start_s", "first_response_s",
-    "device_ms", "queue_ms", "decode_ms", "server_other_ms", "network_ms", "mean_batch_size", "slo_passed",
+    "variant",
+    "run",
+    "user_classes",
+    "requests",
+    "failures",
+    "failure_ratio",
+    "requests_s",
+    "images_s",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "avg_ms",
+    "max_users",
+    "max_pods",
+    "cold_start_s",
+    "first_response_s",
+    "device_ms",
+    "queue_ms",
+    "decode_ms",
+    "server_other_ms",
+    "network_ms",
+    "mean_batch_size",
+    "slo_passed",
 ]
-BREAKDOWN_PARTS = [("device_ms", "on device"), ("queue_ms", "queue / batching wait"), ("decode_ms", "decode"),
-                   ("server_other_ms", "rest of server"), ("network_ms", "network, ingress, queue-proxy")]
+BREAKDOWN_PARTS = [
+    ("device_ms", "on device"),
+    ("queue_ms", "queue / batching wait"),
+    ("decode_ms", "decode"),
+    ("server_other_ms", "rest of server"),
+    ("network_ms", "network, ingress, queue-proxy"),
+]
 PERCENTILES = [("50%", "p50"), ("95%", "p95"), ("99%", "p99")]
 
 
@@ -109,7 +134,10 @@ def summarize(run: dict[str, Any], *, label: str = "") -> dict[str, Any]:
         "failure_ratio": failures / requests if requests else math.nan,
         "requests_s": requests_s,
         "images_s": requests_s * images_per_request,
-        "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "avg_ms": avg,
+        "p50_ms": p50,
+        "p95_ms": p95,
+        "p99_ms": p99,
+        "avg_ms": avg,
         "max_users": max_users,
         "max_pods": side.get("max_pods"),
         "cold_start_s": side.get("cold_start_s"),
@@ -149,10 +177,29 @@ def to_markdown(frame: Any, columns: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-MAIN_COLUMNS = ["variant", "run", "requests_s", "images_s", "p50_ms", "p95_ms", "p99_ms", "failures", "max_pods",
-                "cold_start_s"]
-BREAKDOWN_COLUMNS = ["variant", "run", "avg_ms", "device_ms", "queue_ms", "decode_ms", "server_other_ms",
-                     "network_ms", "mean_batch_size"]
+MAIN_COLUMNS = [
+    "variant",
+    "run",
+    "requests_s",
+    "images_s",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "failures",
+    "max_pods",
+    "cold_start_s",
+]
+BREAKDOWN_COLUMNS = [
+    "variant",
+    "run",
+    "avg_ms",
+    "device_ms",
+    "queue_ms",
+    "decode_ms",
+    "server_other_ms",
+    "network_ms",
+    "mean_batch_size",
+]
 
 
 def write_tables(frame: Any, out: Path, plots: Sequence[str]) -> list[Path]:
@@ -167,7 +214,8 @@ def write_tables(frame: Any, out: Path, plots: Sequence[str]) -> list[Path]:
     (out / "summary.html").write_text(
         "<!doctype html><meta charset='utf-8'><title>Load test summary</title>"
         "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}img{max-width:100%}</style>"
-        f"<h1>Load test summary</h1>{table}{images}\n")
+        f"<h1>Load test summary</h1>{table}{images}\n"
+    )
     return [out / "summary.csv", out / "summary.md", out / "summary.html"]
 
 
@@ -228,8 +276,9 @@ def plot_throughput_pods(runs: Sequence[dict[str, Any]], labels: Sequence[str], 
         summary = summarize(run)
         ratio = summary["images_s"] / summary["requests_s"] if summary["requests_s"] else 1.0
         axis.plot(rows["t_s"], rows["Requests/s"], label="requests/s", color="tab:blue")
-        axis.plot(rows["t_s"], rows["Requests/s"] * ratio, label="images/s", color="tab:blue", linestyle="--",
-                  alpha=0.6)
+        axis.plot(
+            rows["t_s"], rows["Requests/s"] * ratio, label="images/s", color="tab:blue", linestyle="--", alpha=0.6
+        )
         axis.set_ylabel("throughput (1/s)")
         axis.set_ylim(bottom=0)
         axis.set_xlabel("time since start (s)")
@@ -240,8 +289,14 @@ def plot_throughput_pods(runs: Sequence[dict[str, Any]], labels: Sequence[str], 
         services = sorted({sample["service"] for sample in timeline})
         for service in services:
             samples = [s for s in timeline if s["service"] == service]
-            right.step([s["t"] - start for s in samples], [s["ready_pods"] for s in samples], where="post",
-                       color="tab:orange", linewidth=2, label=f"ready pods ({service})")
+            right.step(
+                [s["t"] - start for s in samples],
+                [s["ready_pods"] for s in samples],
+                where="post",
+                color="tab:orange",
+                linewidth=2,
+                label=f"ready pods ({service})",
+            )
         right.set_ylabel("users / ready pods")
         right.set_ylim(bottom=0)
         note = "" if timeline else " (no pod watcher)"
@@ -260,11 +315,17 @@ def plot_variants(frame: Any, path: Path) -> bool:
 
     if not len(frame):
         return False
-    labels = [v if (frame["variant"] == v).sum() == 1 else f"{v}\n{r}" for v, r in zip(frame["variant"],
-                                                                                          frame["run"], strict=True)]
-    panels = [("images_s", "images/s (higher is better)"), ("p95_ms", "p95 latency, ms"),
-              ("failure_ratio", "failure ratio"), ("cold_start_s", "scale-from-zero cold start, s"),
-              ("max_pods", "max ready pods")]
+    labels = [
+        v if (frame["variant"] == v).sum() == 1 else f"{v}\n{r}"
+        for v, r in zip(frame["variant"], frame["run"], strict=True)
+    ]
+    panels = [
+        ("images_s", "images/s (higher is better)"),
+        ("p95_ms", "p95 latency, ms"),
+        ("failure_ratio", "failure ratio"),
+        ("cold_start_s", "scale-from-zero cold start, s"),
+        ("max_pods", "max ready pods"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 0.5 * len(frame) + 3))
     for axis, (column, title) in zip(axes, panels, strict=True):
         values = [_number(v) for v in frame[column]]
@@ -277,8 +338,7 @@ def plot_variants(frame: Any, path: Path) -> bool:
         bars = axis.barh(range(len(frame)), shown, color="tab:green" if column == "images_s" else "tab:blue")
         for bar, value in zip(bars, values, strict=True):
             text = "–" if math.isnan(value) else f"{value:,.3g}"
-            axis.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {text}", va="center",
-                      fontsize="small")
+            axis.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {text}", va="center", fontsize="small")
         axis.set_yticks(range(len(frame)), labels if axis is axes[0] else [""] * len(frame), fontsize="small")
         axis.invert_yaxis()
         axis.set_title(title, fontsize="medium")
@@ -305,13 +365,15 @@ def plot_breakdown(frame: Any, path: Path) -> bool:
         values = [0.0 if math.isnan(_number(v)) else _number(v) for v in rows[column]]
         axis.barh(range(len(rows)), values, left=left, label=name)
         left = [a + b for a, b in zip(left, values, strict=True)]
-    axis.set_yticks(range(len(rows)), [f"{v} ({r})" for v, r in zip(rows["variant"], rows["run"], strict=True)],
-                   fontsize="small")
+    axis.set_yticks(
+        range(len(rows)), [f"{v} ({r})" for v, r in zip(rows["variant"], rows["run"], strict=True)], fontsize="small"
+    )
     axis.invert_yaxis()
     axis.set_xlabel("mean time per request (ms)")
     axis.set_title("Where a request's time goes (server histograms, before/after the run)")
-    axis.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(BREAKDOWN_PARTS),
-                frameon=False)
+    axis.legend(
+        fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(BREAKDOWN_PARTS), frameon=False
+    )
     axis.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -357,8 +419,13 @@ def make_report(folders: Sequence[Path], out: Path) -> tuple[Any, list[Path]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.report", description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="folders holding Locust --csv outputs")
-    parser.add_argument("-o", "--output-dir", type=Path, default=Path("loadtest-report"),
-                        help="where to write summary.{csv,md,html} and the PNG plots (default: loadtest-report)")
+    parser.add_argument(
+        "-o",
+        "--output-dir",
+        type=Path,
+        default=Path("loadtest-report"),
+        help="where to write summary.{csv,md,html} and the PNG plots (default: loadtest-report)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     missing = [str(p) for p in args.results if not p.is_dir()]

@@ -54,8 +54,22 @@ def artifact_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     if not (model_dir / "variant.json").is_file():
         shutil.rmtree(cache, ignore_errors=True)
         out.mkdir(parents=True)
-        cmd = [sys.executable, "-m", "optimize", "build", "--variant", VARIANT, "--weights", "random",
-               "--output-dir", str(out), "--device", "cpu", "--max-batch", "4"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "optimize",
+            "build",
+            "--variant",
+            VARIANT,
+            "--weights",
+            "random",
+            "--output-dir",
+            str(out),
+            "--device",
+            "cpu",
+            "--max-batch",
+            "4",
+        ]
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             pytest.fail(f"artifact build failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
@@ -69,9 +83,27 @@ def predictor(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
     http_port, grpc_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("predictor") / "server.log"
-    cmd = [sys.executable, "-m", "model_server", "--model_dir", str(artifact_dir), "--model_name", "densenet121",
-           "--http_port", str(http_port), "--grpc_port", str(grpc_port), "--device", "cpu",
-           "--max_batch_size", "4", "--max_delay_ms", "10", "--log_level", "WARNING"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "model_server",
+        "--model_dir",
+        str(artifact_dir),
+        "--model_name",
+        "densenet121",
+        "--http_port",
+        str(http_port),
+        "--grpc_port",
+        str(grpc_port),
+        "--device",
+        "cpu",
+        "--max_batch_size",
+        "4",
+        "--max_delay_ms",
+        "10",
+        "--log_level",
+        "WARNING",
+    ]
     with log.open("wb") as handle:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{http_port}"
@@ -107,15 +139,41 @@ def payload_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_locust(tmp_path: Path, payload_cache: Path):
     """Run ``python -m locust -f loadtest/ --headless`` in a subprocess; returns a :class:`LocustRun`."""
 
-    def run(host: str, *args: str, users: int = 1, run_time: str = "4s", name: str = "run",
-            env: dict[str, str] | None = None, timeout: float = 90) -> LocustRun:
+    def run(
+        host: str,
+        *args: str,
+        users: int = 1,
+        run_time: str = "4s",
+        name: str = "run",
+        env: dict[str, str] | None = None,
+        timeout: float = 90,
+    ) -> LocustRun:
         prefix = tmp_path / name / "run"
-        cmd = [sys.executable, "-m", "locust", "-f", "loadtest/", "--headless", "-u", str(users), "-r", str(users),
-               "-t", run_time, "--host", host, "--csv", str(prefix), "--csv-full-history", "--only-summary",
-               "--stop-timeout", "10", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            "loadtest/",
+            "--headless",
+            "-u",
+            str(users),
+            "-r",
+            str(users),
+            "-t",
+            run_time,
+            "--host",
+            host,
+            "--csv",
+            str(prefix),
+            "--csv-full-history",
+            "--only-summary",
+            "--stop-timeout",
+            "10",
+            *args,
+        ]
         environment = {**os.environ, "LOCUST_PAYLOAD_CACHE": str(payload_cache), **(env or {})}
         result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=environment)
         return LocustRun(result.returncode, result.stdout + result.stderr, prefix)
 
     return run
-

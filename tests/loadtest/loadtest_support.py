@@ -51,8 +51,7 @@ class FakeKubeApi:
     forwarded to ``metrics_upstream`` (a real predictor) when set.
     """
 
-    def __init__(self, *, events_delay_s: float = 0.0, metrics_text: str = "",
-                 metrics_upstream: str = "") -> None:
+    def __init__(self, *, events_delay_s: float = 0.0, metrics_text: str = "", metrics_upstream: str = "") -> None:
         self.events_delay_s = events_delay_s
         self.metrics_text = metrics_text
         self.metrics_upstream = metrics_upstream
@@ -71,12 +70,20 @@ class FakeKubeApi:
         self.server.server_close()
 
     def kubeconfig(self, path: Path) -> Path:
-        path.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {"token": "not-a-secret"}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": "default"}}],
-        }))
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "fake",
+                    "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+                    "users": [{"name": "fake", "user": {"token": "not-a-secret"}}],
+                    "contexts": [
+                        {"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": "default"}}
+                    ],
+                }
+            )
+        )
         return path
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:

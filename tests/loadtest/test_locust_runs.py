@@ -39,9 +39,22 @@ def test_each_user_class_gets_only_good_answers(predictor: Predictor, run_locust
 
 
 def test_distributed_over_local_worker_processes(predictor: Predictor, run_locust, tmp_path: Path) -> None:
-    run = run_locust(predictor.url, "V2BinaryBytesUser", "V1Base64User", "--processes", "2",
-                     "--images-per-request", "1,2", "--image-sizes", "vga,320x240",
-                     "--host-header", f"{VARIANT}.default.example.com", users=2, run_time="6s", name="distributed")
+    run = run_locust(
+        predictor.url,
+        "V2BinaryBytesUser",
+        "V1Base64User",
+        "--processes",
+        "2",
+        "--images-per-request",
+        "1,2",
+        "--image-sizes",
+        "vga,320x240",
+        "--host-header",
+        f"{VARIANT}.default.example.com",
+        users=2,
+        run_time="6s",
+        name="distributed",
+    )
     _assert_clean(run)
     side = run.side()
     assert side["workers"] == 2
@@ -68,8 +81,17 @@ def test_missed_slo_exits_1(predictor: Predictor, run_locust) -> None:
 
 
 def test_spike_shape_starts_from_zero_users(predictor: Predictor, run_locust) -> None:
-    run = run_locust(predictor.url, "V2BinaryBytesUser", "--shape", "spike", "--spike-wait", "2", users=2,
-                     run_time="6s", name="spike")
+    run = run_locust(
+        predictor.url,
+        "V2BinaryBytesUser",
+        "--shape",
+        "spike",
+        "--spike-wait",
+        "2",
+        users=2,
+        run_time="6s",
+        name="spike",
+    )
     _assert_clean(run)
     assert "load shape: spike (SpikeShape)" in run.output
     with open(f"{run.prefix}_stats_history.csv", newline="") as handle:
@@ -92,9 +114,20 @@ def test_scale_from_zero_with_the_pod_watcher(predictor: Predictor, run_locust, 
     """Spike against a revision with no ready pod: the recorded API server reports 0 pods, then 1, 2, 1."""
     with FakeKubeApi(events_delay_s=2.0, metrics_upstream=predictor.url) as api:
         kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
-        run = run_locust(predictor.url, "V2BinaryBytesUser", "--shape", "spike", "--kube-namespace", "default",
-                         "--variant", SERVICE, users=1, run_time="5s", name="cold",
-                         env={"KUBECONFIG": str(kubeconfig)})
+        run = run_locust(
+            predictor.url,
+            "V2BinaryBytesUser",
+            "--shape",
+            "spike",
+            "--kube-namespace",
+            "default",
+            "--variant",
+            SERVICE,
+            users=1,
+            run_time="5s",
+            name="cold",
+            env={"KUBECONFIG": str(kubeconfig)},
+        )
     _assert_clean(run)
     side = run.side()
     assert side["ready_pods_at_first_request"] == 0

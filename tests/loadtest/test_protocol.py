@@ -20,17 +20,28 @@ def photos() -> list[Photo]:
 
 
 def _v1(n: int, k: int = 5) -> dict:
-    return {"predictions": [{"classes": list(range(k)), "labels": [f"l{i}" for i in range(k)],
-                             "probabilities": [0.4 / 2**i for i in range(k)]} for _ in range(n)]}
+    return {
+        "predictions": [
+            {
+                "classes": list(range(k)),
+                "labels": [f"l{i}" for i in range(k)],
+                "probabilities": [0.4 / 2**i for i in range(k)],
+            }
+            for _ in range(n)
+        ]
+    }
 
 
 def _v2(n: int, k: int = 5) -> dict:
     probabilities = [0.4 / 2**i for i in range(k)] * n
-    return {"model_name": "densenet121", "outputs": [
-        {"name": "probabilities", "datatype": "FP32", "shape": [n, k], "data": probabilities},
-        {"name": "classes", "datatype": "INT64", "shape": [n, k], "data": list(range(k)) * n},
-        {"name": "labels", "datatype": "BYTES", "shape": [n, k], "data": [f"l{i}" for i in range(k)] * n},
-    ]}
+    return {
+        "model_name": "densenet121",
+        "outputs": [
+            {"name": "probabilities", "datatype": "FP32", "shape": [n, k], "data": probabilities},
+            {"name": "classes", "datatype": "INT64", "shape": [n, k], "data": list(range(k)) * n},
+            {"name": "labels", "datatype": "BYTES", "shape": [n, k], "data": [f"l{i}" for i in range(k)] * n},
+        ],
+    }
 
 
 def test_v1_body_carries_base64_jpegs(photos: list[Photo]) -> None:
@@ -49,7 +60,7 @@ def test_binary_bytes_body_follows_the_binary_tensor_extension(photos: list[Phot
     assert header["inputs"][0]["datatype"] == "BYTES" and header["inputs"][0]["shape"] == [2]
     assert header["inputs"][0]["parameters"]["binary_data_size"] == len(raw)
     (first,) = struct.unpack_from("<I", raw)
-    assert raw[4:4 + first] == photos[0].jpeg
+    assert raw[4 : 4 + first] == photos[0].jpeg
 
 
 def test_tensor_bodies_json_and_binary_carry_the_same_pixels(photos: list[Photo]) -> None:
@@ -62,7 +73,7 @@ def test_tensor_bodies_json_and_binary_carry_the_same_pixels(photos: list[Photo]
     with pytest.raises(ValueError, match="FP16"):
         _protocol.v2_tensor_request("m", photos, dtype="fp16")
     fp16 = _protocol.v2_binary_tensor_request("m", photos, dtype="fp16")
-    assert json.loads(fp16.body[:int(fp16.headers[_protocol.INFERENCE_HEADER])])["inputs"][0]["datatype"] == "FP16"
+    assert json.loads(fp16.body[: int(fp16.headers[_protocol.INFERENCE_HEADER])])["inputs"][0]["datatype"] == "FP16"
 
 
 def test_good_responses_pass() -> None:
@@ -75,11 +86,20 @@ def test_binary_response_is_decoded() -> None:
     probabilities = np.tile(np.array([0.4, 0.2, 0.1, 0.05, 0.01], "<f4"), n).tobytes()
     classes = np.tile(np.arange(k, dtype="<i8"), n).tobytes()
     labels = b"".join(struct.pack("<I", 3) + b"cat" for _ in range(n * k))
-    header = json.dumps({"outputs": [
-        {"name": "probabilities", "datatype": "FP32", "shape": [n, k], "parameters": {"binary_data_size": 40}},
-        {"name": "classes", "datatype": "INT64", "shape": [n, k], "parameters": {"binary_data_size": 80}},
-        {"name": "labels", "datatype": "BYTES", "shape": [n, k], "parameters": {"binary_data_size": len(labels)}},
-    ]}).encode()
+    header = json.dumps(
+        {
+            "outputs": [
+                {"name": "probabilities", "datatype": "FP32", "shape": [n, k], "parameters": {"binary_data_size": 40}},
+                {"name": "classes", "datatype": "INT64", "shape": [n, k], "parameters": {"binary_data_size": 80}},
+                {
+                    "name": "labels",
+                    "datatype": "BYTES",
+                    "shape": [n, k],
+                    "parameters": {"binary_data_size": len(labels)},
+                },
+            ]
+        }
+    ).encode()
     body = header + probabilities + classes + labels
     _protocol.check_v2_response(body, {"inference-header-content-length": str(len(header))}, images=n)
 
@@ -105,8 +125,9 @@ def test_wrong_bodies_are_errors(breakage: str) -> None:
     elif breakage == "label":
         v1["predictions"][0]["labels"][0] = ""
         v2["outputs"][2]["data"][0] = 7
-    bodies = (b"<html>oops</html>", b"{}") if breakage == "garbage" else (json.dumps(v1).encode(),
-                                                                          json.dumps(v2).encode())
+    bodies = (
+        (b"<html>oops</html>", b"{}") if breakage == "garbage" else (json.dumps(v1).encode(), json.dumps(v2).encode())
+    )
     with pytest.raises(_protocol.ResponseError):
         _protocol.check_v1_response(bodies[0], images=2)
     with pytest.raises(_protocol.ResponseError):

@@ -30,8 +30,17 @@ def _columns() -> tuple[list[str], list[str]]:
     return stats_columns, history_columns
 
 
-def _write_run(prefix: Path, *, variant: str, images: int, rps: float, p95: int, pods: list[int] | None,
-               cold_start_s: float | None, side: bool = True) -> None:
+def _write_run(
+    prefix: Path,
+    *,
+    variant: str,
+    images: int,
+    rps: float,
+    p95: int,
+    pods: list[int] | None,
+    cold_start_s: float | None,
+    side: bool = True,
+) -> None:
     stats_columns, history_columns = _columns()
     prefix.parent.mkdir(parents=True, exist_ok=True)
     name = f"v2-bytes-bin vga x{images}"
@@ -50,21 +59,58 @@ def _write_run(prefix: Path, *, variant: str, images: int, rps: float, p95: int,
             users = 2 * (1 + second // 5)
             latencies = [users * 10] * 4 + [users * 20] * 3 + [users * 30] * 4
             for row_name, kind in ((name, "POST"), ("Aggregated", "")):
-                writer.writerow([start + second, users, kind, row_name, f"{rps:2f}", "0.000000", *latencies,
-                                 second * 10, 0, 100, 100.0, 10, 300, 500])
+                writer.writerow(
+                    [
+                        start + second,
+                        users,
+                        kind,
+                        row_name,
+                        f"{rps:2f}",
+                        "0.000000",
+                        *latencies,
+                        second * 10,
+                        0,
+                        100,
+                        100.0,
+                        10,
+                        300,
+                        500,
+                    ]
+                )
     if side:
-        timeline = [{"t": start + i * 5, "service": variant, "revision": f"{variant}-00001", "ready_pods": n}
-                    for i, n in enumerate(pods or [])]
+        timeline = [
+            {"t": start + i * 5, "service": variant, "revision": f"{variant}-00001", "ready_pods": n}
+            for i, n in enumerate(pods or [])
+        ]
         document = {
-            "schema": 1, "variant": variant, "user_classes": ["V2BinaryBytesUser"],
-            "totals": {"requests": 200, "failures": 2, "requests_s": rps, "avg_ms": p95 / 2, "p50_ms": p95 // 2,
-                       "p95_ms": p95, "p99_ms": p95 + 10, "max_ms": p95 + 10},
+            "schema": 1,
+            "variant": variant,
+            "user_classes": ["V2BinaryBytesUser"],
+            "totals": {
+                "requests": 200,
+                "failures": 2,
+                "requests_s": rps,
+                "avg_ms": p95 / 2,
+                "p50_ms": p95 // 2,
+                "p95_ms": p95,
+                "p99_ms": p95 + 10,
+                "max_ms": p95 + 10,
+            },
             "names": {name: {"requests": 200, "failures": 2, "images_per_request": images}},
-            "max_pods": max(pods) if pods else None, "pod_timeline": timeline, "cold_start_s": cold_start_s,
+            "max_pods": max(pods) if pods else None,
+            "pod_timeline": timeline,
+            "cold_start_s": cold_start_s,
             "first_response_s": cold_start_s or 0.2,
-            "breakdown_ms": {"client_ms": p95 / 2, "server_ms": 30.0, "queue_ms": 5.0, "decode_ms": 3.0,
-                             "device_ms": 20.0, "server_other_ms": 2.0, "network_ms": p95 / 2 - 30,
-                             "mean_batch_size": 3.5},
+            "breakdown_ms": {
+                "client_ms": p95 / 2,
+                "server_ms": 30.0,
+                "queue_ms": 5.0,
+                "decode_ms": 3.0,
+                "device_ms": 20.0,
+                "server_other_ms": 2.0,
+                "network_ms": p95 / 2 - 30,
+                "mean_batch_size": 3.5,
+            },
             "slo": {"p95_ms": 100, "max_failure_ratio": None, "violations": ["p95"] if p95 > 100 else []},
         }
         Path(f"{prefix}_loadtest.json").write_text(json.dumps(document))
@@ -73,10 +119,24 @@ def _write_run(prefix: Path, *, variant: str, images: int, rps: float, p95: int,
 @pytest.fixture
 def results(tmp_path: Path) -> list[Path]:
     fp32, fp16 = tmp_path / "densenet121-eager-fp32", tmp_path / "densenet121-eager-fp16-cl"
-    _write_run(fp32 / "step", variant="densenet121-eager-fp32", images=1, rps=20.0, p95=180, pods=[0, 1, 2, 3, 2],
-               cold_start_s=7.5)
-    _write_run(fp16 / "step", variant="densenet121-eager-fp16-cl", images=4, rps=15.0, p95=90, pods=[1, 1, 2],
-               cold_start_s=None)
+    _write_run(
+        fp32 / "step",
+        variant="densenet121-eager-fp32",
+        images=1,
+        rps=20.0,
+        p95=180,
+        pods=[0, 1, 2, 3, 2],
+        cold_start_s=7.5,
+    )
+    _write_run(
+        fp16 / "step",
+        variant="densenet121-eager-fp16-cl",
+        images=4,
+        rps=15.0,
+        p95=90,
+        pods=[1, 1, 2],
+        cold_start_s=None,
+    )
     return [fp32, fp16]
 
 
@@ -110,8 +170,9 @@ def test_plots_are_real_pngs(results: list[Path], tmp_path: Path) -> None:
 
 
 def test_a_run_without_side_file_is_read_from_locust_csv_alone(tmp_path: Path) -> None:
-    _write_run(tmp_path / "plain" / "run", variant="x", images=2, rps=10.0, p95=50, pods=None, cold_start_s=None,
-               side=False)
+    _write_run(
+        tmp_path / "plain" / "run", variant="x", images=2, rps=10.0, p95=50, pods=None, cold_start_s=None, side=False
+    )
     frame, written = report.make_report([tmp_path / "plain"], tmp_path / "out")
     (row,) = frame.to_dict("records")
     assert row["variant"] == "plain" and row["requests"] == 200 and row["images_s"] == 20.0

@@ -64,8 +64,7 @@ def test_spike_gives_up_waiting_for_zero_after_the_timeout() -> None:
 
 
 def test_soak_holds_for_its_duration() -> None:
-    assert _ticks(_shape(SoakShape, "-u", "20", "-r", "2", "-t", "1h"), [0, 3599, 3600]) == [(20, 2.0), (20, 2.0),
-                                                                                             None]
+    assert _ticks(_shape(SoakShape, "-u", "20", "-r", "2", "-t", "1h"), [0, 3599, 3600]) == [(20, 2.0), (20, 2.0), None]
     assert _shape(SoakShape, "-u", "1").tick() == (1, 10.0)
     assert _ticks(_shape(SoakShape, "-u", "1"), [1800]) == [None]  # 30 min by default
 
@@ -79,8 +78,12 @@ def test_locust_finds_only_the_concrete_shapes() -> None:
 @pytest.mark.parametrize("name", ["none", "step", "spike", "soak"])
 def test_the_shape_option_decides_not_the_file_order(name: str) -> None:
     available = {type(s).__name__: s for s in (StepShape(), SpikeShape(), SoakShape())}
-    environment = Environment(user_classes=[V1Base64User], shape_class=available["StepShape"],
-                              available_shape_classes=available, parsed_options=parse_options(["--shape", name]))
+    environment = Environment(
+        user_classes=[V1Base64User],
+        shape_class=available["StepShape"],
+        available_shape_classes=available,
+        parsed_options=parse_options(["--shape", name]),
+    )
     runner = object()
     _hooks._select_shape(environment, runner)
     if name == "none":

@@ -41,8 +41,7 @@ def _wait(predicate, timeout: float = 10.0) -> None:
 
 def test_counts_ready_pods_of_the_current_revision_over_time(fake_api: FakeKubeApi) -> None:
     clock = iter(range(1000, 2000))
-    watcher = PodWatcher(_client(fake_api), "default", [SERVICE], watch_timeout_s=1,
-                         clock=lambda: float(next(clock)))
+    watcher = PodWatcher(_client(fake_api), "default", [SERVICE], watch_timeout_s=1, clock=lambda: float(next(clock)))
     watcher.start(wait_s=5)
     _wait(lambda: fake_api.watches >= 2)
     watcher.stop(wait_s=5)
@@ -74,8 +73,9 @@ def test_scrapes_every_ready_pod_through_the_api_server_proxy(fake_api: FakeKube
 def test_unreachable_api_is_retried_not_fatal() -> None:
     from kubernetes import client
 
-    watcher = PodWatcher(client.ApiClient(client.Configuration(host="http://127.0.0.1:9")), "default", [SERVICE],
-                         watch_timeout_s=1)
+    watcher = PodWatcher(
+        client.ApiClient(client.Configuration(host="http://127.0.0.1:9")), "default", [SERVICE], watch_timeout_s=1
+    )
     watcher.start(wait_s=0.5)
     watcher.stop(wait_s=3)
     assert watcher.errors and watcher.timeline == []
