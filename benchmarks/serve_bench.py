@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import gzip
 import json
 import os
 import secrets
@@ -45,9 +46,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "benchmarks"))  # trace_summary, also when this file is loaded by path
 
 import requests  # noqa: E402
 import torch  # noqa: E402
+import trace_summary  # noqa: E402
 
 FLOOR_SNIPPET = """
 import sys, time, torch, torchvision
@@ -160,7 +163,9 @@ class Server:
 
 
 def capture_trace(server: Server, batches: int, out: Path, *, timeout_s: float = 60.0) -> dict[str, Any]:
-    """Ask the in-pod profiler for a trace of the next ``batches`` batches; download it to ``out``."""
+    """Ask the in-pod profiler for a trace of the next ``batches`` batches; download it to ``out``
+    (gzipped when ``out`` ends in ``.gz``: Perfetto and TensorBoard open it so, and it is ~10x
+    smaller) and summarise its GPU streams (``benchmarks/trace_summary.py``)."""
     headers = {"Authorization": f"Bearer {server.admin_token}"}
     r = requests.post(server.url + "/admin/v1/profile", json={"batches": batches}, headers=headers, timeout=10)
     if r.status_code != 202:
@@ -173,8 +178,13 @@ def capture_trace(server: Server, batches: int, out: Path, *, timeout_s: float =
     if cap.get("state") != "done":
         return {"error": f"capture ended {cap.get('state')}", **cap}
     trace = requests.get(server.url + r.json()["trace_url"], headers=headers, timeout=60)
-    out.write_bytes(trace.content)
-    return {"file": out.name, "bytes": len(trace.content), "batches": batches}
+    out.write_bytes(gzip.compress(trace.content, 6) if out.suffix == ".gz" else trace.content)
+    result: dict[str, Any] = {"file": out.name, "bytes": out.stat().st_size, "batches": batches}
+    try:
+        result["summary"] = trace_summary.summarize(json.loads(trace.content))
+    except ValueError as e:  # a trace that is not JSON is still kept for a person to look at
+        result["summary"] = {"error": f"not a Chrome-trace JSON: {e}"}
+    return result
 
 
 def free_port_pair() -> int:
@@ -785,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 def trace_later() -> None:  # under the same load, once Locust's users are all running
                     if not locust_done.wait(7.0):
-                        trace.update(capture_trace(server, args.trace_batches, work / f"{name}-trace.json"))
+                        trace.update(capture_trace(server, args.trace_batches, work / f"{name}-trace.json.gz"))
 
                 tracer = threading.Thread(target=trace_later, daemon=True)
                 tracer.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import os
@@ -233,9 +234,10 @@ def test_a_profiler_trace_is_captured_under_load_on_the_cpu(artifacts_dir: Path,
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     record = json.loads(next(tmp_path.glob("*-trace.json")).read_text())
     trace = record["metrics"]["profiler_trace"]
-    assert trace.get("file") == "trace-trace.json" and trace["bytes"] > 0, trace
-    events = json.loads((out_dir / "trace-trace.json").read_text())["traceEvents"]
+    assert trace.get("file") == "trace-trace.json.gz" and trace["bytes"] > 0, trace
+    events = json.loads(gzip.decompress((out_dir / "trace-trace.json.gz").read_bytes()))["traceEvents"]
     assert any(e.get("name", "").startswith("aten::") for e in events)  # the model's ops are in it
+    assert trace["summary"]["gpu_events"] == 0 and "CPU run" in trace["summary"]["note"]  # no GPU here
     assert "DENSENET_ADMIN_TOKEN" not in record["server_command"] and "--admin_token" not in record["server_command"]
 
 
