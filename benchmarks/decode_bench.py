@@ -171,14 +171,28 @@ class ModelLoad:
         self.replays_per_s = round(self.replays / (time.perf_counter() - self._t0), 1)
 
 
-def contention(device: torch.device, arms: list[str], size: str, n: int, reps: int) -> dict[str, Any]:
-    """nvJPEG, crop and the whole prepare stage for ``n`` photos, idle and beside each load arm."""
+class _NoModel(Runner):
+    """prepare() only: the pipeline needs a runner for its device."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _pipeline(device: torch.device, max_batch: int) -> Any:
+    from model_server.pipeline import DevicePipeline
+
+    return DevicePipeline(_NoModel({"slug": "none", "precision": "fp32", "input": {"max_batch": max_batch}}, device))
+
+
+def _stage_parts(pipeline: Any, jpegs: list[bytes], n: int) -> dict[str, Callable[[], object]]:
+    """The decode stage's parts on ``n`` photos (``jpegs`` repeated): ``nvjpeg`` alone, ``crop`` of
+    the decoded batch, and the server's whole ``prepare`` on one-photo requests (``JpegBatch``
+    each, as the IPC delivers them), each a callable to time."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from model_server.pipeline import DevicePipeline, JpegBatch
+    from model_server.pipeline import JpegBatch
 
-    pipeline = DevicePipeline(_NoModel({"slug": "none", "precision": "fp32", "input": {"max_batch": n}}, device))
-    jpegs = [p.jpeg for p in photo_set(size)]
+    device = pipeline.device
     batch = (jpegs * (n // len(jpegs) + 1))[:n]
     encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in batch]
     decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
@@ -190,11 +204,16 @@ def contention(device: torch.device, arms: list[str], size: str, n: int, reps: i
             staged.ready.synchronize()
         return staged
 
-    parts: dict[str, Callable[[], object]] = {
+    return {
         "nvjpeg": lambda: decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device),
         "crop": lambda: gpu_resize_crop_many(decoded),
         "prepare": prepare,
     }
+
+
+def contention(device: torch.device, arms: list[str], size: str, n: int, reps: int) -> dict[str, Any]:
+    """nvJPEG, crop and the whole prepare stage for ``n`` photos, idle and beside each load arm."""
+    parts = _stage_parts(_pipeline(device, n), [p.jpeg for p in photo_set(size)], n)
     metrics: dict[str, Any] = {"contention_size": size, "contention_batch": n}
     for part, fn in parts.items():
         metrics[f"idle_{part}_ms"], _ = _median_ms(fn, reps, device, sync_all=False)
@@ -210,20 +229,8 @@ def contention(device: torch.device, arms: list[str], size: str, n: int, reps: i
     return metrics
 
 
-class _NoModel(Runner):
-    """prepare() only: the pipeline needs a runner for its device."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
 def bench(device: torch.device, sizes: list[str], batch_sizes: list[int], reps: int) -> dict[str, Any]:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    from model_server.pipeline import DevicePipeline, JpegBatch
-
-    runner = _NoModel({"slug": "none", "precision": "fp32", "input": {"max_batch": max(batch_sizes)}}, device)
-    pipeline = DevicePipeline(runner)
+    pipeline = _pipeline(device, max(batch_sizes))
     load = ModelLoad(device) if device.type == "cuda" else None
     metrics: dict[str, Any] = {}
     for size in sizes:
@@ -232,31 +239,20 @@ def bench(device: torch.device, sizes: list[str], batch_sizes: list[int], reps: 
         metrics[f"{size}_pil_ms"], _ = _median_ms(lambda j=jpegs[0]: decode_and_crop(j), reps, device)
         for n in batch_sizes:
             print(f"  {size} batch {n}", file=sys.stderr, flush=True)
-            batch = (jpegs * (n // len(jpegs) + 1))[:n]
-            encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in batch]
+            parts = _stage_parts(pipeline, jpegs, n)
             key = f"{size}_b{n}"
-
-            def nvjpeg(enc: list[torch.Tensor] = encoded) -> list[torch.Tensor]:
-                return decode_jpeg(enc, mode=ImageReadMode.RGB, device=device)  # type: ignore[no-any-return]
-
-            decoded = nvjpeg()
-            metrics[f"{key}_nvjpeg_ms"], metrics[f"{key}_nvjpeg_host_cpu_ms"] = _median_ms(nvjpeg, reps, device)
-            metrics[f"{key}_crop_ms"], _ = _median_ms(lambda d=decoded: gpu_resize_crop_many(d), reps, device)
-            requests = [JpegBatch([d], buffer=bytearray(d)) for d in batch]  # one photo per request, as served
-
-            def prepare(reqs: list[Any] = requests) -> object:
-                staged = pipeline.prepare(reqs)
-                if staged.ready is not None:
-                    staged.ready.synchronize()
-                return staged
-
-            metrics[f"{key}_prepare_ms"], metrics[f"{key}_prepare_host_cpu_ms"] = _median_ms(prepare, reps, device)
+            metrics[f"{key}_nvjpeg_ms"], metrics[f"{key}_nvjpeg_host_cpu_ms"] = _median_ms(
+                parts["nvjpeg"], reps, device
+            )
+            metrics[f"{key}_crop_ms"], _ = _median_ms(parts["crop"], reps, device)
+            metrics[f"{key}_prepare_ms"], metrics[f"{key}_prepare_host_cpu_ms"] = _median_ms(
+                parts["prepare"], reps, device
+            )
             metrics[f"{key}_prepare_ms_per_img"] = round(metrics[f"{key}_prepare_ms"] / n, 4)
             if load is not None:
                 with load:
-                    metrics[f"{key}_busy_prepare_ms"], _ = _median_ms(prepare, reps, device, sync_all=False)
+                    metrics[f"{key}_busy_prepare_ms"], _ = _median_ms(parts["prepare"], reps, device, sync_all=False)
                 metrics[f"{key}_busy_model_replays_per_s"] = load.replays_per_s
-                load.replays = 0
     if load is not None:
         with load:
             time.sleep(1.0)

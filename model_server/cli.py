@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model_server import ServerError
-from model_server.config import ServingConfig
+from model_server.config import MODEL_STREAMS, ServingConfig
 
 if TYPE_CHECKING:
     from model_server.frontend import FrontEnds
@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         "GPU decode stage when it limits throughput; skipped while the CPU pool is busy (default 0)",
     )  # fmt: skip
     p.add_argument(
-        "--model_stream", default=_env("MODEL_STREAM", d.model_stream), choices=("default", "side"),
+        "--model_stream", default=_env("MODEL_STREAM", d.model_stream), choices=MODEL_STREAMS,
         help="CUDA stream the model runs on: the legacy default stream, or a non-blocking side stream that "
         "decoding does not wait for (default: %(default)s)",
     )  # fmt: skip

@@ -8,6 +8,8 @@ import tempfile
 
 # Here, not in preprocess (which imports torch and PIL): the CLI parses its flags, and starts the
 # front-end processes of --frontends N, before the device process spends seconds importing torch.
+#: Where the device process runs the model's batches (``--model_stream``).
+MODEL_STREAMS = ("default", "side")
 #: 12 MP photos are normal; 50 MP is the default ceiling (a decompression bomb is far above it).
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -34,8 +36,9 @@ class ServingConfig:
     #: off the decode stage when it, not the model, limits throughput. Skipped while the CPU
     #: pool is busy, so it never queues behind itself. 0 (default): nvJPEG takes every JPEG.
     cpu_decode_share: float = 0.0
-    #: CUDA stream the model's batches run on: "default" (the legacy default stream) or "side"
-    #: (a non-blocking stream of their own, so nvJPEG's synchronous work does not wait for them).
+    #: CUDA stream the model's batches run on, one of MODEL_STREAMS: "default" (the legacy default
+    #: stream) or "side" (a non-blocking stream of their own, so nvJPEG's synchronous work does not
+    #: wait for them).
     model_stream: str = "side"
     #: Where on-demand profiler traces go (a mounted volume in a pod).
     profile_dir: str = os.path.join(tempfile.gettempdir(), "densenet-profiles")

@@ -21,7 +21,8 @@ import torch
 
 from model_server import BadInput
 from model_server import metrics as m
-from model_server.preprocess import gpu_resize_crop_many, normalize
+from model_server.config import MODEL_STREAMS
+from model_server.preprocess import gpu_resize_crop_many, normalize, warm_up_jpeg
 from model_server.profiler import ProfileCapture
 from model_server.runtimes import Runner
 
@@ -70,10 +71,6 @@ class Staged:
     failed: dict[int, Exception]
     ready: torch.cuda.Event | None = None
     whole: torch.Tensor | None = None  # every payload was JPEG: the batch in order, one tensor
-
-
-#: Where :meth:`DevicePipeline.execute` runs batches (``--model_stream``).
-MODEL_STREAMS = ("default", "side")
 
 
 class DevicePipeline:
@@ -227,14 +224,9 @@ class DevicePipeline:
         """Initialise nvJPEG and the resize kernels so the first request pays nothing."""
         if self.device.type != "cuda":
             return
-        import io
-
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.new("RGB", (320, 240), (120, 60, 30)).save(buf, format="JPEG")
+        jpeg = warm_up_jpeg()
         for n in sorted({1, min(8, self.runner.max_batch)}):
-            result = self([JpegBatch([buf.getvalue()] * n)])
+            result = self([JpegBatch([jpeg] * n)])
             if isinstance(result[0], Exception):
                 raise result[0]
         torch.cuda.synchronize(self.device)

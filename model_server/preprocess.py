@@ -205,15 +205,20 @@ def gpu_resize_crop_many(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([c for c in out if c is not None])
 
 
+def warm_up_jpeg() -> bytes:
+    """A small baseline JPEG (320x240, RGB 120/60/30) for decoder warm-ups."""
+    buf = io.BytesIO()
+    Image.new("RGB", (320, 240), (120, 60, 30)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
 def warm_gpu_decoder(device: torch.device) -> torch.Tensor:
     """Initialise nvJPEG (handles, buffers, the hardware decoder) and the crop kernels on ``device``
     with a small JPEG at batch 1 and 8, so neither the warm-up nor a request pays for it; returns the
     crops of the batch of 8."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    buf = io.BytesIO()
-    Image.new("RGB", (320, 240), (120, 60, 30)).save(buf, format="JPEG")
-    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    data = torch.frombuffer(bytearray(warm_up_jpeg()), dtype=torch.uint8)
     crops = torch.empty(0)
     for n in (1, 8):
         crops = gpu_resize_crop_many(decode_jpeg([data] * n, mode=ImageReadMode.RGB, device=device))
