@@ -17,7 +17,8 @@
 #                 of the device process when py-spy is on PATH), 12 MP, batched             ~5 min
 #   ab            the same variant at 128 users, interleaved A/B arms on fresh servers: metrics
 #                 off, Python's 5 ms GIL switch interval instead of 1 ms (--pairs)      ~5 min
-#   serve-aoti    serve_bench on densenet121-aoti-fp16-cl-dynamic (built first, cached) ~8 min
+#   serve-aoti    aoti_load_time and serve_bench on densenet121-aoti-fp16-cl-dynamic (built first,
+#                 about 3.5 min on the H100; cached)                                     ~9 min
 #
 # Environment: PYTHON (default python3), DENSENET_AOTI_CACHE (compiled packages are reused).
 set -o errexit -o nounset -o pipefail
@@ -31,7 +32,7 @@ PAIRS=2
 SERVER_ARGS="--max_batch_size 128 --frontends 6"
 
 usage() {
-  sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 log() {
@@ -145,6 +146,13 @@ step_ab() {
 step_serve_aoti() {
   local slug=densenet121-aoti-fp16-cl-dynamic
   build_artifact "${slug}"
+  log "serve-aoti: where loading ${slug} spends its time"
+  local spy=()
+  if command -v py-spy >/dev/null; then  # native stacks of the load, collapsed, next to the timings
+    spy=(py-spy record --native --format raw --rate 50 -o "${OUT:-${ARTIFACTS}}/aoti-load-pyspy.txt" --)
+  fi
+  "${spy[@]}" "${PYTHON}" "${ROOT}/benchmarks/aoti_load_time.py" "${ARTIFACTS}/${slug}" \
+    --json-out "${OUT:-${ARTIFACTS}}/aoti-load-time.json"
   log "serve-aoti: ${slug}"
   "${PYTHON}" "${ROOT}/benchmarks/serve_bench.py" --model-dir "${ARTIFACTS}/${slug}" \
     --concurrency 1,96,128,192 --processes 6 --duration "${DURATION}" --sizes vga \

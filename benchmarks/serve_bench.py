@@ -59,11 +59,17 @@ dev = torch.device(sys.argv[2])
 if dev.type == "cuda":
     torch.cuda.init(); torch.zeros(1, device=dev)
 m = torchvision.models.densenet121(weights=None)
-m.load_state_dict(torch.load(sys.argv[1], map_location="cpu", weights_only=True))
+how = "constructed: the artifact has no model.pt"
+if sys.argv[1]:
+    try:
+        m.load_state_dict(torch.load(sys.argv[1], map_location="cpu", weights_only=True))
+        how = "loaded model.pt"
+    except Exception as e:  # not a plain DenseNet-121 state dict (AOTI, pruned, quantised payloads)
+        how = "constructed: model.pt is not a DenseNet-121 state dict (" + type(e).__name__ + ")"
 m = m.to(dev).eval()
 if dev.type == "cuda":
     torch.cuda.synchronize()
-print("READY", flush=True)
+print("READY", how, flush=True)
 """
 
 
@@ -95,15 +101,26 @@ def ondevice(model_dir: Path, device: torch.device, max_batch: int, iters: int) 
     return res
 
 
-def floor_ready(model_dir: Path, device: torch.device) -> float:
-    """A bare Python process: import torch, initialise the device, load the weights onto it."""
+def floor_ready(model_dir: Path, device: torch.device) -> tuple[float, str]:
+    """A bare Python process: import torch, initialise the device, load the weights onto it.
+
+    Returns the seconds and how the weights got there: the artifact's ``model.pt`` when it is a
+    plain DenseNet-121 state dict, else the model built with its random initialisation (AOTInductor
+    artifacts carry their weights inside the ``.pt2``; reading a 31 MB file is a few ms of the floor).
+    """
     weights = model_dir / "model.pt"
     t0 = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-c", FLOOR_SNIPPET, str(weights), str(device)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", FLOOR_SNIPPET, str(weights) if weights.is_file() else "", str(device)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    assert "READY" in out.stdout
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("READY")), "")
+    if not line:
+        raise RuntimeError(f"the floor process did not report READY: {out.stdout[-500:]} {out.stderr[-500:]}")
+    return seconds, line.removeprefix("READY").strip()
 
 
 def gpu_mem_of(pid: int) -> float | None:
@@ -203,14 +220,36 @@ def free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
-def one_request_ms(url: str, jpeg: bytes) -> float:
-    import base64
+#: Locust user class (``--user``) -> the body builder it sends, so the cold-start request matches the load's.
+USER_BODIES = {
+    "V1Base64User": "v1_request",
+    "V2BytesUser": "v2_bytes_request",
+    "V2BinaryBytesUser": "v2_binary_bytes_request",
+    "V2JsonTensorUser": "v2_tensor_request",
+    "V2BinaryTensorUser": "v2_binary_tensor_request",
+}
 
-    body = {"instances": [{"image": {"b64": base64.b64encode(jpeg).decode()}}]}
+
+def one_request_ms(url: str, photo: Any, user: str = "V2BinaryBytesUser") -> float:
+    """One request as ``user`` sends it, on a new connection (``http.client``: little client overhead)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from loadtest import _protocol
+
+    prepared = getattr(_protocol, USER_BODIES[user])("densenet121", [photo])
+    parts = urlsplit(url)
     t0 = time.perf_counter()
-    r = requests.post(url + "/v1/models/densenet121:predict", json=body, timeout=120)
-    ms = (time.perf_counter() - t0) * 1000
-    r.raise_for_status()
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=120)
+    try:
+        conn.request("POST", prepared.path, body=prepared.body, headers=dict(prepared.headers))
+        resp = conn.getresponse()
+        body = resp.read()
+        ms = (time.perf_counter() - t0) * 1000
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"request as {user} failed: HTTP {resp.status}: {body[:300]!r}")
     return ms
 
 
@@ -587,13 +626,13 @@ def load_users(metrics: Mapping[str, Any], levels: Sequence[int], explicit: int 
 
 
 def run_arm(
-    args: argparse.Namespace, server_args: list[str], users: int, jpeg: bytes, work: Path, tag: str
+    args: argparse.Namespace, server_args: list[str], users: int, photo: Any, work: Path, tag: str
 ) -> dict[str, Any]:
     """One repetition of one arm on a fresh server: start, wait for ready, one warm request, Locust, stop."""
     server = Server(args.model_dir, args.device, args.port or free_port_pair(), server_args, work / f"server-{tag}.log")
     try:
         ready_s = server.wait_ready()
-        one_request_ms(server.url, jpeg)  # the first request pays for lazy set-up: not part of the load
+        one_request_ms(server.url, photo, args.user)  # the first request pays for lazy set-up: not part of the load
         procs = 1 if users == 1 else min(args.processes, users)
         run = run_locust(server.url, args.user, users, procs, args.duration, args.sizes.split(",")[0], 1, work, tag)
     finally:
@@ -603,13 +642,13 @@ def run_arm(
 
 
 def compare_phase(
-    args: argparse.Namespace, base_args: list[str], arms: Mapping[str, list[str]], users: int, jpeg: bytes, work: Path
+    args: argparse.Namespace, base_args: list[str], arms: Mapping[str, list[str]], users: int, photo: Any, work: Path
 ) -> dict[str, Any]:
     """The interleaved comparison: every arm ``args.pairs`` times, alternating, each on a fresh server."""
     server_args = {BASE: base_args, **{label: [*base_args, *extra] for label, extra in arms.items()}}
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label in server_args}
     for pair, label in interleaved_order(list(arms), args.pairs):
-        r = run_arm(args, server_args[label], users, jpeg, work, f"cmp-{label}-{pair}")
+        r = run_arm(args, server_args[label], users, photo, work, f"cmp-{label}-{pair}")
         runs[label].append(r)
         print(f"    pair {pair}/{args.pairs} {label:<12} {r['img_s']:8.1f} img/s  p50 {r['p50_ms']:7.1f} ms  "
               f"p99 {r['p99_ms']:7.1f} ms  failures {r['failures']}  (ready {r['ready_s']:.1f} s)",
@@ -652,7 +691,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-images", type=int, default=32)
     p.add_argument("--processes", type=int, default=4, help="Locust worker processes")
     p.add_argument("--duration", type=int, default=20, help="seconds per Locust run")
-    p.add_argument("--user", default="V2BinaryBytesUser", help="Locust user class for single-image runs")
+    p.add_argument(
+        "--user",
+        default="V2BinaryBytesUser",
+        choices=sorted(USER_BODIES),
+        help="Locust user class for single-image runs",
+    )
     p.add_argument("--sizes", default="vga,12mp", help="image sizes: the first is the main one")
     p.add_argument("--server-args", default="", help="extra predictor flags, e.g. '--max_batch_size 64'")
     p.add_argument("--ondevice-iters", type=int, default=50)
@@ -723,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch = int(extra[extra.index("--max_batch_size") + 1])
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     metrics: dict[str, Any] = {}
+    record_notes: dict[str, str] = {}
     main_loads = [ph for ph in ("single", "cpu-roles", "sizes", "batched") if ph in phases]
     steps = [ph for ph in ("ondevice", "floor") if ph in phases] + ["cold"]
     steps += ["single"] * any(ph in phases for ph in ("single", "cpu-roles", "sizes"))
@@ -736,7 +781,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics.update(ondevice(args.model_dir, device, max_batch, args.ondevice_iters))
     if "floor" in phases:
         step("floor", f"floor: bare torch process to weights on {device}")
-        metrics["floor_ready_s"] = round(floor_ready(args.model_dir, device), 3)
+        floor_s, floor_how = floor_ready(args.model_dir, device)
+        metrics["floor_ready_s"] = round(floor_s, 3)
+        record_notes["floor_weights"] = floor_how
 
     step("cold", "predictor cold start")
     port = args.port or free_port_pair()
@@ -750,8 +797,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics["ready_s"] = round(server.wait_ready(), 3)
         from loadtest._payloads import photo_set
 
-        jpeg = photo_set(sizes[0])[0].jpeg
-        metrics["first_request_ms"] = round(one_request_ms(server.url, jpeg), 2)
+        photo = photo_set(sizes[0])[0]
+        metrics["first_request_ms"] = round(one_request_ms(server.url, photo, args.user), 2)
+        # The same request again, the same way: what the client and a new connection cost on their own.
+        repeats = [one_request_ms(server.url, photo, args.user) for _ in range(20)]
+        metrics["first_request_repeat_p50_ms"] = round(statistics.median(repeats), 2)
         time.sleep(2.5)
         metrics["rss_idle_mb"] = rss_of(server.proc.pid)
         metrics["vram_idle_mb"] = gpu_mem_of(server.proc.pid)
@@ -869,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
             users = load_users(metrics, levels, args.compare_users)
             step("compare", f"interleaved compare at {users} users: {BASE}, {', '.join(arms)}; {args.pairs} pairs, "
                  "each run on a fresh server")  # fmt: skip
-            metrics["compare"] = compare_phase(args, extra, arms, users, jpeg, work)
+            metrics["compare"] = compare_phase(args, extra, arms, users, photo, work)
             if METRICS_OFF in arms:
                 metrics.update(metrics_overhead(metrics["compare"]["arms"]))
     finally:
@@ -892,6 +942,7 @@ def main(argv: list[str] | None = None) -> int:
         "phases": phases,
         "environ": env,
         "metrics": metrics,
+        "notes": record_notes,
         "server_command": " ".join(shlex.quote(a) for a in server.cmd),
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ moves a quarter of the bytes and the same code serves images and raw UINT8 tenso
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 
@@ -205,17 +206,23 @@ def gpu_resize_crop_many(images: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([c for c in out if c is not None])
 
 
-def warm_up_jpeg() -> bytes:
-    """A small baseline JPEG (320x240, RGB 120/60/30) for decoder warm-ups."""
+#: The large warm-up image: a 12 MP photo, so nvJPEG's buffers and the allocator's blocks are already
+#: grown for the largest common camera size when the first real request comes (else it pays for them).
+WARM_UP_LARGE = (4032, 3024)
+
+
+@functools.lru_cache(maxsize=4)
+def warm_up_jpeg(size: tuple[int, int] = (320, 240)) -> bytes:
+    """A baseline JPEG of ``size`` (default 320x240), RGB 120/60/30, for decoder warm-ups (encoded once)."""
     buf = io.BytesIO()
-    Image.new("RGB", (320, 240), (120, 60, 30)).save(buf, format="JPEG")
+    Image.new("RGB", size, (120, 60, 30)).save(buf, format="JPEG")
     return buf.getvalue()
 
 
 def warm_gpu_decoder(device: torch.device) -> torch.Tensor:
     """Initialise nvJPEG (handles, buffers, the hardware decoder) and the crop kernels on ``device``
-    with a small JPEG at batch 1 and 8, so neither the warm-up nor a request pays for it; returns the
-    crops of the batch of 8."""
+    with a small JPEG at batch 1 and 8 and one 12 MP JPEG, so neither the warm-up nor a request pays
+    for it; returns the crops of the batch of 8."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     data = torch.frombuffer(bytearray(warm_up_jpeg()), dtype=torch.uint8)
@@ -223,6 +230,8 @@ def warm_gpu_decoder(device: torch.device) -> torch.Tensor:
     for n in (1, 8):
         crops = gpu_resize_crop_many(decode_jpeg([data] * n, mode=ImageReadMode.RGB, device=device))
     if device.type == "cuda":
+        large = torch.frombuffer(bytearray(warm_up_jpeg(WARM_UP_LARGE)), dtype=torch.uint8)
+        gpu_resize_crop_many(decode_jpeg([large], mode=ImageReadMode.RGB, device=device))
         torch.cuda.synchronize(device)
     return crops
 

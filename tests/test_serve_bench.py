@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,8 +215,25 @@ def test_single_and_compare_phases_on_the_cpu(artifacts_dir: Path, tmp_path: Pat
     ):
         assert absent not in metrics, absent
     assert set(metrics["ratios"]) == {"first_request_vs_c1_p50"}
+    assert metrics["first_request_ms"] > 0 and metrics["first_request_repeat_p50_ms"] > 0  # sent as the load sends
     assert "compare x vs base at 1 users, 1 pairs:" in out.stdout
     assert "pair 1/1 x" in out.stderr
+
+
+def test_the_floor_loads_a_state_dict_and_builds_the_model_for_other_payloads(tmp_path: Path) -> None:
+    """The bare-torch floor loads ``model.pt`` when it is a DenseNet-121 state dict; AOTInductor
+    artifacts (no ``model.pt``) and other payloads get the model built instead, and the record says which."""
+    import torchvision
+
+    plain, aoti, other = (tmp_path / n for n in ("plain", "aoti", "other"))
+    for d in (plain, aoti, other):
+        d.mkdir()
+    torch.save(torchvision.models.densenet121(weights=None).state_dict(), plain / "model.pt")
+    torch.save({"not": torch.zeros(1)}, other / "model.pt")
+    seconds, how = sb.floor_ready(plain, torch.device("cpu"))
+    assert seconds > 0 and how == "loaded model.pt"
+    assert sb.floor_ready(aoti, torch.device("cpu"))[1] == "constructed: the artifact has no model.pt"
+    assert sb.floor_ready(other, torch.device("cpu"))[1].startswith("constructed: model.pt is not a DenseNet-121")
 
 
 def test_a_profiler_trace_is_captured_under_load_on_the_cpu(artifacts_dir: Path, tmp_path: Path) -> None:

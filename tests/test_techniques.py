@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ from model_server.artifact import read_manifest
 from model_server.runtimes import load_runner
 from optimize import FidelityError, registry
 from optimize.registry import MANIFEST_NAME, Technique
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FAST = ("densenet121-onnx-fp32", "densenet121-onnx-int8-static", "densenet121-pruned-l1-20")
 SLOW = (
@@ -259,6 +263,20 @@ def test_a_dynamic_batch_package_serves_every_bucket_from_one_file(tmp_path: Pat
         with torch.no_grad():
             out = runner(pixels)
             torch.testing.assert_close(out, net(normalize(pixels)), atol=1e-4, rtol=1e-4)
+    # benchmarks/aoti_load_time.py times each phase of loading this artifact in a fresh process.
+    (tmp_path / "variant.json").write_text(json.dumps({**manifest, "runtime": "aoti"}))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "aoti_load_time.py"), str(tmp_path), "--device", "cpu", "--twice",
+         "--runner", "--json-out", str(tmp_path / "load.json")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    timing = json.loads((tmp_path / "load.json").read_text())
+    assert {"import_torch", "import_inductor", "load_tiny-b1-4.pt2_first", "load_tiny-b1-4.pt2_second",
+            "first_call_tiny-b1-4.pt2_b1", "first_call_tiny-b1-4.pt2_b4", "runner_load", "runner_warm_up",
+            } <= set(timing["seconds"])  # fmt: skip
+    assert all(v >= 0 for v in timing["seconds"].values())
+    assert timing["packages"]["tiny-b1-4.pt2"][".so"]["files"] == 1
 
 
 def test_aoti_fresh_process_check_reports_a_broken_package(tmp_path: Path) -> None:
