@@ -1,19 +1,21 @@
 """Where does loading an AOTInductor artifact spend its time?
 
-Serving ``densenet121-aoti-fp16-cl-dynamic`` on the H100 took 52 s from process start to ready,
-47.8 s of it in "weights loaded" (the ``.pt2`` package load), against about 10 s for a bare torch
-process. This script loads an artifact's packages in a fresh process and times each phase on its
-own: ``import torch``, CUDA initialisation, ``import torch._inductor``, each package load
-(``--twice``: a second load of the same file separates one-time costs from per-package ones), the
-first call at the smallest and largest batch, and (``--runner``) the server's whole ``AotiRunner``
-with its CUDA-graph warm-up.
-It also lists what the package holds (files by kind, bytes), since the loader extracts all of it.
+Serving ``densenet121-aoti-fp16-cl-dynamic`` on the H100 took 52-55 s from process start to ready,
+48 s of it loading the ``.pt2`` package, against about 11 s for a bare torch process. ``py-spy``
+put the load in ``torch._inductor.aoti_load_package`` -> ``get_device_information`` ->
+``pick_vec_isa``: after loading, torch compares the CPU's vector ISA with the package's (for a
+warning) and finds it by compiling a probe per ISA with the C++ compiler. The server now calls the
+C++ loader itself (``model_server.runtimes.load_aoti_package``).
 
-Run it under ``py-spy record --native`` to see the C++ frames of a slow phase.
+This script times, in a fresh process: ``import torch``, CUDA initialisation, the server's
+``AotiRunner`` load and its warm-up (CUDA graphs per bucket), whether that imported
+``torch._inductor``; then (``--torch-loader``) the same packages through
+``torch._inductor.aoti_load_package``, the path it replaced, for comparison in the same run. It
+also lists what each package holds. Run it under ``py-spy record --native`` for the C++ frames.
 
 Usage (repository root)::
 
-    python benchmarks/aoti_load_time.py ARTIFACT_DIR [--device cuda] [--twice] [--runner] [--json-out load.json]
+    python benchmarks/aoti_load_time.py ARTIFACT_DIR [--device cuda] [--torch-loader] [--json-out load.json]
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("artifact", type=Path, help="an artifact directory whose variant.json has runtime 'aoti'")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--twice", action="store_true", help="load each package a second time in the same process")
-    p.add_argument("--runner", action="store_true", help="then load and warm the server's AotiRunner too")
+    p.add_argument(
+        "--torch-loader", action="store_true", help="then load the packages through torch._inductor.aoti_load_package"
+    )
     p.add_argument("--json-out", type=Path, help="also write the result here")
     args = p.parse_args(argv)
 
@@ -74,46 +77,46 @@ def main(argv: list[str] | None = None) -> int:
         torch.empty(1, device=device)
         torch.cuda.synchronize()
     t = phase("cuda_init", t)
-    from torch._inductor import aoti_load_package
-
-    t = phase("import_inductor", t)
-    index = (device.index or 0) if device.type == "cuda" else -1
-    loaded = {}
-    for name in names:
-        for attempt in ("first", "second") if args.twice else ("first",):
-            pkg = aoti_load_package(str(args.artifact / name), run_single_threaded=True, device_index=index)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = phase(f"load_{name}_{attempt}", t)
-            loaded[name] = pkg
     sys.path.insert(0, str(ROOT))
     from model_server.runtimes import load_runner
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(manifest.get("precision", ""), torch.float32)
-    for name, pkg in loaded.items():
-        buckets = sorted(int(k.split("_", 1)[1]) for k, v in manifest["payload"].items() if v == name)
-        for b in buckets[:1] + buckets[-1:]:
-            x = torch.randn(b, 3, 224, 224, device=device, dtype=dtype)
-            if manifest.get("channels_last"):
-                x = x.contiguous(memory_format=torch.channels_last)
-            pkg(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = phase(f"first_call_{name}_b{b}", t)
-    del loaded
-    if args.runner:
-        runner = load_runner(manifest, args.artifact, device)
-        t = phase("runner_load", t)
-        runner.warm_up()
-        phase("runner_warm_up", t)
+    t = phase("import_model_server", t)
+    runner = load_runner(manifest, args.artifact, device)
+    t = phase("runner_load", t)
+    inductor_imported = "torch._inductor" in sys.modules
+    runner.warm_up()
+    t = phase("runner_warm_up", t)
+    pixels = torch.randint(0, 256, (1, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = runner(pixels.to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = phase("runner_first_call_b1", t)
+    del runner
 
+    if args.torch_loader:
+        from torch._inductor import aoti_load_package
+
+        t = phase("torch_loader_import_inductor", t)
+        index = (device.index or 0) if device.type == "cuda" else -1
+        for name in names:
+            package = aoti_load_package(str(args.artifact / name), run_single_threaded=True, device_index=index)
+            t = phase(f"torch_loader_load_{name}", t)
+            del package
+
+    from optimize.build import environment
+
+    cli = sys.argv[1:] if argv is None else argv
     result = {
+        "name": "aoti-load-time",
+        "command": "python " + " ".join([str(Path(__file__).relative_to(ROOT)), *cli]),
+        "date": time.strftime("%Y-%m-%d"),
+        "environ": environment(device, packages=()),
         "artifact": manifest["slug"],
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "seconds": seconds,
+        "metrics": {f"{k}_s": v for k, v in seconds.items()},
+        "runner_imported_torch_inductor": inductor_imported,
+        "logits_shape": list(logits.shape),
         "packages": {name: package_contents(args.artifact / name) for name in names},
-        "build_details": {k: v for k, v in manifest.get("details", {}).items() if "fresh" in k or k == "cxx"},
     }
     print(json.dumps(result, indent=1))
     if args.json_out:

@@ -151,7 +151,7 @@ step_serve_aoti() {
   if command -v py-spy >/dev/null; then  # native stacks of the load, collapsed, next to the timings
     spy=(py-spy record --native --format raw --rate 50 -o "${OUT:-${ARTIFACTS}}/aoti-load-pyspy.txt" --)
   fi
-  "${spy[@]}" "${PYTHON}" "${ROOT}/benchmarks/aoti_load_time.py" "${ARTIFACTS}/${slug}" \
+  "${spy[@]}" "${PYTHON}" "${ROOT}/benchmarks/aoti_load_time.py" "${ARTIFACTS}/${slug}" --torch-loader \
     --json-out "${OUT:-${ARTIFACTS}}/aoti-load-time.json"
   log "serve-aoti: ${slug}"
   "${PYTHON}" "${ROOT}/benchmarks/serve_bench.py" --model-dir "${ARTIFACTS}/${slug}" \

@@ -418,6 +418,46 @@ def _tensorrt_present() -> bool:
     return importlib.util.find_spec("tensorrt") is not None or importlib.util.find_spec("tensorrt_libs") is not None
 
 
+class AotiPackage:
+    """One ``.pt2`` loaded by torch's C++ package loader: a tensor in, the logits out.
+
+    ``torch._inductor.aoti_load_package`` wraps the same loader but, after loading, compares the
+    CPU's vector ISA with the package's for a warning, and finds the ISA by compiling and loading
+    a probe per ISA with the C++ compiler (``pick_vec_isa``): 48 of the 52 s from process start to
+    ready on the H100 host (``benchmarks/aoti_load_time.py``), plus about 6 s importing
+    ``torch._inductor``. A compiled package needs neither, so the server calls the loader itself.
+    """
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self._run = getattr(loader, "boxed_run", None) or loader.run
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self._run([x])[0]
+        return out
+
+
+def load_aoti_package(path: Path, *, run_single_threaded: bool, device_index: int) -> Callable[..., Any]:
+    """Load ``path`` with the C++ loader (no inductor import, no ISA probe); torch's Python loader
+    with the probe switched off if this torch's loader takes other arguments."""
+    loader_cls = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    if loader_cls is not None:
+        try:
+            return AotiPackage(loader_cls(str(path), "model", run_single_threaded, 1, device_index))
+        except TypeError as e:  # another signature in this torch: fall back below
+            log.warning(
+                "AOTIModelPackageLoader(%s) refused the arguments (%s): loading through torch._inductor", path, e
+            )
+    from torch._inductor import aoti_load_package, config, cpu_vec_isa
+
+    probed = cpu_vec_isa.valid_vec_isa_list.cache_info().currsize > 0
+    with config.patch({"cpp.vec_isa_ok": False}):  # the ISA is only compared for a warning
+        package = aoti_load_package(str(path), run_single_threaded=run_single_threaded, device_index=device_index)
+    if not probed:
+        cpu_vec_isa.valid_vec_isa_list.cache_clear()  # a later compile in this process probes for real
+    return package
+
+
 class AotiRunner(Runner):
     """AOTInductor packages (``.pt2``, compiled kernels inside), one per batch bucket; nothing compiles at load.
 
@@ -430,8 +470,6 @@ class AotiRunner(Runner):
 
     def __init__(self, manifest: dict[str, Any], artifact_dir: Path, device: torch.device) -> None:
         super().__init__(manifest, device)
-        from torch._inductor import aoti_load_package
-
         if device.type == "cuda":
             # A fresh process has no current CUDA context until torch creates one; the package
             # loader's cubin loading needs it, so initialise CUDA and pick the device first.
@@ -448,12 +486,9 @@ class AotiRunner(Runner):
         # stream is capturing"); the single-threaded entry point launches kernels only. The device
         # worker is one thread, so nothing is lost.
         # A package with a dynamic batch dimension is named by several buckets: loaded once.
+        index = (device.index or 0) if device.type == "cuda" else -1
         loaded = {
-            name: aoti_load_package(
-                str(artifact_dir / name),
-                run_single_threaded=self.cuda_graphs,
-                device_index=(device.index or 0) if device.type == "cuda" else -1,
-            )
+            name: load_aoti_package(artifact_dir / name, run_single_threaded=self.cuda_graphs, device_index=index)
             for name in sorted(set(roles.values()))
         }
         self.packages = {b: loaded[name] for b, name in roles.items()}
