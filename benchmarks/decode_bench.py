@@ -229,6 +229,61 @@ def contention(device: torch.device, arms: list[str], size: str, n: int, reps: i
     return metrics
 
 
+def vary_batch(device: torch.device, size: str, lo: int, hi: int, reps: int, arm: str | None) -> dict[str, Any]:
+    """Decode cost per photo when consecutive batches differ in size, as under load, against a fixed size.
+
+    The sweep and ``--contention`` decode the same batch size call after call; a server's batches
+    differ every time (25, 31, 18, ...). If nvJPEG's batched decode re-initialises its buffers
+    when the batch size changes (its ``cudaFree`` would wait for the whole device, the model's
+    stream included), a varying sequence costs more per photo than a fixed one, and more beside a
+    running model. ``reps`` batches with sizes drawn (seeded) from ``lo``..``hi`` are timed against
+    the same number of batches of their mean size, idle and, with ``arm``, beside a model load.
+    """
+    import random
+
+    rng = random.Random(0)
+    seq = [rng.randint(lo, hi) for _ in range(reps)]
+    fixed = round(statistics.mean(seq))
+    pipeline = _pipeline(device, hi)
+    jpegs = [p.jpeg for p in photo_set(size)]
+    parts = {n: _stage_parts(pipeline, jpegs, n) for n in sorted({*seq, fixed})}
+    sync: Callable[[], object] = (
+        torch.cuda.current_stream(device).synchronize if device.type == "cuda" else (lambda: None)
+    )
+
+    def per_photo_ms(sizes: list[int], part: str) -> float:
+        for n in sizes:  # one untimed pass: first-call set-up of every size
+            parts[n][part]()
+        sync()
+        t0 = time.perf_counter()
+        for n in sizes:
+            parts[n][part]()
+            sync()
+        return round((time.perf_counter() - t0) * 1000 / sum(sizes), 4)
+
+    metrics: dict[str, Any] = {"vary_size": size, "vary_batch_min": lo, "vary_batch_max": hi, "vary_batches": reps,
+                               "vary_fixed_batch": fixed}  # fmt: skip
+    states: list[str | None] = [None] + ([arm] if arm else [])
+    for state in states:
+        label = state or "idle"
+        load = ModelLoad(device, state) if state else None
+        if load is not None:
+            load.__enter__()
+        try:
+            for part in ("nvjpeg", "prepare"):
+                print(f"  vary-batch: {label} {part}", file=sys.stderr, flush=True)
+                metrics[f"{label}_{part}_varying_ms_per_img"] = per_photo_ms(seq, part)
+                metrics[f"{label}_{part}_fixed_ms_per_img"] = per_photo_ms([fixed] * reps, part)
+                metrics[f"{label}_{part}_varying_vs_fixed"] = round(
+                    metrics[f"{label}_{part}_varying_ms_per_img"] / metrics[f"{label}_{part}_fixed_ms_per_img"], 3
+                )
+        finally:
+            if load is not None:
+                load.__exit__(None, None, None)
+                metrics[f"{label}_model_replays_per_s"] = load.replays_per_s
+    return metrics
+
+
 def bench(device: torch.device, sizes: list[str], batch_sizes: list[int], reps: int) -> dict[str, Any]:
     pipeline = _pipeline(device, max(batch_sizes))
     load = ModelLoad(device) if device.type == "cuda" else None
@@ -275,6 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--contention-size", default="vga", help="photo size for --contention, default vga")
     p.add_argument("--contention-batch", type=int, default=32, help="photos per batch for --contention, default 32")
+    p.add_argument(
+        "--vary-batch",
+        default=None,
+        metavar="LO-HI",
+        help="instead of the sweep: per-photo decode cost of batches whose size varies in LO..HI (as under load) "
+        "against a fixed size, idle and beside --vary-load",
+    )
+    p.add_argument("--vary-load", default="side-graph", help="model-load arm for --vary-batch (CUDA), or 'none'")
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     given = sys.argv[1:] if argv is None else argv
     args = p.parse_args(given)
@@ -291,8 +354,20 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--contention: unknown arm {arm!r}; valid: {', '.join(LOAD_ARMS)}")
     if arms and device.type != "cuda":
         p.error("--contention needs a CUDA device")
-    args.name = args.name or ("decode-contention" if arms else "decode")
-    if arms:
+    vary: tuple[int, int] | None = None
+    if args.vary_batch:
+        lo_hi = args.vary_batch.split("-")
+        if len(lo_hi) != 2 or not all(x.isdigit() for x in lo_hi) or not 1 <= int(lo_hi[0]) <= int(lo_hi[1]):
+            p.error(f"--vary-batch must be LO-HI with 1 <= LO <= HI, got {args.vary_batch!r}")
+        vary = (int(lo_hi[0]), int(lo_hi[1]))
+        if args.vary_load not in (*LOAD_ARMS, "none"):
+            p.error(f"--vary-load: unknown arm {args.vary_load!r}; valid: {', '.join(LOAD_ARMS)}, none")
+    args.name = args.name or ("decode-contention" if arms else "decode-vary" if vary else "decode")
+    if vary:
+        load_arm = args.vary_load if args.vary_load != "none" and device.type == "cuda" else None
+        print(f"decode_bench on {device}: batch sizes {vary[0]}..{vary[1]} vs fixed", file=sys.stderr, flush=True)
+        metrics = vary_batch(device, args.contention_size, vary[0], vary[1], args.reps, load_arm)
+    elif arms:
         print(f"decode_bench on {device}: contention {arms}", file=sys.stderr, flush=True)
         metrics = contention(device, arms, args.contention_size, args.contention_batch, args.reps)
     else:

@@ -8,7 +8,7 @@
 #
 #   check         GPU, driver and versions; which runtimes import (always runs first)
 #   decode        decode_bench: nvJPEG, crop and the prepare stage per batch size, idle and
-#                 beside the model in a CUDA graph (why 0.3 ms/JPEG served vs 0.11 idle)  ~2 min
+#                 beside the model; then batches of varying size against a fixed size  ~3 min
 #   onnx          gpu_bench: ONNX Runtime CUDA EP (FP32, FP16, I/O binding) against stock
 #                 torch.compile and the CUDA-graph variant (needs onnxruntime-gpu)       ~4 min
 #   aoti-dynamic  gpu_bench: AOTInductor, one package with a dynamic batch dimension     ~4 min
@@ -90,6 +90,8 @@ ort_cuda_available() {
 step_decode() {
   log "decode: nvJPEG, crop and prepare per batch size, idle and beside the model"
   "${PYTHON}" "${ROOT}/benchmarks/decode_bench.py" --sizes vga,12mp --batch-sizes 1,8,32,64,128
+  log "decode: batches of varying size (as under load) against a fixed size, idle and beside the model"
+  "${PYTHON}" "${ROOT}/benchmarks/decode_bench.py" --vary-batch 16-80 --reps 40
 }
 
 step_onnx() {

@@ -121,3 +121,22 @@ def test_decode_bench_writes_a_record_of_every_stage(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "benchmarks/decode_bench.py", "--batch-sizes", "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "--batch-sizes must be positive" in bad.stderr
+
+
+def test_decode_bench_compares_varying_with_fixed_batch_sizes(tmp_path: Path) -> None:
+    """--vary-batch: per-photo decode cost of batches of varying size against their mean size (CPU: idle only)."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/decode_bench.py", "--device", "cpu", "--vary-batch", "1-3", "--reps", "3",
+         "--results-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(next(tmp_path.glob("*-decode-vary.json")).read_text())["metrics"]
+    assert m["vary_batch_min"] == 1 and m["vary_batch_max"] == 3 and 1 <= m["vary_fixed_batch"] <= 3
+    for part in ("nvjpeg", "prepare"):
+        assert m[f"idle_{part}_varying_ms_per_img"] > 0 and m[f"idle_{part}_fixed_ms_per_img"] > 0
+        assert m[f"idle_{part}_varying_vs_fixed"] > 0
+    assert not any(k.startswith("side-graph") for k in m)  # the model-load arm needs CUDA
+    bad = subprocess.run([sys.executable, "benchmarks/decode_bench.py", "--vary-batch", "9-3"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "--vary-batch must be LO-HI" in bad.stderr

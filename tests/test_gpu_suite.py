@@ -78,4 +78,5 @@ def test_help_exits_0() -> None:
 def test_decode_step_runs_the_decode_breakdown(tmp_path: Path) -> None:
     proc, calls = _run(tmp_path, "--steps", "decode")
     bench = [c for c in calls if "benchmarks/decode_bench.py" in c]
-    assert proc.returncode == 0 and len(bench) == 1 and "--batch-sizes 1,8,32,64,128" in bench[0]
+    assert proc.returncode == 0 and len(bench) == 2 and "--batch-sizes 1,8,32,64,128" in bench[0]
+    assert "--vary-batch 16-80" in bench[1]
