@@ -22,7 +22,7 @@ import torch
 from model_server import BadInput
 from model_server import metrics as m
 from model_server.config import MODEL_STREAMS
-from model_server.preprocess import WARM_UP_LARGE, gpu_resize_crop_many, normalize, warm_up_jpeg
+from model_server.preprocess import WARM_UP_LARGE, decode_jpegs, gpu_resize_crop_many, normalize, warm_up_jpeg
 from model_server.profiler import ProfileCapture
 from model_server.runtimes import Runner
 
@@ -168,13 +168,11 @@ class DevicePipeline:
 
     def _decode(self, staged: Staged, payloads: list[Payload], jpeg_idx: list[int]) -> None:
         """All JPEGs of all requests: one batched decode, one resize per distinct image size."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         batches = [payloads[i] for i in jpeg_idx]
         counts = [len(b) for b in batches if isinstance(b, JpegBatch)]
         encoded = [t for b in batches if isinstance(b, JpegBatch) for t in b.encoded()]
         try:
-            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+            images = decode_jpegs(encoded, self.device)
         except RuntimeError:
             images = None  # one bad stream fails the batched call: retry each request alone
         if images is not None:
@@ -187,7 +185,7 @@ class DevicePipeline:
         start = 0
         for i, n in zip(jpeg_idx, counts, strict=True):
             try:
-                mine = decode_jpeg(encoded[start : start + n], mode=ImageReadMode.RGB, device=self.device)
+                mine = decode_jpegs(encoded[start : start + n], self.device)
                 staged.parts[i] = gpu_resize_crop_many(mine)
             except RuntimeError as e:
                 staged.failed[i] = BadInput(f"JPEG could not be decoded: {e}")

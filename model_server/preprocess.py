@@ -7,8 +7,12 @@ moves a quarter of the bytes and the same code serves images and raw UINT8 tenso
 from __future__ import annotations
 
 import functools
+import importlib.util
 import io
+import logging
 import warnings
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +21,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from model_server import BadInput, PayloadTooLarge
 from model_server.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
 from optimize.registry import CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_SIZE
+
+log = logging.getLogger(__name__)
 
 #: Resizing the shorter side of a 1x5000 image to 256 would allocate gigabytes: refuse such shapes.
 MAX_ASPECT_RATIO = 64.0
@@ -211,6 +217,57 @@ def gpu_resize_crop_many(images: list[torch.Tensor]) -> torch.Tensor:
 WARM_UP_LARGE = (4032, 3024)
 
 
+#: ``torchvision.io.ImageReadMode.RGB``: what the image ops take as ``mode``.
+READ_MODE_RGB = 3
+#: torchvision's image-ops library: ``image.so`` up to 0.28, ``image_stable.so`` from 0.29.
+_IMAGE_LIBS = ("image.so", "image_stable.so")
+_BATCHED_SCHEMA = "(Tensor[] encoded_images, int mode, Device device) -> Tensor[]"
+
+
+@functools.cache
+def image_ops() -> Any | None:
+    """torchvision's image ops (``torch.ops.image``: nvJPEG's batched decode), loaded without
+    importing torchvision; None where the library or the expected signature is missing.
+
+    ``import torchvision`` imports its models, datasets and ops, and with them ``torch._dynamo``:
+    1.9 s on a 2-core VM, more where no bytecode is cached, on the path from process start to
+    ready of every runner that does not build a torchvision model (AOTInductor, ONNX Runtime,
+    TorchScript). The decode needs only the op library, which links nvJPEG itself.
+    """
+    try:
+        spec = importlib.util.find_spec("torchvision")  # locates the package without running it
+        roots = list(spec.submodule_search_locations or []) if spec is not None else []
+        lib = next((Path(r, n) for r in roots for n in _IMAGE_LIBS if Path(r, n).is_file()), None)
+        if lib is None:
+            return None
+        # torchvision's own import (an eager runner's) later loads the same file: a no-op then.
+        torch.ops.load_library(str(lib))  # type: ignore[no-untyped-call]
+        ops = torch.ops.image
+        if _BATCHED_SCHEMA not in str(ops.decode_jpegs_cuda.default._schema):
+            log.info("torchvision's decode_jpegs_cuda has another signature: decoding through torchvision.io")
+            return None
+        return ops
+    except Exception as e:  # any surprise: torchvision.io's own wrapper below still works
+        log.info("torchvision's image ops did not load on their own (%s): decoding through torchvision.io", e)
+        return None
+
+
+def decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Decode JPEG byte tensors (uint8, on the CPU) to RGB ``[3,H,W]`` uint8 on ``device``: on a CUDA
+    device in one batched nvJPEG call (:func:`image_ops`), else with torchvision's decoder.
+
+    Raises:
+        RuntimeError: the decoder refused a stream (the whole call fails).
+    """
+    if device.type == "cuda":
+        ops = image_ops()
+        if ops is not None:
+            return list(ops.decode_jpegs_cuda(encoded, READ_MODE_RGB, device))
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+
+
 @functools.lru_cache(maxsize=4)
 def warm_up_jpeg(size: tuple[int, int] = (320, 240)) -> bytes:
     """A baseline JPEG of ``size`` (default 320x240), RGB 120/60/30, for decoder warm-ups (encoded once)."""
@@ -223,15 +280,13 @@ def warm_gpu_decoder(device: torch.device) -> torch.Tensor:
     """Initialise nvJPEG (handles, buffers, the hardware decoder) and the crop kernels on ``device``
     with a small JPEG at batch 1 and 8 and one 12 MP JPEG, so neither the warm-up nor a request pays
     for it; returns the crops of the batch of 8."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     data = torch.frombuffer(bytearray(warm_up_jpeg()), dtype=torch.uint8)
     crops = torch.empty(0)
     for n in (1, 8):
-        crops = gpu_resize_crop_many(decode_jpeg([data] * n, mode=ImageReadMode.RGB, device=device))
+        crops = gpu_resize_crop_many(decode_jpegs([data] * n, device))
     if device.type == "cuda":
         large = torch.frombuffer(bytearray(warm_up_jpeg(WARM_UP_LARGE)), dtype=torch.uint8)
-        gpu_resize_crop_many(decode_jpeg([large], mode=ImageReadMode.RGB, device=device))
+        gpu_resize_crop_many(decode_jpegs([large], device))
         torch.cuda.synchronize(device)
     return crops
 
@@ -270,8 +325,5 @@ def decode_batch_gpu(datas: list[bytes], device: torch.device) -> list[torch.Ten
         RuntimeError: nvJPEG refused the batch (the caller falls back to the CPU path,
             which names the offending image).
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-    return list(gpu_resize_crop_many(images))
+    return list(gpu_resize_crop_many(decode_jpegs(encoded, device)))

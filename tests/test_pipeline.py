@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 from server_support import build_artifacts
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +215,33 @@ def test_warm_gpu_decoder_decodes_and_crops_on_the_given_device() -> None:
     assert crops.shape == (8, 3, 224, 224) and crops.dtype == torch.uint8
     assert torch.equal(crops[0], crops[7])  # eight copies of one JPEG
     assert 100 < crops[0, 0].float().mean() < 140  # the warm-up image is RGB (120, 60, 30)
+
+
+def test_image_ops_load_without_importing_torchvision() -> None:
+    """The decode path loads torchvision's image-ops library on its own (no ``import torchvision``,
+    which pulls in torch._dynamo), checks the batched decode's signature, and its CPU op decodes a
+    JPEG exactly as torchvision.io does."""
+    code = """
+import sys, torch
+from model_server.preprocess import image_ops, warm_up_jpeg, READ_MODE_RGB
+ops = image_ops()
+assert ops is not None, "image ops did not load"
+assert "torchvision" not in sys.modules, "torchvision was imported"
+data = torch.frombuffer(bytearray(warm_up_jpeg()), dtype=torch.uint8)
+direct = ops.decode_jpeg(data, READ_MODE_RGB, False)
+from torchvision.io import ImageReadMode, decode_jpeg
+assert torch.equal(direct, decode_jpeg(data, mode=ImageReadMode.RGB)), "different pixels"
+print("OK", tuple(direct.shape))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "OK (3, 240, 320)" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_decode_jpegs_on_the_cpu_matches_torchvision() -> None:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from model_server.preprocess import decode_jpegs, warm_up_jpeg
+
+    data = torch.frombuffer(bytearray(warm_up_jpeg()), dtype=torch.uint8)
+    (ours,) = decode_jpegs([data], torch.device("cpu"))
+    assert torch.equal(ours, decode_jpeg(data, mode=ImageReadMode.RGB))
