@@ -7,7 +7,9 @@ routes, uvicorn, the IPC client) in front of a stand-in device process: a real
 stand-in tells the front ends that JPEGs go to the GPU, so they only check and forward them, as on
 the H100. ``--concurrency`` keep-alive connections send KServe v2 binary-extension requests of one
 VGA JPEG (what ``serve_bench``'s Locust users send) for ``--seconds``; the bench reports requests/s,
-client-side p50/p99 and the front ends' CPU per request (``psutil``: every thread of every front end).
+client-side p50/p99, the front ends' CPU per request (``psutil``: every thread of every front end)
+and how the connections split over the front ends (``frontend_connections``: the kernel hashes them
+over the ``SO_REUSEPORT`` sockets; the load starts once every front end listens, as in the server).
 
 Where a request's time goes between the client and the device, measured on any machine: the part
 of ``e2e_c1_p50_ms - ondevice_b1_ms`` that is not decode or compute. ``--profile DIR`` writes a
@@ -31,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -97,6 +100,25 @@ async def _drive(port: int, request: bytes, concurrency: int, seconds: float, wa
     }
 
 
+def _sockets(pid: int, port: int, status: str) -> int:
+    """TCP sockets of process ``pid`` on local ``port`` in ``status`` (psutil's names)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    listing = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6 names it connections
+    return sum(1 for c in listing("tcp") if c.laddr and c.laddr.port == port and c.status == status)
+
+
+def _connections(pids: list[int], port: int) -> list[int]:
+    """Established connections to ``port`` held by each front end, in ``pids`` order."""
+    return [_sockets(pid, port, "ESTABLISHED") for pid in pids]
+
+
+def _listening(pids: list[int], port: int) -> int:
+    """How many of the front ends listen on ``port``."""
+    return sum(1 for pid in pids if _sockets(pid, port, "LISTEN"))
+
+
 def _cpu_s(pids: list[int]) -> float:
     import psutil
 
@@ -143,18 +165,21 @@ def bench(opts: dict[str, Any]) -> dict[str, Any]:
     try:
         request = _request_bytes(port, "densenet121")
         deadline = time.monotonic() + 120
-        while True:  # ready: the route answers (every front end shares the port)
+        pids = [p.pid for p in fronts if p.pid is not None]
+        # Ready: every front end listens (started here without the server's wait for siblings, the
+        # first one up would otherwise take every connection) and the route answers.
+        while True:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-                    s.sendall(request)
-                    if b" 200 " in s.recv(64):
-                        break
+                if _listening(pids, port) == len(pids):
+                    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                        s.sendall(request)
+                        if b" 200 " in s.recv(64):
+                            break
             except OSError:
                 pass
             if time.monotonic() > deadline or not all(p.is_alive() for p in fronts):
                 raise RuntimeError("the front ends did not start")
             time.sleep(0.2)
-        pids = [p.pid for p in fronts if p.pid is not None]
         if opts["profile"]:
             Path(opts["profile"]).mkdir(parents=True, exist_ok=True)
             spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -166,9 +191,18 @@ def bench(opts: dict[str, Any]) -> dict[str, Any]:
                 )
                 for i, pid in enumerate(pids)
             ]  # fmt: skip
+        conns: list[int] = []
+        sampler = threading.Thread(
+            target=lambda: (time.sleep(opts["warmup_s"] + 1.0), conns.extend(_connections(pids, port))), daemon=True
+        )
+        sampler.start()
         cpu0 = _cpu_s(pids)
         t0 = time.perf_counter()
         result = asyncio.run(_drive(port, request, opts["concurrency"], opts["seconds"], opts["warmup_s"]))
+        sampler.join(timeout=5)
+        # The kernel spreads connections over the front ends' SO_REUSEPORT sockets by a hash of the
+        # client's address and port: with few keep-alive connections the split can be far from even.
+        result["frontend_connections"] = conns
         cpu = _cpu_s(pids) - cpu0
         wall = time.perf_counter() - t0
         # The CPU window includes the warm-up: count the requests of the whole window for the ratio.

@@ -304,7 +304,14 @@ def run_locust(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log = (out / f"{tag}.log").open("wb")
     before = scrape_sums(url)
+    split: list[int] = []
+    port = int(url.rsplit(":", 1)[1])
+    sampler = threading.Thread(
+        target=lambda: (time.sleep(duration / 2), split.extend(connection_split(port))), daemon=True
+    )
+    sampler.start()
     subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=duration + 180)
+    sampler.join(timeout=10)
     server_side = breakdown(before, scrape_sums(url))
     rows = list(csv.DictReader((out / f"{tag}_stats.csv").open()))
     agg = next(r for r in rows if r["Name"] == "Aggregated")
@@ -319,7 +326,24 @@ def run_locust(
         "requests": reqs,
         "mean_ms": float(agg["Average Response Time"]),
         "server": server_side,
+        # Mid-run, the established connections each server process holds, most first: the kernel
+        # hashes connections over the front ends' SO_REUSEPORT sockets, so the split varies by run.
+        "frontend_connections": split,
     }
+
+
+def connection_split(port: int) -> list[int]:
+    """Established TCP connections on local ``port`` per process that holds any, most first."""
+    import psutil
+
+    counts: dict[int, int] = {}
+    try:
+        for c in psutil.net_connections("tcp"):
+            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED and c.pid:
+                counts[c.pid] = counts.get(c.pid, 0) + 1
+    except psutil.Error:  # not allowed to list other processes' sockets here
+        return []
+    return sorted(counts.values(), reverse=True)
 
 
 class CpuByRole(threading.Thread):
@@ -529,6 +553,7 @@ def summarize_arm(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if all("ready_s" in r for r in runs):
         out["ready_s"] = [r["ready_s"] for r in runs]
     out["server"] = [r.get("server", {}) for r in runs]
+    out["frontend_connections"] = [r.get("frontend_connections", []) for r in runs]
     return out
 
 

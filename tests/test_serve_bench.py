@@ -200,6 +200,9 @@ def test_single_and_compare_phases_on_the_cpu(artifacts_dir: Path, tmp_path: Pat
         assert len(arm["img_s"]) == len(arm["p50_ms"]) == len(arm["p99_ms"]) == len(arm["server"]) == 1
         assert arm["img_s_median"] == arm["img_s"][0] > 0 and arm["failures"] == [0]
     assert compare["arms"]["base"]["server"][0]["device_mean_ms"] > 0  # the breakdown of the run, from /metrics
+    # Mid-run connection split per server process (empty where the host does not list sockets).
+    for split in (s for arm in compare["arms"].values() for s in arm["frontend_connections"]):
+        assert isinstance(split, list) and all(isinstance(n, int) and n > 0 for n in split)
     x = compare["arms"]["x"]
     assert x["ratio_vs_base"] == pytest.approx(x["img_s_median"] / compare["arms"]["base"]["img_s_median"], abs=1e-3)
 
