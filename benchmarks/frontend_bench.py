@@ -58,34 +58,44 @@ def _request_bytes(port: int, model: str) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + prep.body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """The status of one response, read whole, and whether the server closes the connection after it."""
     status_line = await reader.readline()
     length = 0
+    close = False
     while (line := await reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.decode("latin-1").partition(":")
-        if name.strip().lower() == "content-length":
+        name = name.strip().lower()
+        if name == "content-length":
             length = int(value)
+        elif name == "connection" and "close" in value.lower():
+            close = True
     await reader.readexactly(length)
-    return int(status_line.split()[1])
+    return int(status_line.split()[1]), close
 
 
 async def _drive(port: int, request: bytes, concurrency: int, seconds: float, warmup_s: float) -> dict[str, Any]:
     lat: list[float] = []
     errors = 0
+    reconnects = 0
     t0 = time.perf_counter()
     start, end = t0 + warmup_s, t0 + warmup_s + seconds
 
     async def conn() -> None:
-        nonlocal errors
+        nonlocal errors, reconnects
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         while (now := time.perf_counter()) < end:
             writer.write(request)
-            status = await _read_response(reader)
+            status, close = await _read_response(reader)
             done = time.perf_counter()
             if status != 200:
                 errors += 1
             elif now >= start:
                 lat.append(done - now)
+            if close:  # as an HTTP/1.1 client does: a new connection for the next request
+                writer.close()
+                reconnects += 1
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.close()
 
     await asyncio.gather(*(conn() for _ in range(concurrency)))
@@ -97,6 +107,7 @@ async def _drive(port: int, request: bytes, concurrency: int, seconds: float, wa
         "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000, 3) if lat else None,
         "mean_ms": round(statistics.fmean(lat) * 1000, 3) if lat else None,
         "errors": errors,
+        "reconnects": reconnects,
     }
 
 
@@ -154,6 +165,7 @@ def bench(opts: dict[str, Any]) -> dict[str, Any]:
         "grpc_port": _free_port(), "max_body_bytes": 64 * 2**20, "log_level": "WARNING", "admin_token": None,
         "enable_docs": False, "grace_period_s": 5.0, "metrics": opts["metrics"], "max_inflight": 1024,
         "ipc_path": ipc_path, "parent_pid": os.getpid(),
+        "conn_counts": ctx.Array("i", opts["frontends"], lock=False) if opts["balance"] else None,
     }  # fmt: skip
     fronts = [
         ctx.Process(target=frontend_main, args=({**spec, "index": i},), name=f"frontend-{i}")
@@ -233,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=1, help="keep-alive connections, default 1")
     p.add_argument("--device-ms", type=float, default=0.0, help="stand-in device time per batch, default 0")
     p.add_argument("--metrics", choices=("true", "false"), default="true", help="Prometheus metrics, default true")
+    p.add_argument(
+        "--balance",
+        choices=("true", "false"),
+        default="true",
+        help="the server's connection balancing over the front ends (--balance_connections), default true",
+    )
     p.add_argument("--warmup-s", type=float, default=2.0, help="seconds before measuring, default 2")
     p.add_argument("--seconds", type=float, default=10.0, help="seconds measured, default 10")
     p.add_argument("--port", type=int, default=0, help="HTTP port, default a free one")
@@ -242,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--model-dir {args.model_dir} holds no variant.json (build one with python -m optimize build)")
     if args.frontends < 1 or args.concurrency < 1:
         p.error("--frontends and --concurrency must be >= 1")
-    opts = {**vars(args), "metrics": args.metrics == "true"}
+    opts = {**vars(args), "metrics": args.metrics == "true", "balance": args.balance == "true"}
     print(json.dumps(bench(opts)))
     return 0
 

@@ -16,7 +16,7 @@
 #                 single-JPEG sweep, a profiler trace of 20 batches under load (and py-spy stacks
 #                 of the device process when py-spy is on PATH), 12 MP, batched             ~5 min
 #   ab            the same variant at 128 users, interleaved A/B arms on fresh servers: metrics
-#                 off, Python's 5 ms GIL switch interval instead of 1 ms (--pairs)      ~5 min
+#                 off, connections left as the kernel hashes them (--pairs)             ~5 min
 #   serve-aoti    aoti_load_time and serve_bench on densenet121-aoti-fp16-cl-dynamic (built first,
 #                 about 3.5 min on the H100; cached)                                     ~9 min
 #
@@ -142,7 +142,7 @@ step_ab() {
   "${PYTHON}" "${ROOT}/benchmarks/serve_bench.py" --model-dir "${ARTIFACTS}/${slug}" --name "serve-${slug}-ab" \
     --concurrency 128 --processes 6 --duration "${DURATION}" --sizes vga --server-args "${SERVER_ARGS}" \
     --phases compare --pairs "${PAIRS}" --metrics-overhead \
-    --compare "gil_5ms=--gil_switch_interval_ms 0"
+    --compare "nobalance=--balance_connections false"
 }
 
 step_serve_aoti() {

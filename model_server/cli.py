@@ -95,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
         "beyond ~600 single-image requests/s one Python process is the bottleneck",
     )  # fmt: skip
     p.add_argument(
+        "--balance_connections", default=_env("BALANCE_CONNECTIONS", "true"), choices=("true", "false"),
+        help="with --frontends N > 1: a front end holding more than its share of the keep-alive connections "
+        "ends a response with 'Connection: close' (at most one per 50 ms) so the client reconnects and the "
+        "kernel hashes it again (default: true)",
+    )  # fmt: skip
+    p.add_argument(
         "--metrics", default=_env("METRICS", "true"), choices=("true", "false"),
         help="request-path Prometheus metrics (default: true; false only to measure their overhead)",
     )  # fmt: skip
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "http_port": args.http_port, "grpc_port": args.grpc_port, "max_body_bytes": args.max_body_bytes,
         "log_level": args.log_level.upper(), "admin_token": args.admin_token or None,
         "enable_docs": args.enable_docs == "true", "grace_period_s": args.grace_period_s,
-        "metrics": args.metrics == "true",
+        "metrics": args.metrics == "true", "balance_connections": args.balance_connections == "true",
         "max_inflight": args.max_inflight_requests or config.max_queue_images + 2 * config.max_batch_size,
     }  # fmt: skip
     if args.frontends > 1:

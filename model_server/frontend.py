@@ -169,7 +169,16 @@ def frontend_main(spec: dict[str, Any]) -> None:
         if not self.config.loaded:
             self.config.load()
         self.config.lifespan_class = _lifespan_around(self.config.lifespan_class, before=start_up, after=started_up)
-        await original_serve(self, sockets=[sock])  # the HTTP port is shared with the other front ends
+        if spec.get("conn_counts") is not None:
+            state = self.server_state
+            balancer = ConnectionBalancer(spec["conn_counts"], spec["index"], lambda: len(state.connections))
+            self.config.loaded_app = BalanceMiddleware(self.config.loaded_app, balancer)
+            publisher = asyncio.get_running_loop().create_task(balancer.publish_every(0.1))
+        try:
+            await original_serve(self, sockets=[sock])  # the HTTP port is shared with the other front ends
+        finally:
+            if spec.get("conn_counts") is not None:
+                publisher.cancel()
 
     original_grpc_start = kserve_grpc.GRPCServer.start
 
@@ -181,6 +190,70 @@ def frontend_main(spec: dict[str, Any]) -> None:
     kserve_grpc.GRPCServer.start = grpc_start_when_warm
     freeze_so_far()
     sys.exit(0 if rest.serve_http(model, spec) else 1)
+
+
+class ConnectionBalancer:
+    """Evens out keep-alive connections over the front ends.
+
+    Each front end listens on its own ``SO_REUSEPORT`` socket and the kernel hashes every new
+    connection to one of them, so a few long-lived connections (load-test users, Knative's
+    queue-proxy) land unevenly: 16 over 2 front ends split 11/5 or 6/10 as often as 8/8, and the
+    busiest front end sets the pace and the tail. Every front end publishes how many connections
+    it holds in a shared array; one holding more than its share (the ceiling of the mean, plus
+    ``slack``) ends one response with ``Connection: close`` (at most one per ``min_interval_s``),
+    and the client's next connection is hashed again, most likely elsewhere.
+    """
+
+    def __init__(
+        self, counts: Any, index: int, connections: Callable[[], int], *, slack: int = 1, min_interval_s: float = 0.05
+    ) -> None:
+        self.counts = counts
+        self.index = index
+        self.connections = connections
+        self.slack = slack
+        self.min_interval_s = min_interval_s
+        self.closed = 0
+        self._last = float("-inf")
+
+    def should_close(self, now: float) -> bool:
+        """Whether the response being started should close its connection (counted when it does)."""
+        mine = self.connections()
+        self.counts[self.index] = mine
+        if now - self._last < self.min_interval_s:
+            return False
+        total = sum(self.counts)
+        n = len(self.counts)
+        if total <= n or mine <= -(-total // n) + self.slack:
+            return False
+        self._last = now
+        self.closed += 1
+        return True
+
+    async def publish_every(self, seconds: float) -> None:
+        """Keep this front end's count fresh while it answers nothing (its connections may have gone)."""
+        while True:
+            self.counts[self.index] = self.connections()
+            await asyncio.sleep(seconds)
+
+
+class BalanceMiddleware:
+    """ASGI wrapper: adds ``Connection: close`` to a response when the :class:`ConnectionBalancer` says so."""
+
+    def __init__(self, app: Any, balancer: ConnectionBalancer) -> None:
+        self.app = app
+        self.balancer = balancer
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.balancer.should_close(time.monotonic()):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_closing(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, send_closing)
 
 
 def _lifespan_around(
@@ -257,6 +330,9 @@ class FrontEnds:
         self.stopping = ctx.Event()
         shared = {"ipc_path": self.ipc_path, "parent_pid": os.getpid(), "frontends": n, "warm": self.warm,
                   "abort": self.stopping}  # fmt: skip
+        if spec.get("balance_connections", True) and n > 1:
+            #: Connections each front end holds, published by each for the others (ConnectionBalancer).
+            shared["conn_counts"] = ctx.Array("i", n, lock=False)
         self.procs = [
             ctx.Process(target=frontend_main, args=({**spec, **shared, "index": i},), name=f"frontend-{i}")
             for i in range(n)
@@ -337,4 +413,12 @@ class FrontEnds:
             self._cleanup()
 
 
-__all__ = ["FrontEnds", "enable_multiprocess_metrics", "frontend_main", "wait_for_device", "wait_for_siblings"]
+__all__ = [
+    "BalanceMiddleware",
+    "ConnectionBalancer",
+    "FrontEnds",
+    "enable_multiprocess_metrics",
+    "frontend_main",
+    "wait_for_device",
+    "wait_for_siblings",
+]

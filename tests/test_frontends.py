@@ -77,6 +77,30 @@ def test_two_frontend_processes_share_the_port(multi: Server) -> None:
     assert len(listeners) == 2, f"expected two front ends listening on {multi.http_port}, found {len(listeners)}"
 
 
+def test_keep_alive_connections_even_out_over_the_front_ends(multi: Server) -> None:
+    """Eight keep-alive clients: whatever split the kernel's hash gives, a front end over its share
+    closes connections until none holds more than its share plus one (4 + 1 here)."""
+    sessions = [requests.Session() for _ in range(8)]
+    try:
+        closes = 0
+        for _ in range(40):
+            for s in sessions:
+                r = s.get(multi.url + "/v2/health/live", timeout=10)
+                assert r.status_code == 200
+                closes += r.headers.get("connection", "").lower() == "close"
+            time.sleep(0.01)
+        children = psutil.Process(multi.proc.pid).children()
+        split = sorted(
+            (sum(1 for c in p.connections("tcp") if c.laddr.port == multi.http_port and c.status == psutil.CONN_ESTABLISHED)
+             for p in children if "--multiprocessing-fork" in p.cmdline()),
+            reverse=True,
+        )  # fmt: skip
+        assert sum(split) == 8 and split[0] <= 5, (split, closes)
+    finally:
+        for s in sessions:
+            s.close()
+
+
 def test_requests_across_frontends_are_batched_by_one_device(multi: Server) -> None:
     body = {"instances": [{"image": {"b64": base64.b64encode(_jpeg()).decode()}}]}
     first = requests.post(multi.url + V1, json=body, timeout=120)
@@ -125,3 +149,46 @@ def test_sigterm_stops_every_process(multi: Server) -> None:
         pytest.fail("device process did not exit within 60 s of SIGTERM")
     _gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive
+
+
+def test_connection_balancer_closes_only_above_its_share() -> None:
+    from model_server.frontend import ConnectionBalancer
+
+    counts = [0, 0, 0]
+    held = {"n": 9}
+    balancer = ConnectionBalancer(counts, 0, lambda: held["n"], slack=1, min_interval_s=0.05)
+    counts[1:] = [2, 1]  # 12 connections over 3 front ends: a share of 4, 5 with the slack
+    assert balancer.should_close(10.0) and counts[0] == 9 and balancer.closed == 1
+    assert not balancer.should_close(10.01)  # at most one close per interval
+    assert balancer.should_close(10.06)
+    held["n"] = 4
+    assert not balancer.should_close(11.0)  # 4 of 7: a share of 3, within it plus the slack
+    counts[1:] = [0, 0]
+    held["n"] = 3
+    assert not balancer.should_close(12.0)  # as few connections as front ends: nothing to even out
+    assert balancer.closed == 2
+
+
+def test_balance_middleware_adds_connection_close_when_the_balancer_says_so() -> None:
+    import asyncio
+
+    from model_server.frontend import BalanceMiddleware, ConnectionBalancer
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+
+    async def call(held: int) -> list[dict]:  # type: ignore[type-arg]
+        sent: list[dict] = []  # type: ignore[type-arg]
+
+        async def send(message: dict) -> None:  # type: ignore[type-arg]
+            sent.append(message)
+
+        balancer = ConnectionBalancer([0, 0], 0, lambda: held)
+        await BalanceMiddleware(app, balancer)({"type": "http"}, None, send)
+        return sent
+
+    crowded = asyncio.run(call(held=6))  # 6 of 6 on this front end: over a share of 3 (+1)
+    assert (b"connection", b"close") in crowded[0]["headers"] and crowded[1]["body"] == b"ok"
+    fair = asyncio.run(call(held=1))
+    assert (b"connection", b"close") not in fair[0]["headers"]

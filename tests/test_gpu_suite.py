@@ -50,7 +50,7 @@ def test_serve_and_ab_steps_build_the_artifact_then_run_serve_bench(tmp_path: Pa
     for flag in ("--duration 7", "--trace-batches 20", "--frontends 6", "--phases ondevice,floor,single"):
         assert flag in serve, flag
     for flag in ("--phases compare", "--pairs 3", "--metrics-overhead",
-                 "--gil_switch_interval_ms 0", "--concurrency 128", "--frontends 6"):  # fmt: skip
+                 "nobalance=--balance_connections false", "--concurrency 128", "--frontends 6"):  # fmt: skip
         assert flag in ab, flag
 
 
