@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Usage: benchmarks/gpu_suite.sh [--steps check,decode,onnx,aoti-dynamic,serve,ab,serve-aoti] [--artifacts DIR]
-#                                [--duration S] [--pairs N] [--help]
+#                                [--variant SLUG] [--duration S] [--pairs N] [--help]
 #
 # The GPU records of issues #4 and #5, step by step, on one CUDA host (from the repository root).
 # Each step is one benchmark script; each writes its JSON record under benchmarks/results/ (and a
@@ -12,14 +12,16 @@
 #   onnx          gpu_bench: ONNX Runtime CUDA EP (FP32, FP16, I/O binding) against stock
 #                 torch.compile and the CUDA-graph variant (needs onnxruntime-gpu)       ~4 min
 #   aoti-dynamic  gpu_bench: AOTInductor, one package with a dynamic batch dimension     ~4 min
-#   serve         serve_bench on densenet121-eager-fp16-cl-graphs: on-device, floor, cold start,
+#   serve         serve_bench on --variant (default densenet121-eager-fp16-cl-graphs): on-device, floor, cold start,
 #                 single-JPEG sweep, a profiler trace of 20 batches under load (and py-spy stacks
 #                 of the device process when py-spy is on PATH), 12 MP, batched             ~5 min
-#   ab            the same variant at 128 users, interleaved A/B arms on fresh servers: metrics
+#   ab            --variant at 128 users, interleaved A/B arms on fresh servers: metrics
 #                 off, connections left as the kernel hashes them (--pairs)             ~5 min
 #   serve-aoti    aoti_load_time and serve_bench on densenet121-aoti-fp16-cl-dynamic (built first,
 #                 about 3.5 min on the H100; cached)                                     ~9 min
 #
+# An artifact already in --artifacts DIR/<slug> (variant.json present) is used as it is: carry a
+# built AOTInductor artifact there instead of compiling it again (about 3.5 minutes on an H100).
 # Environment: PYTHON (default python3), DENSENET_AOTI_CACHE (compiled packages are reused).
 set -o errexit -o nounset -o pipefail
 
@@ -29,10 +31,11 @@ STEPS="check,decode,onnx,aoti-dynamic,serve,ab,serve-aoti"
 ARTIFACTS="${TMPDIR:-/tmp}/densenet-suite-artifacts"
 DURATION=10
 PAIRS=2
+VARIANT=densenet121-eager-fp16-cl-graphs
 SERVER_ARGS="--max_batch_size 128 --frontends 6"
 
 usage() {
-  sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 log() {
@@ -44,6 +47,7 @@ parse_args() {
     case "$1" in
       --steps) STEPS="$2"; shift 2 ;;
       --artifacts) ARTIFACTS="$2"; shift 2 ;;
+      --variant) VARIANT="$2"; shift 2 ;;
       --duration) DURATION="$2"; shift 2 ;;
       --pairs) PAIRS="$2"; shift 2 ;;
       -h|--help) usage; exit 0 ;;
@@ -122,7 +126,7 @@ build_artifact() {
 }
 
 step_serve() {
-  local slug=densenet121-eager-fp16-cl-graphs
+  local slug="${VARIANT}"
   build_artifact "${slug}"
   local spy=()
   if command -v py-spy >/dev/null; then
@@ -136,7 +140,7 @@ step_serve() {
 }
 
 step_ab() {
-  local slug=densenet121-eager-fp16-cl-graphs
+  local slug="${VARIANT}"
   build_artifact "${slug}"
   log "ab: ${slug} at 128 users, base against each arm, ${PAIRS} pairs"
   "${PYTHON}" "${ROOT}/benchmarks/serve_bench.py" --model-dir "${ARTIFACTS}/${slug}" --name "serve-${slug}-ab" \

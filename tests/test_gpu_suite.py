@@ -80,3 +80,16 @@ def test_decode_step_runs_the_decode_breakdown(tmp_path: Path) -> None:
     bench = [c for c in calls if "benchmarks/decode_bench.py" in c]
     assert proc.returncode == 0 and len(bench) == 2 and "--batch-sizes 1,8,32,64,128" in bench[0]
     assert "--vary-batch 16-80" in bench[1]
+
+
+def test_serve_and_ab_take_another_variant_and_reuse_a_built_artifact(tmp_path: Path) -> None:
+    """--variant picks what the serve and ab steps serve; an artifact already in --artifacts is not rebuilt."""
+    arts = tmp_path / "arts"
+    (arts / "densenet121-aoti-fp16-cl-dynamic").mkdir(parents=True)
+    (arts / "densenet121-aoti-fp16-cl-dynamic" / "variant.json").write_text("{}")
+    proc, calls = _run(tmp_path, "--steps", "serve,ab", "--variant", "densenet121-aoti-fp16-cl-dynamic",
+                       "--artifacts", str(arts))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert not [c for c in calls if c.startswith("-m optimize build")] and "already built" in proc.stderr
+    serve, ab = [c for c in calls if "benchmarks/serve_bench.py" in c]
+    assert f"--model-dir {arts}/densenet121-aoti-fp16-cl-dynamic" in serve and "-aoti-fp16-cl-dynamic" in ab
