@@ -25,6 +25,7 @@ parts only (torchvision decodes on the CPU), which is what the tests use.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -267,9 +268,7 @@ def vary_batch(device: torch.device, size: str, lo: int, hi: int, reps: int, arm
     for state in states:
         label = state or "idle"
         load = ModelLoad(device, state) if state else None
-        if load is not None:
-            load.__enter__()
-        try:
+        with load if load is not None else contextlib.nullcontext():
             for part in ("nvjpeg", "prepare"):
                 print(f"  vary-batch: {label} {part}", file=sys.stderr, flush=True)
                 metrics[f"{label}_{part}_varying_ms_per_img"] = per_photo_ms(seq, part)
@@ -277,10 +276,8 @@ def vary_batch(device: torch.device, size: str, lo: int, hi: int, reps: int, arm
                 metrics[f"{label}_{part}_varying_vs_fixed"] = round(
                     metrics[f"{label}_{part}_varying_ms_per_img"] / metrics[f"{label}_{part}_fixed_ms_per_img"], 3
                 )
-        finally:
-            if load is not None:
-                load.__exit__(None, None, None)
-                metrics[f"{label}_model_replays_per_s"] = load.replays_per_s
+        if load is not None:
+            metrics[f"{label}_model_replays_per_s"] = load.replays_per_s
     return metrics
 
 

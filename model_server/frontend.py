@@ -169,6 +169,7 @@ def frontend_main(spec: dict[str, Any]) -> None:
         if not self.config.loaded:
             self.config.load()
         self.config.lifespan_class = _lifespan_around(self.config.lifespan_class, before=start_up, after=started_up)
+        publisher = None
         if spec.get("conn_counts") is not None:
             state = self.server_state
             balancer = ConnectionBalancer(spec["conn_counts"], spec["index"], lambda: len(state.connections))
@@ -177,7 +178,7 @@ def frontend_main(spec: dict[str, Any]) -> None:
         try:
             await original_serve(self, sockets=[sock])  # the HTTP port is shared with the other front ends
         finally:
-            if spec.get("conn_counts") is not None:
+            if publisher is not None:
                 publisher.cancel()
 
     original_grpc_start = kserve_grpc.GRPCServer.start

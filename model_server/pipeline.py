@@ -22,7 +22,7 @@ import torch
 from model_server import BadInput
 from model_server import metrics as m
 from model_server.config import MODEL_STREAMS
-from model_server.preprocess import WARM_UP_LARGE, decode_jpegs, gpu_resize_crop_many, normalize, warm_up_jpeg
+from model_server.preprocess import decode_jpegs, gpu_resize_crop_many, normalize, warm_up_jpeg
 from model_server.profiler import ProfileCapture
 from model_server.runtimes import Runner
 
@@ -223,8 +223,10 @@ class DevicePipeline:
         if self.device.type != "cuda":
             return
         jpeg = warm_up_jpeg()
-        for batch in [[jpeg] * n for n in sorted({1, min(8, self.runner.max_batch)})] + [[warm_up_jpeg(WARM_UP_LARGE)]]:
-            result = self([JpegBatch(batch)])
+        for n in sorted(
+            {1, min(8, self.runner.max_batch)}
+        ):  # nvJPEG's buffers: grown by the early thread's 12 MP decode
+            result = self([JpegBatch([jpeg] * n)])
             if isinstance(result[0], Exception):
                 raise result[0]
         torch.cuda.synchronize(self.device)
