@@ -223,9 +223,8 @@ class DevicePipeline:
         if self.device.type != "cuda":
             return
         jpeg = warm_up_jpeg()
-        for n in sorted(
-            {1, min(8, self.runner.max_batch)}
-        ):  # nvJPEG's buffers: grown by the early thread's 12 MP decode
+        # nvJPEG's buffers for large photos were grown by the early thread's 12 MP decode (warm_gpu_decoder).
+        for n in sorted({1, min(8, self.runner.max_batch)}):
             result = self([JpegBatch([jpeg] * n)])
             if isinstance(result[0], Exception):
                 raise result[0]
