@@ -179,10 +179,11 @@ class _NoModel(Runner):
         return x
 
 
-def _pipeline(device: torch.device, max_batch: int) -> Any:
+def _pipeline(device: torch.device, max_batch: int, decode_batch: int = 0) -> Any:
     from model_server.pipeline import DevicePipeline
 
-    return DevicePipeline(_NoModel({"slug": "none", "precision": "fp32", "input": {"max_batch": max_batch}}, device))
+    runner = _NoModel({"slug": "none", "precision": "fp32", "input": {"max_batch": max_batch}}, device)
+    return DevicePipeline(runner, decode_batch=decode_batch)
 
 
 def _stage_parts(pipeline: Any, jpegs: list[bytes], n: int) -> dict[str, Callable[[], object]]:
@@ -230,7 +231,9 @@ def contention(device: torch.device, arms: list[str], size: str, n: int, reps: i
     return metrics
 
 
-def vary_batch(device: torch.device, size: str, lo: int, hi: int, reps: int, arm: str | None) -> dict[str, Any]:
+def vary_batch(
+    device: torch.device, size: str, lo: int, hi: int, reps: int, arm: str | None, call_size: int = 0
+) -> dict[str, Any]:
     """Decode cost per photo when consecutive batches differ in size, as under load, against a fixed size.
 
     The sweep and ``--contention`` decode the same batch size call after call; a server's batches
@@ -239,6 +242,8 @@ def vary_batch(device: torch.device, size: str, lo: int, hi: int, reps: int, arm
     stream included), a varying sequence costs more per photo than a fixed one, and more beside a
     running model. ``reps`` batches with sizes drawn (seeded) from ``lo``..``hi`` are timed against
     the same number of batches of their mean size, idle and, with ``arm``, beside a model load.
+    With ``call_size``, the varying sequence is also prepared by a pipeline that decodes in nvJPEG
+    calls of exactly that many photos (the server's ``--decode_batch``): ``prepare_calls``.
     """
     import random
 
@@ -248,6 +253,10 @@ def vary_batch(device: torch.device, size: str, lo: int, hi: int, reps: int, arm
     pipeline = _pipeline(device, hi)
     jpegs = [p.jpeg for p in photo_set(size)]
     parts = {n: _stage_parts(pipeline, jpegs, n) for n in sorted({*seq, fixed})}
+    if call_size:
+        chunked = _pipeline(device, hi, decode_batch=call_size)
+        for n in sorted({*seq, fixed}):
+            parts[n]["prepare_calls"] = _stage_parts(chunked, jpegs, n)["prepare"]
     sync: Callable[[], object] = (
         torch.cuda.current_stream(device).synchronize if device.type == "cuda" else (lambda: None)
     )
@@ -263,7 +272,7 @@ def vary_batch(device: torch.device, size: str, lo: int, hi: int, reps: int, arm
         return round((time.perf_counter() - t0) * 1000 / sum(sizes), 4)
 
     metrics: dict[str, Any] = {"vary_size": size, "vary_batch_min": lo, "vary_batch_max": hi, "vary_batches": reps,
-                               "vary_fixed_batch": fixed}  # fmt: skip
+                               "vary_fixed_batch": fixed, "vary_call_size": call_size}  # fmt: skip
     states: list[str | None] = [None] + ([arm] if arm else [])
     for state in states:
         label = state or "idle"
@@ -276,6 +285,9 @@ def vary_batch(device: torch.device, size: str, lo: int, hi: int, reps: int, arm
                 metrics[f"{label}_{part}_varying_vs_fixed"] = round(
                     metrics[f"{label}_{part}_varying_ms_per_img"] / metrics[f"{label}_{part}_fixed_ms_per_img"], 3
                 )
+            if call_size:
+                print(f"  vary-batch: {label} prepare in calls of {call_size}", file=sys.stderr, flush=True)
+                metrics[f"{label}_prepare_calls_varying_ms_per_img"] = per_photo_ms(seq, "prepare_calls")
         if load is not None:
             metrics[f"{label}_model_replays_per_s"] = load.replays_per_s
     return metrics
@@ -335,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         "against a fixed size, idle and beside --vary-load",
     )
     p.add_argument("--vary-load", default="side-graph", help="model-load arm for --vary-batch (CUDA), or 'none'")
+    p.add_argument(
+        "--call-size", type=int, default=0,
+        help="with --vary-batch: also prepare the varying batches in nvJPEG calls of exactly this many photos "
+        "(the server's --decode_batch); default 0: not measured",
+    )  # fmt: skip
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     given = sys.argv[1:] if argv is None else argv
     args = p.parse_args(given)
@@ -357,13 +374,17 @@ def main(argv: list[str] | None = None) -> int:
         if len(lo_hi) != 2 or not all(x.isdigit() for x in lo_hi) or not 1 <= int(lo_hi[0]) <= int(lo_hi[1]):
             p.error(f"--vary-batch must be LO-HI with 1 <= LO <= HI, got {args.vary_batch!r}")
         vary = (int(lo_hi[0]), int(lo_hi[1]))
+        if args.call_size < 0:
+            p.error(f"--call-size must be >= 0, got {args.call_size}")
         if args.vary_load not in (*LOAD_ARMS, "none"):
             p.error(f"--vary-load: unknown arm {args.vary_load!r}; valid: {', '.join(LOAD_ARMS)}, none")
     args.name = args.name or ("decode-contention" if arms else "decode-vary" if vary else "decode")
     if vary:
         load_arm = args.vary_load if args.vary_load != "none" and device.type == "cuda" else None
         print(f"decode_bench on {device}: batch sizes {vary[0]}..{vary[1]} vs fixed", file=sys.stderr, flush=True)
-        metrics = vary_batch(device, args.contention_size, vary[0], vary[1], args.reps, load_arm)
+        metrics = vary_batch(
+            device, args.contention_size, vary[0], vary[1], args.reps, load_arm, call_size=args.call_size
+        )
     elif arms:
         print(f"decode_bench on {device}: contention {arms}", file=sys.stderr, flush=True)
         metrics = contention(device, arms, args.contention_size, args.contention_batch, args.reps)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Usage: benchmarks/gpu_suite.sh [--steps check,decode,onnx,aoti-dynamic,serve,ab,serve-aoti] [--artifacts DIR]
+# Usage: benchmarks/gpu_suite.sh [--steps check,decode,onnx,aoti-dynamic,serve,ab,decode-ab,serve-aoti]
+#                                [--artifacts DIR]
 #                                [--variant SLUG] [--duration S] [--pairs N] [--help]
 #
 # The GPU records of issues #4 and #5, step by step, on one CUDA host (from the repository root).
@@ -8,7 +9,8 @@
 #
 #   check         GPU, driver and versions; which runtimes import (always runs first)
 #   decode        decode_bench: nvJPEG, crop and the prepare stage per batch size, idle and
-#                 beside the model; then batches of varying size against a fixed size  ~3 min
+#                 beside the model; then batches of varying size against a fixed size, and
+#                 prepared in nvJPEG calls of 32                                          ~3 min
 #   onnx          gpu_bench: ONNX Runtime CUDA EP (FP32, FP16, I/O binding) against stock
 #                 torch.compile and the CUDA-graph variant (needs onnxruntime-gpu)       ~4 min
 #   aoti-dynamic  gpu_bench: AOTInductor, one package with a dynamic batch dimension     ~4 min
@@ -17,6 +19,8 @@
 #                 of the device process when py-spy is on PATH), 12 MP, batched             ~5 min
 #   ab            --variant at 128 users, interleaved A/B arms on fresh servers: metrics
 #                 off, connections left as the kernel hashes them (--pairs)             ~5 min
+#   decode-ab     --variant, 32 JPEGs per request at 16 users: one nvJPEG call per batch against
+#                 calls of exactly 32 (--decode_batch 32), interleaved (--pairs)        ~3 min
 #   serve-aoti    aoti_load_time and serve_bench on densenet121-aoti-fp16-cl-dynamic (built first,
 #                 about 3.5 min on the H100; cached)                                     ~9 min
 #
@@ -27,7 +31,7 @@ set -o errexit -o nounset -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-STEPS="check,decode,onnx,aoti-dynamic,serve,ab,serve-aoti"
+STEPS="check,decode,onnx,aoti-dynamic,serve,ab,decode-ab,serve-aoti"
 ARTIFACTS="${TMPDIR:-/tmp}/densenet-suite-artifacts"
 DURATION=10
 PAIRS=2
@@ -35,7 +39,7 @@ VARIANT=densenet121-eager-fp16-cl-graphs
 SERVER_ARGS="--max_batch_size 128 --frontends 6"
 
 usage() {
-  sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 log() {
@@ -57,8 +61,9 @@ parse_args() {
   local step
   for step in ${STEPS//,/ }; do
     case "${step}" in
-      check|decode|onnx|aoti-dynamic|serve|ab|serve-aoti) ;;
-      *) log "unknown step '${step}'; valid: check, decode, onnx, aoti-dynamic, serve, ab, serve-aoti"; exit 1 ;;
+      check|decode|onnx|aoti-dynamic|serve|ab|decode-ab|serve-aoti) ;;
+      *) log "unknown step '${step}'; valid: check, decode, onnx, aoti-dynamic, serve, ab, decode-ab, serve-aoti"
+         exit 1 ;;
     esac
   done
 }
@@ -95,7 +100,7 @@ step_decode() {
   log "decode: nvJPEG, crop and prepare per batch size, idle and beside the model"
   "${PYTHON}" "${ROOT}/benchmarks/decode_bench.py" --sizes vga,12mp --batch-sizes 1,8,32,64,128
   log "decode: batches of varying size (as under load) against a fixed size, idle and beside the model"
-  "${PYTHON}" "${ROOT}/benchmarks/decode_bench.py" --vary-batch 16-80 --reps 40
+  "${PYTHON}" "${ROOT}/benchmarks/decode_bench.py" --vary-batch 16-80 --reps 40 --call-size 32
 }
 
 step_onnx() {
@@ -149,6 +154,16 @@ step_ab() {
     --compare "nobalance=--balance_connections false"
 }
 
+step_decode_ab() {
+  local slug="${VARIANT}"
+  build_artifact "${slug}"
+  log "decode-ab: ${slug}, 32 JPEGs per request at 16 users, one nvJPEG call per batch against calls of 32"
+  "${PYTHON}" "${ROOT}/benchmarks/serve_bench.py" --model-dir "${ARTIFACTS}/${slug}" --name "serve-${slug}-decode-ab" \
+    --concurrency 16 --processes 6 --duration "${DURATION}" --sizes vga --server-args "${SERVER_ARGS}" \
+    --phases compare --pairs "${PAIRS}" --compare-images 32 --compare-users 16 \
+    --compare "decode32=--decode_batch 32"
+}
+
 step_serve_aoti() {
   local slug=densenet121-aoti-fp16-cl-dynamic
   build_artifact "${slug}"
@@ -178,6 +193,7 @@ main() {
       aoti-dynamic) step_aoti_dynamic ;;
       serve) step_serve ;;
       ab) step_ab ;;
+      decode-ab) step_decode_ab ;;
       serve-aoti) step_serve_aoti ;;
     esac
   done

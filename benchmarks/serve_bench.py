@@ -659,7 +659,8 @@ def run_arm(
         ready_s = server.wait_ready()
         one_request_ms(server.url, photo, args.user)  # the first request pays for lazy set-up: not part of the load
         procs = 1 if users == 1 else min(args.processes, users)
-        run = run_locust(server.url, args.user, users, procs, args.duration, args.sizes.split(",")[0], 1, work, tag)
+        size, images = args.sizes.split(",")[0], args.compare_images
+        run = run_locust(server.url, args.user, users, procs, args.duration, size, images, work, tag)
     finally:
         server.stop()
     run["ready_s"] = round(ready_s, 3)
@@ -680,6 +681,7 @@ def compare_phase(
               file=sys.stderr, flush=True)  # fmt: skip
     return {
         "users": users,
+        "images_per_request": args.compare_images,
         "pairs": args.pairs,
         "duration_s": args.duration,
         "order": list(server_args),
@@ -736,6 +738,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--pairs", type=int, default=3, help="repetitions of every compared arm and of the base")
     p.add_argument(
+        "--compare-images", type=int, default=1,
+        help="JPEGs per request in the compare runs (default 1; --batch-images for the batched path)",
+    )  # fmt: skip
+    p.add_argument(
         "--compare-users", type=int, default=None,
         help="Locust users for the compare runs (default: the best single-image concurrency, else the top level)",
     )  # fmt: skip
@@ -774,6 +780,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("the compare phase needs --compare or --metrics-overhead")
     if args.pairs < 1:
         p.error("--pairs must be at least 1")
+    if args.compare_images < 1:
+        p.error(f"--compare-images must be at least 1, got {args.compare_images}")
     if args.trace_batches < 0 or (args.trace_batches and "cpu-roles" not in phases):
         p.error("--trace-batches must be >= 0 and needs the cpu-roles phase in --phases")
     if args.py_spy < 0 or (args.py_spy and "cpu-roles" not in phases):

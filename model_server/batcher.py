@@ -46,7 +46,8 @@ class DynamicBatcher:
         run: the device function: takes the payloads of one batch (or what ``prepare`` made
             of them), returns one result (logits ``[n,...]``) or exception per payload.
         prepare: optional first stage, run on a thread of its own (decoding batch k+1 while
-            ``run`` has batch k on the device).
+            ``run`` has batch k on the device); a batch with no other in flight runs both stages
+            in one call on the device thread, since there is nothing to overlap.
         max_batch_size: most images in one device batch.
         max_delay_s: longest the first request of a batch waits for company.
         max_queue_images: most images waiting; more are refused with :class:`Overloaded`.
@@ -82,6 +83,7 @@ class DynamicBatcher:
         )
         self._worker: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Future[None]] = set()
+        self._running = 0  # batches between their hand-off to a stage thread and their results
 
     @property
     def queued_images(self) -> int:
@@ -179,14 +181,23 @@ class DynamicBatcher:
         try:
             m.BATCH_SIZE.observe(sum(it.n for it in batch))
             loop = asyncio.get_running_loop()
+            alone = self._running == 0  # no other batch is being prepared or run
+            self._running += 1
             try:
                 payloads: Any = [it.payload for it in batch]
-                if self.prepare is not None:  # stage 1 on its own thread: overlaps the batch on the device
-                    payloads = await loop.run_in_executor(self._prepare_executor, self.prepare, payloads)
-                results = await loop.run_in_executor(self._executor, self.run, payloads)
+                if self.prepare is not None and alone:
+                    # Nothing to overlap with: both stages in one hand-off to the device thread, which
+                    # saves a round trip through the prepare thread (~0.5 ms at concurrency 1).
+                    results = await loop.run_in_executor(self._executor, self._prepare_and_run, payloads)
+                else:
+                    if self.prepare is not None:  # stage 1 on its own thread: overlaps the batch on the device
+                        payloads = await loop.run_in_executor(self._prepare_executor, self.prepare, payloads)
+                    results = await loop.run_in_executor(self._executor, self.run, payloads)
             except Exception as e:  # the device failed this batch: fail its requests, keep serving
                 log.exception("batch of %d requests failed on the device", len(batch))
                 results = [e] * len(batch)
+            finally:
+                self._running -= 1
             served = 0
             for it, res in zip(batch, results, strict=True):
                 if it.future.done():
@@ -200,6 +211,10 @@ class DynamicBatcher:
                 m.IMAGES.inc(served)  # once per batch: a multiprocess metric write costs a lock and an mmap store
         finally:
             self._slots.release()
+
+    def _prepare_and_run(self, payloads: list[Any]) -> list[torch.Tensor | Exception]:
+        assert self.prepare is not None
+        return self.run(self.prepare(payloads))
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until every accepted request has been answered (for a graceful shutdown)."""

@@ -71,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
         "decoding does not wait for (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
+        "--decode_batch", type=int, default=int(_env("DECODE_BATCH", str(d.decode_batch))),
+        help="JPEGs per nvJPEG call: a batch is decoded in calls of exactly this many, the last padded with a "
+        "tiny JPEG, so nvJPEG's batched decoder always sees one size (default 0: one call per batch)",
+    )  # fmt: skip
+    p.add_argument(
         "--max_inflight_requests", type=int, default=int(_env("MAX_INFLIGHT_REQUESTS", "0")),
         help="HTTP inference requests handled at once (bodies in memory); more get 503 + Retry-After before "
         "their body is read (default 0: max_queue_images + 2 * max_batch_size)",
@@ -177,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         gpu_decode=args.gpu_decode == "true",
         cpu_decode_share=args.cpu_decode_share,
         model_stream=args.model_stream,
+        decode_batch=args.decode_batch,
     )
+    if args.decode_batch < 0:
+        print(f"error: --decode_batch must be >= 0 (0: one nvJPEG call per batch), got {args.decode_batch}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if args.frontends < 1:
         print(f"error: --frontends must be >= 1, got {args.frontends}", file=sys.stderr)
         return 2

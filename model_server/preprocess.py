@@ -252,9 +252,14 @@ def image_ops() -> Any | None:
         return None
 
 
-def decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def decode_jpegs(encoded: list[torch.Tensor], device: torch.device, *, call_size: int = 0) -> list[torch.Tensor]:
     """Decode JPEG byte tensors (uint8, on the CPU) to RGB ``[3,H,W]`` uint8 on ``device``: on a CUDA
     device in one batched nvJPEG call (:func:`image_ops`), else with torchvision's decoder.
+
+    ``call_size`` > 0 decodes on CUDA in calls of exactly that many JPEGs, the last call padded with
+    :func:`padding_jpeg` s (their images dropped): nvJPEG's batched decoder is initialised for the
+    batch size of every call, and a size that keeps changing, as batches do under load, may cost
+    it buffers each time.
 
     Raises:
         RuntimeError: the decoder refused a stream (the whole call fails).
@@ -262,10 +267,24 @@ def decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[torc
     if device.type == "cuda":
         ops = image_ops()
         if ops is not None:
-            return list(ops.decode_jpegs_cuda(encoded, READ_MODE_RGB, device))
+            if call_size <= 0:
+                return list(ops.decode_jpegs_cuda(encoded, READ_MODE_RGB, device))
+            out: list[torch.Tensor] = []
+            for k in range(0, len(encoded), call_size):
+                part = encoded[k : k + call_size]
+                n = len(part)
+                part = part + [padding_jpeg()] * (call_size - n)
+                out.extend(ops.decode_jpegs_cuda(part, READ_MODE_RGB, device)[:n])
+            return out
     from torchvision.io import ImageReadMode, decode_jpeg
 
     return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+
+
+@functools.cache
+def padding_jpeg() -> torch.Tensor:
+    """The smallest baseline JPEG (one 16x16 MCU), as a byte tensor: filler for fixed-size nvJPEG calls."""
+    return torch.frombuffer(bytearray(warm_up_jpeg((16, 16))), dtype=torch.uint8)
 
 
 @functools.lru_cache(maxsize=4)

@@ -127,7 +127,7 @@ def test_decode_bench_compares_varying_with_fixed_batch_sizes(tmp_path: Path) ->
     """--vary-batch: per-photo decode cost of batches of varying size against their mean size (CPU: idle only)."""
     proc = subprocess.run(
         [sys.executable, "benchmarks/decode_bench.py", "--device", "cpu", "--vary-batch", "1-3", "--reps", "3",
-         "--results-dir", str(tmp_path)],
+         "--call-size", "2", "--results-dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -136,7 +136,11 @@ def test_decode_bench_compares_varying_with_fixed_batch_sizes(tmp_path: Path) ->
     for part in ("nvjpeg", "prepare"):
         assert m[f"idle_{part}_varying_ms_per_img"] > 0 and m[f"idle_{part}_fixed_ms_per_img"] > 0
         assert m[f"idle_{part}_varying_vs_fixed"] > 0
+    assert m["vary_call_size"] == 2 and m["idle_prepare_calls_varying_ms_per_img"] > 0
     assert not any(k.startswith("side-graph") for k in m)  # the model-load arm needs CUDA
     bad = subprocess.run([sys.executable, "benchmarks/decode_bench.py", "--vary-batch", "9-3"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "--vary-batch must be LO-HI" in bad.stderr
+    bad = subprocess.run([sys.executable, "benchmarks/decode_bench.py", "--vary-batch", "1-3", "--call-size", "-2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "--call-size must be >= 0, got -2" in bad.stderr

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("--max_batch_size", "0", "--max_batch_size must be >= 1, got 0"),
         ("--cpu_decode_share", "1.5", "--cpu_decode_share must be from 0 to 1, got 1.5"),
         ("--frontends", "0", "--frontends must be >= 1, got 0"),
+        ("--decode_batch", "-1", "--decode_batch must be >= 0 (0: one nvJPEG call per batch), got -1"),
     ],
 )
 def test_a_bad_value_exits_2_naming_it(tmp_path: Path, flag: str, value: str, message: str) -> None:

@@ -79,7 +79,16 @@ def test_decode_step_runs_the_decode_breakdown(tmp_path: Path) -> None:
     proc, calls = _run(tmp_path, "--steps", "decode")
     bench = [c for c in calls if "benchmarks/decode_bench.py" in c]
     assert proc.returncode == 0 and len(bench) == 2 and "--batch-sizes 1,8,32,64,128" in bench[0]
-    assert "--vary-batch 16-80" in bench[1]
+    assert "--vary-batch 16-80" in bench[1] and "--call-size 32" in bench[1]
+
+
+def test_decode_ab_compares_fixed_size_nvjpeg_calls_on_batched_requests(tmp_path: Path) -> None:
+    proc, calls = _run(tmp_path, "--steps", "decode-ab", "--pairs", "2")
+    (ab,) = [c for c in calls if "benchmarks/serve_bench.py" in c]
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--phases compare", "--pairs 2", "--compare-images 32", "--compare-users 16",
+                 "decode32=--decode_batch 32", "-decode-ab"):  # fmt: skip
+        assert flag in ab, flag
 
 
 def test_serve_and_ab_take_another_variant_and_reuse_a_built_artifact(tmp_path: Path) -> None:

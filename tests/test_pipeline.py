@@ -73,32 +73,48 @@ def test_a_batch_of_jpeg_requests_is_one_tensor_in_request_order(runner) -> None
     assert torch.equal(alone.parts[0][0], staged.whole[3])
 
 
-def test_batcher_runs_prepare_and_device_stages_on_their_own_threads() -> None:
+def test_batcher_prepares_the_next_batch_on_its_own_thread_and_fuses_a_lone_one() -> None:
+    """While a batch holds the device, the next one is prepared on the prepare thread; a batch with
+    none other in flight has nothing to overlap, so both its stages run in one call on the device thread."""
     from model_server.batcher import DynamicBatcher
 
-    threads: dict[str, set[str]] = {"prepare": set(), "run": set()}
+    calls: list[tuple[str, str, list[int]]] = []
+    hold = threading.Event()
+    prepared_while_held: list[list[int]] = []
 
     def prepare(payloads: list[int]) -> list[int]:
-        threads["prepare"].add(threading.current_thread().name)
+        calls.append(("prepare", threading.current_thread().name, list(payloads)))
+        if not hold.is_set():
+            prepared_while_held.append(list(payloads))
         return [p * 10 for p in payloads]
 
     def run(staged: list[int]) -> list[torch.Tensor | Exception]:
-        threads["run"].add(threading.current_thread().name)
+        calls.append(("run", threading.current_thread().name, list(staged)))
+        if staged == [10]:
+            assert hold.wait(10)  # the first batch keeps the device while the next ones queue up
         return [torch.tensor([float(s)]) if s >= 0 else ValueError("negative") for s in staged]
 
     async def main() -> list[object]:
         batcher = DynamicBatcher(run, prepare=prepare, max_batch_size=4, max_delay_s=0.0, max_queue_images=64)
         try:
-            jobs = [batcher.submit(i, 1) for i in (1, 2, 3, -1, 5, 6, 7, 8, 9)]
-            return await asyncio.gather(*jobs, return_exceptions=True)
+            first = batcher.submit(1, 1)
+            task = asyncio.ensure_future(first)
+            await asyncio.sleep(0.1)  # the lone first batch is on the device
+            rest = [asyncio.ensure_future(batcher.submit(i, 1)) for i in (2, 3, -1, 5, 6, 7, 8, 9)]
+            await asyncio.sleep(0.1)  # the second batch is prepared beside it
+            hold.set()
+            return await asyncio.gather(task, *rest, return_exceptions=True)
         finally:
             batcher.close()
 
     out = asyncio.run(main())
     assert [float(o) for o in out if isinstance(o, torch.Tensor)] == [10.0, 20.0, 30.0, 50.0, 60.0, 70.0, 80.0, 90.0]
     assert isinstance(out[3], ValueError)  # a failure stays with its own request
-    assert all(n.startswith("prepare") for n in threads["prepare"])
-    assert all(n.startswith("device") for n in threads["run"])
+    stage, thread, payloads = calls[0]
+    assert (stage, payloads) == ("prepare", [1]) and thread.startswith("device")  # alone: fused
+    second = next(c for c in calls if c[0] == "prepare" and c[2] == [2, 3, -1, 5])
+    assert second[1].startswith("prepare") and [2, 3, -1, 5] in prepared_while_held  # beside the first batch
+    assert all(thread.startswith("device") for stage, thread, _ in calls if stage == "run")
 
 
 def test_pipeline_on_a_file_it_cannot_decode_keeps_the_rest(runner, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -245,3 +261,34 @@ def test_decode_jpegs_on_the_cpu_matches_torchvision() -> None:
     data = torch.frombuffer(bytearray(warm_up_jpeg()), dtype=torch.uint8)
     (ours,) = decode_jpegs([data], torch.device("cpu"))
     assert torch.equal(ours, decode_jpeg(data, mode=ImageReadMode.RGB))
+
+
+def test_decode_jpegs_in_fixed_size_calls_pads_the_last_and_keeps_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--decode_batch: nvJPEG gets calls of exactly call_size JPEGs; the padding's images are dropped.
+
+    The CUDA op is stood in for by one that records its calls and decodes on the CPU (this machine has
+    no nvJPEG), so what is checked is the chunking around it."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from model_server import preprocess
+
+    sizes: list[int] = []
+
+    class FakeOps:
+        @staticmethod
+        def decode_jpegs_cuda(encoded: list[torch.Tensor], mode: int, device: torch.device) -> list[torch.Tensor]:
+            assert mode == preprocess.READ_MODE_RGB and device.type == "cuda"
+            sizes.append(len(encoded))
+            return [decode_jpeg(e, mode=ImageReadMode.RGB) for e in encoded]
+
+    monkeypatch.setattr(preprocess, "image_ops", lambda: FakeOps)
+    jpegs = [_jpeg(40 + 8 * i, 32, (20 * i, 90, 30)) for i in range(7)]
+    encoded = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+    cuda = torch.device("cuda")
+    out = preprocess.decode_jpegs(encoded, cuda, call_size=3)
+    assert sizes == [3, 3, 3]  # 7 JPEGs: two full calls and one padded with two fillers
+    assert [tuple(t.shape) for t in out] == [(3, 32, 40 + 8 * i) for i in range(7)]
+    assert all(torch.equal(o, decode_jpeg(e, mode=ImageReadMode.RGB)) for o, e in zip(out, encoded, strict=True))
+    assert tuple(decode_jpeg(preprocess.padding_jpeg()).shape) == (3, 16, 16)
+    sizes.clear()
+    assert len(preprocess.decode_jpegs(encoded, cuda)) == 7 and sizes == [7]  # 0: one call per batch
