@@ -755,6 +755,10 @@ def main(argv: list[str] | None = None) -> int:
         "TensorBoard JSON, next to the record and under $OUT; the server gets a random admin token); default 0: off",
     )  # fmt: skip
     p.add_argument(
+        "--roles-images", type=int, default=1,
+        help="JPEGs per request in the cpu-roles run (default 1; --batch-images to trace the batched path)",
+    )  # fmt: skip
+    p.add_argument(
         "--slo-p99-ms", type=float, default=50.0,
         help="latency objective: e2e_single_slo_img_s is the best single-image throughput with p99 at most "
         "this (default 50, the serving target)",
@@ -780,6 +784,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("the compare phase needs --compare or --metrics-overhead")
     if args.pairs < 1:
         p.error("--pairs must be at least 1")
+    if args.roles_images < 1:
+        p.error(f"--roles-images must be at least 1, got {args.roles_images}")
     if args.compare_images < 1:
         p.error(f"--compare-images must be at least 1, got {args.compare_images}")
     if args.trace_batches < 0 or (args.trace_batches and "cpu-roles" not in phases):
@@ -898,10 +904,16 @@ def main(argv: list[str] | None = None) -> int:
                 spy_thread.start()
             # Long enough for the trace (from 7 s, a few seconds with its export) and then py-spy.
             seconds = max(12, args.duration) + (round(args.py_spy) + (6 if args.trace_batches else 0))
-            run_locust(server.url, args.user, c, min(args.processes, c), seconds, sizes[0], 1, work, "cpu")
+            run_locust(
+                server.url, args.user, c, min(args.processes, c), seconds, sizes[0], args.roles_images, work, "cpu"
+            )
             locust_done.set()
             roles.stop_evt.set()
-            metrics["cpu_at_best_concurrency"] = roles.summary()
+            metrics["cpu_at_best_concurrency"] = {
+                **roles.summary(),
+                "users": c,
+                "images_per_request": args.roles_images,
+            }
             if args.trace_batches:
                 tracer.join(70)
                 metrics["profiler_trace"] = trace or {"error": "the capture did not start before the load ended"}

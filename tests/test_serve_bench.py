@@ -142,6 +142,7 @@ def test_best_concurrency_falls_back_to_the_top_level() -> None:
         ["--phases", "single,compare"],  # the compare phase with nothing to compare
         ["--metrics-overhead", "--pairs", "0"],
         ["--metrics-overhead", "--compare-images", "0"],
+        ["--roles-images", "0"],
         ["--phases", "warp"],
         ["--compare", "no-equals-sign"],
         ["--phases", "single", "--trace-batches", "5"],  # a trace is taken in the cpu-roles run only
