@@ -48,11 +48,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _request_bytes(port: int, model: str) -> bytes:
+def _request_bytes(port: int, model: str, images: int = 1) -> bytes:
     from loadtest._payloads import photo_set
     from loadtest._protocol import v2_binary_bytes_request
 
-    prep = v2_binary_bytes_request(model, [photo_set("vga")[0]])
+    photos = photo_set("vga")
+    prep = v2_binary_bytes_request(model, [photos[i % len(photos)] for i in range(images)])
     head = [f"POST {prep.path} HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Content-Length: {len(prep.body)}"]
     head += [f"{k}: {v}" for k, v in prep.headers.items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + prep.body
@@ -175,7 +176,7 @@ def bench(opts: dict[str, Any]) -> dict[str, Any]:
         p.start()
     spies: list[subprocess.Popen[bytes]] = []
     try:
-        request = _request_bytes(port, "densenet121")
+        request = _request_bytes(port, "densenet121", opts["images"])
         deadline = time.monotonic() + 120
         pids = [p.pid for p in fronts if p.pid is not None]
         # Ready: every front end listens (started here without the server's wait for siblings, the
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", type=Path, required=True, help="any built artifact (labels and manifest only)")
     p.add_argument("--frontends", type=int, default=1, help="front-end processes, default 1")
     p.add_argument("--concurrency", type=int, default=1, help="keep-alive connections, default 1")
+    p.add_argument("--images", type=int, default=1, help="VGA JPEGs per request, default 1")
     p.add_argument("--device-ms", type=float, default=0.0, help="stand-in device time per batch, default 0")
     p.add_argument("--metrics", choices=("true", "false"), default="true", help="Prometheus metrics, default true")
     p.add_argument(

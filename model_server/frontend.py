@@ -96,6 +96,7 @@ def frontend_main(spec: dict[str, Any]) -> None:
     )
     import kserve.model_server as kserve_server
     import numpy as np
+    import torch
     from kserve.protocol.grpc import server as kserve_grpc
     from kserve.protocol.rest import server as kserve_rest
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
@@ -113,6 +114,11 @@ def frontend_main(spec: dict[str, Any]) -> None:
             from model_server.ipc import retain_freed_memory
 
             retain_freed_memory()  # request bodies of ~100 KB each: no page faults per request
+            # One intra-op thread: front ends are processes for parallelism, and their tensor work (softmax
+            # and top-k of the logits) is tiny. torch's default pool (an OpenMP thread per core, spinning
+            # after each op) in each of 6 front ends kept 13 of an H100 host's 16 cores busy for 90
+            # requests/s of 32 JPEGs, and starved the device process (benchmarks/results, batched trace).
+            torch.set_num_threads(1)
             self.manifest = read_manifest(self.artifact_dir, verify=False)  # the device process verifies it
             self.labels = np.array([s.encode() for s in read_labels(self.artifact_dir, self.manifest)], dtype=object)
             # KServe registers only a ready model; nothing listens before connect() and the warm-up.

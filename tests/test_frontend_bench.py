@@ -25,6 +25,17 @@ def test_frontend_bench_serves_real_requests_and_reports_cpu_per_request(artifac
     assert len(result["frontend_connections"]) == 2 and sum(result["frontend_connections"]) == 2
 
 
+def test_frontend_bench_sends_batched_requests(artifacts_dir: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/frontend_bench.py", "--model-dir", str(artifacts_dir / "densenet121-eager-fp32"),
+         "--concurrency", "2", "--images", "4", "--seconds", "2", "--warmup-s", "0.5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["errors"] == 0 and result["requests"] > 0 and result["settings"]["images"] == "4"
+
+
 def test_frontend_bench_refuses_a_folder_without_an_artifact(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "benchmarks/frontend_bench.py", "--model-dir", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
