@@ -221,7 +221,15 @@ WARM_UP_LARGE = (4032, 3024)
 READ_MODE_RGB = 3
 #: torchvision's image-ops library: ``image.so`` up to 0.28, ``image_stable.so`` from 0.29.
 _IMAGE_LIBS = ("image.so", "image_stable.so")
-_BATCHED_SCHEMA = "(Tensor[] encoded_images, int mode, Device device) -> Tensor[]"
+#: The batched decode's argument and return types, ``(Tensor[] encoded_images, int mode, Device device)
+#: -> Tensor[]``; names are not compared: up to 0.28 the schema is inferred from C++ (``_0, _1, _2``).
+_BATCHED_TYPES = (["List[Tensor]", "int", "Device"], ["List[Tensor]"])
+
+
+def batched_decode_schema_ok(schema: Any) -> bool:
+    """Whether an op schema takes and returns what the batched decode is called with (names aside)."""
+    types = ([str(a.type) for a in schema.arguments], [str(r.type) for r in schema.returns])
+    return types == _BATCHED_TYPES
 
 
 @functools.cache
@@ -243,8 +251,9 @@ def image_ops() -> Any | None:
         # torchvision's own import (an eager runner's) later loads the same file: a no-op then.
         torch.ops.load_library(str(lib))  # type: ignore[no-untyped-call]
         ops = torch.ops.image
-        if _BATCHED_SCHEMA not in str(ops.decode_jpegs_cuda.default._schema):
-            log.info("torchvision's decode_jpegs_cuda has another signature: decoding through torchvision.io")
+        schema = ops.decode_jpegs_cuda.default._schema
+        if not batched_decode_schema_ok(schema):
+            log.info("torchvision's decode_jpegs_cuda is %s: decoding through torchvision.io", schema)
             return None
         return ops
     except Exception as e:  # any surprise: torchvision.io's own wrapper below still works

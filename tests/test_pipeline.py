@@ -292,3 +292,18 @@ def test_decode_jpegs_in_fixed_size_calls_pads_the_last_and_keeps_order(monkeypa
     assert tuple(decode_jpeg(preprocess.padding_jpeg()).shape) == (3, 16, 16)
     sizes.clear()
     assert len(preprocess.decode_jpegs(encoded, cuda)) == 7 and sizes == [7]  # 0: one call per batch
+
+
+def test_the_batched_decode_is_recognised_by_its_types_whatever_its_argument_names() -> None:
+    """torchvision up to 0.28 registers the op with a schema inferred from C++ (``_0, _1, _2``); 0.29 names
+    them. Both are the same call; another signature is refused (the torchvision.io path is taken then)."""
+    from model_server.preprocess import batched_decode_schema_ok
+
+    lib = torch.library.Library("densenet_schema_test", "DEF")
+    lib.define("inferred(Tensor[] _0, int _1, Device _2) -> Tensor[]")
+    lib.define("named(Tensor[] encoded_images, int mode, Device device) -> Tensor[]")
+    lib.define("other(Tensor[] encoded_images, int mode) -> Tensor[]")
+    ops = torch.ops.densenet_schema_test
+    assert batched_decode_schema_ok(ops.inferred.default._schema)
+    assert batched_decode_schema_ok(ops.named.default._schema)
+    assert not batched_decode_schema_ok(ops.other.default._schema)
