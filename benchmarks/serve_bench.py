@@ -53,20 +53,29 @@ import torch  # noqa: E402
 import trace_summary  # noqa: E402
 
 FLOOR_SNIPPET = """
-import sys, time, torch, torchvision
-t = time.perf_counter()
-dev = torch.device(sys.argv[2])
+import sys, torch
+weights, dev, package = sys.argv[1], torch.device(sys.argv[2]), sys.argv[3]
 if dev.type == "cuda":
     torch.cuda.init(); torch.zeros(1, device=dev)
-m = torchvision.models.densenet121(weights=None)
-how = "constructed: the artifact has no model.pt"
-if sys.argv[1]:
+how = ""
+if package:  # the weights are inside the package: torch's own C++ loader puts them on the device
     try:
-        m.load_state_dict(torch.load(sys.argv[1], map_location="cpu", weights_only=True))
-        how = "loaded model.pt"
-    except Exception as e:  # not a plain DenseNet-121 state dict (AOTI, pruned, quantised payloads)
-        how = "constructed: model.pt is not a DenseNet-121 state dict (" + type(e).__name__ + ")"
-m = m.to(dev).eval()
+        index = (dev.index or 0) if dev.type == "cuda" else -1
+        torch._C._aoti.AOTIModelPackageLoader(package, "model", False, 1, index)
+        how = "loaded the AOTInductor package with torch's C++ loader"
+    except Exception as e:
+        how = "constructed: the AOTInductor package did not load (" + type(e).__name__ + ")"
+if not how.startswith("loaded"):
+    import torchvision
+    m = torchvision.models.densenet121(weights=None)
+    how = how or "constructed: the artifact has no model.pt"
+    if weights:
+        try:
+            m.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            how = "loaded model.pt"
+        except Exception as e:  # not a plain DenseNet-121 state dict (pruned, quantised payloads)
+            how = "constructed: model.pt is not a DenseNet-121 state dict (" + type(e).__name__ + ")"
+    m = m.to(dev).eval()
 if dev.type == "cuda":
     torch.cuda.synchronize()
 print("READY", how, flush=True)
@@ -104,14 +113,24 @@ def ondevice(model_dir: Path, device: torch.device, max_batch: int, iters: int) 
 def floor_ready(model_dir: Path, device: torch.device) -> tuple[float, str]:
     """A bare Python process: import torch, initialise the device, load the weights onto it.
 
-    Returns the seconds and how the weights got there: the artifact's ``model.pt`` when it is a
-    plain DenseNet-121 state dict, else the model built with its random initialisation (AOTInductor
-    artifacts carry their weights inside the ``.pt2``; reading a 31 MB file is a few ms of the floor).
+    Returns the seconds and how the weights got there: an AOTInductor artifact's ``.pt2`` (its weights
+    are inside) through torch's C++ package loader, with no torchvision import, as the server loads
+    it; the artifact's ``model.pt`` when it is a plain DenseNet-121 state dict; else the model built
+    with torchvision's random initialisation.
     """
     weights = model_dir / "model.pt"
+    package = ""
+    manifest_path = model_dir / "variant.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        buckets = {
+            int(k.split("_", 1)[1]): v for k, v in manifest.get("payload", {}).items() if k.startswith("bucket_")
+        }
+        if manifest.get("runtime") == "aoti" and buckets:
+            package = str(model_dir / buckets[max(buckets)])  # the dynamic package, or the largest bucket's
     t0 = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-c", FLOOR_SNIPPET, str(weights) if weights.is_file() else "", str(device)],
+        [sys.executable, "-c", FLOOR_SNIPPET, str(weights) if weights.is_file() else "", str(device), package],
         capture_output=True,
         text=True,
         check=True,

@@ -239,6 +239,12 @@ def test_the_floor_loads_a_state_dict_and_builds_the_model_for_other_payloads(tm
     assert seconds > 0 and how == "loaded model.pt"
     assert sb.floor_ready(aoti, torch.device("cpu"))[1] == "constructed: the artifact has no model.pt"
     assert sb.floor_ready(other, torch.device("cpu"))[1].startswith("constructed: model.pt is not a DenseNet-121")
+    # An AOTInductor artifact: the floor loads its package with torch's C++ loader (no torchvision), as the
+    # server does; a package that does not load falls back to building the model, and says why.
+    (aoti / "model-b1-4.pt2").write_bytes(b"not a zip")
+    payload = {"bucket_1": "model-b1-4.pt2", "bucket_4": "model-b1-4.pt2", "labels": "labels.json"}
+    (aoti / "variant.json").write_text(json.dumps({"runtime": "aoti", "payload": payload}))
+    assert sb.floor_ready(aoti, torch.device("cpu"))[1].startswith("constructed: the AOTInductor package did not load")
 
 
 def test_a_profiler_trace_is_captured_under_load_on_the_cpu(artifacts_dir: Path, tmp_path: Path) -> None:
