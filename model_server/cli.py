@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +120,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def process_start() -> float:
+    """This process's start on the ``time.perf_counter`` clock (Linux: from ``/proc/self/stat``), else now."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks since boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - ticks / os.sysconf("SC_CLK_TCK")
+        return time.perf_counter() - max(age, 0.0)
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter()
+
+
 def _start_device_early(device: str, *, warm_decoder: bool) -> threading.Thread:
     """Create the CUDA context, load cuDNN and cuBLAS, then initialise nvJPEG and the crop kernels
     (about 0.7 s on an H100), in a thread while this one imports KServe or reads the weights: all
@@ -130,15 +144,22 @@ def _start_device_early(device: str, *, warm_decoder: bool) -> threading.Thread:
     def init() -> None:
         try:
             if device != "cpu" and torch.cuda.is_available():
+                t0 = time.perf_counter()
                 dev = torch.device(device if device.startswith("cuda") else "cuda")
                 torch.zeros(1, device=dev)
+                t_context = time.perf_counter()
                 from model_server.runtimes import warm_device_libraries
 
                 warm_device_libraries(dev)
+                t_libraries = time.perf_counter()
                 if warm_decoder:
                     from model_server.preprocess import warm_gpu_decoder
 
                     warm_gpu_decoder(dev)
+                # Where process start to ready goes (the floor pays the context only).
+                log.info("early device start: %.2fs after process start; CUDA context %.2fs, cuDNN/cuBLAS %.2fs, "
+                         "nvJPEG and crop warm-up %.2fs", t0 - process_start(), t_context - t0, t_libraries - t_context,
+                         time.perf_counter() - t_libraries)  # fmt: skip
         except Exception as e:  # load() reports device problems with a proper message
             log.debug("early CUDA initialisation failed: %s", e)
 
@@ -219,12 +240,14 @@ def _serve_device(args: argparse.Namespace, config: ServingConfig, fronts: Front
     if args.metrics == "false":
         metrics.disable()
     freeze_so_far()  # the imports
+    log.info("device process: imports done %.2fs after process start", time.perf_counter() - process_start())
     try:
         model = load_model(Path(args.model_dir), config, early=early)
     except ServerError as e:
         log.error("cannot serve %s: %s", args.model_dir, e)
         fronts.abort()
         return 1
+    log.info("device process: loaded and warm %.2fs after process start", time.perf_counter() - process_start())
     freeze_so_far()  # torchvision (imported by the load) and the model
     sampler = metrics.ResourceSampler(gpu_index=_gpu_index(model.runner))
     sampler.start()

@@ -39,3 +39,15 @@ def test_the_switch_interval_flag_sets_the_process_gil_interval(tmp_path: Path) 
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.split()[-2:] == ["1", "0.0005"], out.stderr  # applied; then the missing artifact fails load
+
+
+def test_process_start_is_the_process_start_not_the_call() -> None:
+    """The start-up log's clock: a process that slept 0.5 s before asking is at least 0.5 s old."""
+    code = (
+        "import time; time.sleep(0.5)\n"
+        "from model_server.cli import process_start\n"
+        "print(time.perf_counter() - process_start())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert 0.5 <= float(proc.stdout) < 30
