@@ -51,3 +51,15 @@ def test_process_start_is_the_process_start_not_the_call() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert 0.5 <= float(proc.stdout) < 30
+
+
+def test_the_early_decoder_warm_up_times_itself_and_never_raises() -> None:
+    import torch
+
+    from model_server.cli import warm_decoder_timed
+
+    took: dict[str, float] = {}
+    warm_decoder_timed(torch.device("cpu"), took)  # the CPU decodes too: the same calls, no nvJPEG
+    assert took["decoder"] > 0
+    warm_decoder_timed("not a device", took)  # a failure is logged, not raised: load() reports device problems
+    assert took["decoder"] >= 0
