@@ -118,16 +118,15 @@ def floor_ready(model_dir: Path, device: torch.device) -> tuple[float, str]:
     it; the artifact's ``model.pt`` when it is a plain DenseNet-121 state dict; else the model built
     with torchvision's random initialisation.
     """
+    from model_server.artifact import payload_path
+    from optimize.registry import MANIFEST_NAME
+
     weights = model_dir / "model.pt"
     package = ""
-    manifest_path = model_dir / "variant.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        buckets = {
-            int(k.split("_", 1)[1]): v for k, v in manifest.get("payload", {}).items() if k.startswith("bucket_")
-        }
-        if manifest.get("runtime") == "aoti" and buckets:
-            package = str(model_dir / buckets[max(buckets)])  # the dynamic package, or the largest bucket's
+    if (model_dir / MANIFEST_NAME).is_file():
+        manifest = json.loads((model_dir / MANIFEST_NAME).read_text())
+        if manifest.get("runtime") == "aoti":  # its "model" role: the dynamic package, or the largest bucket's
+            package = str(payload_path(model_dir, manifest, "model"))
     t0 = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-c", FLOOR_SNIPPET, str(weights) if weights.is_file() else "", str(device), package],

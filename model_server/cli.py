@@ -149,9 +149,8 @@ def _start_device_early(device: str, *, warm_decoder: bool) -> threading.Thread:
     """Create the CUDA context, then load cuDNN and cuBLAS and, on a thread of its own beside them,
     initialise nvJPEG and the crop kernels (0.7 and 0.9 s on the H100 host), in a thread while this
     one imports KServe or reads the weights: all of it runs in the driver and the libraries, mostly
-    without the GIL. ``load_model`` joins the
-    thread before it captures CUDA graphs, which another thread's CUDA calls would break. Errors
-    surface later, in ``load_model``."""
+    without the GIL. ``load_model`` joins the thread before it captures CUDA graphs, which another
+    thread's CUDA calls would break. Errors surface later, in ``load_model``."""
     import torch
 
     def init() -> None:

@@ -242,7 +242,7 @@ def test_the_floor_loads_a_state_dict_and_builds_the_model_for_other_payloads(tm
     # An AOTInductor artifact: the floor loads its package with torch's C++ loader (no torchvision), as the
     # server does; a package that does not load falls back to building the model, and says why.
     (aoti / "model-b1-4.pt2").write_bytes(b"not a zip")
-    payload = {"bucket_1": "model-b1-4.pt2", "bucket_4": "model-b1-4.pt2", "labels": "labels.json"}
+    payload = {"bucket_1": "model-b1-4.pt2", "bucket_4": "model-b1-4.pt2", "model": "model-b1-4.pt2"}
     (aoti / "variant.json").write_text(json.dumps({"runtime": "aoti", "payload": payload}))
     assert sb.floor_ready(aoti, torch.device("cpu"))[1].startswith("constructed: the AOTInductor package did not load")
 
