@@ -155,6 +155,7 @@ def bench(opts: dict[str, Any]) -> dict[str, Any]:
     device_opts = {
         "metrics": opts["metrics"], "malloc_tuning": True, "switch_interval_ms": 0.0, "device_ms": opts["device_ms"],
         "prepare_ms": 0.0, "gil_ops": 0, "two_stage": False, "max_batch": 64, "max_queue": 1024, "profile": "",
+        "event_loop": opts["event_loop"],
     }  # fmt: skip
     (work / "device.json").write_text(json.dumps({"gpu_decode": True, "max_batch": 64}))
     device = ctx.Process(target=_serve, args=(ipc_path, device_opts), name="device")
@@ -165,7 +166,7 @@ def bench(opts: dict[str, Any]) -> dict[str, Any]:
         "model_name": "densenet121", "model_dir": str(opts["model_dir"]), "config": config, "http_port": port,
         "grpc_port": _free_port(), "max_body_bytes": 64 * 2**20, "log_level": "WARNING", "admin_token": None,
         "enable_docs": False, "grace_period_s": 5.0, "metrics": opts["metrics"], "max_inflight": 1024,
-        "ipc_path": ipc_path, "parent_pid": os.getpid(),
+        "ipc_path": ipc_path, "parent_pid": os.getpid(), "event_loop": opts["event_loop"],
         "conn_counts": ctx.Array("i", opts["frontends"], lock=False) if opts["balance"] else None,
     }  # fmt: skip
     fronts = [
@@ -253,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         default="true",
         help="the server's connection balancing over the front ends (--balance_connections), default true",
     )
+    p.add_argument(
+        "--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+        help="event loop of the front ends and the device stand-in, as the server's --event_loop (default auto)",
+    )  # fmt: skip
     p.add_argument("--warmup-s", type=float, default=2.0, help="seconds before measuring, default 2")
     p.add_argument("--seconds", type=float, default=10.0, help="seconds measured, default 10")
     p.add_argument("--port", type=int, default=0, help="HTTP port, default a free one")

@@ -41,6 +41,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the repository root is not on the path
 
+from model_server import config  # noqa: E402  (light: no torch)
+
 
 def _cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)  # the whole process: every thread
@@ -133,6 +135,7 @@ def _serve(path: str, opts: dict[str, Any]) -> None:
         await server.close()
         batcher.close()
 
+    _install_loop(opts)
     if opts["profile"]:  # cProfile slows every Python call: for finding hot spots, not for the numbers
         import cProfile
 
@@ -141,6 +144,12 @@ def _serve(path: str, opts: dict[str, Any]) -> None:
         prof.dump_stats(opts["profile"])
     else:
         asyncio.run(main())
+
+
+def _install_loop(opts: dict[str, Any]) -> None:
+    install = getattr(config, "install_event_loop", None)  # absent before --event_loop (A/B against older trees)
+    if install is not None:
+        install(opts.get("event_loop", "asyncio"))
 
 
 def _client(path: str, opts: dict[str, Any], barrier: Any, queue: Any) -> None:
@@ -190,6 +199,7 @@ def _client(path: str, opts: dict[str, Any], barrier: Any, queue: Any) -> None:
         await asyncio.gather(*(worker() for _ in range(opts["inflight"])))
         return {"cpu_s": marks["cpu1"] - marks["cpu0"], "latencies": lat, "errors": errors}
 
+    _install_loop(opts)
     queue.put(asyncio.run(main()))
 
 
@@ -313,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--warmup-s", type=float, default=2.0, help="seconds before measuring, default 2")
     p.add_argument("--seconds", type=float, default=10.0, help="seconds measured, default 10")
+    p.add_argument(
+        "--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+        help="event loop of the device process and the clients, as the server's --event_loop (default auto)",
+    )  # fmt: skip
     p.add_argument("--label", default="", help="free text stored with the result")
     p.add_argument("--profile", default="", help="write a cProfile of the device process here (skews the numbers)")
     args = p.parse_args(argv)

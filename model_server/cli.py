@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model_server import ServerError
-from model_server.config import MODEL_STREAMS, ServingConfig
+from model_server.config import EVENT_LOOPS, MODEL_STREAMS, ServingConfig
 
 if TYPE_CHECKING:
     from model_server.frontend import FrontEnds
@@ -115,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
         help="sys.setswitchinterval of this process, in ms (default 1; 0 keeps Python's 5 ms). The decode and "
         "device threads win the GIL back after every tensor call; a busy event loop keeps it up to this long "
         "(H100, 128 users: 1 ms served 1.058x the throughput of 5 ms, p99 40-44 vs 49-57 ms)",
+    )  # fmt: skip
+    p.add_argument(
+        "--event_loop", default=_env("EVENT_LOOP", "auto"), choices=EVENT_LOOPS,
+        help="event loop of the front ends and the device process: uvloop, asyncio, or auto (default: uvloop "
+        "when installed). KServe accepts its own --event_loop but serves on asyncio whatever it says",
     )  # fmt: skip
     p.add_argument("--log_level", default=_env("LOG_LEVEL", "INFO"))
     return p
@@ -235,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "enable_docs": args.enable_docs == "true", "grace_period_s": args.grace_period_s,
         "metrics": args.metrics == "true", "balance_connections": args.balance_connections == "true",
         "max_inflight": args.max_inflight_requests or config.max_queue_images + 2 * config.max_batch_size,
+        "event_loop": args.event_loop,
     }  # fmt: skip
     if args.frontends > 1:
         from model_server.frontend import FrontEnds, enable_multiprocess_metrics
@@ -268,7 +274,7 @@ def _serve_device(args: argparse.Namespace, config: ServingConfig, fronts: Front
     sampler = metrics.ResourceSampler(gpu_index=_gpu_index(model.runner))
     sampler.start()
     try:
-        code: int = fronts.serve(model, grace_period_s=args.grace_period_s)
+        code: int = fronts.serve(model, grace_period_s=args.grace_period_s, event_loop=args.event_loop)
         return code
     finally:
         sampler.stop()

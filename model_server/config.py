@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import importlib.util
+import logging
 import os
 import tempfile
+
+log = logging.getLogger(__name__)
 
 # Here, not in preprocess (which imports torch and PIL): the CLI parses its flags, and starts the
 # front-end processes of --frontends N, before the device process spends seconds importing torch.
 #: Where the device process runs the model's batches (``--model_stream``).
 MODEL_STREAMS = ("default", "side")
+#: Event loops of the HTTP front ends and the device process (``--event_loop``).
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 #: 12 MP photos are normal; 50 MP is the default ceiling (a decompression bomb is far above it).
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -46,3 +53,25 @@ class ServingConfig:
     decode_batch: int = 0
     #: Where on-demand profiler traces go (a mounted volume in a pod).
     profile_dir: str = os.path.join(tempfile.gettempdir(), "densenet-profiles")
+
+
+def install_event_loop(choice: str) -> str:
+    """Make the next ``asyncio.run`` of this process use ``choice``'s loop; returns the loop used.
+
+    KServe 0.21 takes ``--event_loop`` (default "auto": uvloop when installed) but hands it only
+    to uvicorn's config, which applies it in ``uvicorn.run``; ``ModelServer.start`` runs the server
+    with ``asyncio.run`` instead, so KServe always serves on asyncio's pure-Python loop. "auto"
+    here means uvloop when it imports (KServe's own dependency), asyncio otherwise.
+    """
+    if choice not in EVENT_LOOPS:
+        raise ValueError(f"event loop must be one of {', '.join(EVENT_LOOPS)}, got {choice!r}")
+    if choice == "asyncio" or (choice == "auto" and importlib.util.find_spec("uvloop") is None):
+        asyncio.set_event_loop_policy(None)
+        return "asyncio"
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    # KServe's ModelServer.start calls asyncio.get_event_loop() before asyncio.run, which uvloop's
+    # policy answers with an error instead of a new loop when none is set.
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    return "uvloop"

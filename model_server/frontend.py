@@ -366,10 +366,15 @@ class FrontEnds:
         except OSError:
             pass
 
-    def serve(self, model: LoadedModel, *, grace_period_s: float) -> int:
-        """Serve the loaded ``model``'s device side to the front ends until SIGTERM, then drain."""
+    def serve(self, model: LoadedModel, *, grace_period_s: float, event_loop: str = "auto") -> int:
+        """Serve the loaded ``model``'s device side to the front ends until SIGTERM, then drain.
+
+        ``event_loop`` (``--event_loop``) is the loop that reads the front ends' frames and answers
+        them; :func:`~model_server.config.install_event_loop` says what each choice means.
+        """
         import json
 
+        from model_server.config import install_event_loop
         from model_server.device import profile_op, settle_after_startup
         from model_server.ipc import DeviceServer, retain_freed_memory
 
@@ -414,6 +419,7 @@ class FrontEnds:
             await device.close()
             return code
 
+        log.info("device process: %s event loop", install_event_loop(event_loop))
         try:
             return asyncio.run(run())
         finally:

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_server import BadInput, DeadlineExceeded, Overloaded, PayloadTooLarge, ServerError
 from model_server import metrics as m
+from model_server.config import install_event_loop
 from model_server.lifecycle import RepositoryDisabled, ServingState
 from model_server.predictor import DenseNetPredictor
 
@@ -877,6 +878,8 @@ def serve_http(model: DenseNetPredictor, spec: dict[str, Any]) -> bool:
         enable_docs_url=False,
         enable_latency_logging=False,
     )
+    loop = install_event_loop(spec.get("event_loop", "auto"))
+    log.debug("serving HTTP and gRPC on the %s event loop", loop)
     server.start([model])
     clean: bool = server.clean_exit
     return clean

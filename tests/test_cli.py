@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("--cpu_decode_share", "1.5", "--cpu_decode_share must be from 0 to 1, got 1.5"),
         ("--frontends", "0", "--frontends must be >= 1, got 0"),
         ("--decode_batch", "-1", "--decode_batch must be >= 0 (0: one nvJPEG call per batch), got -1"),
+        ("--event_loop", "trio", "argument --event_loop: invalid choice: 'trio'"),
     ],
 )
 def test_a_bad_value_exits_2_naming_it(tmp_path: Path, flag: str, value: str, message: str) -> None:
@@ -63,3 +64,27 @@ def test_the_early_decoder_warm_up_times_itself_and_never_raises() -> None:
     assert took["decoder"] > 0
     warm_decoder_timed("not a device", took)  # a failure is logged, not raised: load() reports device problems
     assert took["decoder"] >= 0
+
+
+@pytest.mark.parametrize(("choice", "module"), [("auto", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")])
+def test_the_event_loop_choice_is_the_loop_asyncio_run_gets(choice: str, module: str) -> None:
+    """KServe's ModelServer.start calls asyncio.get_event_loop() and then asyncio.run: both must work
+    and the loop that runs must be the chosen one (KServe's own --event_loop never reaches it)."""
+    code = (
+        "import asyncio\n"
+        "from model_server.config import install_event_loop\n"
+        f"used = install_event_loop({choice!r})\n"
+        "asyncio.get_event_loop()\n"
+        "async def which(): return type(asyncio.get_running_loop()).__module__.split('.')[0]\n"
+        "print(used, asyncio.run(which()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [module, module]
+
+
+def test_an_unknown_event_loop_is_refused_naming_the_choices() -> None:
+    from model_server.config import install_event_loop
+
+    with pytest.raises(ValueError, match="event loop must be one of auto, uvloop, asyncio, got 'trio'"):
+        install_event_loop("trio")
