@@ -64,7 +64,7 @@ def _serve(path: str, opts: dict[str, Any]) -> None:
     tune = getattr(ipc, "retain_freed_memory", None)  # absent before it existed (A/B against older trees)
     if opts["malloc_tuning"] and tune is not None:
         tune()
-    from model_server.pipeline import payload_size
+    from model_server.images import payload_size
     from optimize.registry import NUM_CLASSES
 
     if opts["switch_interval_ms"]:
@@ -162,7 +162,7 @@ def _client(path: str, opts: dict[str, Any], barrier: Any, queue: Any) -> None:
     tune = getattr(ipc, "retain_freed_memory", None)
     if opts["malloc_tuning"] and tune is not None:  # as a front end does
         tune()
-    from model_server.pipeline import JpegBatch
+    from model_server.images import JpegBatch
     from optimize.registry import CROP_SIZE
 
     payload: Any

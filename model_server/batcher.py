@@ -20,12 +20,13 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from model_server import DeadlineExceeded, Overloaded
 from model_server import metrics as m
+
+if TYPE_CHECKING:
+    import torch  # results are tensors; the batcher never touches one
 
 log = logging.getLogger(__name__)
 

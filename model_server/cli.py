@@ -257,7 +257,8 @@ def _serve_device(args: argparse.Namespace, config: ServingConfig, fronts: Front
     It never imports KServe, FastAPI or grpc (about 2 s of start-up it would spend before the load)."""
     early = _start_device_early(config.device, warm_decoder=config.gpu_decode)
     from model_server import metrics
-    from model_server.device import freeze_so_far, load_model
+    from model_server.device import load_model
+    from model_server.tuning import freeze_so_far
 
     if args.metrics == "false":
         metrics.disable()
@@ -296,8 +297,8 @@ def _serve_single(args: argparse.Namespace, config: ServingConfig, spec: dict[st
         loading = pool.submit(load_model, Path(args.model_dir), config, early=early)
         # rest imports kserve, which parses sys.argv when imported: only once our own flags are parsed.
         from model_server import rest
-        from model_server.device import freeze_so_far
         from model_server.predictor import DenseNetPredictor
+        from model_server.tuning import freeze_so_far
 
         freeze_so_far()  # the imports (and what the load made so far)
         model = DenseNetPredictor(args.model_name, Path(args.model_dir), config)

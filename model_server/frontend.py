@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from model_server.device import LoadedModel
-    from model_server.pipeline import Payload
+    from model_server.images import Payload
 
 
 log = logging.getLogger(__name__)
@@ -96,14 +96,13 @@ def frontend_main(spec: dict[str, Any]) -> None:
     )
     import kserve.model_server as kserve_server
     import numpy as np
-    import torch
     from kserve.protocol.grpc import server as kserve_grpc
     from kserve.protocol.rest import server as kserve_rest
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
     from model_server import rest
-    from model_server.device import freeze_so_far
     from model_server.predictor import DenseNetPredictor
+    from model_server.tuning import freeze_so_far
 
     class RemotePredictor(DenseNetPredictor):
         """The predictor's request path, with the device in another process."""
@@ -114,11 +113,11 @@ def frontend_main(spec: dict[str, Any]) -> None:
             from model_server.ipc import retain_freed_memory
 
             retain_freed_memory()  # request bodies of ~100 KB each: no page faults per request
-            # One intra-op thread: front ends are processes for parallelism, and their tensor work (softmax
-            # and top-k of the logits) is tiny. torch's default pool (an OpenMP thread per core, spinning
-            # after each op) in each of 6 front ends kept 13 of an H100 host's 16 cores busy for 90
-            # requests/s of 32 JPEGs, and starved the device process (benchmarks/results, batched trace).
-            torch.set_num_threads(1)
+            # No torch here (tests/test_frontends.py checks): its import was the longest part of a front
+            # end's start-up (about 5 s of the 7.3 s on the H100 host, which had to wait for the slowest
+            # front end), hundreds of MB of memory per front end, and its default intra-op pool (an OpenMP
+            # thread per core, spinning after each op) in 6 front ends kept 13 of the host's 16 cores busy
+            # for 90 requests/s of 32 JPEGs (benchmarks/results, batched trace).
             self.manifest = read_manifest(self.artifact_dir, verify=False)  # the device process verifies it
             self.labels = np.array([s.encode() for s in read_labels(self.artifact_dir, self.manifest)], dtype=object)
             # KServe registers only a ready model; nothing listens before connect() and the warm-up.
@@ -375,8 +374,9 @@ class FrontEnds:
         import json
 
         from model_server.config import install_event_loop
-        from model_server.device import profile_op, settle_after_startup
+        from model_server.device import profile_op
         from model_server.ipc import DeviceServer, retain_freed_memory
+        from model_server.tuning import settle_after_startup
 
         retain_freed_memory()  # a payload allocated and freed per request: no page faults per request
 

@@ -41,15 +41,17 @@ import logging
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import torch
 
 from model_server import BadInput, DeadlineExceeded, Overloaded, PayloadTooLarge, ServerError
 from model_server.batcher import DynamicBatcher
-from model_server.pipeline import JpegBatch, Payload, payload_size
+from model_server.images import JpegBatch, Payload, payload_size
 from optimize.registry import CROP_SIZE, NUM_CLASSES
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ REQ = struct.Struct("<QBHfIQ")
 RESP = struct.Struct("<QBHI")
 KIND_JPEG, KIND_TENSOR, KIND_CONTROL = 0, 1, 2
 OK, BAD_INPUT, TOO_LARGE, OVERLOADED, DEADLINE, ERROR, NOT_FOUND = range(7)
-_DTYPES = {0: torch.uint8, 1: torch.float32, 2: torch.float16}
+# numpy's dtypes, not torch's: a front end never imports torch (only the device side makes tensors).
+_DTYPES: dict[int, np.dtype[Any]] = {0: np.dtype(np.uint8), 1: np.dtype(np.float32), 2: np.dtype(np.float16)}
 _CODES = {v: k for k, v in _DTYPES.items()}
 _ERRORS: dict[int, type[ServerError]] = {
     BAD_INPUT: BadInput,
@@ -129,10 +132,11 @@ def request_parts(req_id: int, payload: Payload, timeout_s: float) -> list[Buffe
         meta = struct.pack(f"<{len(images)}I", *map(len, images))
         head = REQ.pack(req_id, KIND_JPEG, len(images), timeout_s, len(meta), sum(map(len, images)))
         return [head + meta, *images]
-    t = payload.contiguous()
-    body = t.numpy().data.cast("B")
+    # A numpy array from a front end; a tensor where a caller has torch (tests, benchmarks).
+    arr = np.ascontiguousarray(payload.numpy() if hasattr(payload, "numpy") else payload)
+    body = arr.data.cast("B")
     head = REQ.pack(req_id, KIND_TENSOR, payload_size(payload), timeout_s, 1, body.nbytes)
-    return [head + bytes([_CODES[t.dtype]]), body]
+    return [head + bytes([_CODES[arr.dtype]]), body]
 
 
 def encode_request(req_id: int, payload: Payload, timeout_s: float) -> bytes:
@@ -154,10 +158,12 @@ def decode_request(kind: int, n: int, meta: bytes, body: bytes | bytearray) -> P
             images.append(view[start : start + length])
             start += length
         return JpegBatch(images, buffer=buffer)
+    import torch  # the device side: loaded already
+
     dtype = _DTYPES[meta[0]]
     writable = body if isinstance(body, bytearray) else bytearray(body)
-    t = torch.frombuffer(writable, dtype=dtype).reshape(n, 3, CROP_SIZE, CROP_SIZE)
-    return t if dtype == torch.uint8 else t.float()
+    t = torch.from_numpy(np.frombuffer(writable, dtype=dtype).reshape(n, 3, CROP_SIZE, CROP_SIZE))
+    return t if t.dtype == torch.uint8 else t.float()
 
 
 class _Framed(asyncio.BufferedProtocol):

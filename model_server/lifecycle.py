@@ -30,8 +30,8 @@ import kserve
 from grpc_interceptor import exceptions as grpc_exc
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
-# Lives with the device side, which the device process of --frontends N imports without KServe.
-from model_server.device import settle_after_startup as settle_after_startup
+# Shared with the device process of --frontends N, which imports neither KServe nor this module.
+from model_server.tuning import settle_after_startup as settle_after_startup
 
 log = logging.getLogger(__name__)
 

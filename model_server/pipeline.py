@@ -15,51 +15,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
 
 import torch
 
 from model_server import BadInput
 from model_server import metrics as m
 from model_server.config import MODEL_STREAMS
+from model_server.images import JpegBatch, Payload
 from model_server.preprocess import decode_jpegs, gpu_resize_crop_many, normalize, warm_up_jpeg
 from model_server.profiler import ProfileCapture
 from model_server.runtimes import Runner
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class JpegBatch:
-    """A request's JPEGs, checked (size, pixels, mode) but not yet decoded.
-
-    ``buffer``, when set, is the images back to back in one writable buffer (what the IPC
-    frame delivered): the decode stage then makes one tensor of it and splits it into views
-    instead of copying every image into a bytearray of its own.
-    """
-
-    images: Sequence[bytes | bytearray | memoryview]
-    buffer: bytearray | None = None
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def encoded(self) -> list[torch.Tensor]:
-        """The images as 1-D uint8 CPU tensors, as nvJPEG takes them (views of ``buffer`` when set)."""
-        if self.buffer is not None:
-            whole = torch.frombuffer(self.buffer, dtype=torch.uint8)
-            if len(self.images) == 1:
-                return [whole]
-            return list(torch.split(whole, [len(d) for d in self.images]))
-        # torch.frombuffer wants a writable buffer (bytes would warn): one copy each.
-        return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in self.images]
-
-
-Payload = torch.Tensor | JpegBatch
-
-
-def payload_size(p: Payload) -> int:
-    return len(p) if isinstance(p, JpegBatch) else int(p.shape[0])
 
 
 @dataclasses.dataclass

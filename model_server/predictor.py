@@ -10,24 +10,26 @@ import logging
 import struct
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kserve
 import numpy as np
-import torch
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 
 from model_server import BadInput, DeadlineExceeded, Overloaded, PayloadTooLarge, ServerError
 from model_server import metrics as m
-from model_server.batcher import DynamicBatcher
 from model_server.config import ServingConfig
-from model_server.device import LoadedModel, load_model, profile_op
-from model_server.pipeline import JpegBatch, Payload, payload_size
-from model_server.preprocess import CpuDecodeShare, decode_and_crop, gpu_decodable
-from model_server.profiler import ProfileCapture
-from model_server.runtimes import Runner
+from model_server.images import CpuDecodeShare, JpegBatch, Payload, decode_and_crop, gpu_decodable, payload_size
 from optimize.registry import CROP_SIZE, NUM_CLASSES
+
+if TYPE_CHECKING:
+    # The device side, which a front end of --frontends N (a RemotePredictor) never imports: none
+    # of this module's request path needs torch, so a front end does not load it at all.
+    from model_server.batcher import DynamicBatcher
+    from model_server.device import LoadedModel
+    from model_server.profiler import ProfileCapture
+    from model_server.runtimes import Runner
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
     # -- lifecycle -------------------------------------------------------------------------------
 
     def load(self) -> bool:
+        from model_server.device import load_model
+
         return self.attach(load_model(self.artifact_dir, self.config))
 
     def attach(self, loaded: LoadedModel) -> bool:
@@ -80,6 +84,8 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
 
     async def profile_control(self, op: dict[str, Any]) -> dict[str, Any]:
         """Profiler captures: ``{"op": "start", "batches"|"seconds": ...}`` or ``{"op": "get", "id": ...}``."""
+        from model_server.device import profile_op
+
         return profile_op(self.profiler, op)
 
     @property
@@ -250,7 +256,7 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
             return JpegBatch(images)
         loop = asyncio.get_running_loop()
 
-        def one(data: bytes) -> torch.Tensor:
+        def one(data: bytes) -> np.ndarray:
             return decode_and_crop(data, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_image_bytes)
 
         self._cpu_share.decoding += len(images)
@@ -262,14 +268,19 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
         finally:
             self._cpu_share.decoding -= len(images)
         m.PREPROCESS_SECONDS.observe(time.perf_counter() - t0)
-        return torch.stack(crops)
+        return np.stack(crops)
 
     async def _infer(self, payload: Payload) -> np.ndarray:
         if self.batcher is None:
             raise Overloaded("model is not loaded yet")
         deadline = time.monotonic() + self.config.request_timeout_s
+        if isinstance(payload, np.ndarray):
+            import torch  # this process runs the model: torch is loaded
+
+            payload = torch.from_numpy(payload)
         out = await self.batcher.submit(payload, payload_size(payload), deadline=deadline)
-        return out.numpy()
+        logits: np.ndarray = out.numpy()
+        return logits
 
 
 def _v1_image_bytes(i: int, inst: Any) -> bytes:
@@ -310,7 +321,7 @@ def _bytes_items(inp: InferInput) -> list[bytes]:
     return items
 
 
-def _tensor_input(inp: InferInput, max_images: int) -> torch.Tensor:
+def _tensor_input(inp: InferInput, max_images: int) -> np.ndarray:
     shape = list(inp.shape)
     expected = [3, CROP_SIZE, CROP_SIZE]
     if len(shape) != 4 or shape[1:] != expected or shape[0] < 0:
@@ -330,8 +341,7 @@ def _tensor_input(inp: InferInput, max_images: int) -> torch.Tensor:
         ) from e
     if arr.dtype != np.uint8 and not np.isfinite(arr).all():
         raise BadInput(f"tensor input {inp.name!r} contains NaN or Inf")
-    t = torch.from_numpy(arr.copy())
-    return t if t.dtype == torch.uint8 else t.float()
+    return arr.copy() if arr.dtype == np.uint8 else arr.astype(np.float32)  # a copy: the body is freed
 
 
 def _plain_parameters(params: Any) -> dict[str, Any] | None:
@@ -346,9 +356,19 @@ def _plain_parameters(params: Any) -> dict[str, Any] | None:
 
 
 def _topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    t = torch.from_numpy(logits)
-    probs, classes = torch.softmax(t, dim=1).topk(k, dim=1)
-    return probs.numpy().astype(np.float32), classes.numpy()
+    """Softmax probabilities and classes of the ``k`` largest, per row, largest first (numpy: the
+    front ends do not load torch for two small ops)."""
+    x = logits.astype(np.float32, copy=False)
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    probs = e / e.sum(axis=1, keepdims=True)
+    if k < probs.shape[1]:
+        top = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+    else:
+        top = np.broadcast_to(np.arange(probs.shape[1]), probs.shape)
+    picked = np.take_along_axis(probs, top, axis=1)
+    order = np.argsort(-picked, axis=1, kind="stable")
+    classes = np.take_along_axis(top, order, axis=1).astype(np.int64)
+    return np.take_along_axis(picked, order, axis=1).astype(np.float32), classes
 
 
 def _grpc_error(e: ServerError) -> Exception:

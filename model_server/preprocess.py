@@ -1,7 +1,9 @@
-"""Turning encoded images into model input: decode, resize 256, center-crop 224 (uint8 NCHW).
+"""Images on the device: nvJPEG's batched decode, the GPU resize and crop, normalisation.
 
-Normalisation (ImageNet mean/std) happens on the device, inside the runner, so the host
-moves a quarter of the bytes and the same code serves images and raw UINT8 tensors.
+The device-side half of turning encoded images into model input (resize 256, center-crop 224,
+uint8 NCHW); the request-side half, torch-free, is :mod:`model_server.images`. Normalisation
+(ImageNet mean/std) happens on the device, inside the runner, so the host moves a quarter of
+the bytes and the same code serves images and raw UINT8 tensors.
 """
 
 from __future__ import annotations
@@ -10,98 +12,21 @@ import functools
 import importlib.util
 import io
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 
-from model_server import BadInput, PayloadTooLarge
-from model_server.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_PIXELS
+from model_server.images import decode_and_crop as _decode_and_crop_array
 from optimize.registry import CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_SIZE
 
 log = logging.getLogger(__name__)
 
-#: Resizing the shorter side of a 1x5000 image to 256 would allocate gigabytes: refuse such shapes.
-MAX_ASPECT_RATIO = 64.0
-#: Photo formats only: PIL would otherwise also try EPS (Ghostscript), PSD, ICO, ... on hostile bytes.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
-
-def decode_and_crop(
-    data: bytes,
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-    max_aspect_ratio: float = MAX_ASPECT_RATIO,
-) -> torch.Tensor:
-    """Decode one encoded image (JPEG, PNG, WebP, ...) to a uint8 ``[3, 224, 224]`` crop.
-
-    Matches torchvision's ImageNet eval transform (``Resize(256)``, ``CenterCrop(224)``
-    on a PIL image, bilinear). Grayscale, CMYK, palette and alpha images are converted
-    to RGB. Large JPEGs are decoded at a reduced DCT scale first (PIL ``draft``), which
-    keeps at least 256 pixels on the shorter side and makes 12 MP photos cheap.
-
-    An image longer than ``max_aspect_ratio`` times its width (or the reverse) is refused:
-    resizing its shorter side to 256 would allocate gigabytes (a 1x5000 PNG of 100 bytes
-    becomes 256x1,280,000), a decompression bomb that passes the pixel limit.
-
-    Raises:
-        BadInput: the bytes are not a decodable image, or its aspect ratio is beyond the limit.
-        PayloadTooLarge: the encoded size or the pixel count is over the limit.
-    """
-    if not data:
-        raise BadInput("image is empty (0 bytes)")
-    if len(data) > max_bytes:
-        raise PayloadTooLarge(f"encoded image is {len(data)} bytes; the limit is {max_bytes}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            w, h = img.size
-            if w * h > max_pixels:
-                raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
-            if w < 1 or h < 1:
-                raise BadInput(f"image has no pixels ({w}x{h})")
-            if max(w, h) > max_aspect_ratio * min(w, h):
-                raise BadInput(f"image is {w}x{h}: an aspect ratio beyond {max_aspect_ratio:g}:1 is refused")
-            if isinstance(img, ImageFile.ImageFile) and img.format == "JPEG":
-                img.draft("RGB", (RESIZE_SIZE, RESIZE_SIZE))
-            img = _to_rgb(img)
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadInput(f"bytes are not a decodable image: {e}") from e
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt streams
-        raise BadInput(f"image could not be decoded: {e}") from e
-    return _resize_crop(img)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        img.load()
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Composite transparent pixels on white rather than on whatever colour they hide.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def _resize_crop(img: Image.Image) -> torch.Tensor:
-    w, h = img.size
-    # torchvision's Resize(256): shorter side to 256, longer side truncated like int().
-    if w <= h:
-        nw, nh = RESIZE_SIZE, int(RESIZE_SIZE * h / w)
-    else:
-        nw, nh = int(RESIZE_SIZE * w / h), RESIZE_SIZE
-    img = img.resize((nw, nh), Image.Resampling.BILINEAR)
-    left = round((nw - CROP_SIZE) / 2.0)
-    top = round((nh - CROP_SIZE) / 2.0)
-    img = img.crop((left, top, left + CROP_SIZE, top + CROP_SIZE))
-    arr = np.asarray(img, dtype=np.uint8)  # HWC
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+def decode_and_crop(data: bytes, **limits: Any) -> torch.Tensor:
+    """:func:`model_server.images.decode_and_crop` as a uint8 ``[3, 224, 224]`` tensor (same limits)."""
+    return torch.from_numpy(_decode_and_crop_array(data, **limits))
 
 
 def normalize(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -109,73 +34,6 @@ def normalize(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
     mean = torch.tensor(IMAGENET_MEAN, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(IMAGENET_STD, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
     return ((batch.to(torch.float32) - mean) / std).to(dtype)
-
-
-def is_jpeg(data: bytes) -> bool:
-    return data[:3] == b"\xff\xd8\xff"
-
-
-#: frame types nvJPEG decodes: baseline, extended and progressive Huffman (not lossless, not arithmetic)
-_SOF_NVJPEG = frozenset({0xC0, 0xC1, 0xC2})
-#: every start-of-frame marker (0xC4 DHT, 0xC8 JPG and 0xCC DAC share the range but are not frames)
-_SOF_ANY = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-
-
-def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
-    """``(sof_marker, width, height, components)`` from a JPEG's frame header, or None.
-
-    Walks the marker segments up to the first start-of-frame, reading a few bytes per segment
-    (about 100x cheaper than opening the image with PIL, which builds its whole header state);
-    anything malformed before the frame header gives None.
-    """
-    n = len(data)
-    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        return None
-    i = 2
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # segments without a length
-            i += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
-            return None
-        length = (data[i + 2] << 8) | data[i + 3]
-        if length < 2:
-            return None
-        if marker in _SOF_ANY:
-            if length < 8 or i + 10 > n:
-                return None
-            height = (data[i + 5] << 8) | data[i + 6]
-            width = (data[i + 7] << 8) | data[i + 8]
-            return marker, width, height, data[i + 9]
-        i += 2 + length
-    return None
-
-
-def gpu_decodable(data: bytes, *, max_pixels: int, max_bytes: int) -> bool:
-    """Whether nvJPEG should take this image: a baseline/progressive JPEG, RGB or grayscale, within the limits.
-
-    Only the frame header is read (:func:`jpeg_frame`), so the pixel limit is enforced before
-    any GPU memory is spent. Anything else (CMYK, lossless or arithmetic-coded JPEG, PNG,
-    corrupt headers) goes to :func:`decode_and_crop`, which decodes it or raises the precise error.
-    """
-    if len(data) > max_bytes:
-        return False
-    frame = jpeg_frame(data)
-    if frame is None:
-        return False
-    sof, w, h, components = frame
-    return (
-        sof in _SOF_NVJPEG
-        and components in (1, 3)
-        and 0 < w * h <= max_pixels
-        and max(w, h) <= MAX_ASPECT_RATIO * min(w, h)
-    )
 
 
 #: most decoded pixels resized in one interpolation call (x 12 bytes of float scratch: about 0.6 GB)
@@ -317,33 +175,6 @@ def warm_gpu_decoder(device: torch.device) -> torch.Tensor:
         gpu_resize_crop_many(decode_jpegs([large], device))
         torch.cuda.synchronize(device)
     return crops
-
-
-class CpuDecodeShare:
-    """Which GPU-decodable requests the CPU decodes anyway (``--cpu_decode_share``).
-
-    A credit counter spreads ``share`` of the images evenly over requests; a request never goes
-    to a CPU pool whose ``threads`` all have a decode running or queued (the GPU takes it then),
-    so the share cannot build a queue behind itself. ``decoding`` is kept by the caller.
-    """
-
-    def __init__(self, share: float, *, threads: int) -> None:
-        if not 0.0 <= share <= 1.0:
-            raise ValueError(f"cpu_decode_share must be from 0 to 1, got {share}")
-        self.share = share
-        self.threads = threads
-        self.decoding = 0  # images being decoded (or queued) in the CPU pool
-        self._credit = 0.0  # images owed to the CPU
-
-    def take(self, n: int) -> bool:
-        """Whether a request of ``n`` GPU-decodable images is decoded on the CPU."""
-        if self.share <= 0.0:
-            return False
-        self._credit = min(self._credit + self.share * n, float(max(n, 1)))  # no unbounded banking
-        if self._credit < n or self.decoding + n > self.threads:
-            return False
-        self._credit -= n
-        return True
 
 
 def decode_batch_gpu(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:

@@ -128,6 +128,40 @@ def test_bad_input_and_grpc_through_a_frontend(multi: Server) -> None:
     assert client.infer("densenet121", [inp]).as_numpy("classes").shape == (1, 5)
 
 
+def test_front_ends_never_load_torch(multi: Server) -> None:
+    """Front ends parse, check and forward; the device process owns torch. A front end that loaded
+    torch would pay its import at start-up (about 5 of 7.3 s on the H100 host, on the path to ready)
+    and hundreds of MB of memory, so the paths that could reach it run first: a PNG (decoded by PIL
+    in the front end), a UINT8 and an FP32 tensor, a JPEG, top-k and all outputs."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(buf, format="PNG")
+    tensor = np.zeros((1, 3, 224, 224), dtype=np.uint8)
+    bodies = [
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(buf.getvalue()).decode()]}]},
+        {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [1, 3, 224, 224], "data": tensor.ravel().tolist()}]},
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 224, 224], "data": tensor.ravel().astype(float).tolist()}],
+         "outputs": [{"name": "logits"}, {"name": "classes"}], "parameters": {"top_k": 3}},
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(_jpeg()).decode()]}]},
+    ]  # fmt: skip
+    for _ in range(3):  # a new connection per request: the kernel spreads them over both front ends
+        for body in bodies:
+            r = requests.post(f"{multi.url}/v2/models/densenet121/infer", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+
+    def has_torch(pid: int) -> bool:
+        return any("libtorch" in m.path for m in psutil.Process(pid).memory_maps())
+
+    children = psutil.Process(multi.proc.pid).children()
+    front_ends = [c.pid for c in children if "--multiprocessing-fork" in c.cmdline()]
+    assert len(front_ends) == 2
+    assert has_torch(multi.proc.pid)  # the check sees torch where it is
+    assert not any(has_torch(pid) for pid in front_ends)
+
+
 def test_frontends_exit_when_the_device_process_is_killed(artifacts_dir: Path, tmp_path: Path) -> None:
     srv = start_server(artifacts_dir / "densenet121-eager-fp32", tmp_path / "log", "--frontends", "2",
                        "--max_batch_size", "2", "--grace_period_s", "2", timeout_s=180)  # fmt: skip

@@ -26,6 +26,7 @@ import torch
 
 from model_server import BadInput, DeadlineExceeded, Overloaded, ServerError
 from model_server.batcher import DynamicBatcher
+from model_server.images import JpegBatch
 from model_server.ipc import (
     BAD_INPUT,
     DEADLINE,
@@ -40,7 +41,6 @@ from model_server.ipc import (
     decode_request,
     encode_request,
 )
-from model_server.pipeline import JpegBatch
 from optimize.registry import CROP_SIZE, NUM_CLASSES
 
 T = TypeVar("T")

@@ -145,7 +145,7 @@ def test_resize_in_chunks_matches_one_pass(monkeypatch: pytest.MonkeyPatch) -> N
 def test_cpu_decode_share_sends_that_share_of_requests_to_the_cpu(share: float, to_cpu: int) -> None:
     """--cpu_decode_share: of 8 one-image requests, ``share`` go to PIL, spread evenly; a pool with a
     decode for each of its threads already gets none, whatever the share."""
-    from model_server.preprocess import CpuDecodeShare
+    from model_server.images import CpuDecodeShare
 
     router = CpuDecodeShare(share, threads=2)
     picks = [router.take(1) for _ in range(8)]
@@ -168,9 +168,10 @@ def test_the_front_end_decodes_its_cpu_share_with_pil_and_forwards_the_rest_as_j
 
     code = """
 import asyncio, torch
+import numpy as np
 from pathlib import Path
 from model_server.config import ServingConfig
-from model_server.pipeline import JpegBatch
+from model_server.images import JpegBatch
 from model_server.predictor import DenseNetPredictor
 from model_server.preprocess import decode_and_crop
 from loadtest._payloads import photo_set
@@ -180,9 +181,9 @@ p._gpu_decode = True  # what load() sets on a GPU with nvJPEG; routing happens b
 async def main():
     return [await p._decode([jpeg]) for _ in range(6)]
 out = asyncio.run(main())
-cpu = [o for o in out if isinstance(o, torch.Tensor)]
+cpu = [o for o in out if isinstance(o, np.ndarray)]  # the front end's crops are numpy: it has no torch
 assert len(cpu) == 3 and sum(isinstance(o, JpegBatch) for o in out) == 3, out
-assert all(torch.equal(t, decode_and_crop(jpeg)[None]) for t in cpu)
+assert all(torch.equal(torch.from_numpy(t), decode_and_crop(jpeg)[None]) for t in cpu)
 assert p._cpu_share.decoding == 0
 print("OK")
 """

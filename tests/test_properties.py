@@ -269,7 +269,7 @@ def test_v2_binary_bytes_framing_parse_or_bad_input(n: int, blob: bytes) -> None
 
 def _pil_gpu_rule(data: bytes) -> bool:
     """The rule gpu_decodable used to apply by opening the image with PIL (the reference here)."""
-    from model_server.preprocess import MAX_ASPECT_RATIO
+    from model_server.images import MAX_ASPECT_RATIO
 
     try:
         with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
@@ -283,7 +283,7 @@ def _pil_gpu_rule(data: bytes) -> bool:
 @given(valid_images())
 def test_jpeg_frame_header_agrees_with_pil(case: tuple[bytes, tuple[int, int]]) -> None:
     """The marker walk reads the same size as PIL, and sends to nvJPEG exactly what the PIL rule sent."""
-    from model_server.preprocess import gpu_decodable, jpeg_frame
+    from model_server.images import gpu_decodable, jpeg_frame
 
     data, (w, h) = case
     frame = jpeg_frame(data)
@@ -297,7 +297,7 @@ def test_jpeg_frame_header_agrees_with_pil(case: tuple[bytes, tuple[int, int]]) 
 @SOME
 @given(corrupted_images())
 def test_jpeg_frame_header_never_raises_on_corrupt_input(data: bytes) -> None:
-    from model_server.preprocess import gpu_decodable
+    from model_server.images import gpu_decodable
 
     accepted = gpu_decodable(data, max_pixels=4_000_000, max_bytes=10**8)
     if accepted:  # whatever the walk accepts, PIL reads as a JPEG frame of that size too (or fails decoding later)
