@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from model_server.config import ServingConfig
 from model_server.pipeline import DevicePipeline
 from model_server.profiler import ProfileCapture
 from model_server.runtimes import Runner, load_runner, resolve_device
+from model_server.tuning import EarlyStart
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,13 @@ class LoadedModel:
         self.batcher.close()
 
 
-def load_model(artifact_dir: Path, config: ServingConfig, *, early: threading.Thread | None = None) -> LoadedModel:
+def load_model(artifact_dir: Path, config: ServingConfig, *, early: EarlyStart | None = None) -> LoadedModel:
     """Read and verify the artifact, load it on ``config.device``, warm every batch bucket and the decoder.
 
-    ``early``: a thread still initialising the device (the CLI's early CUDA and nvJPEG start); it is
-    joined before the first warm-up, as a CUDA graph capture fails if another thread calls CUDA.
+    ``early``: the CLI's early device start. Its CUDA context and libraries are joined before the
+    first warm-up; the CUDA graphs are captured while its nvJPEG warm-up may still run (in the
+    capture mode that forbids unsafe calls in the capturing thread only), which is joined before
+    the pipeline's own decoder warm-up.
 
     Raises:
         ArtifactError: the artifact is missing, malformed or fails its checksum.
@@ -69,8 +71,10 @@ def load_model(artifact_dir: Path, config: ServingConfig, *, early: threading.Th
     runner.buckets = [b for b in runner.buckets if b < max_batch] + [max_batch]
     labels = np.array([s.encode() for s in read_labels(artifact_dir, manifest)], dtype=object)
     if early is not None:
+        early.libraries.join()
+    runner.warm_up(beside=early.decoder if early is not None else None)
+    if early is not None:
         early.join()
-    runner.warm_up()
     t_warm = time.perf_counter()
     profiler = ProfileCapture(Path(config.profile_dir), device)
     pipeline = DevicePipeline(runner, profiler, model_stream=config.model_stream, decode_batch=config.decode_batch)

@@ -173,7 +173,8 @@ def warm_gpu_decoder(device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         large = torch.frombuffer(bytearray(warm_up_jpeg(WARM_UP_LARGE)), dtype=torch.uint8)
         gpu_resize_crop_many(decode_jpegs([large], device))
-        torch.cuda.synchronize(device)
+        # Its own stream only: the early warm-up may run beside a CUDA-graph capture.
+        torch.cuda.current_stream(device).synchronize()
     return crops
 
 

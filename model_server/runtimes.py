@@ -9,6 +9,7 @@ checked offline is exactly what is served.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -105,34 +106,53 @@ class Runner:
         out = self.run_device(self.prepare(batch))
         return out[:n].float().cpu()
 
-    def capture_cuda_graphs(self) -> None:
-        """Capture one CUDA graph per bucket (after a warm-up run on a side stream, as CUDA graphs need)."""
+    def capture_cuda_graphs(self, *, beside: threading.Thread | None = None) -> None:
+        """Capture one CUDA graph per bucket (after a warm-up run on a side stream, as CUDA graphs need).
+
+        ``beside``: a thread that may still be using CUDA (the early nvJPEG warm-up). While it runs
+        the capture forbids unsafe calls in this thread only (``capture_error_mode="thread_local"``);
+        should a capture still fail, that thread is waited for and the bucket captured again.
+        """
         took: dict[int, float] = {}
         for b in self.buckets:
             t0 = time.perf_counter()
-            static_in = self.prepare(torch.zeros((b, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8)).clone()
-            stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
-            stream.wait_stream(torch.cuda.current_stream(self.device))
+            alongside = beside is not None and beside.is_alive()
             try:
-                with torch.inference_mode(), torch.cuda.stream(stream):
-                    self.forward(static_in)  # first call per shape: cuDNN plans, allocator pools
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.inference_mode(), torch.cuda.graph(graph):
-                    static_out = self.forward(static_in)
-            except RuntimeError as e:  # a runtime that cannot be captured still serves, uncaptured
-                log.warning("CUDA graph capture failed for batch %d (%s); running it without a graph", b, e)
+                self._graphs[b] = self._capture(b, "thread_local" if alongside else "global")
+            except RuntimeError as e:
                 torch.cuda.synchronize(self.device)
-                continue
-            self._graphs[b] = (graph, static_in, static_out)
+                if not alongside or beside is None:  # a runtime that cannot be captured still serves, uncaptured
+                    log.warning("CUDA graph capture failed for batch %d (%s); running it without a graph", b, e)
+                    continue
+                log.warning("CUDA graph capture beside %s failed for batch %d (%s); waiting for it", beside.name, b, e)
+                beside.join()
+                try:
+                    self._graphs[b] = self._capture(b, "global")
+                except RuntimeError as again:
+                    log.warning("CUDA graph capture failed for batch %d (%s); running it without a graph", b, again)
+                    torch.cuda.synchronize(self.device)
+                    continue
             took[b] = round(time.perf_counter() - t0, 2)
         log.info("captured CUDA graphs for buckets %s in %.2fs (seconds per bucket: %s)",
                  sorted(self._graphs), sum(took.values()), took)  # fmt: skip
 
-    def warm_up(self) -> None:
-        """Run every batch bucket once so no first-call cost reaches a request."""
+    def _capture(self, b: int, mode: str) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        static_in = self.prepare(torch.zeros((b, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8)).clone()
+        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            self.forward(static_in)  # first call per shape: cuDNN plans, allocator pools
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, capture_error_mode=mode):
+            static_out = self.forward(static_in)
+        return graph, static_in, static_out
+
+    def warm_up(self, *, beside: threading.Thread | None = None) -> None:
+        """Run every batch bucket once so no first-call cost reaches a request (``beside``: see
+        :meth:`capture_cuda_graphs`)."""
         if self.cuda_graphs and not self._graphs:
-            self.capture_cuda_graphs()
+            self.capture_cuda_graphs(beside=beside)
         for b in self.buckets:
             self(torch.zeros((b, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8))
         if self.device.type == "cuda":

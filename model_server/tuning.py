@@ -1,15 +1,32 @@
-"""Process-wide tuning of the garbage collector after start-up, for the device process and the front ends.
+"""Start-up helpers of the device process and the front ends, torch-free: the threads the CLI
+starts early, and the garbage collector's state after start-up.
 
-Torch-free (a front end never imports torch): both kinds of process call these at the same
-points of their start-up.
+Torch-free because a front end never imports torch and the CLI imports this before torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
+import threading
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EarlyStart:
+    """What the CLI starts before its imports finish: a thread that creates the CUDA context and
+    loads cuDNN/cuBLAS (``libraries``) and, started by it once the context exists, nvJPEG's warm-up
+    (``decoder``, None until then or without GPU decode)."""
+
+    libraries: threading.Thread
+    decoder: threading.Thread | None = None
+
+    def join(self) -> None:
+        self.libraries.join()
+        if self.decoder is not None:
+            self.decoder.join()
 
 
 def freeze_so_far() -> None:

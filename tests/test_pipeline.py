@@ -195,12 +195,14 @@ print("OK")
 def test_load_model_joins_the_early_device_start_before_it_warms_up(
     artifacts_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A CUDA graph capture fails if another thread calls CUDA: the early nvJPEG warm-up must be over."""
+    """The early start's libraries are joined before the first warm-up; its nvJPEG warm-up, which the
+    CUDA-graph captures may run beside (thread-local capture mode), before load_model returns."""
     import time
 
     from model_server.config import ServingConfig
     from model_server.device import load_model
     from model_server.runtimes import Runner
+    from model_server.tuning import EarlyStart
 
     order: list[str] = []
 
@@ -210,18 +212,26 @@ def test_load_model_joins_the_early_device_start_before_it_warms_up(
 
     real_warm_up = Runner.warm_up
 
-    def warm_up(self: Runner) -> None:
+    def warm_up(self: Runner, *, beside: threading.Thread | None = None) -> None:
         order.append("warm-up")
-        real_warm_up(self)
+        real_warm_up(self, beside=beside)
 
     monkeypatch.setattr(Runner, "warm_up", warm_up)
-    early = threading.Thread(target=early_work)
-    early.start()
+
+    def decoder_work() -> None:
+        time.sleep(1.0)
+        order.append("decoder warm")
+
+    early = EarlyStart(libraries=threading.Thread(target=early_work), decoder=threading.Thread(target=decoder_work))
+    early.decoder.start()  # type: ignore[union-attr]
+    early.libraries.start()
     model = load_model(
         artifacts_dir / "densenet121-eager-fp32", ServingConfig(device="cpu", max_batch_size=2), early=early
     )
     model.stop()
-    assert order == ["early start done", "warm-up"]
+    # The libraries before the warm-up (graph captures); the decoder's warm-up may run beside the
+    # captures, but is over before load_model returns (and before the pipeline's own decode warm-up).
+    assert order == ["early start done", "warm-up", "decoder warm"]
 
 
 def test_warm_gpu_decoder_decodes_and_crops_on_the_given_device() -> None:
