@@ -22,7 +22,7 @@ def free_port() -> int:
         return port
 
 
-def build_artifacts(out: Path, *variants: str) -> None:
+def build_artifacts(out: Path, *variants: str, device: str = "cpu") -> None:
     cmd = [
         sys.executable,
         "-m",
@@ -33,7 +33,7 @@ def build_artifacts(out: Path, *variants: str) -> None:
         "--output-dir",
         str(out),
         "--device",
-        "cpu",
+        device,
     ]
     cmd += [a for v in variants for a in ("--variant", v)]
     cmd += ["--max-batch", "8"]

@@ -41,3 +41,42 @@ def test_frontend_bench_refuses_a_folder_without_an_artifact(tmp_path: Path) -> 
     proc = subprocess.run([sys.executable, "benchmarks/frontend_bench.py", "--model-dir", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and "holds no variant.json" in proc.stderr
+
+
+def test_frontend_bench_runs_either_event_loop(artifacts_dir: Path) -> None:
+    """--event-loop reaches the front ends and the device stand-in (uvloop and asyncio both serve)."""
+    for loop in ("asyncio", "uvloop"):
+        result = _bench(artifacts_dir, "--event-loop", loop)
+        assert result["errors"] == 0 and result["requests"] > 0 and result["settings"]["event_loop"] == loop
+
+
+def test_wakeup_bench_measures_each_mode() -> None:
+    """benchmarks/wakeup_bench.py: real processes on a real socket pair; one JSON line with each mode."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/wakeup_bench.py", "--gap-ms", "0.2", "--rounds", "50"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    for mode in ("hot", "idle", "spin"):
+        assert 0 < result[mode]["p50_us"] <= result[mode]["p99_us"]
+    assert result["idle_minus_hot_p50_us"] == round(result["idle"]["p50_us"] - result["hot"]["p50_us"], 1)
+    bad = subprocess.run(
+        [sys.executable, "benchmarks/wakeup_bench.py", "--rounds", "3"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--rounds >= 10" in bad.stderr
+
+
+def test_startup_bench_reports_ready_and_every_process_memory(artifacts_dir: Path) -> None:
+    """benchmarks/startup_bench.py: a real server with two front ends, ready polled, RSS per process."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/startup_bench.py", "--model-dir", str(artifacts_dir / "densenet121-eager-fp32"),
+         "--runs", "1", "--server-args", "--max_batch_size 2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ready_s"] > 0 and result["device_rss_mb"] > 0
+    assert len(result["frontend_rss_mb"]) == 2
+    # A front end without torch: well under the device process, which holds torch and the model.
+    assert all(0 < rss < result["device_rss_mb"] for rss in result["frontend_rss_mb"])

@@ -54,7 +54,7 @@ def test_graphs_captured_beside_the_decoder_warm_up_match_eager(tmp_path: Path) 
     from model_server.cli import warm_decoder_timed
     from model_server.runtimes import load_runner
 
-    build_artifacts(tmp_path, "densenet121-eager-fp16-cl-graphs")
+    build_artifacts(tmp_path, "densenet121-eager-fp16-cl-graphs", device="cuda")  # a CUDA-only variant
     d = tmp_path / "densenet121-eager-fp16-cl-graphs"
     runner = load_runner(read_manifest(d), d, torch.device("cuda"))
     decoder = threading.Thread(target=lambda: [warm_decoder_timed(torch.device("cuda"), {}) for _ in range(5)])

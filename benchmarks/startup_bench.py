@@ -1,0 +1,118 @@
+"""Start-up micro-benchmark: process start to ready, and what each process of the server holds.
+
+Starts ``python -m model_server`` on an artifact with ``--frontends N`` (``--repo`` picks the
+source tree, so two commits can be compared on one machine, interleaved), polls
+``/v2/health/ready`` every 50 ms, then reads the resident memory of the device process and of
+each front end (``psutil``; the front ends are the ``multiprocessing`` children). Repeats
+``--runs`` times and prints one JSON line per run: ``ready_s``, ``device_rss_mb``,
+``frontend_rss_mb`` (a list) and the tree it ran. Any device works; ``serve_bench.py`` measures
+ready against a bare-torch floor on a GPU.
+
+    python benchmarks/startup_bench.py --model-dir artifacts/densenet121-eager-fp32 --device cpu --runs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port_pair() -> int:
+    for _ in range(50):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free pair of ports")
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def run_once(
+    repo: Path, model_dir: Path, *, device: str, frontends: int, timeout_s: float, extra: list[str]
+) -> dict[str, Any]:
+    import psutil
+
+    port = _free_port_pair()
+    cmd = [
+        sys.executable, "-m", "model_server", "--model_dir", str(model_dir), "--device", device,
+        "--frontends", str(frontends), "--http_port", str(port), "--grpc_port", str(port + 1),
+        "--log_level", "WARNING", *extra,
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not _ready(port):
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            if time.perf_counter() - t0 > timeout_s:
+                raise RuntimeError(f"not ready after {timeout_s} s")
+            time.sleep(0.05)
+        ready_s = time.perf_counter() - t0
+        time.sleep(1.0)  # the front ends' last start-up allocations
+        me = psutil.Process(proc.pid)
+        fronts = [c for c in me.children() if "--multiprocessing-fork" in " ".join(c.cmdline())]
+        return {
+            "repo": str(repo),
+            "ready_s": round(ready_s, 3),
+            "device_rss_mb": round(me.memory_info().rss / 2**20, 1),
+            "frontend_rss_mb": [round(c.memory_info().rss / 2**20, 1) for c in fronts],
+        }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--model-dir", type=Path, required=True, help="a built artifact")
+    p.add_argument("--device", default="cpu", help="the server's --device, default cpu")
+    p.add_argument("--frontends", type=int, default=2, help="the server's --frontends, default 2")
+    p.add_argument("--runs", type=int, default=2, help="runs per tree, default 2")
+    p.add_argument(
+        "--repo", type=Path, action="append", default=[],
+        help="source tree to run (repeatable: runs alternate between trees); default this one",
+    )  # fmt: skip
+    p.add_argument("--server-args", default="", help="more server flags, e.g. '--max_batch_size 8'")
+    p.add_argument("--timeout-s", type=float, default=180.0, help="longest wait for ready, default 180")
+    args = p.parse_args(argv)
+    if not (args.model_dir / "variant.json").is_file():
+        p.error(f"--model-dir {args.model_dir} holds no variant.json (build one with python -m optimize build)")
+    if args.frontends < 2 or args.runs < 1:
+        p.error(f"--frontends must be >= 2 and --runs >= 1, got {args.frontends} and {args.runs}")
+    repos = args.repo or [ROOT]
+    for _ in range(args.runs):
+        for repo in repos:
+            result = run_once(repo, args.model_dir.resolve(), device=args.device, frontends=args.frontends,
+                              timeout_s=args.timeout_s, extra=shlex.split(args.server_args))  # fmt: skip
+            print(json.dumps({"name": "startup_bench", **result}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
