@@ -8,6 +8,11 @@ each front end (``psutil``; the front ends are the ``multiprocessing`` children)
 ``frontend_rss_mb`` (a list) and the tree it ran. Any device works; ``serve_bench.py`` measures
 ready against a bare-torch floor on a GPU.
 
+``--import-contention N`` times ``import torch`` in a fresh process alone and while N processes
+import what a front end imports, started at the same moment (as the server starts its front ends
+beside the device process, whose first step is that import): whether the front ends' start-up
+slows the device process's.
+
     python benchmarks/startup_bench.py --model-dir artifacts/densenet121-eager-fp32 --device cpu --runs 2
 """
 
@@ -88,9 +93,41 @@ def run_once(
             proc.kill()
 
 
+_IMPORT_TORCH = "import time; t = time.perf_counter(); import torch; print(time.perf_counter() - t)"
+#: What a front end of --frontends N imports before it serves (KServe, FastAPI, grpc, our modules).
+_FRONT_END_IMPORTS = "import kserve.model_server, kserve.protocol.grpc.server, model_server.frontend, model_server.rest"
+
+
+def import_contention(repo: Path, *, beside: int, runs: int) -> dict[str, Any]:
+    """Seconds of ``import torch`` in a fresh process, alone and while ``beside`` processes import
+    what a front end imports (started the same moment, as the server starts its front ends)."""
+    env = dict(os.environ, PYTHONPATH=str(repo))
+
+    def torch_import() -> float:
+        out = subprocess.run([sys.executable, "-c", _IMPORT_TORCH], cwd=repo, env=env, capture_output=True,
+                             text=True, check=True, timeout=300)  # fmt: skip
+        return float(out.stdout.strip().splitlines()[-1])
+
+    alone, contended = [], []
+    for _ in range(runs):
+        alone.append(round(torch_import(), 3))
+        others = [
+            subprocess.Popen([sys.executable, "-c", _FRONT_END_IMPORTS], cwd=repo, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(beside)
+        ]  # fmt: skip
+        try:
+            contended.append(round(torch_import(), 3))
+        finally:
+            for o in others:
+                o.wait(300)
+    return {"name": "startup_bench-import-contention", "beside": beside, "import_torch_alone_s": alone,
+            "import_torch_beside_front_ends_s": contended, "cpus": os.cpu_count()}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--model-dir", type=Path, required=True, help="a built artifact")
+    p.add_argument("--model-dir", type=Path, default=Path("."), help="a built artifact")
     p.add_argument("--device", default="cpu", help="the server's --device, default cpu")
     p.add_argument("--frontends", type=int, default=2, help="the server's --frontends, default 2")
     p.add_argument("--runs", type=int, default=2, help="runs per tree, default 2")
@@ -100,7 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--server-args", default="", help="more server flags, e.g. '--max_batch_size 8'")
     p.add_argument("--timeout-s", type=float, default=180.0, help="longest wait for ready, default 180")
+    p.add_argument(
+        "--import-contention", type=int, default=0, metavar="N",
+        help="instead: time `import torch` alone and beside N processes importing what a front end imports "
+        "(--runs times each, interleaved); --model-dir is not used",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.import_contention:
+        print(json.dumps(import_contention((args.repo or [ROOT])[0], beside=args.import_contention, runs=args.runs)))
+        return 0
     if not (args.model_dir / "variant.json").is_file():
         p.error(f"--model-dir {args.model_dir} holds no variant.json (build one with python -m optimize build)")
     if args.frontends < 2 or args.runs < 1:

@@ -80,3 +80,15 @@ def test_startup_bench_reports_ready_and_every_process_memory(artifacts_dir: Pat
     assert len(result["frontend_rss_mb"]) == 2
     # A front end without torch: well under the device process, which holds torch and the model.
     assert all(0 < rss < result["device_rss_mb"] for rss in result["frontend_rss_mb"])
+
+
+def test_startup_bench_times_import_torch_alone_and_beside_front_ends() -> None:
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/startup_bench.py", "--import-contention", "1", "--runs", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["beside"] == 1
+    assert len(result["import_torch_alone_s"]) == len(result["import_torch_beside_front_ends_s"]) == 1
+    assert all(t > 0 for t in result["import_torch_alone_s"] + result["import_torch_beside_front_ends_s"])
