@@ -478,7 +478,7 @@ class Sampler(threading.Thread):
 
 #: What a run measures, in the order it runs; ``--phases`` picks a subset. The cold start
 #: (``ready_s``, ``first_request_ms``, idle memory) is always measured: the loads need the server anyway.
-PHASES = ("ondevice", "floor", "single", "cpu-roles", "sizes", "batched", "compare")
+PHASES = ("ondevice", "floor", "startup", "single", "cpu-roles", "sizes", "batched", "compare")
 #: The arm every ``--compare`` arm is measured against: the server with ``--server-args`` alone.
 BASE = "base"
 #: The arm ``--metrics-overhead`` adds, and the one ``metrics_overhead_pct`` is computed from.
@@ -653,11 +653,54 @@ def compute_ratios(metrics: Mapping[str, Any]) -> dict[str, float]:
         ratios["batched_vs_ondevice"] = round(metrics["e2e_batched_img_s"] / metrics["ondevice_img_s"], 3)
     if have("ready_s", "floor_ready_s") and metrics["floor_ready_s"]:
         ratios["ready_vs_floor"] = round(metrics["ready_s"] / metrics["floor_ready_s"], 3)
+    startup = metrics.get("startup")
+    if isinstance(startup, Mapping) and "ready_vs_floor_median" in startup:
+        ratios["ready_vs_floor_startup_median"] = startup["ready_vs_floor_median"]
     if have("e2e_c1_p50_ms", "ondevice_b1_ms"):
         ratios["c1_p50_minus_ondevice_b1_ms"] = round(metrics["e2e_c1_p50_ms"] - metrics["ondevice_b1_ms"], 2)
     if have("first_request_ms", "e2e_c1_p50_ms") and metrics["e2e_c1_p50_ms"]:
         ratios["first_request_vs_c1_p50"] = round(metrics["first_request_ms"] / metrics["e2e_c1_p50_ms"], 2)
     return ratios
+
+
+def startup_summary(pairs: Sequence[Mapping[str, float]]) -> dict[str, Any]:
+    """Medians of the floor, of ready and of their per-pair ratio, over alternating start-ups.
+
+    One floor and one ready per run depend on how fast that moment's ``import torch`` was (3.6 to
+    5.8 s in one minute on one H100 host, ``startup_bench.py --import-contention``); the median of
+    several pairs, each ratio taken within its pair, is what a reader can compare with 1.3x.
+    """
+    ratios = [p["ready_s"] / p["floor_s"] for p in pairs if p["floor_s"] > 0]
+    out: dict[str, Any] = {"pairs": [dict(p) for p in pairs]}
+    if ratios:
+        out["floor_s_median"] = round(statistics.median(p["floor_s"] for p in pairs), 3)
+        out["ready_s_median"] = round(statistics.median(p["ready_s"] for p in pairs), 3)
+        out["ready_vs_floor_median"] = round(statistics.median(ratios), 3)
+        out["ready_vs_floor_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+    return out
+
+
+def startup_phase(args: argparse.Namespace, extra: list[str], device: torch.device, work: Path) -> dict[str, Any]:
+    """``--startup-pairs`` pairs of a floor process and a server start (to ready, then stopped),
+    the order reversed every other pair so a steady drift falls on both."""
+    pairs: list[dict[str, float]] = []
+    for i in range(1, args.startup_pairs + 1):
+        got: dict[str, float] = {}
+        for what in ("floor", "server") if i % 2 else ("server", "floor"):
+            if what == "floor":
+                got["floor_s"] = round(floor_ready(args.model_dir, device)[0], 3)
+                continue
+            server = Server(args.model_dir, args.device, args.port or free_port_pair(), extra,
+                            work / f"server-startup-{i}.log")  # fmt: skip
+            try:
+                got["ready_s"] = round(server.wait_ready(), 3)
+            finally:
+                server.stop()
+        got["ratio"] = round(got["ready_s"] / got["floor_s"], 3)
+        pairs.append(got)
+        print(f"    start-up pair {i}/{args.startup_pairs}: ready {got['ready_s']:.2f} s, "
+              f"floor {got['floor_s']:.2f} s, {got['ratio']:.2f}x", file=sys.stderr, flush=True)  # fmt: skip
+    return startup_summary(pairs)
 
 
 def load_users(metrics: Mapping[str, Any], levels: Sequence[int], explicit: int | None = None) -> int:
@@ -756,6 +799,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--pairs", type=int, default=3, help="repetitions of every compared arm and of the base")
     p.add_argument(
+        "--startup-pairs", type=int, default=3,
+        help="the startup phase: this many pairs of a floor process and a server start to ready, alternating "
+        "(default 3); metrics.startup holds each pair and the median ratio",
+    )  # fmt: skip
+    p.add_argument(
         "--compare-images", type=int, default=1,
         help="JPEGs per request in the compare runs (default 1; --batch-images for the batched path)",
     )  # fmt: skip
@@ -802,6 +850,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("the compare phase needs --compare or --metrics-overhead")
     if args.pairs < 1:
         p.error("--pairs must be at least 1")
+    if args.startup_pairs < 1:
+        p.error(f"--startup-pairs must be at least 1, got {args.startup_pairs}")
     if args.roles_images < 1:
         p.error(f"--roles-images must be at least 1, got {args.roles_images}")
     if args.compare_images < 1:
@@ -826,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict[str, Any] = {}
     record_notes: dict[str, str] = {}
     main_loads = [ph for ph in ("single", "cpu-roles", "sizes", "batched") if ph in phases]
-    steps = [ph for ph in ("ondevice", "floor") if ph in phases] + ["cold"]
+    steps = [ph for ph in ("ondevice", "floor", "startup") if ph in phases] + ["cold"]
     steps += ["single"] * any(ph in phases for ph in ("single", "cpu-roles", "sizes"))
     steps += [ph for ph in ("batched", "compare") if ph in phases]
 
@@ -841,6 +891,9 @@ def main(argv: list[str] | None = None) -> int:
         floor_s, floor_how = floor_ready(args.model_dir, device)
         metrics["floor_ready_s"] = round(floor_s, 3)
         record_notes["floor_weights"] = floor_how
+    if "startup" in phases:
+        step("startup", f"start-up: {args.startup_pairs} pairs of a floor process and a server start, alternating")
+        metrics["startup"] = startup_phase(args, extra, device, work)
 
     step("cold", "predictor cold start")
     port = args.port or free_port_pair()

@@ -157,6 +157,37 @@ def test_unusable_flags_exit_2_before_any_work(
     assert "error:" in capsys.readouterr().err
 
 
+def test_startup_summary_takes_medians_and_ratios_within_pairs() -> None:
+    pairs = [
+        {"floor_s": 4.0, "ready_s": 5.0, "ratio": 1.25},
+        {"floor_s": 5.0, "ready_s": 7.0, "ratio": 1.4},
+        {"floor_s": 3.0, "ready_s": 3.6, "ratio": 1.2},
+    ]
+    out = sb.startup_summary(pairs)
+    assert out["floor_s_median"] == 4.0 and out["ready_s_median"] == 5.0
+    assert out["ready_vs_floor_median"] == 1.25  # the median of the ratios, not a ratio of medians
+    assert out["ready_vs_floor_range"] == [1.2, 1.4] and out["pairs"] == pairs
+    assert sb.compute_ratios({"startup": out})["ready_vs_floor_startup_median"] == 1.25
+    assert "ready_vs_floor_median" not in sb.startup_summary([])
+
+
+def test_startup_phase_alternates_floor_and_server_on_the_cpu(artifacts_dir: Path, tmp_path: Path) -> None:
+    cmd = [
+        sys.executable, "benchmarks/serve_bench.py", "--model-dir", str(artifacts_dir / "densenet121-eager-fp32"),
+        "--device", "cpu", "--phases", "startup", "--startup-pairs", "1", "--concurrency", "1", "--sizes", "vga",
+        "--server-args", "--max_batch_size 1 --log_level WARNING", "--results-dir", str(tmp_path), "--name", "cpu-startup",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    (path,) = tmp_path.glob("*-cpu-startup.json")
+    metrics = json.loads(path.read_text())["metrics"]
+    (pair,) = metrics["startup"]["pairs"]
+    assert pair["floor_s"] > 0 and pair["ready_s"] > 0
+    assert metrics["ratios"]["ready_vs_floor_startup_median"] == pytest.approx(
+        pair["ready_s"] / pair["floor_s"], abs=2e-3
+    )
+
+
 def test_single_and_compare_phases_on_the_cpu(artifacts_dir: Path, tmp_path: Path) -> None:
     """A real run, as short as a CPU allows: one server for the single-image load, two fresh ones to compare."""
     cmd = [
