@@ -302,3 +302,18 @@ def test_jpeg_frame_header_never_raises_on_corrupt_input(data: bytes) -> None:
     accepted = gpu_decodable(data, max_pixels=4_000_000, max_bytes=10**8)
     if accepted:  # whatever the walk accepts, PIL reads as a JPEG frame of that size too (or fails decoding later)
         assert data[:2] == b"\xff\xd8"
+
+
+@pytest.mark.parametrize("k", [1, 5, 999, 1000])
+def test_numpy_top_k_matches_torch(k: int) -> None:
+    """The front ends' softmax/top-k is numpy (no torch there): the same probabilities and classes
+    as torch's, largest first."""
+    from model_server.predictor import _topk
+
+    rng = np.random.default_rng(k)
+    logits = (rng.standard_normal((3, 1000)) * 4).astype(np.float32)
+    probs, classes = _topk(logits, k)
+    want_p, want_c = torch.softmax(torch.from_numpy(logits), dim=1).topk(k, dim=1)
+    assert probs.dtype == np.float32 and classes.dtype == np.int64 and probs.shape == classes.shape == (3, k)
+    np.testing.assert_array_equal(classes, want_c.numpy())
+    np.testing.assert_allclose(probs, want_p.numpy(), rtol=1e-5, atol=1e-7)
