@@ -113,11 +113,12 @@ def frontend_main(spec: dict[str, Any]) -> None:
             from model_server.ipc import retain_freed_memory
 
             retain_freed_memory()  # request bodies of ~100 KB each: no page faults per request
-            # No torch here (tests/test_frontends.py checks): its import was the longest part of a front
-            # end's start-up (about 5 s of the 7.3 s on the H100 host, which had to wait for the slowest
-            # front end), hundreds of MB of memory per front end, and its default intra-op pool (an OpenMP
-            # thread per core, spinning after each op) in 6 front ends kept 13 of the host's 16 cores busy
-            # for 90 requests/s of 32 JPEGs (benchmarks/results, batched trace).
+            # No torch here (tests/test_frontends.py checks). With it, the slowest of 6 front ends on the
+            # H100 host registered at 7.4 s, after the device process was warm (torch's import alone took
+            # the device process ~5 s there); without it they register at ~2 s. A front end's memory went
+            # from 618 to 144 MB (startup_bench.py, VM), and torch's default intra-op pool (an OpenMP
+            # thread per core, spinning after each op) in 6 front ends had kept 13 of the host's 16 cores
+            # busy for 90 requests/s of 32 JPEGs (benchmarks/results, batched trace).
             self.manifest = read_manifest(self.artifact_dir, verify=False)  # the device process verifies it
             self.labels = np.array([s.encode() for s in read_labels(self.artifact_dir, self.manifest)], dtype=object)
             # KServe registers only a ready model; nothing listens before connect() and the warm-up.

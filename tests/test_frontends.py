@@ -130,8 +130,8 @@ def test_bad_input_and_grpc_through_a_frontend(multi: Server) -> None:
 
 def test_front_ends_never_load_torch(multi: Server) -> None:
     """Front ends parse, check and forward; the device process owns torch. A front end that loaded
-    torch would pay its import at start-up (about 5 of 7.3 s on the H100 host, on the path to ready)
-    and hundreds of MB of memory, so the paths that could reach it run first: a PNG (decoded by PIL
+    torch would pay its import at start-up (seconds on the H100 host, where the slowest front end
+    then set ready) and ~470 MB of memory, so the paths that could reach it run first: a PNG (decoded by PIL
     in the front end), a UINT8 and an FP32 tensor, a JPEG, top-k and all outputs."""
     import io
 
