@@ -304,16 +304,26 @@ def test_jpeg_frame_header_never_raises_on_corrupt_input(data: bytes) -> None:
         assert data[:2] == b"\xff\xd8"
 
 
-@pytest.mark.parametrize("k", [1, 5, 999, 1000])
-def test_numpy_top_k_matches_torch(k: int) -> None:
+def test_numpy_top_k_matches_torch() -> None:
     """The front ends' softmax/top-k is numpy (no torch there): the same probabilities and classes
-    as torch's, largest first."""
-    from model_server.predictor import _topk
+    as torch's, largest first. In a fresh process: KServe's protobuf modules, which the predictor
+    module imports, may be imported only once per process."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    rng = np.random.default_rng(k)
-    logits = (rng.standard_normal((3, 1000)) * 4).astype(np.float32)
+    code = """
+import numpy as np, torch
+from model_server.predictor import _topk
+for k in (1, 5, 999, 1000):
+    logits = (np.random.default_rng(k).standard_normal((3, 1000)) * 4).astype(np.float32)
     probs, classes = _topk(logits, k)
     want_p, want_c = torch.softmax(torch.from_numpy(logits), dim=1).topk(k, dim=1)
     assert probs.dtype == np.float32 and classes.dtype == np.int64 and probs.shape == classes.shape == (3, k)
     np.testing.assert_array_equal(classes, want_c.numpy())
     np.testing.assert_allclose(probs, want_p.numpy(), rtol=1e-5, atol=1e-7)
+print("OK")
+"""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-2000:]
