@@ -22,7 +22,7 @@ import argparse
 import json
 import os
 import shlex
-import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -31,19 +31,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            port = int(a.getsockname()[1])
-            try:
-                b.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free pair of ports")
 
 
 def _ready(port: int) -> bool:
@@ -58,8 +45,9 @@ def run_once(
     repo: Path, model_dir: Path, *, device: str, frontends: int, timeout_s: float, extra: list[str]
 ) -> dict[str, Any]:
     import psutil
+    from serve_bench import free_port_pair  # this folder is on the path when run as a script
 
-    port = _free_port_pair()
+    port = free_port_pair()
     cmd = [
         sys.executable, "-m", "model_server", "--model_dir", str(model_dir), "--device", device,
         "--frontends", str(frontends), "--http_port", str(port), "--grpc_port", str(port + 1),
@@ -121,8 +109,23 @@ def import_contention(repo: Path, *, beside: int, runs: int) -> dict[str, Any]:
         finally:
             for o in others:
                 o.wait(300)
+    sys.path.insert(0, str(ROOT))
+    import torch  # after the timings: the parent's own import must not overlap them
+
+    from optimize.build import environment
+
+    metrics = {
+        "beside_front_ends_count": beside,
+        "import_torch_alone_s": alone,
+        "import_torch_beside_front_ends_s": contended,
+        "import_torch_alone_median_s": statistics.median(alone),
+        "import_torch_beside_front_ends_median_s": statistics.median(contended),
+    }
     return {"name": "startup_bench-import-contention", "beside": beside, "import_torch_alone_s": alone,
-            "import_torch_beside_front_ends_s": contended, "cpus": os.cpu_count()}  # fmt: skip
+            "import_torch_beside_front_ends_s": contended, "cpus": os.cpu_count(),
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "environ": environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"), packages=()),
+            "metrics": metrics}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

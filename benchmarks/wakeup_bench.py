@@ -30,6 +30,7 @@ import socket
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -101,6 +102,17 @@ def cpuidle_states() -> list[str]:
     return states
 
 
+def _environ() -> dict[str, Any]:
+    """Versions, host and GPU as every record has them (``optimize.build.environment``); called after
+    the timings, so torch is not imported before the processes fork."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+
+    from optimize.build import environment
+
+    return environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"), packages=())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--gap-ms", type=float, default=2.0, help="idle time before each ping, default 2 (a c=1 GPU batch)")
@@ -120,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         "spin": run_mode(rounds=args.rounds, gap_s=gap_s, spin=True),
     }
     result["idle_minus_hot_p50_us"] = round(result["idle"]["p50_us"] - result["hot"]["p50_us"], 1)
+    # The record's keys (benchmarks/results): every figure above with its unit, and the host's versions.
+    result["metrics"] = {
+        "gap_ms": args.gap_ms,
+        **{f"{mode}_{key}": result[mode][key] for mode in ("hot", "idle", "spin") for key in result[mode]},
+        "idle_minus_hot_p50_us": result["idle_minus_hot_p50_us"],
+    }
+    result["environ"] = {**_environ(), "cpuidle": result["cpuidle"]}
     print(json.dumps(result))
     return 0
 

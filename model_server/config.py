@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.util
-import logging
 import os
 import tempfile
-
-log = logging.getLogger(__name__)
 
 # Here, not in preprocess (which imports torch and PIL): the CLI parses its flags, and starts the
 # front-end processes of --frontends N, before the device process spends seconds importing torch.

@@ -117,35 +117,35 @@ class Runner:
         for b in self.buckets:
             t0 = time.perf_counter()
             alongside = beside is not None and beside.is_alive()
-            try:
-                self._graphs[b] = self._capture(b, "thread_local" if alongside else "global")
-            except RuntimeError as e:
-                torch.cuda.synchronize(self.device)
-                if not alongside or beside is None:  # a runtime that cannot be captured still serves, uncaptured
-                    log.warning("CUDA graph capture failed for batch %d (%s); running it without a graph", b, e)
-                    continue
-                log.warning("CUDA graph capture beside %s failed for batch %d (%s); waiting for it", beside.name, b, e)
+            captured = self._capture(b, "thread_local" if alongside else "global")
+            if isinstance(captured, RuntimeError) and alongside and beside is not None:
+                log.warning("CUDA graph capture beside %s failed for batch %d (%s); waiting for it",
+                            beside.name, b, captured)  # fmt: skip
                 beside.join()
-                try:
-                    self._graphs[b] = self._capture(b, "global")
-                except RuntimeError as again:
-                    log.warning("CUDA graph capture failed for batch %d (%s); running it without a graph", b, again)
-                    torch.cuda.synchronize(self.device)
-                    continue
+                captured = self._capture(b, "global")
+            if isinstance(captured, RuntimeError):  # a runtime that cannot be captured still serves, uncaptured
+                log.warning("CUDA graph capture failed for batch %d (%s); running it without a graph", b, captured)
+                continue
+            self._graphs[b] = captured
             took[b] = round(time.perf_counter() - t0, 2)
         log.info("captured CUDA graphs for buckets %s in %.2fs (seconds per bucket: %s)",
                  sorted(self._graphs), sum(took.values()), took)  # fmt: skip
 
-    def _capture(self, b: int, mode: str) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    def _capture(self, b: int, mode: str) -> tuple[Any, torch.Tensor, torch.Tensor] | RuntimeError:
+        """Bucket ``b``'s graph with its static input and output, or the error that stopped the capture."""
         static_in = self.prepare(torch.zeros((b, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8)).clone()
         stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.inference_mode(), torch.cuda.stream(stream):
-            self.forward(static_in)  # first call per shape: cuDNN plans, allocator pools
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, capture_error_mode=mode):
-            static_out = self.forward(static_in)
+        try:
+            with torch.inference_mode(), torch.cuda.stream(stream):
+                self.forward(static_in)  # first call per shape: cuDNN plans, allocator pools
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph, capture_error_mode=mode):
+                static_out = self.forward(static_in)
+        except RuntimeError as e:
+            torch.cuda.synchronize(self.device)
+            return e
         return graph, static_in, static_out
 
     def warm_up(self, *, beside: threading.Thread | None = None) -> None:
