@@ -30,6 +30,7 @@ import csv
 import datetime as dt
 import gzip
 import json
+import math
 import os
 import secrets
 import shlex
@@ -315,6 +316,7 @@ def run_locust(
         sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest"), "--headless", "--only-summary",
         "-u", str(users), "-r", str(max(users, 1)), "-t", f"{duration}s", "--host", url,
         "--csv", str(prefix), "--image-sizes", size, "--images-per-request", str(images), "--stop-timeout", "10",
+        "--raw-latency-dir", str(out / f"{tag}-latency"),
     ]  # fmt: skip
     if processes > 1:
         cmd += ["--processes", str(processes)]
@@ -331,23 +333,63 @@ def run_locust(
     subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=duration + 180)
     sampler.join(timeout=10)
     server_side = breakdown(before, scrape_sums(url))
-    rows = list(csv.DictReader((out / f"{tag}_stats.csv").open()))
-    agg = next(r for r in rows if r["Name"] == "Aggregated")
-    reqs = int(agg["Request Count"])
+    totals = locust_totals(out, tag)
+    reqs = int(totals["requests"])
+    exact = exact_percentiles(read_raw_latencies(out / f"{tag}-latency"))
     return {
-        "req_s": float(agg["Requests/s"]),
+        "req_s": float(totals["requests_s"]),
         # Locust's Requests/s counts refused requests too: images/s counts answered ones only.
-        "img_s": float(agg["Requests/s"]) * images * (reqs - int(agg["Failure Count"])) / max(reqs, 1),
-        "p50_ms": float(agg["50%"]),
-        "p99_ms": float(agg["99%"]),
-        "failures": int(agg["Failure Count"]),
+        "img_s": float(totals["requests_s"]) * images * (reqs - int(totals["failures"])) / max(reqs, 1),
+        "p50_ms": float(totals["p50_ms"]),
+        "p99_ms": float(totals["p99_ms"]),
+        "failures": int(totals["failures"]),
         "requests": reqs,
-        "mean_ms": float(agg["Average Response Time"]),
+        "mean_ms": float(totals["avg_ms"]),
+        **exact,
         "server": server_side,
         # Mid-run, the established connections each server process holds, most first: the kernel
         # hashes connections over the front ends' SO_REUSEPORT sockets, so the split varies by run.
         "frontend_connections": split,
     }
+
+
+def locust_totals(out: Path, tag: str) -> dict[str, Any]:
+    """The whole run's totals: from the side file ``loadtest`` writes when Locust quits; else from
+    Locust's ``_stats.csv``, which is rewritten every few seconds and can miss the last requests
+    (a 2-second run: 12 requests in the CSV, 22 in Locust's own summary)."""
+    side = out / f"{tag}_loadtest.json"
+    if side.is_file():
+        totals = json.loads(side.read_text()).get("totals") or {}
+        if totals.get("requests") and all(totals.get(k) is not None for k in ("p50_ms", "p99_ms", "avg_ms")):
+            return dict(totals)
+    rows = list(csv.DictReader((out / f"{tag}_stats.csv").open()))
+    agg = next(r for r in rows if r["Name"] == "Aggregated")
+    return {
+        "requests": int(agg["Request Count"]),
+        "failures": int(agg["Failure Count"]),
+        "requests_s": float(agg["Requests/s"]),
+        "avg_ms": float(agg["Average Response Time"]),
+        "p50_ms": float(agg["50%"]),
+        "p99_ms": float(agg["99%"]),
+    }
+
+
+def read_raw_latencies(folder: Path) -> list[float]:
+    """Every response time the Locust processes wrote under ``folder`` (``--raw-latency-dir``, one
+    ``latency-<pid>.txt`` each; read here without importing Locust, which patches the process)."""
+    return [float(line) for f in sorted(folder.glob("latency-*.txt")) for line in f.read_text().split()]
+
+
+def exact_percentiles(latencies_ms: Sequence[float]) -> dict[str, float]:
+    """p50 and p99 of every successful request's own time (Locust's rounds to whole ms below 100 ms)."""
+    if not latencies_ms:
+        return {}
+    ordered = sorted(latencies_ms)
+
+    def pick(q: float) -> float:  # nearest rank, as Locust picks its percentiles
+        return round(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))], 3)
+
+    return {"p50_exact_ms": pick(0.50), "p99_exact_ms": pick(0.99), "exact_samples": len(ordered)}
 
 
 def connection_split(port: int) -> list[int]:
@@ -570,6 +612,9 @@ def summarize_arm(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out["img_s_spread_pct"] = spread
     if all("ready_s" in r for r in runs):
         out["ready_s"] = [r["ready_s"] for r in runs]
+    if runs and all("p50_exact_ms" in r for r in runs):
+        out["p50_exact_ms"] = [r["p50_exact_ms"] for r in runs]
+        out["p50_exact_ms_median"] = round(statistics.median(out["p50_exact_ms"]), 3)
     out["server"] = [r.get("server", {}) for r in runs]
     out["frontend_connections"] = [r.get("frontend_connections", []) for r in runs]
     return out
@@ -658,6 +703,10 @@ def compute_ratios(metrics: Mapping[str, Any]) -> dict[str, float]:
         ratios["ready_vs_floor_startup_median"] = startup["ready_vs_floor_median"]
     if have("e2e_c1_p50_ms", "ondevice_b1_ms"):
         ratios["c1_p50_minus_ondevice_b1_ms"] = round(metrics["e2e_c1_p50_ms"] - metrics["ondevice_b1_ms"], 2)
+    if have("e2e_c1_p50_exact_ms", "ondevice_b1_ms"):
+        ratios["c1_p50_exact_minus_ondevice_b1_ms"] = round(
+            metrics["e2e_c1_p50_exact_ms"] - metrics["ondevice_b1_ms"], 3
+        )
     if have("first_request_ms", "e2e_c1_p50_ms") and metrics["e2e_c1_p50_ms"]:
         ratios["first_request_vs_c1_p50"] = round(metrics["first_request_ms"] / metrics["e2e_c1_p50_ms"], 2)
     return ratios
@@ -938,6 +987,8 @@ def main(argv: list[str] | None = None) -> int:
             if "c1" in runs:
                 metrics["e2e_c1_p50_ms"] = runs["c1"]["p50_ms"]
                 metrics["e2e_c1_p99_ms"] = runs["c1"]["p99_ms"]
+                if "p50_exact_ms" in runs["c1"]:
+                    metrics["e2e_c1_p50_exact_ms"] = runs["c1"]["p50_exact_ms"]
         if "cpu-roles" in phases:
             # Where the CPU goes at the best concurrency (a second, shorter run with a CPU sampler).
             c = load_users(metrics, levels)

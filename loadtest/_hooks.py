@@ -153,6 +153,14 @@ def add_options(parser: Any) -> None:
         help="SLO: the run fails (exit 1) when the overall p95 exceeds this many ms",
     )
     group.add_argument(
+        "--raw-latency-dir",
+        env_var="LOCUST_RAW_LATENCY_DIR",
+        default="",
+        help="Folder where every process that sends requests writes the response time of each successful "
+        "request, in ms to the microsecond, one per line (latency-<pid>.txt): Locust rounds times below "
+        "100 ms to whole ms in its percentiles",
+    )
+    group.add_argument(
         "--slo-max-failure-ratio",
         env_var="LOCUST_SLO_MAX_FAILURE_RATIO",
         type=float,
@@ -218,6 +226,7 @@ class RunState:
     server_variant: str | None = None
     workers: int = 0
     environment: Environment | None = None
+    raw_latencies_ms: list[float] = dataclasses.field(default_factory=list)
     slo_violations: list[str] = dataclasses.field(default_factory=list)
 
     def saw(self, start: float, end: float, ok: bool) -> None:
@@ -269,6 +278,18 @@ def _on_request(
     end = time.time()
     start = start_time if start_time is not None else end - response_time / 1000.0
     STATE.saw(start, start + response_time / 1000.0, exception is None)
+    if exception is None:
+        STATE.raw_latencies_ms.append(response_time)
+
+
+def write_raw_latencies(folder: str, latencies_ms: list[float]) -> Path | None:
+    """This process's successful response times (ms, microsecond precision), one per line."""
+    if not folder or not latencies_ms:
+        return None
+    path = Path(folder, f"latency-{os.getpid()}.txt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{t:.3f}\n" for t in latencies_ms))
+    return path
 
 
 @events.report_to_master.add_listener
@@ -476,6 +497,7 @@ def run_summary(environment: Environment) -> dict[str, Any]:
 @events.quitting.add_listener
 def _on_quitting(environment: Environment, **_: Any) -> None:
     options = _options(environment)
+    write_raw_latencies(getattr(options, "raw_latency_dir", ""), STATE.raw_latencies_ms)  # workers too
     if _is_worker(environment) or not hasattr(options, "shape"):
         return
     if STATE.watcher is not None:

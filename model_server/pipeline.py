@@ -121,11 +121,15 @@ class DevicePipeline:
         if staged.ready is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(staged.ready)
-            for t in parts.values():  # views of one crop tensor share its storage: recording one covers all
+            # Made on the side stream, used (and freed) on this one. Views of one crop tensor share its
+            # storage: when every payload was JPEG, recording the whole batch covers them all.
+            for t in [staged.whole] if staged.whole is not None else parts.values():
                 if t.device.type == "cuda":
-                    t.record_stream(current)  # made on the side stream, used (and freed) on this one
+                    t.record_stream(current)
+        # Host-to-device timing only where something crosses (a batch of GPU-decoded JPEGs has nothing
+        # to copy): each event pair is four more calls on the device thread's path.
         h2d: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and any(t.device.type == "cpu" for t in parts.values()):
             h2d = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))  # type: ignore[no-untyped-call]
             h2d[0].record()
         batch = staged.whole if staged.whole is not None else self._gather([parts[i] for i in order])

@@ -144,3 +144,34 @@ def test_decode_bench_compares_varying_with_fixed_batch_sizes(tmp_path: Path) ->
     bad = subprocess.run([sys.executable, "benchmarks/decode_bench.py", "--vary-batch", "1-3", "--call-size", "-2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "--call-size must be >= 0, got -2" in bad.stderr
+
+
+def test_request_anatomy_takes_one_request_apart(artifacts_dir: Path, tmp_path: Path) -> None:
+    """benchmarks/request_anatomy.py on the CPU: the whole call, the runner alone, each step, and the
+    profiler's heaviest ops (the GPU-busy figures need CUDA)."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/request_anatomy.py", "--model-dir", str(artifacts_dir / "densenet121-eager-fp32"),
+         "--device", "cpu", "--reps", "2", "--gap-ms", "0", "--profile-calls", "1", "--results-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(next(tmp_path.glob("*-request-anatomy.json")).read_text())
+    assert {"name", "command", "date", "environ", "metrics"} <= set(record)
+    m = record["metrics"]
+    assert m["variant"] == "densenet121-eager-fp32" and m["jpeg_kb"] > 0
+    for key in (
+        "whole_ms",
+        "whole_thread_cpu_ms",
+        "ondevice_b1_ms",
+        "step_nvjpeg_ms",
+        "step_crop_ms",
+        "step_runner_ms",
+    ):
+        assert m[key] > 0, key
+    assert m["steps_sum_ms"] >= m["step_runner_ms"]
+    profile = m["profile"]
+    assert profile["calls"] == 1 and profile["top_self_cpu_us_per_call"]
+    assert "gpu_busy_pct" not in profile
+    bad = subprocess.run([sys.executable, "benchmarks/request_anatomy.py", "--model-dir", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "holds no variant.json" in bad.stderr

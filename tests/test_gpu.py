@@ -67,6 +67,31 @@ def test_graphs_captured_beside_the_decoder_warm_up_match_eager(tmp_path: Path) 
     torch.testing.assert_close(replayed, runner.forward(x), atol=2e-2, rtol=0)
 
 
+def test_pixel_input_graphs_match_the_eager_path(tmp_path: Path) -> None:
+    """uint8 batches go through the input graph (normalise, cast, layout) and the model graph; a
+    batch smaller than its bucket leaves an earlier batch's pixels in the rows it does not fill,
+    which must not change its own logits."""
+    from model_server.artifact import read_manifest
+    from model_server.runtimes import load_runner
+
+    build_artifacts(tmp_path, "densenet121-eager-fp16-cl-graphs", device="cuda")
+    d = tmp_path / "densenet121-eager-fp16-cl-graphs"
+    runner = load_runner(read_manifest(d), d, torch.device("cuda"))
+    runner.warm_up()
+    assert sorted(runner._input_graphs) == runner.buckets
+    gen = torch.Generator().manual_seed(0)
+    runner(torch.randint(0, 255, (4, 3, 224, 224), dtype=torch.uint8, generator=gen))  # fills rows 0-3
+    for n, on_device in ((3, True), (1, False), (4, True)):
+        x = torch.randint(0, 255, (n, 3, 224, 224), dtype=torch.uint8, generator=gen)
+        x = x.cuda() if on_device else x
+        got = runner(x)
+        with torch.inference_mode():
+            want = runner.forward(runner.prepare(x)).float().cpu()
+        assert got.shape == (n, 1000) and got.device.type == "cpu"
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
+        assert (got.argmax(1) == want.argmax(1)).all()
+
+
 def test_server_on_cuda_serves_jpegs(tmp_path: Path) -> None:
     build_artifacts(tmp_path, "densenet121-eager-fp16-cl")
     srv = start_server(tmp_path / "densenet121-eager-fp16-cl", tmp_path / "log", "--device", "cuda")

@@ -225,6 +225,12 @@ def test_single_and_compare_phases_on_the_cpu(artifacts_dir: Path, tmp_path: Pat
     assert record["phases"] == ["single", "compare"]
     metrics = record["metrics"]
     assert metrics["e2e_single_img_s"] > 0 and metrics["e2e_single_best_users"] == 1
+    # Every answered request's own time came back from Locust (which rounds below 100 ms to whole ms),
+    # as many as Locust's final totals count (its CSV, rewritten every few seconds, can miss the last).
+    c1 = metrics["runs"]["c1"]
+    assert c1["exact_samples"] == c1["requests"] - c1["failures"] > 0
+    assert metrics["e2e_c1_p50_exact_ms"] == c1["p50_exact_ms"]
+    assert abs(c1["p50_exact_ms"] - c1["p50_ms"]) <= 1.0 and c1["p50_exact_ms"] <= c1["p99_exact_ms"]
 
     compare = metrics["compare"]
     assert compare["users"] == 1 and compare["pairs"] == 1 and compare["order"] == ["base", "x"]
@@ -232,6 +238,7 @@ def test_single_and_compare_phases_on_the_cpu(artifacts_dir: Path, tmp_path: Pat
     for arm in compare["arms"].values():
         assert len(arm["img_s"]) == len(arm["p50_ms"]) == len(arm["p99_ms"]) == len(arm["server"]) == 1
         assert arm["img_s_median"] == arm["img_s"][0] > 0 and arm["failures"] == [0]
+        assert arm["p50_exact_ms_median"] == arm["p50_exact_ms"][0] > 0
     assert compare["arms"]["base"]["server"][0]["device_mean_ms"] > 0  # the breakdown of the run, from /metrics
     # Mid-run connection split per server process (empty where the host does not list sockets).
     for split in (s for arm in compare["arms"].values() for s in arm["frontend_connections"]):
