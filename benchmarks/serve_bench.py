@@ -164,7 +164,15 @@ def rss_of(pid: int) -> float:
 
 class Server:
     def __init__(
-        self, model_dir: Path, device: str, port: int, extra: list[str], log: Path, *, admin_token: str = ""
+        self,
+        model_dir: Path,
+        device: str,
+        port: int,
+        extra: list[str],
+        log: Path,
+        *,
+        admin_token: str = "",
+        root: Path = ROOT,
     ) -> None:
         self.url = f"http://127.0.0.1:{port}"
         cmd = [
@@ -175,7 +183,8 @@ class Server:
         self.admin_token = admin_token
         env = {**os.environ, "DENSENET_ADMIN_TOKEN": admin_token} if admin_token else None  # not in the process list
         self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+        # ``python -m`` puts the working directory first on sys.path: the predictor's code is ``root``'s.
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
         self.log = log
 
     def wait_ready(self, timeout_s: float = 600) -> float:
@@ -740,7 +749,7 @@ def startup_phase(args: argparse.Namespace, extra: list[str], device: torch.devi
                 got["floor_s"] = round(floor_ready(args.model_dir, device)[0], 3)
                 continue
             server = Server(args.model_dir, args.device, args.port or free_port_pair(), extra,
-                            work / f"server-startup-{i}.log")  # fmt: skip
+                            work / f"server-startup-{i}.log", root=args.server_root)  # fmt: skip
             try:
                 got["ready_s"] = round(server.wait_ready(), 3)
             finally:
@@ -764,7 +773,14 @@ def run_arm(
     args: argparse.Namespace, server_args: list[str], users: int, photo: Any, work: Path, tag: str
 ) -> dict[str, Any]:
     """One repetition of one arm on a fresh server: start, wait for ready, one warm request, Locust, stop."""
-    server = Server(args.model_dir, args.device, args.port or free_port_pair(), server_args, work / f"server-{tag}.log")
+    server = Server(
+        args.model_dir,
+        args.device,
+        args.port or free_port_pair(),
+        server_args,
+        work / f"server-{tag}.log",
+        root=args.server_root,
+    )
     try:
         ready_s = server.wait_ready()
         one_request_ms(server.url, photo, args.user)  # the first request pays for lazy set-up: not part of the load
@@ -884,10 +900,17 @@ def main(argv: list[str] | None = None) -> int:
         "collapsed stacks of what holds the GIL and of every thread's activity, next to the record and under "
         "$OUT (py-spy must be installed); default 0: off",
     )  # fmt: skip
+    p.add_argument(
+        "--server-root", type=Path, default=ROOT,
+        help="run the predictor from this checkout (default: this one), e.g. an earlier commit's worktree, to "
+        "compare code versions on one machine by alternating runs; Locust and the figures stay this checkout's",
+    )  # fmt: skip
     p.add_argument("--port", type=int, default=0, help="HTTP port (gRPC gets port+1); default: a free one")
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default="")
     args = p.parse_args(argv)
+    if not (args.server_root / "model_server" / "__main__.py").is_file():
+        p.error(f"--server-root {args.server_root} holds no model_server package (a checkout of this repository)")
     try:
         phases = parse_phases(args.phases)
         arms = parse_compare(args.compare, metrics_overhead=args.metrics_overhead)
@@ -947,7 +970,9 @@ def main(argv: list[str] | None = None) -> int:
     step("cold", "predictor cold start")
     port = args.port or free_port_pair()
     token = secrets.token_hex(16) if args.trace_batches else ""
-    server = Server(args.model_dir, args.device, port, extra, work / "server.log", admin_token=token)
+    server = Server(
+        args.model_dir, args.device, port, extra, work / "server.log", admin_token=token, root=args.server_root
+    )
     levels = [int(c) for c in args.concurrency.split(",")]
     sizes = args.sizes.split(",")
     runs: dict[str, dict[str, Any]] = {}

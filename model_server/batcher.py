@@ -48,7 +48,8 @@ class DynamicBatcher:
             of them), returns one result (logits ``[n,...]``) or exception per payload.
         prepare: optional first stage, run on a thread of its own (decoding batch k+1 while
             ``run`` has batch k on the device); a batch with no other in flight runs both stages
-            in one call on the device thread, since there is nothing to overlap.
+            in one call on the device thread, since there is nothing to overlap: ``alone`` when
+            given (a cheaper way to do both), else ``run(prepare(payloads))``.
         max_batch_size: most images in one device batch.
         max_delay_s: longest the first request of a batch waits for company.
         max_queue_images: most images waiting; more are refused with :class:`Overloaded`.
@@ -61,6 +62,7 @@ class DynamicBatcher:
         run: Callable[[Any], list[torch.Tensor | Exception]],
         *,
         prepare: Callable[[list[Any]], Any] | None = None,
+        alone: Callable[[list[Any]], list[torch.Tensor | Exception]] | None = None,
         max_batch_size: int,
         max_delay_s: float,
         max_queue_images: int,
@@ -70,6 +72,7 @@ class DynamicBatcher:
             raise ValueError("need max_batch_size >= 1 and max_queue_images >= max_batch_size")
         self.run = run
         self.prepare = prepare
+        self.alone = alone
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_images = max_queue_images
@@ -214,6 +217,8 @@ class DynamicBatcher:
             self._slots.release()
 
     def _prepare_and_run(self, payloads: list[Any]) -> list[torch.Tensor | Exception]:
+        if self.alone is not None:
+            return self.alone(payloads)
         assert self.prepare is not None
         return self.run(self.prepare(payloads))
 

@@ -87,6 +87,7 @@ def load_model(artifact_dir: Path, config: ServingConfig, *, early: EarlyStart |
     batcher = DynamicBatcher(
         pipeline.execute if two_stage else pipeline,
         prepare=pipeline.prepare if two_stage else None,
+        alone=pipeline if two_stage else None,
         max_batch_size=max_batch,
         max_delay_s=config.max_delay_ms / 1000.0,
         max_queue_images=max(config.max_queue_images, max_batch),

@@ -9,6 +9,7 @@ import io
 import itertools
 import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -318,3 +319,66 @@ def test_the_batched_decode_is_recognised_by_its_types_whatever_its_argument_nam
     assert batched_decode_schema_ok(ops.inferred.default._schema)
     assert batched_decode_schema_ok(ops.named.default._schema)
     assert not batched_decode_schema_ok(ops.other.default._schema)
+
+
+def test_a_lone_batch_takes_the_batchers_alone_path() -> None:
+    """With ``alone`` (the pipeline's one-stream call), a batch with no other in flight is run by it on
+    the device thread; batches that overlap another still go through prepare and run."""
+    from model_server.batcher import DynamicBatcher
+
+    calls: list[tuple[str, str, list[int]]] = []
+    hold = threading.Event()
+
+    def prepare(payloads: list[int]) -> list[int]:
+        calls.append(("prepare", threading.current_thread().name, list(payloads)))
+        return payloads
+
+    def run(staged: list[int]) -> list[torch.Tensor | Exception]:
+        calls.append(("run", threading.current_thread().name, list(staged)))
+        return [torch.tensor([float(s)]) for s in staged]
+
+    def alone(payloads: list[int]) -> list[torch.Tensor | Exception]:
+        calls.append(("alone", threading.current_thread().name, list(payloads)))
+        assert hold.wait(10)
+        return [torch.tensor([float(s)]) for s in payloads]
+
+    async def main() -> list[object]:
+        batcher = DynamicBatcher(
+            run, prepare=prepare, alone=alone, max_batch_size=4, max_delay_s=0.0, max_queue_images=64
+        )
+        try:
+            first = asyncio.ensure_future(batcher.submit(1, 1))
+            await asyncio.sleep(0.1)  # the lone first batch holds the device
+            second = asyncio.ensure_future(batcher.submit(2, 1))
+            await asyncio.sleep(0.1)
+            hold.set()
+            return list(await asyncio.gather(first, second))
+        finally:
+            batcher.close()
+
+    out = asyncio.run(main())
+    assert [float(o) for o in out] == [1.0, 2.0]  # type: ignore[arg-type]
+    assert calls[0][0] == "alone" and calls[0][1].startswith("device") and calls[0][2] == [1]
+    assert [c[0] for c in calls[1:]] == ["prepare", "run"] and calls[1][1].startswith("prepare")
+
+
+def test_rest_routes_skip_kserves_call_only_for_identity_hooks() -> None:
+    """The inference routes call ``predict`` directly when the model keeps KServe's pass-through
+    pre/postprocess (ours); a model that defines either still goes through ``Model.__call__``. In a
+    fresh process: KServe's protobuf modules may be imported only once per process."""
+    code = textwrap.dedent(
+        """
+        from model_server.predictor import DenseNetPredictor
+        from model_server.rest import kserve_hooks_are_identity
+
+        class WithHook(DenseNetPredictor):
+            async def preprocess(self, payload, headers=None):
+                return payload
+
+        print(kserve_hooks_are_identity(DenseNetPredictor.__new__(DenseNetPredictor)),
+              kserve_hooks_are_identity(WithHook.__new__(WithHook)))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]

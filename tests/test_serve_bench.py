@@ -146,6 +146,7 @@ def test_best_concurrency_falls_back_to_the_top_level() -> None:
         ["--phases", "warp"],
         ["--compare", "no-equals-sign"],
         ["--phases", "single", "--trace-batches", "5"],  # a trace is taken in the cpu-roles run only
+        ["--server-root", "/"],  # no model_server package there
     ],
 )
 def test_unusable_flags_exit_2_before_any_work(
