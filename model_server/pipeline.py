@@ -12,6 +12,7 @@ back per request. A JPEG nvJPEG refuses fails only its own request. Decoding bat
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -22,7 +23,7 @@ from model_server import BadInput
 from model_server import metrics as m
 from model_server.config import MODEL_STREAMS
 from model_server.images import JpegBatch, Payload
-from model_server.preprocess import decode_jpegs, gpu_resize_crop_many, normalize, warm_up_jpeg
+from model_server.preprocess import decode_jpegs, gpu_resize_crop_many, normalize, resize_crop_pixels, warm_up_jpeg
 from model_server.profiler import ProfileCapture
 from model_server.runtimes import Runner
 
@@ -38,6 +39,20 @@ class Staged:
     failed: dict[int, Exception]
     ready: torch.cuda.Event | None = None
     whole: torch.Tensor | None = None  # every payload was JPEG: the batch in order, one tensor
+
+
+#: Image sizes whose crop graphs are kept (least recently used dropped), and the largest image that gets one
+#: (1080p; a graph keeps its float copy of the image, 12 bytes a pixel, in a pool the graphs share).
+CROP_GRAPHS = 8
+CROP_GRAPH_MAX_PIXELS = 1920 * 1080
+
+
+@dataclasses.dataclass
+class CropGraph:
+    """A CUDA graph resizing and cropping ``source`` (one decoded image of its size) into pixel rows."""
+
+    graph: torch.cuda.CUDAGraph
+    source: torch.Tensor
 
 
 class DevicePipeline:
@@ -70,6 +85,10 @@ class DevicePipeline:
         # "side": batches run on a non-blocking stream of their own instead of the legacy default
         # stream, which every synchronous copy or allocation elsewhere in the process waits for.
         self._model_stream = torch.cuda.Stream(self.device) if cuda and model_stream == "side" else None  # type: ignore[no-untyped-call]
+        self._crop_graphs: collections.OrderedDict[tuple[int, int], CropGraph] = collections.OrderedDict()
+        self._sizes_seen: dict[tuple[int, int], int] = {}
+        self._crop_failed: set[tuple[int, int]] = set()
+        self._crop_pool = torch.cuda.graph_pool_handle() if cuda else None
 
     def __call__(self, payloads: list[Payload]) -> list[torch.Tensor | Exception]:
         """Both stages in one call, for a batch with nothing to overlap (the device idle before it).
@@ -81,7 +100,89 @@ class DevicePipeline:
         if self._model_stream is None:
             return self.execute(self.prepare(payloads))
         with torch.cuda.stream(self._model_stream):
+            if len(payloads) == 1 and isinstance(payloads[0], JpegBatch) and len(payloads[0]) == 1:
+                lone = self._lone_jpeg(payloads[0])
+                if lone is not None:
+                    return lone
             return self._execute_profiled(self.prepare(payloads, side_stream=False))
+
+    def _lone_jpeg(self, batch: JpegBatch) -> list[torch.Tensor | Exception] | None:
+        """One JPEG with the device idle (a lone request at low load): decoded, cropped straight into the
+        runner's pixel rows (a CUDA graph per image size once the size has been seen twice) and run
+        through the runner's input and model graphs. None where the runner has no input graph."""
+        rows = self.runner.pixel_rows(1)
+        if rows is None:
+            return None
+        if self.profiler is not None:
+            self.profiler.before_batch()
+        try:
+            t0 = time.perf_counter()
+            try:
+                (image,) = decode_jpegs(batch.encoded(), self.device, call_size=self.decode_batch)
+            except RuntimeError as e:
+                return [BadInput(f"JPEG could not be decoded: {e}")]
+            graph = self._crop_graph(image, rows)
+            if graph is None:
+                rows.copy_(resize_crop_pixels(image.unsqueeze(0)))
+            else:
+                graph.source.copy_(image)
+                graph.graph.replay()
+            t1 = time.perf_counter()
+            m.GPU_DECODE_SECONDS.observe(t1 - t0)
+            logits = self.runner.run_filled(1)
+            m.DEVICE_SECONDS.observe(time.perf_counter() - t1)
+            return [logits]
+        finally:
+            if self.profiler is not None:
+                self.profiler.after_batch()
+
+    def _crop_graph(self, image: torch.Tensor, rows: torch.Tensor) -> CropGraph | None:
+        """The crop graph of ``image``'s size: captured the second time a size comes (a size seen once
+        is not worth it), kept for the :data:`CROP_GRAPHS` sizes used last, for images of at most
+        :data:`CROP_GRAPH_MAX_PIXELS`. Replayed, it is 2 calls on the device thread instead of 6."""
+        key = (int(image.shape[1]), int(image.shape[2]))
+        found = self._crop_graphs.get(key)
+        if found is not None:
+            self._crop_graphs.move_to_end(key)
+            return found
+        if key[0] * key[1] > CROP_GRAPH_MAX_PIXELS or key in self._crop_failed:
+            return None
+        if len(self._sizes_seen) >= 4 * CROP_GRAPHS:
+            self._sizes_seen.clear()
+        self._sizes_seen[key] = self._sizes_seen.get(key, 0) + 1
+        if self._sizes_seen[key] < 2:
+            return None
+        captured = self._capture_crop(image, rows)
+        if isinstance(captured, RuntimeError):
+            log.warning("crop graph capture failed for %dx%d images (%s); cropping them eagerly", *key, captured)
+            self._crop_failed.add(key)
+            return None
+        self._crop_graphs[key] = captured
+        if len(self._crop_graphs) > CROP_GRAPHS:
+            self._crop_graphs.popitem(last=False)
+        return captured
+
+    def _capture_crop(self, image: torch.Tensor, rows: torch.Tensor) -> CropGraph | RuntimeError:
+        # The graph API's own context synchronises the device, collects garbage and empties the cache,
+        # a pause in a serving process: capture with the lower-level calls on a side stream instead.
+        # Thread-local mode: the prepare thread may be decoding the next batch meanwhile.
+        source = image.clone()
+        current = torch.cuda.current_stream(self.device)
+        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+        stream.wait_stream(current)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(stream):
+                graph.capture_begin(pool=self._crop_pool, capture_error_mode="thread_local")
+                try:
+                    rows.copy_(resize_crop_pixels(source.unsqueeze(0)))
+                finally:
+                    graph.capture_end()
+        except RuntimeError as e:
+            stream.synchronize()
+            return e
+        current.wait_stream(stream)
+        return CropGraph(graph, source)
 
     def prepare(self, payloads: list[Payload], *, side_stream: bool = True) -> Staged:
         """Decode every JPEG of the batch in one nvJPEG call and resize/crop them (on a side stream

@@ -56,27 +56,35 @@ def gpu_resize_crop_many(images: list[torch.Tensor]) -> torch.Tensor:
         groups.setdefault(tuple(img.shape), []).append(i)
     for shape, idx in groups.items():
         _, h, w = shape
-        if w <= h:
-            nw, nh = RESIZE_SIZE, int(RESIZE_SIZE * h / w)
-        else:
-            nw, nh = int(RESIZE_SIZE * w / h), RESIZE_SIZE
         # The float copy the interpolation needs is 12 bytes per pixel: resize a size group in chunks of
         # at most RESIZE_CHUNK_PIXELS (a batch of 128 12-MP photos would otherwise take 18 GB at once).
         step = max(1, RESIZE_CHUNK_PIXELS // (h * w))
-        top, left = round((nh - CROP_SIZE) / 2.0), round((nw - CROP_SIZE) / 2.0)
         chunks = []
         for k in range(0, len(idx), step):
             chunk = [images[i] for i in idx[k : k + step]]
-            x = (chunk[0].unsqueeze(0) if len(chunk) == 1 else torch.stack(chunk)).float()  # one op fewer alone
-            x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-            x = x[:, :, top : top + CROP_SIZE, left : left + CROP_SIZE]
-            chunks.append(x.round_().clamp_(0, 255).to(torch.uint8))
+            x = chunk[0].unsqueeze(0) if len(chunk) == 1 else torch.stack(chunk)  # one op fewer alone
+            chunks.append(resize_crop_pixels(x).to(torch.uint8))
         crops = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         if len(groups) == 1:
             return crops  # one size (the common case under load): already in order
         for j, i in enumerate(idx):
             out[i] = crops[j]
     return torch.stack([c for c in out if c is not None])
+
+
+def resize_crop_pixels(images: torch.Tensor) -> torch.Tensor:
+    """``Resize(256)`` + ``CenterCrop(224)`` of a uint8 ``[N,3,H,W]`` batch of one size, as float32
+    pixels already rounded and clamped to 0..255 (what the uint8 crop holds, before the cast)."""
+    _, _, h, w = images.shape
+    if w <= h:
+        nw, nh = RESIZE_SIZE, int(RESIZE_SIZE * h / w)
+    else:
+        nw, nh = int(RESIZE_SIZE * w / h), RESIZE_SIZE
+    top, left = round((nh - CROP_SIZE) / 2.0), round((nw - CROP_SIZE) / 2.0)
+    x = torch.nn.functional.interpolate(
+        images.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False
+    )
+    return x[:, :, top : top + CROP_SIZE, left : left + CROP_SIZE].round_().clamp_(0, 255)
 
 
 #: The large warm-up image: a 12 MP photo, so nvJPEG's buffers and the allocator's blocks are already

@@ -115,6 +115,23 @@ class Runner:
         out = self.run_device(self.prepare(batch))
         return out[:n].float().cpu()
 
+    def pixel_rows(self, n: int) -> torch.Tensor | None:
+        """Rows ``:n`` of the input graphs' float32 pixel buffer, for a caller that writes a batch's
+        pixels (0..255, integral) there itself, on the current stream, before :meth:`run_filled`;
+        None where ``n``'s bucket has no input graph."""
+        size = next((b for b in self.buckets if b >= n), None)
+        if self._pixels is None or size not in self._input_graphs:
+            return None
+        return self._pixels[:n]
+
+    def run_filled(self, n: int) -> torch.Tensor:
+        """Host logits ``[n,1000]`` of the ``n`` rows :meth:`pixel_rows` handed out, written already."""
+        size = next(b for b in self.buckets if b >= n)
+        self._input_graphs[size].replay()
+        graph, _, static_out = self._graphs[size]
+        graph.replay()
+        return static_out[:n].float().cpu()
+
     def _run_pixels(self, batch: torch.Tensor, size: int) -> torch.Tensor:
         """uint8 pixels through the bucket's two graphs: the input graph (normalise, cast, layout) and
         the model's. Six host-side calls instead of fourteen (padding, normalisation, layout and
@@ -124,10 +141,7 @@ class Runner:
         assert self._pixels is not None
         n = batch.shape[0]
         self._pixels[:n].copy_(batch, non_blocking=True)
-        self._input_graphs[size].replay()
-        graph, _, static_out = self._graphs[size]
-        graph.replay()
-        return static_out[:n].float().cpu()
+        return self.run_filled(n)
 
     def capture_cuda_graphs(self, *, beside: threading.Thread | None = None) -> None:
         """Capture one CUDA graph per bucket (after a warm-up run on a side stream, as CUDA graphs need).

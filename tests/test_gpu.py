@@ -104,3 +104,32 @@ def test_server_on_cuda_serves_jpegs(tmp_path: Path) -> None:
         assert "densenet_gpu_decode_seconds_count" in metrics
     finally:
         stop_server(srv)
+
+
+def test_a_lone_jpeg_through_crop_graphs_matches_the_two_stage_path(tmp_path: Path) -> None:
+    """The device-idle path for one JPEG (decode, crop into the runner's pixel rows, a crop graph per
+    size from its second sighting) gives the logits of the two-stage path; a new image of a size
+    already captured is cropped from its own pixels; a corrupt JPEG fails alone."""
+    from model_server import BadInput
+    from model_server.artifact import read_manifest
+    from model_server.pipeline import DevicePipeline, JpegBatch
+    from model_server.runtimes import load_runner
+
+    build_artifacts(tmp_path, "densenet121-eager-fp16-cl-graphs", device="cuda")
+    d = tmp_path / "densenet121-eager-fp16-cl-graphs"
+    runner = load_runner(read_manifest(d), d, torch.device("cuda"))
+    runner.warm_up()
+    pipeline = DevicePipeline(runner)
+    jpegs = _jpegs()
+    small = io.BytesIO()
+    Image.open(io.BytesIO(jpegs[0])).resize((500, 375)).save(small, format="JPEG")
+    order = [jpegs[0], jpegs[0], jpegs[0], jpegs[1], small.getvalue(), small.getvalue(), jpegs[2]]
+    for k, jpeg in enumerate(order):
+        (got,) = pipeline([JpegBatch([jpeg])])
+        (want,) = pipeline.execute(pipeline.prepare([JpegBatch([jpeg])]))
+        assert isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor), k
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
+    sizes = {tuple(Image.open(io.BytesIO(j)).size[::-1]) for j in (jpegs[0], small.getvalue())}
+    assert set(pipeline._crop_graphs) >= sizes  # both sizes came twice: captured
+    (bad,) = pipeline([JpegBatch([b"\xff\xd8\xff" + b"\0" * 100])])
+    assert isinstance(bad, BadInput)
