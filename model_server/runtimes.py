@@ -130,7 +130,9 @@ class Runner:
         self._input_graphs[size].replay()
         graph, _, static_out = self._graphs[size]
         graph.replay()
-        return static_out[:n].float().cpu()
+        # The copy first, then the cast on the host: one CUDA op fewer on the request's path (the
+        # logits are 2 KB at batch 1), and FP16 to FP32 is exact either way.
+        return static_out[:n].cpu().float()
 
     def _run_pixels(self, batch: torch.Tensor, size: int) -> torch.Tensor:
         """uint8 pixels through the bucket's two graphs: the input graph (normalise, cast, layout) and
