@@ -26,10 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import json
-import os
-import shlex
 import statistics
 import sys
 import threading
@@ -40,21 +36,24 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "benchmarks"))  # records, also when this file is loaded by path
 
 import torch  # noqa: E402
+from records import write_record  # noqa: E402
 
 from loadtest._payloads import photo_set  # noqa: E402
 from model_server.preprocess import decode_and_crop, gpu_resize_crop_many  # noqa: E402
 from model_server.runtimes import Runner  # noqa: E402
 
 
-def _median_ms(
-    fn: Callable[[], object], reps: int, device: torch.device, *, sync_all: bool = True
+def median_ms(
+    fn: Callable[[], object], reps: int, device: torch.device, *, sync_all: bool = True, gap_s: float = 0.0
 ) -> tuple[float, float]:
     """Median wall ms of ``fn`` and median calling-thread CPU ms.
 
     After each call the device is synchronised (``sync_all``) or only this thread's current stream
-    (beside a load: a device-wide synchronisation would wait for the load's work as well).
+    (beside a load: a device-wide synchronisation would wait for the load's work as well). ``gap_s``:
+    idle time before each timed call (a lone request's situation: every thread asleep before it).
     """
     if device.type != "cuda":
         sync: Callable[[], object] = lambda: None  # noqa: E731
@@ -66,6 +65,8 @@ def _median_ms(
     sync()
     walls, cpus = [], []
     for _ in range(reps):
+        if gap_s:
+            time.sleep(gap_s)
         t0, c0 = time.perf_counter(), time.thread_time()
         fn()
         sync()
@@ -218,13 +219,13 @@ def contention(device: torch.device, arms: list[str], size: str, n: int, reps: i
     parts = _stage_parts(_pipeline(device, n), [p.jpeg for p in photo_set(size)], n)
     metrics: dict[str, Any] = {"contention_size": size, "contention_batch": n}
     for part, fn in parts.items():
-        metrics[f"idle_{part}_ms"], _ = _median_ms(fn, reps, device, sync_all=False)
+        metrics[f"idle_{part}_ms"], _ = median_ms(fn, reps, device, sync_all=False)
     for arm in arms:
         print(f"  contention: {arm}", file=sys.stderr, flush=True)
         load = ModelLoad(device, arm)
         with load:
             for part, fn in parts.items():
-                metrics[f"{arm}_{part}_ms"], _ = _median_ms(fn, reps, device, sync_all=False)
+                metrics[f"{arm}_{part}_ms"], _ = median_ms(fn, reps, device, sync_all=False)
         metrics[f"{arm}_model_replays_per_s"] = load.replays_per_s
         del load
         torch.cuda.empty_cache()
@@ -300,22 +301,20 @@ def bench(device: torch.device, sizes: list[str], batch_sizes: list[int], reps: 
     for size in sizes:
         jpegs = [p.jpeg for p in photo_set(size)]
         metrics[f"{size}_jpeg_kb"] = round(sum(len(j) for j in jpegs) / len(jpegs) / 1024, 1)
-        metrics[f"{size}_pil_ms"], _ = _median_ms(lambda j=jpegs[0]: decode_and_crop(j), reps, device)
+        metrics[f"{size}_pil_ms"], _ = median_ms(lambda j=jpegs[0]: decode_and_crop(j), reps, device)
         for n in batch_sizes:
             print(f"  {size} batch {n}", file=sys.stderr, flush=True)
             parts = _stage_parts(pipeline, jpegs, n)
             key = f"{size}_b{n}"
-            metrics[f"{key}_nvjpeg_ms"], metrics[f"{key}_nvjpeg_host_cpu_ms"] = _median_ms(
-                parts["nvjpeg"], reps, device
-            )
-            metrics[f"{key}_crop_ms"], _ = _median_ms(parts["crop"], reps, device)
-            metrics[f"{key}_prepare_ms"], metrics[f"{key}_prepare_host_cpu_ms"] = _median_ms(
+            metrics[f"{key}_nvjpeg_ms"], metrics[f"{key}_nvjpeg_host_cpu_ms"] = median_ms(parts["nvjpeg"], reps, device)
+            metrics[f"{key}_crop_ms"], _ = median_ms(parts["crop"], reps, device)
+            metrics[f"{key}_prepare_ms"], metrics[f"{key}_prepare_host_cpu_ms"] = median_ms(
                 parts["prepare"], reps, device
             )
             metrics[f"{key}_prepare_ms_per_img"] = round(metrics[f"{key}_prepare_ms"] / n, 4)
             if load is not None:
                 with load:
-                    metrics[f"{key}_busy_prepare_ms"], _ = _median_ms(parts["prepare"], reps, device, sync_all=False)
+                    metrics[f"{key}_busy_prepare_ms"], _ = median_ms(parts["prepare"], reps, device, sync_all=False)
                 metrics[f"{key}_busy_model_replays_per_s"] = load.replays_per_s
     if load is not None:
         with load:
@@ -391,26 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"decode_bench on {device}: sizes {args.sizes}, batches {batch_sizes}", file=sys.stderr, flush=True)
         metrics = bench(device, args.sizes.split(","), batch_sizes, args.reps)
-    from optimize.build import environment
-
-    env = environment(device, packages=("torchvision", "pillow"))
-    gpu = (env.get("gpu") or "cpu").lower().replace("nvidia ", "").replace(" ", "-")
-    date = dt.date.today().isoformat()
-    record = {
-        "name": args.name,
-        "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/decode_bench.py", *given]),
-        "date": date,
-        "environ": env,
-        "metrics": metrics,
-    }
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"{date}-{gpu}-{args.name}.json"
-    text = json.dumps(record, indent=1) + "\n"
-    path.write_text(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], path.name).write_text(text)
-    print(json.dumps(metrics, indent=1))
-    print(f"wrote {path}", file=sys.stderr)
+    write_record(args.name, "benchmarks/decode_bench.py", given, device, metrics, args.results_dir)
     return 0
 
 

@@ -25,10 +25,6 @@ there), which is what the tests use.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -42,22 +38,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
-
-
-def _timed(fn: Callable[[], object], reps: int, sync: Callable[[], object], gap_s: float) -> tuple[float, float]:
-    """Median wall ms and median calling-thread CPU ms of ``fn`` followed by ``sync``."""
-    fn()
-    sync()
-    walls, cpus = [], []
-    for _ in range(reps):
-        if gap_s:
-            time.sleep(gap_s)
-        t0, c0 = time.perf_counter(), time.thread_time()
-        fn()
-        sync()
-        walls.append((time.perf_counter() - t0) * 1000)
-        cpus.append((time.thread_time() - c0) * 1000)
-    return round(statistics.median(walls), 3), round(statistics.median(cpus), 3)
+from decode_bench import median_ms  # noqa: E402
+from records import write_record  # noqa: E402
 
 
 def _launch_ms(fn: Callable[[], object], reps: int, sync: Callable[[], object]) -> float:
@@ -98,11 +80,13 @@ def anatomy(model_dir: Path, device: torch.device, *, reps: int, gap_ms: float, 
             raise result
         return result
 
-    metrics["whole_ms"], metrics["whole_thread_cpu_ms"] = _timed(whole, reps, sync, gap_s)
-    metrics["whole_back_to_back_ms"], _ = _timed(whole, reps, sync, 0.0)
+    metrics["whole_ms"], metrics["whole_thread_cpu_ms"] = median_ms(whole, reps, device, gap_s=gap_s)
+    metrics["whole_back_to_back_ms"], _ = median_ms(whole, reps, device)
 
     x = torch.randint(0, 255, (1, 3, 224, 224), dtype=torch.uint8, device=device)
-    metrics["ondevice_b1_ms"], metrics["ondevice_b1_thread_cpu_ms"] = _timed(lambda: runner(x), reps, sync, gap_s)
+    metrics["ondevice_b1_ms"], metrics["ondevice_b1_thread_cpu_ms"] = median_ms(
+        lambda: runner(x), reps, device, gap_s=gap_s
+    )
 
     encoded = request.encoded()
     decoded = decode_jpegs(encoded, device)
@@ -114,7 +98,7 @@ def anatomy(model_dir: Path, device: torch.device, *, reps: int, gap_ms: float, 
         "runner": lambda: runner(crops),
     }
     for name, fn in steps.items():
-        metrics[f"step_{name}_ms"], _ = _timed(fn, reps, sync, gap_s)
+        metrics[f"step_{name}_ms"], _ = median_ms(fn, reps, device, gap_s=gap_s)
         metrics[f"step_{name}_launch_ms"] = _launch_ms(fn, reps, sync)
     metrics["steps_sum_ms"] = round(sum(metrics[f"step_{n}_ms"] for n in steps), 3)
     if profile_calls:
@@ -168,26 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     print(f"request_anatomy on {device}: {args.model_dir.name}, {args.reps} reps", file=sys.stderr, flush=True)
     metrics = anatomy(args.model_dir, device, reps=args.reps, gap_ms=args.gap_ms, profile_calls=args.profile_calls)
-    from optimize.build import environment
-
-    env = environment(device, packages=("torchvision", "pillow"))
-    gpu = (env.get("gpu") or "cpu").lower().replace("nvidia ", "").replace(" ", "-")
-    date = dt.date.today().isoformat()
-    record = {
-        "name": args.name,
-        "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/request_anatomy.py", *given]),
-        "date": date,
-        "environ": env,
-        "metrics": metrics,
-    }
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"{date}-{gpu}-{args.name}.json"
-    text = json.dumps(record, indent=1) + "\n"
-    path.write_text(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], path.name).write_text(text)
-    print(json.dumps(metrics, indent=1))
-    print(f"wrote {path}", file=sys.stderr)
+    write_record(args.name, "benchmarks/request_anatomy.py", given, device, metrics, args.results_dir)
     return 0
 
 
