@@ -7,7 +7,10 @@ call (about 0.1 ms per VGA JPEG at batch 128 on an H100, against 8 ms with PIL o
 CPU core), resizes and crops on the GPU (one interpolation per distinct image size),
 stages host tensors through pinned memory, runs the model once, and splits the logits
 back per request. A JPEG nvJPEG refuses fails only its own request. Decoding batch k+1
-(its own CUDA stream and thread) overlaps running batch k.
+(its own CUDA stream and thread) overlaps running batch k. A batch with nothing to overlap
+(the device idle: every request at low load) runs both stages in one call on the model's
+stream, and a lone JPEG is cropped straight into the runner's pixel buffer by a CUDA graph
+per image size (:meth:`DevicePipeline.__call__`).
 """
 
 from __future__ import annotations
