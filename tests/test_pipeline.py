@@ -382,3 +382,45 @@ def test_rest_routes_skip_kserves_call_only_for_identity_hooks() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "False"]
+
+
+def test_crop_graphs_are_captured_on_a_sizes_second_sighting_and_kept_for_the_last_sizes(
+    runner, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The crop-graph policy (the capture itself needs CUDA; here it is counted): a size gets a graph
+    the second time it comes, the CROP_GRAPHS sizes used last are kept, images over
+    CROP_GRAPH_MAX_PIXELS never get one, and a size whose capture failed is not tried again."""
+    from model_server import pipeline as pl
+
+    pipe = pl.DevicePipeline(runner)
+    captures: list[tuple[int, int]] = []
+    failing = {(30, 40)}
+
+    def capture(image: torch.Tensor, rows: torch.Tensor) -> pl.CropGraph | RuntimeError:
+        key = (int(image.shape[1]), int(image.shape[2]))
+        captures.append(key)
+        if key in failing:
+            return RuntimeError("capture refused")
+        return pl.CropGraph(graph=object(), source=image)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipe, "_capture_crop", capture)
+    rows = torch.zeros(1, 3, 224, 224)
+
+    def image(h: int, w: int) -> torch.Tensor:
+        return torch.zeros(3, h, w, dtype=torch.uint8)
+
+    assert pipe._crop_graph(image(48, 64), rows) is None  # first sighting: cropped eagerly
+    first = pipe._crop_graph(image(48, 64), rows)
+    assert first is not None and captures == [(48, 64)]
+    assert pipe._crop_graph(image(48, 64), rows) is first and captures == [(48, 64)]  # replayed, not recaptured
+    for _ in range(3):  # over the pixel limit: never a graph
+        assert pipe._crop_graph(image(1081, 1920), rows) is None
+    for _ in range(3):  # a failed capture is remembered
+        assert pipe._crop_graph(image(30, 40), rows) is None
+    assert captures.count((30, 40)) == 1
+    sizes = [(50 + k, 60) for k in range(pl.CROP_GRAPHS)]
+    for size in sizes:
+        pipe._crop_graph(image(*size), rows)
+        pipe._crop_graph(image(*size), rows)
+    assert list(pipe._crop_graphs) == sizes  # the oldest, (48, 64), was dropped
+    assert len(pipe._crop_graphs) == pl.CROP_GRAPHS
