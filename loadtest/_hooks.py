@@ -226,7 +226,7 @@ class RunState:
     server_variant: str | None = None
     workers: int = 0
     environment: Environment | None = None
-    raw_latencies_ms: list[float] = dataclasses.field(default_factory=list)
+    raw_latencies_ms: list[float] | None = None  # a list only with --raw-latency-dir
     slo_violations: list[str] = dataclasses.field(default_factory=list)
 
     def saw(self, start: float, end: float, ok: bool) -> None:
@@ -278,11 +278,11 @@ def _on_request(
     end = time.time()
     start = start_time if start_time is not None else end - response_time / 1000.0
     STATE.saw(start, start + response_time / 1000.0, exception is None)
-    if exception is None:
+    if exception is None and STATE.raw_latencies_ms is not None:
         STATE.raw_latencies_ms.append(response_time)
 
 
-def write_raw_latencies(folder: str, latencies_ms: list[float]) -> Path | None:
+def write_raw_latencies(folder: str, latencies_ms: list[float] | None) -> Path | None:
     """This process's successful response times (ms, microsecond precision), one per line."""
     if not folder or not latencies_ms:
         return None
@@ -368,6 +368,8 @@ def _on_init(environment: Environment, runner: Any = None, **_: Any) -> None:
     global STATE
     STATE = RunState(environment=environment)
     options = _options(environment)
+    if getattr(options, "raw_latency_dir", ""):  # kept only when asked for: a soak run sends millions
+        STATE.raw_latencies_ms = []
     if options is None or not hasattr(options, "shape"):
         return  # created by a test or a library user without our options
     _prune_user_classes(environment)

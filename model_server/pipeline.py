@@ -19,6 +19,8 @@ import collections
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -56,6 +58,14 @@ class CropGraph:
 
     graph: torch.cuda.CUDAGraph
     source: torch.Tensor
+
+
+_R = TypeVar("_R")
+
+
+def _undecodable(e: RuntimeError) -> BadInput:
+    """What a request whose JPEG nvJPEG refused gets (it fails alone)."""
+    return BadInput(f"JPEG could not be decoded: {e}")
 
 
 class DevicePipeline:
@@ -103,41 +113,33 @@ class DevicePipeline:
         if self._model_stream is None:
             return self.execute(self.prepare(payloads))
         with torch.cuda.stream(self._model_stream):
-            if len(payloads) == 1 and isinstance(payloads[0], JpegBatch) and len(payloads[0]) == 1:
-                lone = self._lone_jpeg(payloads[0])
-                if lone is not None:
-                    return lone
-            return self._execute_profiled(self.prepare(payloads, side_stream=False))
+            lone = payloads[0] if len(payloads) == 1 else None
+            rows = self.runner.pixel_rows(1) if isinstance(lone, JpegBatch) and len(lone) == 1 else None
+            if isinstance(lone, JpegBatch) and rows is not None:
+                return self._profiled(lambda: self._lone_jpeg(lone, rows))
+            staged = self.prepare(payloads, side_stream=False)
+            return self._profiled(lambda: self._execute(staged))
 
-    def _lone_jpeg(self, batch: JpegBatch) -> list[torch.Tensor | Exception] | None:
+    def _lone_jpeg(self, batch: JpegBatch, rows: torch.Tensor) -> list[torch.Tensor | Exception]:
         """One JPEG with the device idle (a lone request at low load): decoded, cropped straight into the
-        runner's pixel rows (a CUDA graph per image size once the size has been seen twice) and run
-        through the runner's input and model graphs. None where the runner has no input graph."""
-        rows = self.runner.pixel_rows(1)
-        if rows is None:
-            return None
-        if self.profiler is not None:
-            self.profiler.before_batch()
+        runner's pixel ``rows`` (a CUDA graph per image size once the size has been seen twice) and run
+        through the runner's input and model graphs."""
+        t0 = time.perf_counter()
         try:
-            t0 = time.perf_counter()
-            try:
-                (image,) = decode_jpegs(batch.encoded(), self.device, call_size=self.decode_batch)
-            except RuntimeError as e:
-                return [BadInput(f"JPEG could not be decoded: {e}")]
-            graph = self._crop_graph(image, rows)
-            if graph is None:
-                rows.copy_(resize_crop_pixels(image.unsqueeze(0)))
-            else:
-                graph.source.copy_(image)
-                graph.graph.replay()
-            t1 = time.perf_counter()
-            m.GPU_DECODE_SECONDS.observe(t1 - t0)
-            logits = self.runner.run_filled(1)
-            m.DEVICE_SECONDS.observe(time.perf_counter() - t1)
-            return [logits]
-        finally:
-            if self.profiler is not None:
-                self.profiler.after_batch()
+            (image,) = decode_jpegs(batch.encoded(), self.device, call_size=self.decode_batch)
+        except RuntimeError as e:
+            return [_undecodable(e)]
+        graph = self._crop_graph(image, rows)
+        if graph is None:
+            rows.copy_(resize_crop_pixels(image.unsqueeze(0)))
+        else:
+            graph.source.copy_(image)
+            graph.graph.replay()
+        t1 = time.perf_counter()
+        m.GPU_DECODE_SECONDS.observe(t1 - t0)
+        logits = self.runner.run_filled(1)
+        m.DEVICE_SECONDS.observe(time.perf_counter() - t1)
+        return [logits]
 
     def _crop_graph(self, image: torch.Tensor, rows: torch.Tensor) -> CropGraph | None:
         """The crop graph of ``image``'s size: captured the second time a size comes (a size seen once
@@ -212,15 +214,16 @@ class DevicePipeline:
         """Run a prepared batch on the device; one result (logits ``[n,1000]``) or exception per payload."""
         if self._model_stream is not None:
             with torch.cuda.stream(self._model_stream):
-                return self._execute_profiled(staged)
-        return self._execute_profiled(staged)
+                return self._profiled(lambda: self._execute(staged))
+        return self._profiled(lambda: self._execute(staged))
 
-    def _execute_profiled(self, staged: Staged) -> list[torch.Tensor | Exception]:
+    def _profiled(self, run: Callable[[], _R]) -> _R:
+        """``run()``, inside the in-pod profiler's window when a capture is pending or running."""
         if self.profiler is None:
-            return self._execute(staged)
+            return run()
         self.profiler.before_batch()
         try:
-            return self._execute(staged)
+            return run()
         finally:
             self.profiler.after_batch()
 
@@ -283,7 +286,7 @@ class DevicePipeline:
                 mine = decode_jpegs(encoded[start : start + n], self.device, call_size=self.decode_batch)
                 staged.parts[i] = gpu_resize_crop_many(mine)
             except RuntimeError as e:
-                staged.failed[i] = BadInput(f"JPEG could not be decoded: {e}")
+                staged.failed[i] = _undecodable(e)
             start += n
 
     def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:

@@ -75,7 +75,7 @@ class Runner:
             self.pad_to_bucket = True
         self._graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
         # Per bucket, a second small graph from pixels to the model's input (normalise, cast, layout),
-        # reading rows of one shared float32 pixel buffer; see :meth:`_run_pixels`.
+        # reading rows of one shared float32 pixel buffer; see :meth:`pixel_rows`.
         self._input_graphs: dict[int, Any] = {}
         self._pixels: torch.Tensor | None = None
         self._input_pool: Any = None  # one memory pool for every input graph: they never run at once
@@ -101,15 +101,22 @@ class Runner:
         g.replay()
         return static_out
 
+    def _bucket(self, n: int) -> int | None:
+        """The smallest batch bucket holding ``n`` images (None above the largest)."""
+        return next((b for b in self.buckets if b >= n), None)
+
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         n = batch.shape[0]
-        if batch.dtype == torch.uint8 and self._input_graphs:
-            size = next((b for b in self.buckets if b >= n), None)
-            if size in self._input_graphs:
-                return self._run_pixels(batch, size)
+        rows = self.pixel_rows(n) if batch.dtype == torch.uint8 else None
+        if rows is not None:
+            # uint8 pixels through the bucket's input graph and the model's: six host-side calls instead
+            # of fourteen (padding, normalisation, layout and copies one op each), which at batch 1 on the
+            # H100 host took 0.35 ms of CPU before the model graph could start (request_anatomy.py).
+            rows.copy_(batch, non_blocking=True)
+            return self.run_filled(n)
         if self.pad_to_bucket:
-            size = next((b for b in self.buckets if b >= n), n)
+            size = self._bucket(n) or n
             if size > n:
                 batch = torch.cat([batch, batch.new_zeros((size - n, *batch.shape[1:]))])
         out = self.run_device(self.prepare(batch))
@@ -118,32 +125,22 @@ class Runner:
     def pixel_rows(self, n: int) -> torch.Tensor | None:
         """Rows ``:n`` of the input graphs' float32 pixel buffer, for a caller that writes a batch's
         pixels (0..255, integral) there itself, on the current stream, before :meth:`run_filled`;
-        None where ``n``'s bucket has no input graph."""
-        size = next((b for b in self.buckets if b >= n), None)
-        if self._pixels is None or size not in self._input_graphs:
+        None where ``n``'s bucket has no input graph. Rows ``n:bucket`` keep an earlier batch's
+        pixels: every row is computed on its own and only ``n`` are returned."""
+        if self._pixels is None or self._bucket(n) not in self._input_graphs:
             return None
         return self._pixels[:n]
 
     def run_filled(self, n: int) -> torch.Tensor:
         """Host logits ``[n,1000]`` of the ``n`` rows :meth:`pixel_rows` handed out, written already."""
-        size = next(b for b in self.buckets if b >= n)
+        size = self._bucket(n)
+        assert size is not None
         self._input_graphs[size].replay()
         graph, _, static_out = self._graphs[size]
         graph.replay()
         # The copy first, then the cast on the host: one CUDA op fewer on the request's path (the
         # logits are 2 KB at batch 1), and FP16 to FP32 is exact either way.
         return static_out[:n].cpu().float()
-
-    def _run_pixels(self, batch: torch.Tensor, size: int) -> torch.Tensor:
-        """uint8 pixels through the bucket's two graphs: the input graph (normalise, cast, layout) and
-        the model's. Six host-side calls instead of fourteen (padding, normalisation, layout and
-        copies one op each), which at batch 1 on the H100 host took 0.35 ms of CPU before the model
-        graph could start (``benchmarks/request_anatomy.py``). Rows ``n:size`` of the pixel buffer
-        keep an earlier batch's pixels: every row is computed on its own and only ``n`` are returned."""
-        assert self._pixels is not None
-        n = batch.shape[0]
-        self._pixels[:n].copy_(batch, non_blocking=True)
-        return self.run_filled(n)
 
     def capture_cuda_graphs(self, *, beside: threading.Thread | None = None) -> None:
         """Capture one CUDA graph per bucket (after a warm-up run on a side stream, as CUDA graphs need).
@@ -178,19 +175,28 @@ class Runner:
     def _capture(self, b: int, mode: str) -> tuple[Any, torch.Tensor, torch.Tensor] | RuntimeError:
         """Bucket ``b``'s graph with its static input and output, or the error that stopped the capture."""
         static_in = self.prepare(torch.zeros((b, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8)).clone()
+        captured = self._graph_of(lambda: self.forward(static_in), mode)
+        if isinstance(captured, RuntimeError):
+            return captured
+        graph, static_out = captured
+        return graph, static_in, static_out
+
+    def _graph_of(self, fn: Callable[[], Any], mode: str, pool: Any = None) -> tuple[Any, Any] | RuntimeError:
+        """``fn`` run once on a side stream (first call per shape: cuDNN plans, kernels, allocator pools),
+        then captured into a CUDA graph: the graph and what the captured call returned, or the error."""
         stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.inference_mode(), torch.cuda.stream(stream):
-                self.forward(static_in)  # first call per shape: cuDNN plans, allocator pools
+                fn()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, capture_error_mode=mode):
-                static_out = self.forward(static_in)
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
+                out = fn()
         except RuntimeError as e:
             torch.cuda.synchronize(self.device)
             return e
-        return graph, static_in, static_out
+        return graph, out
 
     def _capture_input(self, b: int, static_in: torch.Tensor, mode: str) -> Any | RuntimeError:
         """Bucket ``b``'s input graph: rows ``:b`` of the shared float32 pixel buffer, normalised into
@@ -200,19 +206,8 @@ class Runner:
             self._pixels = torch.zeros(shape, dtype=torch.float32, device=self.device)
             self._input_pool = torch.cuda.graph_pool_handle()
         pixels = self._pixels[:b]
-        stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        try:
-            with torch.inference_mode(), torch.cuda.stream(stream):
-                static_in.copy_(self._from_pixels(pixels))  # warm the kernels outside the capture
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=self._input_pool, capture_error_mode=mode):
-                static_in.copy_(self._from_pixels(pixels))
-        except RuntimeError as e:
-            torch.cuda.synchronize(self.device)
-            return e
-        return graph
+        captured = self._graph_of(lambda: static_in.copy_(self._from_pixels(pixels)), mode, self._input_pool)
+        return captured if isinstance(captured, RuntimeError) else captured[0]
 
     def _from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         x = normalize(pixels, self.dtype)
