@@ -29,7 +29,6 @@ import argparse
 import datetime as dt
 import gzip
 import json
-import math
 import os
 import secrets
 import shlex
@@ -381,8 +380,8 @@ def exact_percentiles(latencies_ms: Sequence[float]) -> dict[str, float]:
         return {}
     ordered = sorted(latencies_ms)
 
-    def pick(q: float) -> float:  # nearest rank, as Locust picks its percentiles
-        return round(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))], 3)
+    def pick(q: float) -> float:  # the rank Locust picks (its calculate_response_time_percentile)
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
 
     return {"p50_exact_ms": pick(0.50), "p99_exact_ms": pick(0.99), "exact_samples": len(ordered)}
 
