@@ -20,6 +20,14 @@ with ``--metrics false``. ``--phases`` runs a subset, e.g. only ``single,compare
     python benchmarks/serve_bench.py --model-dir artifacts/densenet121-eager-fp16-cl-graphs \\
         --phases single,compare --concurrency 128 --metrics-overhead --pairs 5 --duration 15
 
+Fresh servers differ by more than the metrics may cost; the ``metrics-toggle`` phase measures
+that cost inside one server instead: under one continuous load it pauses and resumes the
+server's request-path metrics (``kill -USR1``/``-USR2``) in alternating windows and reports the
+mean effect per pair with a 95 % interval (:mod:`runtime_ab`)::
+
+    python benchmarks/serve_bench.py --model-dir ARTIFACT --phases single,metrics-toggle \\
+        --concurrency 1,128 --toggle-pairs 10 --toggle-window-s 3
+
 Never import kserve here: Locust runs in subprocesses, the server in another.
 """
 
@@ -48,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "benchmarks"))  # trace_summary, also when this file is loaded by path
 
 import requests  # noqa: E402
+import runtime_ab  # noqa: E402
 import torch  # noqa: E402
 import trace_summary  # noqa: E402
 
@@ -368,10 +377,21 @@ def locust_totals(out: Path, tag: str) -> dict[str, Any]:
     return totals
 
 
+def read_raw_samples(folder: Path) -> list[tuple[float, float]]:
+    """Every successful request the Locust processes wrote under ``folder`` (``--raw-latency-dir``, one
+    ``latency-<pid>.txt`` each, a line ``<end Unix s> <ms>`` per request), as (end, ms); read here
+    without importing Locust, which patches the process."""
+    samples: list[tuple[float, float]] = []
+    for f in sorted(folder.glob("latency-*.txt")):
+        for line in f.read_text().splitlines():
+            end, ms = line.split()
+            samples.append((float(end), float(ms)))
+    return samples
+
+
 def read_raw_latencies(folder: Path) -> list[float]:
-    """Every response time the Locust processes wrote under ``folder`` (``--raw-latency-dir``, one
-    ``latency-<pid>.txt`` each; read here without importing Locust, which patches the process)."""
-    return [float(line) for f in sorted(folder.glob("latency-*.txt")) for line in f.read_text().split()]
+    """Every successful request's response time (ms) under ``folder`` (:func:`read_raw_samples`)."""
+    return [ms for _, ms in read_raw_samples(folder)]
 
 
 def exact_percentiles(latencies_ms: Sequence[float]) -> dict[str, float]:
@@ -514,7 +534,7 @@ class Sampler(threading.Thread):
 
 #: What a run measures, in the order it runs; ``--phases`` picks a subset. The cold start
 #: (``ready_s``, ``first_request_ms``, idle memory) is always measured: the loads need the server anyway.
-PHASES = ("ondevice", "floor", "startup", "single", "cpu-roles", "sizes", "batched", "compare")
+PHASES = ("ondevice", "floor", "startup", "single", "cpu-roles", "sizes", "batched", "metrics-toggle", "compare")
 #: The arm every ``--compare`` arm is measured against: the server with ``--server-args`` alone.
 BASE = "base"
 #: The arm ``--metrics-overhead`` adds, and the one ``metrics_overhead_pct`` is computed from.
@@ -754,6 +774,57 @@ def load_users(metrics: Mapping[str, Any], levels: Sequence[int], explicit: int 
     return int(best) if best else max(levels)
 
 
+def metrics_toggle_run(server: Server, args: argparse.Namespace, users: int, work: Path) -> dict[str, Any]:
+    """One Locust run at ``users`` on the running ``server``, its request-path metrics paused and resumed
+    (``kill -USR1``/``-USR2``) in ABBA windows (:mod:`runtime_ab`); the metrics are on again at the end."""
+    from model_server.metrics import PAUSE_SIGNAL, RESUME_SIGNAL
+
+    def switch(on: bool) -> None:
+        os.kill(server.proc.pid, RESUME_SIGNAL if on else PAUSE_SIGNAL)
+
+    settle_s = 6.0  # Locust's start and the spawn of its users, before the first window
+    states = runtime_ab.abba(args.toggle_pairs)
+    duration = int(settle_s + len(states) * args.toggle_window_s) + 2
+    windows: list[runtime_ab.Window] = []
+    first = time.time() + settle_s
+
+    def schedule() -> None:
+        try:
+            windows.extend(runtime_ab.run_windows(first, args.toggle_window_s, states, switch))
+        finally:
+            switch(True)
+
+    scheduler = threading.Thread(target=schedule, daemon=True)
+    scheduler.start()
+    size = args.sizes.split(",")[0]
+    tag = f"toggle-c{users}"
+    procs = 1 if users == 1 else min(args.processes, users)
+    run = run_locust(server.url, args.user, users, procs, duration, size, 1, work, tag)
+    scheduler.join(args.toggle_window_s * len(states) + 30)
+    figures = runtime_ab.window_figures(
+        read_raw_samples(work / f"{tag}-latency"), windows, images_per_request=1, guard_s=args.toggle_guard_s
+    )
+    summary = runtime_ab.summarize(figures, bound_pct=METRICS_OVERHEAD_TARGET_PCT, windows=windows)
+    return {
+        "users": users, "pairs": args.toggle_pairs, "window_s": args.toggle_window_s, "guard_s": args.toggle_guard_s,
+        "img_s": round(run["img_s"], 1), "failures": run["failures"], **summary,
+    }  # fmt: skip
+
+
+def toggle_line(users: int, result: Mapping[str, Any]) -> str:
+    """One terminal line per metrics-toggle run: each cost's mean, 95 % interval and verdict."""
+    parts = []
+    for key, what in (("throughput_cost_pct", "throughput"), ("latency_cost_pct", "p50 latency")):
+        if key in result:
+            c = result[key]
+            interval = f" (95 % CI {c['ci95_low']:+.2f} .. {c['ci95_high']:+.2f})" if "ci95_low" in c else ""
+            parts.append(f"{what} cost {c['mean']:+.2f} %{interval}: {result[key.replace('_pct', '_verdict')]}")
+    return (
+        f"metrics toggled in one server at {users} users, {result['pairs']} ABBA pairs of {result['window_s']:g} s "
+        f"windows: " + ("; ".join(parts) or "no windows with requests")
+    )
+
+
 def run_arm(
     args: argparse.Namespace, server_args: list[str], users: int, photo: Any, work: Path, tag: str
 ) -> dict[str, Any]:
@@ -866,6 +937,17 @@ def main(argv: list[str] | None = None) -> int:
         help='shorthand for --compare metrics_off="--metrics false"; records metrics_overhead_pct',
     )  # fmt: skip
     p.add_argument(
+        "--toggle-users", default="",
+        help="the metrics-toggle phase: Locust users of each run, comma-separated (default: 1 and the best "
+        "single-image concurrency); one server, its metrics paused and resumed in alternating windows",
+    )  # fmt: skip
+    p.add_argument("--toggle-pairs", type=int, default=10, help="metrics-toggle: ABBA pairs of windows per run")
+    p.add_argument("--toggle-window-s", type=float, default=3.0, help="metrics-toggle: seconds per window")
+    p.add_argument(
+        "--toggle-guard-s", type=float, default=0.5,
+        help="metrics-toggle: requests ending this soon after a switch are left out (they ran partly before it)",
+    )  # fmt: skip
+    p.add_argument(
         "--trace-batches", type=int, default=0,
         help="in the cpu-roles run, capture an in-pod torch.profiler trace of this many batches (Perfetto/"
         "TensorBoard JSON, next to the record and under $OUT; the server gets a random admin token); default 0: off",
@@ -913,6 +995,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--roles-images must be at least 1, got {args.roles_images}")
     if args.compare_images < 1:
         p.error(f"--compare-images must be at least 1, got {args.compare_images}")
+    if args.toggle_pairs < 1:
+        p.error(f"--toggle-pairs must be at least 1, got {args.toggle_pairs}")
+    if not 0 <= args.toggle_guard_s < args.toggle_window_s:
+        p.error(f"--toggle-guard-s must be >= 0 and below --toggle-window-s ({args.toggle_window_s:g}), "
+                f"got {args.toggle_guard_s:g}")  # fmt: skip
+    try:
+        toggle_users = [int(u) for u in args.toggle_users.split(",") if u.strip()]
+    except ValueError:
+        p.error(f"--toggle-users must be comma-separated integers, got {args.toggle_users!r}")
+    if any(u < 1 for u in toggle_users):
+        p.error(f"--toggle-users must be at least 1 each, got {args.toggle_users!r}")
     if args.trace_batches < 0 or (args.trace_batches and "cpu-roles" not in phases):
         p.error("--trace-batches must be >= 0 and needs the cpu-roles phase in --phases")
     if args.py_spy < 0 or (args.py_spy and "cpu-roles" not in phases):
@@ -935,7 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
     main_loads = [ph for ph in ("single", "cpu-roles", "sizes", "batched") if ph in phases]
     steps = [ph for ph in ("ondevice", "floor", "startup") if ph in phases] + ["cold"]
     steps += ["single"] * any(ph in phases for ph in ("single", "cpu-roles", "sizes"))
-    steps += [ph for ph in ("batched", "compare") if ph in phases]
+    steps += [ph for ph in ("batched", "metrics-toggle", "compare") if ph in phases]
 
     def step(name: str, text: str) -> None:
         print(f"[{steps.index(name) + 1}/{len(steps)}] {text}", file=sys.stderr, flush=True)
@@ -1080,6 +1173,19 @@ def main(argv: list[str] | None = None) -> int:
             metrics["e2e_batched_p99_ms"] = r["p99_ms"]
             metrics["e2e_batched_users"] = int(best_b[1:])
             metrics["batched_runs"] = batched
+        if "metrics-toggle" in phases:
+            users_list = toggle_users or sorted({1, load_users(metrics, levels)})
+            step("metrics-toggle", f"metrics paused and resumed in one server, {args.toggle_pairs} ABBA pairs of "
+                 f"{args.toggle_window_s:g} s windows, at {', '.join(map(str, users_list))} users")  # fmt: skip
+            toggles = {f"c{u}": metrics_toggle_run(server, args, u, work) for u in users_list}
+            metrics["metrics_toggle"] = toggles
+            for u in users_list:
+                print("    " + toggle_line(u, toggles[f"c{u}"]), file=sys.stderr, flush=True)
+            top = toggles[f"c{max(users_list)}"]
+            if "throughput_cost_pct" in top:
+                metrics["metrics_toggle_throughput_cost_pct"] = top["throughput_cost_pct"]["mean"]
+                metrics["metrics_toggle_throughput_cost_ci95_high_pct"] = top["throughput_cost_pct"].get("ci95_high")
+                metrics["metrics_toggle_users"] = max(users_list)
         if main_loads:
             sampler.stop_evt.set()
             metrics["rss_load_mb"] = sampler.rss
@@ -1103,7 +1209,10 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
 
     compare_failures = [n for arm in metrics.get("compare", {}).get("arms", {}).values() for n in arm["failures"]]
-    metrics["failures_total"] = sum(v["failures"] for v in [*runs.values(), *batched.values()]) + sum(compare_failures)
+    toggle_failures = [t["failures"] for t in metrics.get("metrics_toggle", {}).values()]
+    metrics["failures_total"] = (
+        sum(v["failures"] for v in [*runs.values(), *batched.values()]) + sum(compare_failures) + sum(toggle_failures)
+    )
     metrics["ratios"] = compute_ratios(metrics)
     from optimize.build import environment
 
@@ -1128,12 +1237,14 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], path.name).write_text(path.read_text())
         Path(os.environ["OUT"], f"{name}-server.log").write_text(server.log.read_text()[-200_000:])
-    print(json.dumps({k: v for k, v in metrics.items() if k not in ("runs", "server_metrics_excerpt", "compare")},
-                     indent=1))  # fmt: skip
+    bulky = ("runs", "server_metrics_excerpt", "compare", "metrics_toggle")
+    print(json.dumps({k: v for k, v in metrics.items() if k not in bulky}, indent=1))
     if "compare" in metrics:
         print("\n".join(compare_lines(metrics["compare"])))
     if "metrics_overhead_runs" in metrics:
         print(overhead_line(metrics))
+    for key, result in metrics.get("metrics_toggle", {}).items():
+        print(toggle_line(int(key[1:]), result))
     print(f"wrote {path}")
     return 0
 

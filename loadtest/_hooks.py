@@ -156,9 +156,9 @@ def add_options(parser: Any) -> None:
         "--raw-latency-dir",
         env_var="LOCUST_RAW_LATENCY_DIR",
         default="",
-        help="Folder where every process that sends requests writes the response time of each successful "
-        "request, in ms to the microsecond, one per line (latency-<pid>.txt): Locust rounds times below "
-        "100 ms to whole ms in its percentiles",
+        help="Folder where every process that sends requests writes each successful request's end (Unix "
+        "seconds) and response time (ms, to the microsecond), one request per line (latency-<pid>.txt): "
+        "Locust rounds times below 100 ms to whole ms in its percentiles",
     )
     group.add_argument(
         "--slo-max-failure-ratio",
@@ -226,7 +226,7 @@ class RunState:
     server_variant: str | None = None
     workers: int = 0
     environment: Environment | None = None
-    raw_latencies_ms: list[float] | None = None  # a list only with --raw-latency-dir
+    raw_latencies_ms: list[tuple[float, float]] | None = None  # (end s, ms), a list only with --raw-latency-dir
     slo_violations: list[str] = dataclasses.field(default_factory=list)
 
     def saw(self, start: float, end: float, ok: bool) -> None:
@@ -279,16 +279,16 @@ def _on_request(
     start = start_time if start_time is not None else end - response_time / 1000.0
     STATE.saw(start, start + response_time / 1000.0, exception is None)
     if exception is None and STATE.raw_latencies_ms is not None:
-        STATE.raw_latencies_ms.append(response_time)
+        STATE.raw_latencies_ms.append((end, response_time))
 
 
-def write_raw_latencies(folder: str, latencies_ms: list[float] | None) -> Path | None:
-    """This process's successful response times (ms, microsecond precision), one per line."""
+def write_raw_latencies(folder: str, latencies_ms: list[tuple[float, float]] | None) -> Path | None:
+    """This process's successful requests, one per line: end (Unix s) and response time (ms, microsecond precision)."""
     if not folder or not latencies_ms:
         return None
     path = Path(folder, f"latency-{os.getpid()}.txt")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{t:.3f}\n" for t in latencies_ms))
+    path.write_text("".join(f"{end:.6f} {ms:.3f}\n" for end, ms in latencies_ms))
     return path
 
 

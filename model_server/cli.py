@@ -272,6 +272,7 @@ def _serve_device(args: argparse.Namespace, config: ServingConfig, fronts: Front
 
     if args.metrics == "false":
         metrics.disable()
+    metrics.install_toggle_signals(forward=fronts.forward_signal)
     freeze_so_far()  # the imports
     log.info("device process: imports done %.2fs after process start", time.perf_counter() - process_start())
     try:
@@ -303,6 +304,7 @@ def _serve_single(args: argparse.Namespace, config: ServingConfig, spec: dict[st
 
     if args.metrics == "false":
         metrics.disable()
+    metrics.install_toggle_signals()
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="load") as pool:
         loading = pool.submit(load_model, Path(args.model_dir), config, early=early)
         # rest imports kserve, which parses sys.argv when imported: only once our own flags are parsed.

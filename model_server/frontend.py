@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
+#: :data:`model_server.metrics.PAUSE_SIGNAL` and ``RESUME_SIGNAL`` (tests/test_metrics.py checks they agree).
+TOGGLE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 def enable_multiprocess_metrics() -> str:
@@ -143,10 +145,11 @@ def frontend_main(spec: dict[str, Any]) -> None:
         async def profile_control(self, op: dict[str, Any]) -> dict[str, Any]:
             return await self.client.control(op)
 
-    if not spec["metrics"]:
-        from model_server import metrics
+    from model_server import metrics
 
+    if not spec["metrics"]:
         metrics.disable()
+    metrics.install_toggle_signals()
     model = RemotePredictor(spec["model_name"], Path(spec["model_dir"]), spec["config"])
     model.load()
     _watch_parent(spec["parent_pid"], grace_s=spec["grace_period_s"])
@@ -344,8 +347,20 @@ class FrontEnds:
             ctx.Process(target=frontend_main, args=({**spec, **shared, "index": i},), name=f"frontend-{i}")
             for i in range(n)
         ]
+        # The metrics' pause/resume signals (metrics.PAUSE_SIGNAL, RESUME_SIGNAL; that module is not
+        # imported yet, to start the front ends sooner) would kill a process without a handler. Ignored
+        # here, they stay ignored in the front ends across exec until each installs its handler, and in
+        # this process until the device installs its own (cli._serve_device).
+        for sig in TOGGLE_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         for p in self.procs:
             p.start()
+
+    def forward_signal(self, sig: int) -> None:
+        """Send ``sig`` on to every front end still running."""
+        for p in self.procs:
+            if p.is_alive() and p.pid is not None:
+                os.kill(p.pid, sig)
 
     def abort(self) -> None:
         """The device failed to load: stop the front ends that are waiting for it."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import signal
 import threading
+from collections.abc import Callable
+from types import FrameType
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -131,11 +134,48 @@ class _Off:
         pass
 
 
+#: The metrics written on the request path; ``--metrics false`` and the toggle signals replace them by no-ops.
+REQUEST_PATH = (
+    "REQUEST_SECONDS", "QUEUE_WAIT_SECONDS", "PREPROCESS_SECONDS", "H2D_SECONDS", "GPU_DECODE_SECONDS",
+    "DEVICE_SECONDS", "BATCH_SIZE", "IMAGES", "REJECTED", "QUEUE_DEPTH",
+)  # fmt: skip
+#: ``kill -USR1 <server pid>`` pauses the request-path metrics, ``kill -USR2`` resumes them, in every
+#: process of the server (the device process forwards both to its front ends). For measuring what
+#: the metrics cost inside one running server, and for pausing them without a restart.
+PAUSE_SIGNAL, RESUME_SIGNAL = signal.SIGUSR1, signal.SIGUSR2
+_LIVE: dict[str, object] = {}  # the real metrics, filled on the first switch
+_OFF = _Off()
+
+
+def set_enabled(on: bool) -> None:
+    """Point the request-path metrics at the real ones (``on``) or at no-ops. Callers read
+    ``metrics.NAME`` at each use, so the switch takes effect at their next write."""
+    g = globals()
+    if not _LIVE:
+        _LIVE.update({name: g[name] for name in REQUEST_PATH})
+    for name in REQUEST_PATH:
+        g[name] = _LIVE[name] if on else _OFF
+
+
+def enabled() -> bool:
+    """Whether the request-path metrics record (they do unless switched off)."""
+    return globals()["REQUEST_SECONDS"] is not _OFF
+
+
 def disable() -> None:
-    """Replace the request-path metrics with no-ops (the overhead benchmark's control arm)."""
-    off = _Off()
-    for name in (
-        "REQUEST_SECONDS", "QUEUE_WAIT_SECONDS", "PREPROCESS_SECONDS", "H2D_SECONDS", "GPU_DECODE_SECONDS",
-        "DEVICE_SECONDS", "BATCH_SIZE", "IMAGES", "REJECTED", "QUEUE_DEPTH",
-    ):  # fmt: skip
-        globals()[name] = off
+    """Replace the request-path metrics with no-ops (``--metrics false``, the overhead benchmark's control arm)."""
+    set_enabled(False)
+
+
+def install_toggle_signals(forward: Callable[[int], None] | None = None) -> None:
+    """Switch the request-path metrics off on :data:`PAUSE_SIGNAL` and on on :data:`RESUME_SIGNAL`
+    (main thread only). ``forward`` passes each signal on (the device process to its front ends)."""
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        set_enabled(sig == RESUME_SIGNAL)
+        log.info("request-path metrics %s (%s)", "on" if sig == RESUME_SIGNAL else "paused", signal.Signals(sig).name)
+        if forward is not None:
+            forward(sig)
+
+    for sig in (PAUSE_SIGNAL, RESUME_SIGNAL):
+        signal.signal(sig, on_signal)

@@ -117,6 +117,44 @@ def test_requests_across_frontends_are_batched_by_one_device(multi: Server) -> N
     assert count < total, "concurrent requests from both front ends never shared a device batch"
 
 
+def _counter(url: str, name: str) -> float:
+    """The sum over every label set of ``name`` in the merged ``/metrics``."""
+    text = requests.get(url + "/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M))
+
+
+def test_metrics_pause_and_resume_in_every_process_on_signals(multi: Server) -> None:
+    """kill -USR1 on the device process pauses the request-path metrics there and in both front ends
+    (it forwards the signal); kill -USR2 resumes them. Requests are served throughout."""
+    body = {"instances": [{"image": {"b64": base64.b64encode(_jpeg()).decode()}}]}
+
+    def switch(sig: int, word: str) -> None:
+        before = multi.log.read_text().count(f"request-path metrics {word}")
+        multi.proc.send_signal(sig)
+        deadline = time.monotonic() + 30
+        while multi.log.read_text().count(f"request-path metrics {word}") < before + 3:  # device + 2 front ends
+            assert time.monotonic() < deadline, multi.log.read_text()[-3000:]
+            time.sleep(0.05)
+
+    def four_requests() -> None:  # new connections: the kernel spreads them over both front ends
+        for _ in range(4):
+            assert requests.post(multi.url + V1, json=body, timeout=120).status_code == 200
+
+    try:
+        switch(signal.SIGUSR1, "paused")
+        images = _counter(multi.url, "densenet_images_total")  # written by the device process
+        handled = _counter(multi.url, "densenet_request_seconds_count")  # written by the front ends
+        four_requests()
+        assert _counter(multi.url, "densenet_images_total") == images
+        assert _counter(multi.url, "densenet_request_seconds_count") == handled
+    finally:
+        switch(signal.SIGUSR2, "on")
+    four_requests()
+    assert _counter(multi.url, "densenet_images_total") == images + 4
+    assert _counter(multi.url, "densenet_request_seconds_count") == handled + 4
+    assert multi.proc.poll() is None
+
+
 def test_bad_input_and_grpc_through_a_frontend(multi: Server) -> None:
     import tritonclient.grpc as grpcclient
 

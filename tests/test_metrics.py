@@ -1,4 +1,5 @@
-"""observe_many: the batch loop's one-write-per-bucket observation equals one observe per value."""
+"""observe_many: the batch loop's one-write-per-bucket observation equals one observe per value; the
+request-path metrics switched off and on at run time."""
 
 from __future__ import annotations
 
@@ -67,3 +68,26 @@ def test_observe_many_in_multiprocess_mode_matches_observe(tmp_path: Path) -> No
         out[kind] = sorted(ln.replace("h_" + kind, "h") for ln in text.stdout.splitlines() if ln.startswith("h_"))
     assert out["one"] == out["many"]
     assert any(ln.startswith('h_bucket{le="0.003"} 6.0') for ln in out["many"])
+
+
+def test_request_path_metrics_switch_off_and_on_again() -> None:
+    live = m.IMAGES
+    assert m.enabled()
+    try:
+        m.set_enabled(False)
+        assert not m.enabled()
+        assert all(isinstance(getattr(m, name), m._Off) for name in m.REQUEST_PATH)
+        m.IMAGES.inc(5)  # a no-op, as every write of the request path is while paused
+        m.set_enabled(False)  # twice off keeps the real ones to come back to
+    finally:
+        m.set_enabled(True)
+    assert m.enabled() and m.IMAGES is live
+    assert not any(isinstance(getattr(m, name), m._Off) for name in m.REQUEST_PATH)
+
+
+def test_front_ends_ignore_the_toggle_signals_the_metrics_use() -> None:
+    """The device process ignores these before it spawns its front ends (a signal without a handler
+    would kill them): they must be the ones the metrics module handles."""
+    from model_server.frontend import TOGGLE_SIGNALS
+
+    assert TOGGLE_SIGNALS == (m.PAUSE_SIGNAL, m.RESUME_SIGNAL)

@@ -1,0 +1,110 @@
+"""benchmarks/runtime_ab.py: ABBA windows inside one server, per-window figures, effects and their interval."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("runtime_ab", ROOT / "benchmarks" / "runtime_ab.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["runtime_ab"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+ab = _module()
+
+
+def test_abba_order_puts_a_linear_drift_on_both_arms_equally() -> None:
+    states = ab.abba(3)
+    assert states == [True, False, False, True, True, False]
+    # With throughput falling by 1 per window, both arms of two pairs sum to the same total.
+    drift = [100 - k for k in range(4)]
+    assert sum(d for d, on in zip(drift, ab.abba(2), strict=True) if on) == sum(
+        d for d, on in zip(drift, ab.abba(2), strict=True) if not on
+    )
+
+
+def test_run_windows_switches_on_schedule_and_records_lateness() -> None:
+    clock = [100.0]
+    switched: list[tuple[float, bool]] = []
+
+    def sleep(s: float) -> None:
+        clock[0] += s
+
+    def switch(on: bool) -> None:
+        switched.append((clock[0], on))
+        clock[0] += 0.002  # a signal takes a little while
+
+    windows = ab.run_windows(101.0, 2.0, [True, False, False], switch, now=lambda: clock[0], sleep=sleep)
+    assert switched == [(101.0, True), (103.0, False), (105.0, False)]
+    assert [(w.start, w.end, w.on) for w in windows] == [(101.0, 103.0, True), (103.0, 105.0, False),
+                                                          (105.0, 107.0, False)]  # fmt: skip
+    assert all(w.late_s == 0 for w in windows)
+    late = ab.run_windows(90.0, 1.0, [True], switch, now=lambda: clock[0], sleep=sleep)  # already past its start
+    assert late[0].late_s == pytest.approx(clock[0] - 0.002 - 90.0)
+
+
+def test_window_figures_count_requests_after_the_guard_and_take_locust_rank_p50() -> None:
+    windows = [ab.Window(0.0, 2.0, True), ab.Window(2.0, 4.0, False)]
+    samples = [(0.1, 50.0)]  # inside the first guard: ran partly before the switch, left out
+    samples += [(0.5 + 0.1 * i, 10.0 + i) for i in range(10)]  # 10 in the first window after its guard
+    samples += [(2.3 + 0.1 * i, 20.0) for i in range(15)]  # 15 in the second
+    samples += [(4.5, 1.0)]  # after the last window
+    first, second = ab.window_figures(samples, windows, images_per_request=2, guard_s=0.25)
+    assert first == {"on": True, "requests": 10, "seconds": 1.75, "img_s": round(20 / 1.75, 2), "p50_ms": 15.0}
+    assert second["requests"] == 15 and second["img_s"] == round(30 / 1.75, 2) and second["p50_ms"] == 20.0
+    empty = ab.window_figures([], windows[:1], images_per_request=1, guard_s=0.0)[0]
+    assert empty["requests"] == 0 and empty["img_s"] == 0.0 and "p50_ms" not in empty
+
+
+def test_pair_effects_read_each_pair_whichever_arm_came_first() -> None:
+    figures = [
+        {"on": True, "img_s": 97.0, "p50_ms": 10.3},
+        {"on": False, "img_s": 100.0, "p50_ms": 10.0},
+        {"on": False, "img_s": 90.0, "p50_ms": 11.0},
+        {"on": True, "img_s": 90.0, "p50_ms": 11.0},
+    ]
+    effects = ab.pair_effects(figures)
+    assert effects == [
+        {"pair": 1, "throughput_cost_pct": 3.0, "latency_cost_pct": 3.0},
+        {"pair": 2, "throughput_cost_pct": 0.0, "latency_cost_pct": 0.0},
+    ]
+
+
+def test_mean_ci95_uses_students_t() -> None:
+    values = [1.0, 2.0, 3.0, 4.0]
+    s = ab.mean_ci95(values)
+    half = 3.182 * statistics.stdev(values) / 2  # t(0.975, 3 degrees of freedom), sqrt(4)
+    assert s["mean"] == 2.5 and s["median"] == 2.5 and s["n"] == 4
+    assert s["ci95_low"] == pytest.approx(2.5 - half, abs=1e-3)
+    assert s["ci95_high"] == pytest.approx(2.5 + half, abs=1e-3)
+    assert "ci95_low" not in ab.mean_ci95([1.0])
+    many = ab.mean_ci95([float(i % 3) for i in range(40)])  # beyond the table: the normal quantile
+    assert many["ci95_high"] - many["mean"] == pytest.approx(1.96 * many["sd"] / 40**0.5, abs=2e-3)
+
+
+def test_verdicts_say_whether_the_interval_resolves_the_bound() -> None:
+    assert ab.verdict({"mean": 0.5, "ci95_low": -1.0, "ci95_high": 2.0}, 3.0) == "within 3 %"
+    assert ab.verdict({"mean": 5.0, "ci95_low": 4.0, "ci95_high": 6.0}, 3.0) == "above 3 %"
+    assert ab.verdict({"mean": 2.0, "ci95_low": 0.5, "ci95_high": 3.5}, 3.0).startswith("not resolved")
+    assert ab.verdict({"mean": 2.0}, 3.0).startswith("not resolved (one pair")
+
+
+def test_summarize_holds_windows_effects_and_verdicts() -> None:
+    windows = [ab.Window(0.0, 1.0, True, 0.001), ab.Window(1.0, 2.0, False, 0.004)]
+    figures = [{"on": True, "img_s": 99.0, "p50_ms": 5.0}, {"on": False, "img_s": 100.0, "p50_ms": 5.0}]
+    out = ab.summarize(figures, bound_pct=3.0, windows=windows)
+    assert out["windows"] == figures and out["pair_effects"][0]["throughput_cost_pct"] == 1.0
+    assert out["throughput_cost_pct"]["mean"] == 1.0 and out["throughput_cost_verdict"].startswith("not resolved")
+    assert out["switch_late_ms_max"] == 4.0
