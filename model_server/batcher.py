@@ -176,14 +176,15 @@ class DynamicBatcher:
             waits.append(now - item.enqueued)
             batch.append(item)
             size += item.n
-        m.observe_many(m.QUEUE_WAIT_SECONDS, waits)  # one metrics write per bucket, not two per request
-        m.QUEUE_DEPTH.set(self._queued_images)
+        # One metrics write per bucket, not two per request; made once the batch's answers are out (_run_batch).
+        m.later(m.observe_many, m.QUEUE_WAIT_SECONDS, waits)
+        m.later(m.QUEUE_DEPTH.set, self._queued_images)
         return batch
 
     async def _run_batch(self, batch: list[_Item]) -> None:
         assert self._slots is not None
         try:
-            m.BATCH_SIZE.observe(sum(it.n for it in batch))
+            m.later(m.BATCH_SIZE.observe, sum(it.n for it in batch))
             loop = asyncio.get_running_loop()
             alone = self._running == 0  # no other batch is being prepared or run
             self._running += 1
@@ -212,9 +213,12 @@ class DynamicBatcher:
                     served += it.n
                     it.future.set_result(res)
             if served:
-                m.IMAGES.inc(served)  # once per batch: a multiprocess metric write costs a lock and an mmap store
+                m.later(m.IMAGES.inc, served)  # once per batch: a multiprocess write costs a lock and an mmap store
         finally:
             self._slots.release()
+            # The answers' callbacks (an IPC reply each, or the waiting request's task) were queued on the
+            # loop first: the metric writes of the batch (this one's and the device thread's) come after.
+            asyncio.get_running_loop().call_soon(m.flush)
 
     def _prepare_and_run(self, payloads: list[Any]) -> list[torch.Tensor | Exception]:
         if self.alone is not None:

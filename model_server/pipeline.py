@@ -136,9 +136,9 @@ class DevicePipeline:
             graph.source.copy_(image)
             graph.graph.replay()
         t1 = time.perf_counter()
-        m.GPU_DECODE_SECONDS.observe(t1 - t0)
+        m.later(m.GPU_DECODE_SECONDS.observe, t1 - t0)
         logits = self.runner.run_filled(1)
-        m.DEVICE_SECONDS.observe(time.perf_counter() - t1)
+        m.later(m.DEVICE_SECONDS.observe, time.perf_counter() - t1)
         return [logits]
 
     def _crop_graph(self, image: torch.Tensor, rows: torch.Tensor) -> CropGraph | None:
@@ -207,7 +207,7 @@ class DevicePipeline:
                 self._decode(staged, payloads, jpeg_idx)
             staged.ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
             staged.ready.record(self._stream)
-        m.GPU_DECODE_SECONDS.observe(time.perf_counter() - t0)
+        m.later(m.GPU_DECODE_SECONDS.observe, time.perf_counter() - t0)
         return staged
 
     def execute(self, staged: Staged) -> list[torch.Tensor | Exception]:
@@ -244,9 +244,9 @@ class DevicePipeline:
                 if t.device.type == "cuda":
                     t.record_stream(current)
         # Host-to-device timing only where something crosses (a batch of GPU-decoded JPEGs has nothing
-        # to copy): each event pair is four more calls on the device thread's path.
+        # to copy) and metrics record: each event pair is four more calls on the device thread's path.
         h2d: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
-        if self.device.type == "cuda" and any(t.device.type == "cpu" for t in parts.values()):
+        if self.device.type == "cuda" and m.enabled() and any(t.device.type == "cpu" for t in parts.values()):
             h2d = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))  # type: ignore[no-untyped-call]
             h2d[0].record()
         batch = staged.whole if staged.whole is not None else self._gather([parts[i] for i in order])
@@ -254,9 +254,9 @@ class DevicePipeline:
             h2d[1].record()
         t0 = time.perf_counter()
         logits = self.runner(batch)  # returns host logits: the device is done, the events too
-        m.DEVICE_SECONDS.observe(time.perf_counter() - t0)
+        m.later(m.DEVICE_SECONDS.observe, time.perf_counter() - t0)
         if h2d is not None:
-            m.H2D_SECONDS.observe(h2d[0].elapsed_time(h2d[1]) / 1000.0)
+            m.later(m.H2D_SECONDS.observe, h2d[0].elapsed_time(h2d[1]) / 1000.0)
         start = 0
         for i in order:
             n = parts[i].shape[0]

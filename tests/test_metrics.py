@@ -91,3 +91,53 @@ def test_front_ends_ignore_the_toggle_signals_the_metrics_use() -> None:
     from model_server.frontend import TOGGLE_SIGNALS
 
     assert TOGGLE_SIGNALS == (m.PAUSE_SIGNAL, m.RESUME_SIGNAL)
+
+
+def test_queued_writes_wait_for_flush_and_keep_their_order() -> None:
+    seen: list[int] = []
+    m.later(seen.append, 1)
+    m.later(seen.append, 2)
+    assert seen == []
+    m.flush()
+    assert seen == [1, 2]
+    m.flush()  # nothing queued: nothing written
+    assert seen == [1, 2]
+
+
+def test_a_write_queued_while_paused_stays_a_no_op() -> None:
+    before = m.IMAGES._value.get()
+    try:
+        m.set_enabled(False)
+        m.later(m.IMAGES.inc, 3)
+    finally:
+        m.set_enabled(True)
+    m.flush()
+    assert m.IMAGES._value.get() == before
+
+
+def test_a_batch_is_answered_before_its_metric_writes() -> None:
+    """The batcher queues a batch's writes and flushes them on the loop after the answers' callbacks:
+    the waiting request resumes first, the counters move one loop turn later."""
+    import asyncio
+
+    import torch
+
+    from model_server.batcher import DynamicBatcher
+
+    def run(payloads: list[int]) -> list[torch.Tensor | Exception]:
+        return [torch.tensor([float(p)]) for p in payloads]
+
+    async def main() -> tuple[float, float, float]:
+        batcher = DynamicBatcher(run, max_batch_size=4, max_delay_s=0.0, max_queue_images=64)
+        try:
+            before = m.IMAGES._value.get()
+            out = await batcher.submit(7, 2)
+            assert float(out[0]) == 7.0
+            answered = m.IMAGES._value.get()
+            await asyncio.sleep(0)
+            return before, answered, m.IMAGES._value.get()
+        finally:
+            batcher.close()
+
+    before, answered, after = asyncio.run(main())
+    assert answered == before and after == before + 2
