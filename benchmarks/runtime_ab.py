@@ -3,9 +3,10 @@
 Comparing two fresh servers measures the setting plus everything that differs between two
 starts and two moments of the machine: on the H100 machines the same server's throughput
 spread 5.7-8.3 % run to run, more than the 3 % the metrics overhead is allowed (issue 5). Here
-one server under one continuous load switches the setting at window boundaries, in ABBA order
-(on, off, off, on, on, off, ...) so that a linear drift falls equally on both arms; every pair
-of adjacent windows gives one effect, and the effects' mean comes with a 95 % confidence
+one server under one continuous load switches the setting at window boundaries in blocks of
+four windows, on, off, off, on: a drift that is linear over a block falls equally on both arms
+and cancels, so every block gives one effect (on the H100 host the per-block effects spread
+2-3x less than those of adjacent pairs), and the blocks' mean comes with a 95 % confidence
 interval. Throughput and the median latency of a window are computed from the client's own
 record of every request (end time and response time, Locust's ``--raw-latency-dir``); requests
 that end in the first ``guard_s`` of a window are left out, as they ran partly before the switch.
@@ -35,12 +36,9 @@ class Window:
     late_s: float = 0.0  # how long after its scheduled start the switch went out
 
 
-def abba(pairs: int) -> list[bool]:
-    """The arm of each window, ``True`` for on: (on, off), (off, on), (on, off), ... ``pairs`` times."""
-    states: list[bool] = []
-    for j in range(pairs):
-        states += [True, False] if j % 2 == 0 else [False, True]
-    return states
+def abba(blocks: int) -> list[bool]:
+    """The arm of each window, ``True`` for on: ``blocks`` times (on, off, off, on)."""
+    return [True, False, False, True] * blocks
 
 
 def run_windows(
@@ -83,19 +81,19 @@ def window_figures(
     return out
 
 
-def pair_effects(figures: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Each pair of adjacent windows (0-1, 2-3, ...) as one effect of switching on, in %:
-    ``throughput_cost_pct`` = (off - on) / off of images/s (positive: on is slower), and
-    ``latency_cost_pct`` = (on - off) / off of the p50 (positive: on is slower)."""
+def block_effects(figures: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each block of four windows (0-3, 4-7, ...; two on, two off) as one effect of switching on, in %:
+    ``throughput_cost_pct`` = (off - on) / off of the mean images/s (positive: on is slower), and
+    ``latency_cost_pct`` = (on - off) / off of the mean p50 (positive: on is slower)."""
     effects: list[dict[str, Any]] = []
-    for j in range(0, len(figures) - 1, 2):
-        a, b = figures[j], figures[j + 1]
-        on, off = (a, b) if a["on"] else (b, a)
-        row: dict[str, Any] = {"pair": j // 2 + 1}
-        if off.get("img_s") and "img_s" in on:
-            row["throughput_cost_pct"] = round((off["img_s"] - on["img_s"]) / off["img_s"] * 100, 3)
-        if off.get("p50_ms") and "p50_ms" in on:
-            row["latency_cost_pct"] = round((on["p50_ms"] - off["p50_ms"]) / off["p50_ms"] * 100, 3)
+    for j in range(0, len(figures) - 3, 4):
+        block = figures[j : j + 4]
+        row: dict[str, Any] = {"block": j // 4 + 1}
+        for key, name, sign in (("img_s", "throughput_cost_pct", -1), ("p50_ms", "latency_cost_pct", 1)):
+            on = [w[key] for w in block if w["on"] and key in w]
+            off = [w[key] for w in block if not w["on"] and key in w]
+            if len(on) == len(off) == 2 and sum(off):
+                row[name] = round(sign * (sum(on) - sum(off)) / sum(off) * 100, 3)
         effects.append(row)
     return effects
 
@@ -115,7 +113,7 @@ def verdict(summary: Mapping[str, float], bound_pct: float) -> str:
     """Whether the effect is resolved against ``bound_pct``: within (the interval's top is at most the
     bound), above (its bottom is above), or not resolved (the interval straddles the bound)."""
     if "ci95_high" not in summary:
-        return "not resolved (one pair: no interval)"
+        return "not resolved (one block: no interval)"
     if summary["ci95_high"] <= bound_pct:
         return f"within {bound_pct:g} %"
     if summary["ci95_low"] > bound_pct:
@@ -126,9 +124,9 @@ def verdict(summary: Mapping[str, float], bound_pct: float) -> str:
 def summarize(
     figures: Sequence[Mapping[str, Any]], *, bound_pct: float, windows: Sequence[Window] | None = None
 ) -> dict[str, Any]:
-    """Effects per pair, their summaries and verdicts against ``bound_pct``, and the windows' own figures."""
-    effects = pair_effects(figures)
-    out: dict[str, Any] = {"windows": list(figures), "pair_effects": effects}
+    """Effects per block, their summaries and verdicts against ``bound_pct``, and the windows' own figures."""
+    effects = block_effects(figures)
+    out: dict[str, Any] = {"windows": list(figures), "block_effects": effects}
     for key in ("throughput_cost_pct", "latency_cost_pct"):
         values = [e[key] for e in effects if key in e]
         if values:

@@ -22,11 +22,11 @@ with ``--metrics false``. ``--phases`` runs a subset, e.g. only ``single,compare
 
 Fresh servers differ by more than the metrics may cost; the ``metrics-toggle`` phase measures
 that cost inside one server instead: under one continuous load it pauses and resumes the
-server's request-path metrics (``kill -USR1``/``-USR2``) in alternating windows and reports the
-mean effect per pair with a 95 % interval (:mod:`runtime_ab`)::
+server's request-path metrics (``kill -USR1``/``-USR2``) in blocks of windows (on, off, off, on)
+and reports the mean effect per block with a 95 % interval (:mod:`runtime_ab`)::
 
     python benchmarks/serve_bench.py --model-dir ARTIFACT --phases single,metrics-toggle \\
-        --concurrency 1,128 --toggle-pairs 10 --toggle-window-s 3
+        --concurrency 1,128 --toggle-blocks 12 --toggle-window-s 1.5
 
 Never import kserve here: Locust runs in subprocesses, the server in another.
 """
@@ -783,7 +783,7 @@ def metrics_toggle_run(server: Server, args: argparse.Namespace, users: int, wor
         os.kill(server.proc.pid, RESUME_SIGNAL if on else PAUSE_SIGNAL)
 
     settle_s = 6.0  # Locust's start and the spawn of its users, before the first window
-    states = runtime_ab.abba(args.toggle_pairs)
+    states = runtime_ab.abba(args.toggle_blocks)
     duration = int(settle_s + len(states) * args.toggle_window_s) + 2
     windows: list[runtime_ab.Window] = []
     first = time.time() + settle_s
@@ -806,7 +806,7 @@ def metrics_toggle_run(server: Server, args: argparse.Namespace, users: int, wor
     )
     summary = runtime_ab.summarize(figures, bound_pct=METRICS_OVERHEAD_TARGET_PCT, windows=windows)
     return {
-        "users": users, "pairs": args.toggle_pairs, "window_s": args.toggle_window_s, "guard_s": args.toggle_guard_s,
+        "users": users, "blocks": args.toggle_blocks, "window_s": args.toggle_window_s, "guard_s": args.toggle_guard_s,
         "img_s": round(run["img_s"], 1), "failures": run["failures"], **summary,
     }  # fmt: skip
 
@@ -820,8 +820,8 @@ def toggle_line(users: int, result: Mapping[str, Any]) -> str:
             interval = f" (95 % CI {c['ci95_low']:+.2f} .. {c['ci95_high']:+.2f})" if "ci95_low" in c else ""
             parts.append(f"{what} cost {c['mean']:+.2f} %{interval}: {result[key.replace('_pct', '_verdict')]}")
     return (
-        f"metrics toggled in one server at {users} users, {result['pairs']} ABBA pairs of {result['window_s']:g} s "
-        f"windows: " + ("; ".join(parts) or "no windows with requests")
+        f"metrics toggled in one server at {users} users, {result['blocks']} blocks of 4 windows of "
+        f"{result['window_s']:g} s: " + ("; ".join(parts) or "no windows with requests")
     )
 
 
@@ -941,10 +941,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the metrics-toggle phase: Locust users of each run, comma-separated (default: 1 and the best "
         "single-image concurrency); one server, its metrics paused and resumed in alternating windows",
     )  # fmt: skip
-    p.add_argument("--toggle-pairs", type=int, default=10, help="metrics-toggle: ABBA pairs of windows per run")
-    p.add_argument("--toggle-window-s", type=float, default=3.0, help="metrics-toggle: seconds per window")
     p.add_argument(
-        "--toggle-guard-s", type=float, default=0.5,
+        "--toggle-blocks", type=int, default=12,
+        help="metrics-toggle: blocks of four windows (on, off, off, on) per run, one effect each (default 12)",
+    )  # fmt: skip
+    p.add_argument("--toggle-window-s", type=float, default=1.5, help="metrics-toggle: seconds per window")
+    p.add_argument(
+        "--toggle-guard-s", type=float, default=0.25,
         help="metrics-toggle: requests ending this soon after a switch are left out (they ran partly before it)",
     )  # fmt: skip
     p.add_argument(
@@ -995,8 +998,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--roles-images must be at least 1, got {args.roles_images}")
     if args.compare_images < 1:
         p.error(f"--compare-images must be at least 1, got {args.compare_images}")
-    if args.toggle_pairs < 1:
-        p.error(f"--toggle-pairs must be at least 1, got {args.toggle_pairs}")
+    if args.toggle_blocks < 1:
+        p.error(f"--toggle-blocks must be at least 1, got {args.toggle_blocks}")
     if not 0 <= args.toggle_guard_s < args.toggle_window_s:
         p.error(f"--toggle-guard-s must be >= 0 and below --toggle-window-s ({args.toggle_window_s:g}), "
                 f"got {args.toggle_guard_s:g}")  # fmt: skip
@@ -1175,8 +1178,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics["batched_runs"] = batched
         if "metrics-toggle" in phases:
             users_list = toggle_users or sorted({1, load_users(metrics, levels)})
-            step("metrics-toggle", f"metrics paused and resumed in one server, {args.toggle_pairs} ABBA pairs of "
-                 f"{args.toggle_window_s:g} s windows, at {', '.join(map(str, users_list))} users")  # fmt: skip
+            step("metrics-toggle", f"metrics paused and resumed in one server, {args.toggle_blocks} blocks of 4 "
+                 f"windows of {args.toggle_window_s:g} s, at {', '.join(map(str, users_list))} users")  # fmt: skip
             toggles = {f"c{u}": metrics_toggle_run(server, args, u, work) for u in users_list}
             metrics["metrics_toggle"] = toggles
             for u in users_list:

@@ -1,4 +1,4 @@
-"""benchmarks/runtime_ab.py: ABBA windows inside one server, per-window figures, effects and their interval."""
+"""benchmarks/runtime_ab.py: blocks of on/off windows inside one server, per-window figures, effects, interval."""
 
 from __future__ import annotations
 
@@ -25,14 +25,15 @@ def _module() -> ModuleType:
 ab = _module()
 
 
-def test_abba_order_puts_a_linear_drift_on_both_arms_equally() -> None:
-    states = ab.abba(3)
-    assert states == [True, False, False, True, True, False]
-    # With throughput falling by 1 per window, both arms of two pairs sum to the same total.
-    drift = [100 - k for k in range(4)]
-    assert sum(d for d, on in zip(drift, ab.abba(2), strict=True) if on) == sum(
-        d for d, on in zip(drift, ab.abba(2), strict=True) if not on
-    )
+def test_blocks_of_on_off_off_on_cancel_a_linear_drift() -> None:
+    states = ab.abba(2)
+    assert states == [True, False, False, True] * 2
+    # Throughput falling by 3 per window and no effect at all: every block reads exactly zero.
+    figures = [{"on": on, "img_s": 100.0 - 3 * k, "p50_ms": 10.0 + k} for k, on in enumerate(states)]
+    assert ab.block_effects(figures) == [
+        {"block": 1, "throughput_cost_pct": 0.0, "latency_cost_pct": 0.0},
+        {"block": 2, "throughput_cost_pct": 0.0, "latency_cost_pct": 0.0},
+    ]
 
 
 def test_run_windows_switches_on_schedule_and_records_lateness() -> None:
@@ -68,17 +69,21 @@ def test_window_figures_count_requests_after_the_guard_and_take_locust_rank_p50(
     assert empty["requests"] == 0 and empty["img_s"] == 0.0 and "p50_ms" not in empty
 
 
-def test_pair_effects_read_each_pair_whichever_arm_came_first() -> None:
+def test_block_effects_compare_the_two_on_windows_with_the_two_off_ones() -> None:
     figures = [
         {"on": True, "img_s": 97.0, "p50_ms": 10.3},
         {"on": False, "img_s": 100.0, "p50_ms": 10.0},
+        {"on": False, "img_s": 100.0, "p50_ms": 10.0},
+        {"on": True, "img_s": 97.0, "p50_ms": 10.3},
+        {"on": True, "img_s": 90.0},  # a block with a window without requests: no latency effect
+        {"on": False, "img_s": 90.0, "p50_ms": 11.0},
         {"on": False, "img_s": 90.0, "p50_ms": 11.0},
         {"on": True, "img_s": 90.0, "p50_ms": 11.0},
+        {"on": True, "img_s": 90.0, "p50_ms": 11.0},  # an incomplete block is left out
     ]
-    effects = ab.pair_effects(figures)
-    assert effects == [
-        {"pair": 1, "throughput_cost_pct": 3.0, "latency_cost_pct": 3.0},
-        {"pair": 2, "throughput_cost_pct": 0.0, "latency_cost_pct": 0.0},
+    assert ab.block_effects(figures) == [
+        {"block": 1, "throughput_cost_pct": 3.0, "latency_cost_pct": 3.0},
+        {"block": 2, "throughput_cost_pct": 0.0},
     ]
 
 
@@ -98,13 +103,13 @@ def test_verdicts_say_whether_the_interval_resolves_the_bound() -> None:
     assert ab.verdict({"mean": 0.5, "ci95_low": -1.0, "ci95_high": 2.0}, 3.0) == "within 3 %"
     assert ab.verdict({"mean": 5.0, "ci95_low": 4.0, "ci95_high": 6.0}, 3.0) == "above 3 %"
     assert ab.verdict({"mean": 2.0, "ci95_low": 0.5, "ci95_high": 3.5}, 3.0).startswith("not resolved")
-    assert ab.verdict({"mean": 2.0}, 3.0).startswith("not resolved (one pair")
+    assert ab.verdict({"mean": 2.0}, 3.0).startswith("not resolved (one block")
 
 
 def test_summarize_holds_windows_effects_and_verdicts() -> None:
-    windows = [ab.Window(0.0, 1.0, True, 0.001), ab.Window(1.0, 2.0, False, 0.004)]
-    figures = [{"on": True, "img_s": 99.0, "p50_ms": 5.0}, {"on": False, "img_s": 100.0, "p50_ms": 5.0}]
+    windows = [ab.Window(float(k), float(k + 1), on, 0.001 * (k + 1)) for k, on in enumerate(ab.abba(1))]
+    figures = [{"on": w.on, "img_s": 99.0 if w.on else 100.0, "p50_ms": 5.0} for w in windows]
     out = ab.summarize(figures, bound_pct=3.0, windows=windows)
-    assert out["windows"] == figures and out["pair_effects"][0]["throughput_cost_pct"] == 1.0
+    assert out["windows"] == figures and out["block_effects"][0]["throughput_cost_pct"] == 1.0
     assert out["throughput_cost_pct"]["mean"] == 1.0 and out["throughput_cost_verdict"].startswith("not resolved")
-    assert out["switch_late_ms_max"] == 4.0
+    assert out["latency_cost_pct"]["mean"] == 0.0 and out["switch_late_ms_max"] == 4.0

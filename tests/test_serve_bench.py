@@ -202,10 +202,10 @@ def test_single_and_compare_phases_on_the_cpu(artifacts_dir: Path, tmp_path: Pat
         "single,metrics-toggle,compare",
         "--toggle-users",
         "1",
-        "--toggle-pairs",
+        "--toggle-blocks",
         "2",
         "--toggle-window-s",
-        "1.5",
+        "1",
         "--toggle-guard-s",
         "0.3",
         "--pairs",
@@ -243,16 +243,16 @@ def test_single_and_compare_phases_on_the_cpu(artifacts_dir: Path, tmp_path: Pat
     rounding = 1.0 if c1["p50_ms"] < 100 else 10.0
     assert abs(c1["p50_exact_ms"] - c1["p50_ms"]) <= rounding and c1["p50_exact_ms"] <= c1["p99_exact_ms"]
 
-    # The metrics paused and resumed inside the one server, in ABBA windows of its continuous load.
+    # The metrics paused and resumed inside the one server, in blocks of windows of its continuous load.
     toggle = metrics["metrics_toggle"]["c1"]
-    assert [w["on"] for w in toggle["windows"]] == [True, False, False, True]
+    assert [w["on"] for w in toggle["windows"]] == [True, False, False, True] * 2
     assert all(w["requests"] > 0 and w["img_s"] > 0 and w["p50_ms"] > 0 for w in toggle["windows"])
-    assert [e["pair"] for e in toggle["pair_effects"]] == [1, 2] and toggle["failures"] == 0
+    assert [e["block"] for e in toggle["block_effects"]] == [1, 2] and toggle["failures"] == 0
     cost = toggle["throughput_cost_pct"]
     assert cost["n"] == 2 and cost["ci95_low"] <= cost["mean"] <= cost["ci95_high"]
     assert metrics["metrics_toggle_throughput_cost_pct"] == cost["mean"] and metrics["metrics_toggle_users"] == 1
     assert toggle["throughput_cost_verdict"].startswith(("within", "above", "not resolved"))
-    assert "metrics toggled in one server at 1 users, 2 ABBA pairs of 1.5 s windows" in out.stdout
+    assert "metrics toggled in one server at 1 users, 2 blocks of 4 windows of 1 s" in out.stdout
 
     compare = metrics["compare"]
     assert compare["users"] == 1 and compare["pairs"] == 1 and compare["order"] == ["base", "x"]
