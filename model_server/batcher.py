@@ -55,6 +55,11 @@ class DynamicBatcher:
         max_queue_images: most images waiting; more are refused with :class:`Overloaded`.
         max_inflight_batches: batches handed to the device thread at once (2 overlaps
             forming the next batch with running the current one).
+        inline_after_idle_s: when set, a batch of one request that finds the device idle for at
+            least this long runs ``alone`` on the event loop's own thread instead of the device
+            thread: at low load nothing else needs the loop meanwhile, and the request saves two
+            thread hand-offs (each a wake-up of a sleeping thread). ``None``: never.
+        inline_ok: asked before each such run (the in-pod profiler wants batches on the device thread).
     """
 
     def __init__(
@@ -67,6 +72,8 @@ class DynamicBatcher:
         max_delay_s: float,
         max_queue_images: int,
         max_inflight_batches: int = 2,
+        inline_after_idle_s: float | None = None,
+        inline_ok: Callable[[], bool] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_images < max_batch_size:
             raise ValueError("need max_batch_size >= 1 and max_queue_images >= max_batch_size")
@@ -88,6 +95,11 @@ class DynamicBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Future[None]] = set()
         self._running = 0  # batches between their hand-off to a stage thread and their results
+        self.inline_after_idle_s = inline_after_idle_s
+        self.inline_ok = inline_ok
+        self._idle_since = time.monotonic()  # when the last batch finished (the device idle since)
+        #: Batches run on the event loop's thread (``inline_after_idle_s``), for tests and logs.
+        self.inline_batches = 0
 
     @property
     def queued_images(self) -> int:
@@ -190,7 +202,10 @@ class DynamicBatcher:
             self._running += 1
             try:
                 payloads: Any = [it.payload for it in batch]
-                if self.prepare is not None and alone:
+                if self.prepare is not None and alone and self._inline(batch):
+                    self.inline_batches += 1
+                    results = self._prepare_and_run(payloads)
+                elif self.prepare is not None and alone:
                     # Nothing to overlap with: both stages in one hand-off to the device thread, which
                     # saves a round trip through the prepare thread (0.2-0.4 ms at concurrency 1, ipc_bench).
                     results = await loop.run_in_executor(self._executor, self._prepare_and_run, payloads)
@@ -203,6 +218,8 @@ class DynamicBatcher:
                 results = [e] * len(batch)
             finally:
                 self._running -= 1
+                if not self._running:
+                    self._idle_since = time.monotonic()
             served = 0
             for it, res in zip(batch, results, strict=True):
                 if it.future.done():
@@ -219,6 +236,17 @@ class DynamicBatcher:
             # The answers' callbacks (an IPC reply each, or the waiting request's task) were queued on the
             # loop first: the metric writes of the batch (this one's and the device thread's) come after.
             asyncio.get_running_loop().call_soon(m.flush)
+
+    def _inline(self, batch: list[_Item]) -> bool:
+        """Whether this lone batch runs on the loop's thread: one request, nothing queued behind it,
+        the device idle for ``inline_after_idle_s`` (low load), and ``inline_ok``."""
+        return (
+            self.inline_after_idle_s is not None
+            and len(batch) == 1
+            and not self._queue
+            and time.monotonic() - self._idle_since >= self.inline_after_idle_s
+            and (self.inline_ok is None or self.inline_ok())
+        )
 
     def _prepare_and_run(self, payloads: list[Any]) -> list[torch.Tensor | Exception]:
         if self.alone is not None:

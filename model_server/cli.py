@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         "--request_timeout_s", type=float, default=float(_env("REQUEST_TIMEOUT_S", str(d.request_timeout_s)))
     )
     p.add_argument(
+        "--inline_idle_ms", type=float, default=float(_env("INLINE_IDLE_MS", str(d.inline_idle_ms))),
+        help="a lone one-request batch that finds the GPU idle at least this many ms runs on the device "
+        "process's event loop thread, not its device thread: two thread wake-ups fewer at low load (default "
+        f"{d.inline_idle_ms:g}; 0: never)",
+    )  # fmt: skip
+    p.add_argument(
         "--gpu_decode", default=_env("GPU_DECODE", "true"), choices=("true", "false"),
         help="decode JPEGs with nvJPEG on the serving GPU (default: true; ignored on the CPU)",
     )  # fmt: skip
@@ -235,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         cpu_decode_share=args.cpu_decode_share,
         model_stream=args.model_stream,
         decode_batch=args.decode_batch,
+        inline_idle_ms=args.inline_idle_ms,
     )
+    if args.inline_idle_ms < 0:
+        print(f"error: --inline_idle_ms must be >= 0 (0: never), got {args.inline_idle_ms:g}", file=sys.stderr)
+        return 2
     if args.decode_batch < 0:
         print(f"error: --decode_batch must be >= 0 (0: one nvJPEG call per batch), got {args.decode_batch}",
               file=sys.stderr)  # fmt: skip

@@ -91,6 +91,8 @@ def load_model(artifact_dir: Path, config: ServingConfig, *, early: EarlyStart |
         max_batch_size=max_batch,
         max_delay_s=config.max_delay_ms / 1000.0,
         max_queue_images=max(config.max_queue_images, max_batch),
+        inline_after_idle_s=config.inline_idle_ms / 1000.0 if two_stage and config.inline_idle_ms > 0 else None,
+        inline_ok=lambda: not profiler.active,  # a capture's batches stay on the device thread it starts on
     )
     load_seconds = time.perf_counter() - t0
     log.info(

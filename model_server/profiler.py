@@ -70,6 +70,11 @@ class ProfileCapture:
             self._current = cap
             return cap
 
+    @property
+    def active(self) -> bool:
+        """A capture is pending or running."""
+        return self._current is not None
+
     def get(self, capture_id: str) -> Capture | None:
         with self._lock:
             if self._current is not None and self._current.id == capture_id:

@@ -362,6 +362,43 @@ def test_a_lone_batch_takes_the_batchers_alone_path() -> None:
     assert [c[0] for c in calls[1:]] == ["prepare", "run"] and calls[1][1].startswith("prepare")
 
 
+def test_a_lone_request_after_idle_runs_on_the_loop_thread_only_when_allowed() -> None:
+    """``inline_after_idle_s``: a one-request batch that finds the device idle long enough runs ``alone``
+    on the event loop's thread; a batch of two requests, a device busy a moment ago, or ``inline_ok``
+    saying no keep the device thread."""
+    from model_server.batcher import DynamicBatcher
+
+    threads: list[str] = []
+    allow = [True]
+
+    def alone(payloads: list[int]) -> list[torch.Tensor | Exception]:
+        threads.append(threading.current_thread().name)
+        return [torch.tensor([float(p)]) for p in payloads]
+
+    async def main() -> tuple[int, list[float]]:
+        batcher = DynamicBatcher(
+            alone, prepare=lambda p: p, alone=alone, max_batch_size=4, max_delay_s=0.0, max_queue_images=64,
+            inline_after_idle_s=0.05, inline_ok=lambda: allow[0],
+        )  # fmt: skip
+        try:
+            await asyncio.sleep(0.06)
+            out = [float(await batcher.submit(1, 1))]  # idle long enough: inline
+            out.append(float(await batcher.submit(2, 1)))  # the device finished a moment ago: device thread
+            await asyncio.sleep(0.06)
+            pair = await asyncio.gather(batcher.submit(3, 1), batcher.submit(4, 1))  # two requests: device thread
+            out += [float(t) for t in pair]
+            await asyncio.sleep(0.06)
+            allow[0] = False
+            out.append(float(await batcher.submit(5, 1)))  # inline_ok says no: device thread
+            return batcher.inline_batches, out
+        finally:
+            batcher.close()
+
+    inline, out = asyncio.run(main())
+    assert out == [1.0, 2.0, 3.0, 4.0, 5.0] and inline == 1
+    assert threads[0] == "MainThread" and all(t.startswith("device") for t in threads[1:]), threads
+
+
 def test_rest_routes_skip_kserves_call_only_for_identity_hooks() -> None:
     """The inference routes call ``predict`` directly when the model keeps KServe's pass-through
     pre/postprocess (ours); a model that defines either still goes through ``Model.__call__``. In a
