@@ -55,10 +55,12 @@ class DynamicBatcher:
         max_queue_images: most images waiting; more are refused with :class:`Overloaded`.
         max_inflight_batches: batches handed to the device thread at once (2 overlaps
             forming the next batch with running the current one).
-        inline_after_idle_s: when set, a batch of one request that finds the device idle for at
-            least this long runs ``alone`` on the event loop's own thread instead of the device
-            thread: at low load nothing else needs the loop meanwhile, and the request saves two
-            thread hand-offs (each a wake-up of a sleeping thread). ``None``: never.
+        inline_after_idle_s: when set, a request that finds nothing queued or running and the
+            device idle for at least this long runs at once, ``alone``, on the event loop's own
+            thread, inside :meth:`submit_nowait`: at low load nothing else needs the loop
+            meanwhile, and the request skips the worker's loop turns and two thread hand-offs
+            (each a wake-up of a sleeping thread). ``None``: never. Needs ``prepare`` and no
+            ``max_delay_s`` (a lone request that should wait for company goes to the queue).
         inline_ok: asked before each such run (the in-pod profiler wants batches on the device thread).
     """
 
@@ -139,7 +141,11 @@ class DynamicBatcher:
         self.start()
         assert self._wakeup is not None
         fut: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Item(payload, n, fut, time.monotonic(), deadline))
+        item = _Item(payload, n, fut, time.monotonic(), deadline)
+        if (deadline is None or item.enqueued <= deadline) and self._idle_inline():
+            self._run_inline(item)
+            return fut
+        self._queue.append(item)
         self._queued_images += n  # QUEUE_DEPTH is set once per batch (in _take), not per request
         self._wakeup.set()
         return fut
@@ -202,10 +208,7 @@ class DynamicBatcher:
             self._running += 1
             try:
                 payloads: Any = [it.payload for it in batch]
-                if self.prepare is not None and alone and self._inline(batch):
-                    self.inline_batches += 1
-                    results = self._prepare_and_run(payloads)
-                elif self.prepare is not None and alone:
+                if self.prepare is not None and alone:
                     # Nothing to overlap with: both stages in one hand-off to the device thread, which
                     # saves a round trip through the prepare thread (0.2-0.4 ms at concurrency 1, ipc_bench).
                     results = await loop.run_in_executor(self._executor, self._prepare_and_run, payloads)
@@ -220,33 +223,56 @@ class DynamicBatcher:
                 self._running -= 1
                 if not self._running:
                     self._idle_since = time.monotonic()
-            served = 0
-            for it, res in zip(batch, results, strict=True):
-                if it.future.done():
-                    continue
-                if isinstance(res, Exception):
-                    it.future.set_exception(res)
-                else:
-                    served += it.n
-                    it.future.set_result(res)
-            if served:
-                m.later(m.IMAGES.inc, served)  # once per batch: a multiprocess write costs a lock and an mmap store
+            self._deliver(batch, results)
         finally:
             self._slots.release()
             # The answers' callbacks (an IPC reply each, or the waiting request's task) were queued on the
             # loop first: the metric writes of the batch (this one's and the device thread's) come after.
             asyncio.get_running_loop().call_soon(m.flush)
 
-    def _inline(self, batch: list[_Item]) -> bool:
-        """Whether this lone batch runs on the loop's thread: one request, nothing queued behind it,
-        the device idle for ``inline_after_idle_s`` (low load), and ``inline_ok``."""
+    def _deliver(self, batch: list[_Item], results: list[torch.Tensor | Exception]) -> None:
+        served = 0
+        for it, res in zip(batch, results, strict=True):
+            if it.future.done():
+                continue
+            if isinstance(res, Exception):
+                it.future.set_exception(res)
+            else:
+                served += it.n
+                it.future.set_result(res)
+        if served:
+            m.later(m.IMAGES.inc, served)  # once per batch: a multiprocess write costs a lock and an mmap store
+
+    def _idle_inline(self) -> bool:
+        """Whether a request arriving now runs at once on the loop's thread: nothing queued, formed or
+        running, the device idle for ``inline_after_idle_s`` (low load), and ``inline_ok``."""
         return (
             self.inline_after_idle_s is not None
-            and len(batch) == 1
+            and self.prepare is not None
+            and self.max_delay_s <= 0
             and not self._queue
+            and not self._inflight
+            and self._running == 0
             and time.monotonic() - self._idle_since >= self.inline_after_idle_s
             and (self.inline_ok is None or self.inline_ok())
         )
+
+    def _run_inline(self, item: _Item) -> None:
+        """Run one request's batch on this (the loop's) thread and answer it; the loop waits meanwhile."""
+        m.later(m.observe_many, m.QUEUE_WAIT_SECONDS, [0.0])
+        m.later(m.BATCH_SIZE.observe, item.n)
+        self.inline_batches += 1
+        self._running += 1
+        try:
+            results = self._prepare_and_run([item.payload])
+        except Exception as e:  # the device failed this batch: fail its request, keep serving
+            log.exception("a batch of 1 request failed on the device")
+            results = [e]
+        finally:
+            self._running -= 1
+            self._idle_since = time.monotonic()
+        self._deliver([item], results)
+        asyncio.get_running_loop().call_soon(m.flush)  # after the answer's callback
 
     def _prepare_and_run(self, payloads: list[Any]) -> list[torch.Tensor | Exception]:
         if self.alone is not None:

@@ -60,9 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--inline_idle_ms", type=float, default=float(_env("INLINE_IDLE_MS", str(d.inline_idle_ms))),
-        help="a lone one-request batch that finds the GPU idle at least this many ms runs on the device "
-        "process's event loop thread, not its device thread: two thread wake-ups fewer at low load (default "
-        f"{d.inline_idle_ms:g}; 0: never)",
+        help="a request that finds the GPU idle (nothing queued or running) at least this many ms runs at once "
+        "on the device process's event loop thread, not via the batch worker and the device thread: two thread "
+        f"wake-ups fewer at low load (default {d.inline_idle_ms:g}; 0: never)",
     )  # fmt: skip
     p.add_argument(
         "--gpu_decode", default=_env("GPU_DECODE", "true"), choices=("true", "false"),

@@ -48,8 +48,9 @@ class ServingConfig:
     #: JPEGs, the last padded with a tiny one, so nvJPEG sees one batch size; 0 (default): one call
     #: per batch, whatever its size (32 served 0.89x on the H100).
     decode_batch: int = 0
-    #: A lone one-request batch that finds the device idle at least this many ms runs on the event
-    #: loop's thread instead of the device thread (two thread wake-ups fewer at low load); 0: never.
+    #: A request that finds the device idle (nothing queued or running) for at least this many ms runs
+    #: at once on the device process's event loop thread, not via the batch worker and the device
+    #: thread (two thread wake-ups and a few loop turns fewer at low load); 0: never.
     inline_idle_ms: float = 1.0
     #: Where on-demand profiler traces go (a mounted volume in a pod).
     profile_dir: str = os.path.join(tempfile.gettempdir(), "densenet-profiles")

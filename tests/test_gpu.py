@@ -133,3 +133,40 @@ def test_a_lone_jpeg_through_crop_graphs_matches_the_two_stage_path(tmp_path: Pa
     assert set(pipeline._crop_graphs) >= sizes  # both sizes came twice: captured
     (bad,) = pipeline([JpegBatch([b"\xff\xd8\xff" + b"\0" * 100])])
     assert isinstance(bad, BadInput)
+
+
+def test_a_request_run_inline_on_the_loop_thread_matches_the_device_thread(tmp_path: Path) -> None:
+    """--inline_idle_ms: a lone JPEG that finds the GPU idle runs on the event loop's thread (inside
+    submit_nowait); its logits are those the device thread computes for the same request."""
+    import asyncio
+
+    from model_server.artifact import read_manifest
+    from model_server.batcher import DynamicBatcher
+    from model_server.pipeline import DevicePipeline, JpegBatch
+    from model_server.runtimes import load_runner
+
+    build_artifacts(tmp_path, "densenet121-eager-fp16-cl")
+    d = tmp_path / "densenet121-eager-fp16-cl"
+    runner = load_runner(read_manifest(d), d, torch.device("cuda"))
+    pipeline = DevicePipeline(runner)
+    jpeg = _jpegs()[0]
+
+    async def serve(inline_after_idle_s: float | None) -> tuple[torch.Tensor, int]:
+        batcher = DynamicBatcher(
+            pipeline.execute, prepare=pipeline.prepare, alone=pipeline, max_batch_size=8, max_delay_s=0.0,
+            max_queue_images=64, inline_after_idle_s=inline_after_idle_s,
+        )  # fmt: skip
+        try:
+            outs = []
+            for _ in range(3):
+                await asyncio.sleep(0.01)
+                outs.append(await batcher.submit(JpegBatch([jpeg]), 1))
+            assert all(torch.equal(o, outs[0]) for o in outs)
+            return outs[0], batcher.inline_batches
+        finally:
+            batcher.close()
+
+    inline, n_inline = asyncio.run(serve(0.005))
+    threaded, n_threaded = asyncio.run(serve(None))
+    assert n_inline == 3 and n_threaded == 0
+    assert torch.equal(inline, threaded)

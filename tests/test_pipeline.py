@@ -362,41 +362,55 @@ def test_a_lone_batch_takes_the_batchers_alone_path() -> None:
     assert [c[0] for c in calls[1:]] == ["prepare", "run"] and calls[1][1].startswith("prepare")
 
 
-def test_a_lone_request_after_idle_runs_on_the_loop_thread_only_when_allowed() -> None:
-    """``inline_after_idle_s``: a one-request batch that finds the device idle long enough runs ``alone``
-    on the event loop's thread; a batch of two requests, a device busy a moment ago, or ``inline_ok``
-    saying no keep the device thread."""
+def test_a_request_that_finds_the_device_idle_runs_at_once_on_the_loop_thread() -> None:
+    """``inline_after_idle_s``: a request that finds nothing queued or running, the device idle long
+    enough, runs ``alone`` inside ``submit_nowait`` on the event loop's thread (its future is done on
+    return); one arriving while a batch runs, one right after a batch, or one ``inline_ok`` refuses
+    takes the queue, the worker and the device thread."""
     from model_server.batcher import DynamicBatcher
 
-    threads: list[str] = []
+    threads: list[tuple[str, int]] = []
     allow = [True]
+    hold = threading.Event()
 
     def alone(payloads: list[int]) -> list[torch.Tensor | Exception]:
-        threads.append(threading.current_thread().name)
+        threads.append((threading.current_thread().name, payloads[0]))
+        if payloads[0] == 3:
+            assert hold.wait(10)
         return [torch.tensor([float(p)]) for p in payloads]
 
-    async def main() -> tuple[int, list[float]]:
+    def run(payloads: list[int]) -> list[torch.Tensor | Exception]:
+        threads.append((threading.current_thread().name, payloads[0]))
+        return [torch.tensor([float(p)]) for p in payloads]
+
+    async def main() -> tuple[int, list[float], bool]:
         batcher = DynamicBatcher(
-            alone, prepare=lambda p: p, alone=alone, max_batch_size=4, max_delay_s=0.0, max_queue_images=64,
+            run, prepare=lambda p: p, alone=alone, max_batch_size=4, max_delay_s=0.0, max_queue_images=64,
             inline_after_idle_s=0.05, inline_ok=lambda: allow[0],
         )  # fmt: skip
         try:
             await asyncio.sleep(0.06)
-            out = [float(await batcher.submit(1, 1))]  # idle long enough: inline
+            first = batcher.submit_nowait(1, 1)
+            done_on_return = first.done()  # idle long enough: run inside submit_nowait
+            out = [float(await first)]
             out.append(float(await batcher.submit(2, 1)))  # the device finished a moment ago: device thread
             await asyncio.sleep(0.06)
-            pair = await asyncio.gather(batcher.submit(3, 1), batcher.submit(4, 1))  # two requests: device thread
-            out += [float(t) for t in pair]
-            await asyncio.sleep(0.06)
             allow[0] = False
-            out.append(float(await batcher.submit(5, 1)))  # inline_ok says no: device thread
-            return batcher.inline_batches, out
+            third = asyncio.ensure_future(batcher.submit(3, 1))  # inline_ok says no: device thread (held)
+            await asyncio.sleep(0.05)
+            allow[0] = True
+            fourth = asyncio.ensure_future(batcher.submit(4, 1))  # a batch is running: queued
+            await asyncio.sleep(0.05)
+            hold.set()
+            out += [float(t) for t in await asyncio.gather(third, fourth)]
+            return batcher.inline_batches, out, done_on_return
         finally:
             batcher.close()
 
-    inline, out = asyncio.run(main())
-    assert out == [1.0, 2.0, 3.0, 4.0, 5.0] and inline == 1
-    assert threads[0] == "MainThread" and all(t.startswith("device") for t in threads[1:]), threads
+    inline, out, done_on_return = asyncio.run(main())
+    assert out == [1.0, 2.0, 3.0, 4.0] and inline == 1 and done_on_return
+    assert threads[0] == ("MainThread", 1)
+    assert all(name.startswith(("device", "prepare")) for name, _ in threads[1:]), threads
 
 
 def test_rest_routes_skip_kserves_call_only_for_identity_hooks() -> None:
