@@ -10,15 +10,27 @@ and cancels, so every block gives one effect (on the H100 host the per-block eff
 interval. Throughput and the median latency of a window are computed from the client's own
 record of every request (end time and response time, Locust's ``--raw-latency-dir``); requests
 that end in the first ``guard_s`` of a window are left out, as they ran partly before the switch.
+
+Run as a script, it pools the blocks of several serve_bench records (their ``metrics_toggle``)
+into one interval, e.g. runs on three machines::
+
+    python benchmarks/runtime_ab.py --users 128 benchmarks/results/*-s9-{blocks,toggle24,final}.json
+
+The pooled interval treats every block as independent; each record's own mean is listed beside it,
+as machines differ more from each other than blocks within one run do.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 #: Two-sided 95 % quantiles of Student's t by degrees of freedom (1..30); above 30, 1.96 (normal).
@@ -136,3 +148,44 @@ def summarize(
     if windows:
         out["switch_late_ms_max"] = round(max(w.late_s for w in windows) * 1000, 3)
     return out
+
+
+def pooled(records: Sequence[Mapping[str, Any]], users: int, *, bound_pct: float) -> dict[str, Any]:
+    """The block effects at ``users`` of several serve_bench records' ``metrics_toggle``, pooled.
+
+    Raises:
+        KeyError: a record has no metrics-toggle run at ``users``.
+    """
+    out: dict[str, Any] = {"users": users, "records": []}
+    for key in ("throughput_cost_pct", "latency_cost_pct"):
+        values: list[float] = []
+        for rec in records:
+            run = rec["metrics"]["metrics_toggle"][f"c{users}"]
+            mine = [e[key] for e in run["block_effects"] if key in e]
+            values += mine
+            if key == "throughput_cost_pct":
+                mean = round(statistics.fmean(mine), 3) if mine else None
+                out["records"].append({"name": rec["name"], "blocks": len(mine), "mean": mean})
+        if values:
+            out[key] = mean_ci95(values)
+            out[key.replace("_pct", "_verdict")] = verdict(out[key], bound_pct)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("records", nargs="+", type=Path, help="serve_bench records with a metrics-toggle phase")
+    p.add_argument("--users", type=int, required=True, help="the Locust users of the runs to pool")
+    p.add_argument("--bound-pct", type=float, default=3.0, help="the bound the verdicts test (default 3)")
+    args = p.parse_args(argv)
+    records = [json.loads(path.read_text()) for path in args.records]
+    try:
+        result = pooled(records, args.users, bound_pct=args.bound_pct)
+    except KeyError:
+        p.error(f"every record needs a metrics-toggle run at {args.users} users (metrics.metrics_toggle.c{args.users})")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

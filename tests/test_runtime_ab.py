@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -113,3 +115,27 @@ def test_summarize_holds_windows_effects_and_verdicts() -> None:
     assert out["windows"] == figures and out["block_effects"][0]["throughput_cost_pct"] == 1.0
     assert out["throughput_cost_pct"]["mean"] == 1.0 and out["throughput_cost_verdict"].startswith("not resolved")
     assert out["latency_cost_pct"]["mean"] == 0.0 and out["switch_late_ms_max"] == 4.0
+
+
+def test_pooled_blocks_of_several_records_and_the_script(tmp_path: Path) -> None:
+    def record(name: str, effects: list[float]) -> dict[str, object]:
+        blocks = [{"block": i + 1, "throughput_cost_pct": e, "latency_cost_pct": e / 2} for i, e in enumerate(effects)]
+        return {"name": name, "metrics": {"metrics_toggle": {"c128": {"block_effects": blocks}}}}
+
+    a, b = record("a", [1.0, 2.0]), record("b", [0.0, -1.0, 3.0])
+    out = ab.pooled([a, b], 128, bound_pct=3.0)
+    assert out["records"] == [{"name": "a", "blocks": 2, "mean": 1.5}, {"name": "b", "blocks": 3, "mean": 0.667}]
+    assert out["throughput_cost_pct"] == ab.mean_ci95([1.0, 2.0, 0.0, -1.0, 3.0])
+    assert out["latency_cost_pct"]["mean"] == 0.5
+    with pytest.raises(KeyError):
+        ab.pooled([a], 1, bound_pct=3.0)
+    paths = []
+    for rec in (a, b):
+        path = tmp_path / f"{rec['name']}.json"
+        path.write_text(json.dumps(rec))
+        paths.append(str(path))
+    script = [sys.executable, str(ROOT / "benchmarks" / "runtime_ab.py")]
+    done = subprocess.run([*script, "--users", "128", *paths], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and json.loads(done.stdout)["throughput_cost_pct"]["n"] == 5
+    refused = subprocess.run([*script, "--users", "1", *paths], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "metrics-toggle run at 1 users" in refused.stderr
