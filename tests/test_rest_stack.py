@@ -83,3 +83,69 @@ print("OK")
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
+
+
+def test_the_inference_door_sends_the_two_routes_to_its_chain_and_answers_500_itself() -> None:
+    """InferDoor (outermost): the exact inference routes go to the chain (gate, body limit, fast path),
+    everything else to the app; an exception nothing handled becomes a JSON 500 unless the response
+    had started (then it goes up to the server); and serve_http's hook puts it around uvicorn's loaded app once."""
+    code = """
+import asyncio, httpx, types
+from fastapi.responses import Response
+from model_server import rest
+from model_server.rest import InferDoor
+
+app_calls, chain_calls = [], []
+async def app(scope, receive, send):
+    app_calls.append(scope["path"])
+    await Response("app", status_code=299)(scope, receive, send)
+async def chain(scope, receive, send):
+    chain_calls.append(scope["path"])
+    body = (await receive()).get("body", b"")
+    if body == b"boom":
+        raise RuntimeError("no handler")
+    if body == b"late":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("after the start")
+    await Response(b"chain:" + body)(scope, receive, send)
+door = InferDoor(app, frozenset({("POST", "/v2/models/m/infer")}), chain)
+
+async def main():
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=door), base_url="http://t") as c:
+        r = await c.post("/v2/models/m/infer", content=b"x")
+        assert (r.status_code, r.content) == (200, b"chain:x"), r
+        assert (await c.post("/v2/models/m/infer?x=1", content=b"x")).status_code == 299
+        assert (await c.get("/v2/models/m/infer")).status_code == 299
+        assert (await c.get("/metrics")).status_code == 299
+        r = await c.post("/v2/models/m/infer", content=b"boom")
+        assert r.status_code == 500 and r.json() == {"error": "internal server error"}, r.text
+        try:  # the start went out: too late for a 500, the server closes the connection
+            await c.post("/v2/models/m/infer", content=b"late")
+        except RuntimeError as e:
+            assert "after the start" in str(e)
+        else:
+            raise AssertionError("an error after the response started must reach the server")
+    assert chain_calls == ["/v2/models/m/infer"] * 3, chain_calls
+    assert app_calls == ["/v2/models/m/infer", "/v2/models/m/infer", "/metrics"], app_calls
+
+    # The hook around KServe's server: the loaded app is wrapped once, whatever serve() is called.
+    from kserve.protocol.rest import server as kserve_rest
+    served = []
+    async def fake_serve(self, sockets=None):
+        served.append(self.config.loaded_app)
+    kserve_rest._RefreshingServer.serve = fake_serve
+    fastapi_app = types.SimpleNamespace(state=types.SimpleNamespace(infer_door=(frozenset(), chain)))
+    rest._open_infer_door(fastapi_app)
+    config = types.SimpleNamespace(loaded=False, loaded_app=None)
+    def load():
+        config.loaded, config.loaded_app = True, app
+    config.load = load
+    server = types.SimpleNamespace(config=config)
+    await kserve_rest._RefreshingServer.serve(server)
+    await kserve_rest._RefreshingServer.serve(server)
+    assert isinstance(served[0], InferDoor) and served[0].app is app and served[1] is served[0]
+asyncio.run(main())
+print("OK")
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
