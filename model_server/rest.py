@@ -143,48 +143,6 @@ class InferFastPath:
         return None
 
 
-class InferDoor:
-    """The outermost ASGI layer: the model's two inference routes go straight to ``chain`` (our own
-    admission gate, body limit and :class:`InferFastPath`, the same classes the app's middleware
-    stack has, sharing its state), past uvicorn's proxy-headers layer and FastAPI's and Starlette's
-    app, error, telemetry and body-limit layers; everything else goes to ``app`` as before.
-
-    Those layers took about a tenth of a front end's CPU per single-JPEG request (py-spy of
-    ``benchmarks/frontend_bench.py --concurrency 1``). What this path does not do that they did:
-    no ``X-Forwarded-*`` rewrite of the client address (nothing on this path reads it), and an
-    exception no handler maps becomes a JSON 500 here (logged) where the server-error layer sent a
-    plain one; after the response started it goes up to the server, which closes the connection.
-    """
-
-    def __init__(self, app: ASGIApp, routes: frozenset[tuple[str, str]], chain: ASGIApp) -> None:
-        self.app = app
-        self.routes = routes
-        self.chain = chain
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or (scope.get("method", ""), scope.get("path", "")) not in self.routes
-            or scope.get("query_string")
-        ):
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.chain(scope, receive, tracked)
-        except Exception:
-            if started:  # too late for a 500: the server closes the connection, as behind Starlette's layer
-                raise
-            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            await _send_error(send, 500, "internal server error")
-
-
 def is_inference(method: str, path: str) -> bool:
     return method == "POST" and (
         (path.startswith("/v1/models/") and path.endswith(":predict"))
@@ -801,14 +759,6 @@ def install(
     app.add_middleware(InferFastPath, routes=fast, owner=app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(GateMiddleware, state=state, model=model, enable_docs=enable_docs)
-    # The same three for the outermost door (serve_http puts it in front of uvicorn's app).
-    app.state.infer_door = (
-        frozenset(fast),
-        GateMiddleware(
-            BodyLimitMiddleware(InferFastPath(app, routes=fast, owner=app), max_bytes=max_body_bytes),
-            state=state, model=model, enable_docs=enable_docs,
-        ),
-    )  # fmt: skip
     handlers: dict[type[Exception], Any] = {
         UnsupportedMediaType: _unsupported_media,
         PayloadTooLarge: _too_large,
@@ -915,25 +865,6 @@ def _drop_timing_middleware() -> None:
     kserve_rest.RESTServer._add_middlewares = add_middlewares
 
 
-def _open_infer_door(app: FastAPI) -> None:
-    """Put :class:`InferDoor` outermost around the app uvicorn serves: KServe's REST server loads
-    uvicorn's config (which wraps the app in its proxy-headers layer) inside ``serve``, so this
-    wraps ``serve``; a front end's own wrapper (``frontend.py``, connection balancing) stays outside."""
-    from kserve.protocol.rest import server as kserve_rest
-
-    routes, chain = app.state.infer_door
-    original = kserve_rest._RefreshingServer.serve
-
-    async def serve(self: Any, sockets: list[Any] | None = None) -> None:
-        if not self.config.loaded:
-            self.config.load()
-        if not isinstance(self.config.loaded_app, InferDoor):
-            self.config.loaded_app = InferDoor(self.config.loaded_app, routes, chain)
-        await original(self, sockets=sockets)
-
-    kserve_rest._RefreshingServer.serve = serve
-
-
 def serve_http(model: DenseNetPredictor, spec: dict[str, Any]) -> bool:
     """Install our routes on KServe's app and run its HTTP and gRPC servers until drained.
 
@@ -955,7 +886,6 @@ def serve_http(model: DenseNetPredictor, spec: dict[str, Any]) -> bool:
         for name in ("uvicorn.access", "kserve.trace"):
             logging.getLogger(name).setLevel(logging.WARNING)
         _drop_timing_middleware()
-    _open_infer_door(kserve_server.app)
     server = DrainingModelServer(
         model=model,
         state=state,
