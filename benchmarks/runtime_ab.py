@@ -14,7 +14,8 @@ that end in the first ``guard_s`` of a window are left out, as they ran partly b
 Run as a script, it pools the blocks of several serve_bench records (their ``metrics_toggle``)
 into one interval, e.g. runs on three machines::
 
-    python benchmarks/runtime_ab.py --users 128 benchmarks/results/*-s9-{blocks,toggle24,final}.json
+    python benchmarks/runtime_ab.py --users 128 benchmarks/results/*-s9-{blocks,toggle24,final}.json \\
+        --plot toggle-128.png      # each record's windows over time, metrics on and off apart
 
 The pooled interval treats every block as independent; each record's own mean is listed beside it,
 as machines differ more from each other than blocks within one run do.
@@ -172,11 +173,46 @@ def pooled(records: Sequence[Mapping[str, Any]], users: int, *, bound_pct: float
     return out
 
 
+def plot(records: Sequence[Mapping[str, Any]], users: int, path: Path) -> Path:
+    """Each record's windows at ``users`` over time: images/s and p50 per window, on and off apart,
+    with the record's mean block effect in its title. One column per record."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(records), figsize=(5.5 * len(records), 6), squeeze=False, sharex="col")
+    for col, rec in enumerate(records):
+        run = rec["metrics"]["metrics_toggle"][f"c{users}"]
+        windows = run["windows"]
+        for row, (key, label) in enumerate((("img_s", "images/s"), ("p50_ms", "p50 ms"))):
+            ax = axes[row][col]
+            for on, colour, name in ((True, "tab:red", "on"), (False, "tab:blue", "off")):
+                xs = [k for k, w in enumerate(windows) if w["on"] is on and key in w]
+                ax.plot(xs, [windows[k][key] for k in xs], "o", color=colour, label=f"metrics {name}")
+            ax.plot(range(len(windows)), [w.get(key, float("nan")) for w in windows], "-", color="0.8", zorder=0)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        cost = run.get("throughput_cost_pct", {})
+        title = f"{rec['name']}\n{users} users: throughput cost {cost.get('mean', float('nan')):+.2f} %"
+        if "ci95_low" in cost:
+            title += f" ({cost['ci95_low']:+.2f} .. {cost['ci95_high']:+.2f})"
+        axes[0][col].set_title(title, fontsize=9)
+        axes[1][col].set_xlabel(f"window ({run['window_s']:g} s each; blocks of on, off, off, on)")
+        axes[0][col].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("records", nargs="+", type=Path, help="serve_bench records with a metrics-toggle phase")
     p.add_argument("--users", type=int, required=True, help="the Locust users of the runs to pool")
     p.add_argument("--bound-pct", type=float, default=3.0, help="the bound the verdicts test (default 3)")
+    p.add_argument("--plot", type=Path, default=None, help="also draw every record's windows into this PNG")
     args = p.parse_args(argv)
     records = [json.loads(path.read_text()) for path in args.records]
     try:
@@ -184,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError:
         p.error(f"every record needs a metrics-toggle run at {args.users} users (metrics.metrics_toggle.c{args.users})")
     print(json.dumps(result, indent=1))
+    if args.plot is not None:
+        print(f"wrote {plot(records, args.users, args.plot)}", file=sys.stderr)
     return 0
 
 

@@ -1184,6 +1184,12 @@ def main(argv: list[str] | None = None) -> int:
             metrics["metrics_toggle"] = toggles
             for u in users_list:
                 print("    " + toggle_line(u, toggles[f"c{u}"]), file=sys.stderr, flush=True)
+                if os.environ.get("OUT"):  # a picture of the windows, next to the run's files (not a record)
+                    png = Path(os.environ["OUT"], f"{args.name or 'serve-' + slug}-metrics-toggle-c{u}.png")
+                    try:
+                        runtime_ab.plot([{"name": args.name or f"serve-{slug}", "metrics": metrics}], u, png)
+                    except ImportError as e:
+                        print(f"    no plot of the windows: {e}", file=sys.stderr, flush=True)
             top = toggles[f"c{max(users_list)}"]
             if "throughput_cost_pct" in top:
                 metrics["metrics_toggle_throughput_cost_pct"] = top["throughput_cost_pct"]["mean"]

@@ -139,3 +139,12 @@ def test_pooled_blocks_of_several_records_and_the_script(tmp_path: Path) -> None
     assert done.returncode == 0 and json.loads(done.stdout)["throughput_cost_pct"]["n"] == 5
     refused = subprocess.run([*script, "--users", "1", *paths], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "metrics-toggle run at 1 users" in refused.stderr
+
+
+def test_the_windows_are_plotted_per_record(tmp_path: Path) -> None:
+    windows = [{"on": on, "img_s": 100.0 + k, "p50_ms": 10.0 - k / 10} for k, on in enumerate(ab.abba(2))]
+    del windows[2]["p50_ms"]  # a window without requests has no p50
+    run = {"windows": windows, "window_s": 1.5, "throughput_cost_pct": ab.mean_ci95([1.0, -1.0])}
+    records = [{"name": n, "metrics": {"metrics_toggle": {"c128": run}}} for n in ("a", "b")]
+    png = ab.plot(records, 128, tmp_path / "sub" / "toggle.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
