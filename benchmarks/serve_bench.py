@@ -776,7 +776,7 @@ def load_users(metrics: Mapping[str, Any], levels: Sequence[int], explicit: int 
 
 def metrics_toggle_run(server: Server, args: argparse.Namespace, users: int, work: Path) -> dict[str, Any]:
     """One Locust run at ``users`` on the running ``server``, its request-path metrics paused and resumed
-    (``kill -USR1``/``-USR2``) in ABBA windows (:mod:`runtime_ab`); the metrics are on again at the end."""
+    (``kill -USR1``/``-USR2``) in blocks of windows on, off, off, on (:mod:`runtime_ab`); on again at the end."""
     from model_server.metrics import PAUSE_SIGNAL, RESUME_SIGNAL
 
     def switch(on: bool) -> None:
