@@ -134,18 +134,23 @@ def verdict(summary: Mapping[str, float], bound_pct: float) -> str:
     return f"not resolved (the interval straddles {bound_pct:g} %)"
 
 
+def _costs(effects: Sequence[Mapping[str, Any]], bound_pct: float) -> dict[str, Any]:
+    """Per cost (throughput, latency) of ``effects``: its summary and its verdict against ``bound_pct``."""
+    out: dict[str, Any] = {}
+    for key in ("throughput_cost_pct", "latency_cost_pct"):
+        values = [e[key] for e in effects if key in e]
+        if values:
+            out[key] = mean_ci95(values)
+            out[key.replace("_pct", "_verdict")] = verdict(out[key], bound_pct)
+    return out
+
+
 def summarize(
     figures: Sequence[Mapping[str, Any]], *, bound_pct: float, windows: Sequence[Window] | None = None
 ) -> dict[str, Any]:
     """Effects per block, their summaries and verdicts against ``bound_pct``, and the windows' own figures."""
     effects = block_effects(figures)
-    out: dict[str, Any] = {"windows": list(figures), "block_effects": effects}
-    for key in ("throughput_cost_pct", "latency_cost_pct"):
-        values = [e[key] for e in effects if key in e]
-        if values:
-            summary = mean_ci95(values)
-            out[key] = summary
-            out[key.replace("_pct", "_verdict")] = verdict(summary, bound_pct)
+    out: dict[str, Any] = {"windows": list(figures), "block_effects": effects, **_costs(effects, bound_pct)}
     if windows:
         out["switch_late_ms_max"] = round(max(w.late_s for w in windows) * 1000, 3)
     return out
@@ -157,20 +162,14 @@ def pooled(records: Sequence[Mapping[str, Any]], users: int, *, bound_pct: float
     Raises:
         KeyError: a record has no metrics-toggle run at ``users``.
     """
-    out: dict[str, Any] = {"users": users, "records": []}
-    for key in ("throughput_cost_pct", "latency_cost_pct"):
-        values: list[float] = []
-        for rec in records:
-            run = rec["metrics"]["metrics_toggle"][f"c{users}"]
-            mine = [e[key] for e in run["block_effects"] if key in e]
-            values += mine
-            if key == "throughput_cost_pct":
-                mean = round(statistics.fmean(mine), 3) if mine else None
-                out["records"].append({"name": rec["name"], "blocks": len(mine), "mean": mean})
-        if values:
-            out[key] = mean_ci95(values)
-            out[key.replace("_pct", "_verdict")] = verdict(out[key], bound_pct)
-    return out
+    per_record = [(rec["name"], rec["metrics"]["metrics_toggle"][f"c{users}"]["block_effects"]) for rec in records]
+    summaries = []
+    for name, effects in per_record:
+        mine = [e["throughput_cost_pct"] for e in effects if "throughput_cost_pct" in e]
+        mean = round(statistics.fmean(mine), 3) if mine else None
+        summaries.append({"name": name, "blocks": len(mine), "mean": mean})
+    pooled_effects = [e for _, effects in per_record for e in effects]
+    return {"users": users, "records": summaries, **_costs(pooled_effects, bound_pct)}
 
 
 def plot(records: Sequence[Mapping[str, Any]], users: int, path: Path) -> Path:

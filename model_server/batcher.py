@@ -262,15 +262,13 @@ class DynamicBatcher:
         m.later(m.observe_many, m.QUEUE_WAIT_SECONDS, [0.0])
         m.later(m.BATCH_SIZE.observe, item.n)
         self.inline_batches += 1
-        self._running += 1
+        # No _running count: nothing that reads it can run while this call holds the loop's thread.
         try:
             results = self._prepare_and_run([item.payload])
         except Exception as e:  # the device failed this batch: fail its request, keep serving
             log.exception("a batch of 1 request failed on the device")
             results = [e]
-        finally:
-            self._running -= 1
-            self._idle_since = time.monotonic()
+        self._idle_since = time.monotonic()
         self._deliver([item], results)
         asyncio.get_running_loop().call_soon(m.flush)  # after the answer's callback
 
