@@ -68,6 +68,13 @@ AOTI_PRESETS: dict[str, dict[str, Any]] = {
         "prologue_fusion": True,
     },
     "autotune-conv": {"max_autotune": True, "conv_1x1_as_mm": True, "conv_backends": "ATEN,TRITON"},
+    # max-autotune whose fused epilogues are taken, not each compiled and timed per candidate.
+    "autotune-quick": {
+        "max_autotune": True,
+        "conv_1x1_as_mm": True,
+        "epilogue_fusion": True,
+        "benchmark_epilogue_fusion": False,
+    },
 }
 CPU_VARIANTS = ("densenet121-eager-fp32", "densenet121-onnx-fp32", "densenet121-onnx-int8-static")
 
@@ -75,7 +82,9 @@ CPU_VARIANTS = ("densenet121-eager-fp32", "densenet121-onnx-fp32", "densenet121-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default="gpu-bench", help="record name (file name part)")
-    p.add_argument("--variants", default="", help="comma-separated slugs (default: every GPU variant)")
+    p.add_argument(
+        "--variants", default="", help="comma-separated slugs (default: every GPU variant; none: only --aoti-configs)"
+    )
     p.add_argument("--batch-sizes", default="1,32,128", help="default 1,32,128 (b32: pruning target)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument(
@@ -273,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b})
     default = GPU_VARIANTS if device.type == "cuda" else CPU_VARIANTS
-    slugs = [s for s in args.variants.split(",") if s] or list(default)
+    slugs = [] if args.variants == "none" else [s for s in args.variants.split(",") if s] or list(default)
     torch.set_grad_enabled(False)
     torch.backends.cudnn.benchmark = True
     reference, weights = load_reference(args.weights)

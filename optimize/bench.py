@@ -254,6 +254,10 @@ def bench_variant(
     from model_server.runtimes import load_runner
 
     runner = load_runner(manifest, artifact_dir, cfg.device)
+    if getattr(runner, "cuda_graphs", False):
+        # What the server does before it reports ready: capture one CUDA graph per batch bucket.
+        # Without it a graph variant would be timed as plain kernel launches (5x slower at batch 1).
+        runner.warm_up()
     meta = manifest.get("meta", {})
     fid = meta.get("fidelity") or {}
     acc = meta.get("accuracy") or {}
@@ -451,13 +455,52 @@ def analysis_markdown(rows: list[dict[str, Any]], *, weights: str, device_note: 
     return "\n".join(lines) + "\n"
 
 
+def record_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The rows as a benchmark record's unit-suffixed metrics: ``<slug>_b<batch>_ms`` (whole call,
+    host in and out), ``_device_ms`` (forward only, CUDA), ``_p99_ms``, ``_img_s``, ``_vram_peak_mb``."""
+    metrics: dict[str, float] = {}
+    units = {"latency_ms": "ms", "p99_ms": "p99_ms", "device_latency_ms": "device_ms",
+             "throughput_samples_sec": "img_s", "vram_peak_mb": "vram_peak_mb"}  # fmt: skip
+    for r in rows:
+        for col, unit in units.items():
+            if r.get(col) is not None:
+                metrics[f"{r['model_variant']}_b{r['batch_size']}_{unit}"] = r[col]
+    return metrics
+
+
+def write_record(rows: list[dict[str, Any]], cfg: BenchConfig, *, weights: str) -> Path:
+    """``bench_record.json`` beside the CSV: the run as a record comparable with ``benchmarks/results``
+    (``name``, ``command``, ``environ``, ``metrics``), so a report from another machine can be committed as is."""
+    import datetime as dt
+    import shlex
+
+    from optimize.build import environment
+
+    record = {
+        "name": "optimize-bench",
+        "command": shlex.join(["python", "-m", "optimize", *sys.argv[1:]]),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "environ": environment(cfg.device),
+        "weights": weights,
+        "batch_sizes": list(cfg.batch_sizes),
+        "metrics": record_metrics(rows),
+    }
+    path = cfg.output_dir / "bench_record.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
 def update_readme_section(path: Path, body: str, *, marker: str = "bench-results") -> None:
-    """Replace the text between ``<!-- marker:start -->`` and ``<!-- marker:end -->`` (append if absent)."""
+    """Replace the text between the lines ``<!-- marker:start -->`` and ``<!-- marker:end -->`` (append
+    the block if absent). Only markers alone on their line count: prose that quotes them is left alone."""
+    import re
+
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     text = path.read_text() if path.exists() else ""
     block = f"{start}\n{body}{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    found = re.search(rf"^{re.escape(start)}[ \t]*\n.*?^{re.escape(end)}[ \t]*$", text, flags=re.M | re.S)
+    if found:
+        text = text[: found.start()] + block + text[found.end() :]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
@@ -581,6 +624,7 @@ def run_bench(
     if failures:
         body += "\nNot measured:\n\n" + "".join(f"- `{slug}`: {why}\n" for slug, why in failures.items())
     (cfg.output_dir / "analysis.md").write_text(body)
+    write_record(rows, cfg, weights=weights_name)
     (cfg.output_dir / "failures.json").write_text(json.dumps(failures, indent=2) + "\n")
     if readme is not None:
         update_readme_section(readme, body)

@@ -196,7 +196,9 @@ def build_variant(
             "meta": {},
         }
         runner = load_runner(manifest, tmp, device)
-        logits = runner(images)
+        # In chunks no larger than the artifact's largest batch (an AOTInductor build may stop at 1).
+        step = max(1, min(len(images), int(manifest["input"]["max_batch"])))
+        logits = torch.cat([runner(images[i : i + step]) for i in range(0, len(images), step)])
         fidelity: Fidelity = compare(ref_logits, logits)
         tolerance = variant.tolerance
         if weights.kind == "random" and variant.random_tolerance is not None:

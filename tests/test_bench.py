@@ -175,3 +175,70 @@ def test_request_anatomy_takes_one_request_apart(artifacts_dir: Path, tmp_path: 
     bad = subprocess.run([sys.executable, "benchmarks/request_anatomy.py", "--model-dir", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "holds no variant.json" in bad.stderr
+
+
+def test_the_run_is_also_a_benchmark_record(bench_run: tuple[Path, Path, str, str]) -> None:
+    """bench_record.json: the keys of benchmarks/results records, one unit-suffixed metric per row and column."""
+    results, *_ = bench_run
+    record = json.loads((results / "bench_record.json").read_text())
+    assert {"name", "command", "date", "environ", "metrics"} <= set(record)
+    assert record["command"].startswith("python -m optimize bench") and "--batch-sizes 1,2" in record["command"]
+    assert record["environ"]["device"] == "cpu" and record["environ"]["torch"]
+    m = record["metrics"]
+    with (results / "benchmark_results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        key = f"{r['model_variant']}_b{r['batch_size']}"
+        assert m[f"{key}_ms"] == pytest.approx(float(r["latency_ms"]))
+        assert m[f"{key}_img_s"] == pytest.approx(float(r["throughput_samples_sec"]))
+        assert f"{key}_device_ms" not in m  # forward-only timing needs CUDA: absent, not made up
+
+
+def test_graph_runners_are_captured_before_they_are_timed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runner that serves from CUDA graphs is warmed up (graphs captured) before its first timed call,
+    as the server does before it reports ready; a runner without graphs is timed as loaded."""
+    import torch
+
+    from model_server import runtimes
+    from optimize.bench import BenchConfig, bench_variant
+
+    calls: list[str] = []
+
+    class FakeRunner:
+        def __init__(self, graphs: bool) -> None:
+            self.cuda_graphs = graphs
+
+        def warm_up(self) -> None:
+            calls.append("warm_up")
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append("call")
+            return torch.zeros((x.shape[0], 1000))
+
+    manifest = {"slug": "fake", "technique": "baseline", "precision": "fp32", "runtime": "torch-eager", "meta": {}}
+    cfg = BenchConfig(batch_sizes=[1], device=torch.device("cpu"), output_dir=tmp_path, tensorboard_dir=tmp_path,
+                      warmup=1, min_iters=1, max_iters=1, min_time_s=0, profile=False)  # fmt: skip
+    for graphs, first in ((True, "warm_up"), (False, "call")):
+        calls.clear()
+        monkeypatch.setattr(runtimes, "load_runner", lambda *_a, g=graphs: FakeRunner(g))
+        rows = bench_variant(manifest, tmp_path, cfg)
+        assert calls[0] == first and calls.count("warm_up") == (1 if graphs else 0)
+        assert rows[0]["latency_ms"] > 0
+
+
+def test_readme_block_is_found_by_its_marker_lines_not_by_prose_quoting_them(tmp_path: Path) -> None:
+    """A README that mentions `<!-- bench-results:start -->` in its text keeps that text; only the block
+    between the marker lines is rewritten, and a file without the block gets it appended."""
+    from optimize.bench import update_readme_section
+
+    readme = tmp_path / "README.md"
+    prose = "`--readme` rewrites the block between the `<!-- bench-results:start -->` markers.\n"
+    readme.write_text(f"# T\n\n{prose}\nmiddle\n\n<!-- bench-results:start -->\nold\n<!-- bench-results:end -->\ntail\n")
+    update_readme_section(readme, "new table\n")
+    assert readme.read_text() == (
+        f"# T\n\n{prose}\nmiddle\n\n<!-- bench-results:start -->\nnew table\n<!-- bench-results:end -->\ntail\n"
+    )
+    bare = tmp_path / "BARE.md"
+    bare.write_text(prose)
+    update_readme_section(bare, "t\n")
+    assert bare.read_text() == f"{prose}\n<!-- bench-results:start -->\nt\n<!-- bench-results:end -->\n"

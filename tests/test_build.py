@@ -102,6 +102,40 @@ def test_fidelity_failure_writes_no_manifest(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_validation_feeds_no_batch_larger_than_the_artifact_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An artifact built for batch 1 (an AOTInductor bucket) is validated in chunks of 1, not refused."""
+    from optimize import build
+    from optimize.samples import sample_batch
+    from optimize.weights import load_reference
+
+    real = build.load_runner
+    seen: list[int] = []
+
+    def strict_runner(manifest: dict, path: Path, device: torch.device):  # type: ignore[no-untyped-def]
+        runner = real(manifest, path, device)
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.shape[0])
+            if x.shape[0] > int(manifest["input"]["max_batch"]):
+                raise ArtifactError(f"batch {x.shape[0]} exceeds the largest package")
+            return runner(x)
+
+        return call
+
+    monkeypatch.setattr(build, "load_runner", strict_runner)
+    reference, weights = load_reference("random")
+    images = sample_batch(3)
+    manifest = build.build_variant(
+        registry.get("densenet121-eager-fp32"), reference=reference, weights=weights, images=images,
+        ref_logits=build.reference_logits(reference, images, torch.device("cpu")), output_dir=tmp_path,
+        device=torch.device("cpu"), max_batch=1,
+    )  # fmt: skip
+    assert seen[:3] == [1, 1, 1] and max(seen) == 1
+    assert manifest["meta"]["fidelity"]["top1_agreement"] == 1.0
+
+
 def test_tampered_payload_is_refused(tmp_path: Path, artifacts_dir: Path) -> None:
     import shutil
 

@@ -205,6 +205,26 @@ def test_2_4_mask_keeps_two_of_every_four() -> None:
     assert not sparse24_eligible(torch.nn.Conv2d(96, 32, 1, bias=False))
 
 
+def test_aoti_inductor_settings_from_variant_options() -> None:
+    """Each option becomes inductor's own setting; max-autotune only where a GPU tunes it; gpu_bench's
+    autotune-quick preset turns per-candidate epilogue benchmarking off."""
+    import importlib.util
+
+    from optimize.techniques.aoti import inductor_configs
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
+    assert spec is not None and spec.loader is not None
+    gpu_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_bench)
+    quick = inductor_configs(gpu_bench.AOTI_PRESETS["autotune-quick"], torch.device("cuda"))
+    assert quick["max_autotune"] is True and quick["benchmark_epilogue_fusion"] is False
+    assert quick["conv_1x1_as_mm"] is True and quick["max_autotune_conv_backends"] == "ATEN"
+    on_cpu = inductor_configs(gpu_bench.AOTI_PRESETS["autotune-quick"], torch.device("cpu"))
+    assert "max_autotune" not in on_cpu and on_cpu["freezing"] is True
+    assert "benchmark_epilogue_fusion" not in inductor_configs({"max_autotune": True}, torch.device("cuda"))
+    assert gpu_bench.parse_args(["--variants", "none"]).variants == "none"
+
+
 def test_aoti_package_compiles_and_loads_on_cpu(tmp_path: Path) -> None:
     """The AOTInductor code path (export, compile with our inductor options, package, load) on a tiny
     network; DenseNet-121 itself takes minutes to compile on these cores (a slow test below)."""

@@ -118,6 +118,10 @@ def inductor_configs(options: dict[str, Any], device: torch.device) -> dict[str,
         cfg["epilogue_fusion"] = bool(options["epilogue_fusion"])
     if options.get("prologue_fusion"):
         cfg["prologue_fusion"] = True
+    if "benchmark_epilogue_fusion" in options:
+        # Off: a Triton template takes its epilogue without compiling and timing the fused kernel
+        # against the unfused pair for every candidate (most of max-autotune's compile time).
+        cfg["benchmark_epilogue_fusion"] = bool(options["benchmark_epilogue_fusion"])
     if options.get("freezing", True):
         # Weights become constants: lets inductor fold and pre-layout them (channels-last).
         cfg["freezing"] = True
