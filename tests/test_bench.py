@@ -233,7 +233,9 @@ def test_readme_block_is_found_by_its_marker_lines_not_by_prose_quoting_them(tmp
 
     readme = tmp_path / "README.md"
     prose = "`--readme` rewrites the block between the `<!-- bench-results:start -->` markers.\n"
-    readme.write_text(f"# T\n\n{prose}\nmiddle\n\n<!-- bench-results:start -->\nold\n<!-- bench-results:end -->\ntail\n")
+    readme.write_text(
+        f"# T\n\n{prose}\nmiddle\n\n<!-- bench-results:start -->\nold\n<!-- bench-results:end -->\ntail\n"
+    )
     update_readme_section(readme, "new table\n")
     assert readme.read_text() == (
         f"# T\n\n{prose}\nmiddle\n\n<!-- bench-results:start -->\nnew table\n<!-- bench-results:end -->\ntail\n"
