@@ -9,9 +9,13 @@ prints (and ``serve_bench.py --trace-batches`` stores in its record) a small sum
 * ``overlap_ms``: time two or more streams ran at once (sum of per-stream busy minus the union);
 * ``streams``: per stream, its busy time, event count and the kernels that took longest in total
   (the model's stream shows DenseNet's convolutions, the decode stage's stream the resize and
-  crop kernels and nvJPEG's colour conversion, if any).
+  crop kernels and nvJPEG's colour conversion, if any);
+* ``families``: kernels grouped by what they do (convolution, matrix product, concatenation copy,
+  batch norm / ReLU, other), with count and time, divided by ``--calls`` (the forward passes the
+  trace holds, 2 in an ``optimize bench`` trace) to read per call: what bounds a batch-1 forward
+  is then visible as a kernel count, not only as time.
 
-    python benchmarks/trace_summary.py trace.json[.gz] [--top 5]
+    python benchmarks/trace_summary.py trace.json[.gz] [--top 5] [--calls 2]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -50,6 +55,36 @@ def _union_us(intervals: Iterable[tuple[float, float]]) -> float:
     if cur_end is not None and cur_start is not None:
         total += cur_end - cur_start
     return total
+
+
+#: Kernel families by name, first match wins: cuDNN/CUTLASS convolutions ("fprop", implicit GEMM),
+#: matrix products (cuBLAS's nvjet/gemm kernels, Triton's mm templates), inductor's concatenation
+#: copies (``triton_poi_fused_cat_N``), fused pointwise batch norm / ReLU, everything else.
+KERNEL_FAMILIES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("convolution", re.compile(r"fprop|implicit_gemm|conv2d|convolution_kernel|dgrad|wgrad", re.I)),
+    ("matmul", re.compile(r"nvjet|gemm|cutlass|triton_mm|triton_tem|matmul", re.I)),
+    ("concat_copy", re.compile(r"^triton_\w+_fused_cat_\d+$")),
+    ("batchnorm_relu", re.compile(r"batch_norm|relu", re.I)),
+)
+
+
+def kernel_family(name: str) -> str:
+    """The family of a kernel by its name (``other`` when no rule matches)."""
+    return next((fam for fam, rule in KERNEL_FAMILIES if rule.search(name)), "other")
+
+
+def families(trace: dict[str, Any], calls: int = 1) -> dict[str, dict[str, float]]:
+    """Kernels per family: ``count`` and ``us`` (total duration), each divided by ``calls``."""
+    out: dict[str, dict[str, float]] = {}
+    for e in trace.get("traceEvents", []):
+        if isinstance(e, dict) and e.get("ph") == "X" and e.get("cat") == "kernel" and "dur" in e:
+            fam = out.setdefault(kernel_family(str(e.get("name", ""))), {"count": 0.0, "us": 0.0})
+            fam["count"] += 1
+            fam["us"] += float(e["dur"])
+    return {
+        k: {"count": round(v["count"] / calls, 1), "us": round(v["us"] / calls, 1)}
+        for k, v in sorted(out.items(), key=lambda kv: -kv[1]["us"])
+    }
 
 
 def summarize(trace: dict[str, Any], top: int = 5) -> dict[str, Any]:
@@ -98,14 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trace", type=Path, help="Chrome-trace JSON from torch.profiler (.json or .json.gz)")
     p.add_argument("--top", type=int, default=5, help="kernels listed per stream, default 5")
+    p.add_argument("--calls", type=int, default=1, help="forward passes in the trace, to read families per call")
     args = p.parse_args(argv)
+    if args.calls < 1:
+        p.error(f"--calls must be at least 1, got {args.calls}")
     if not args.trace.is_file():
         p.error(f"no such trace file: {args.trace}")
     try:
         trace = load_trace(args.trace)
     except (OSError, ValueError) as e:
         p.error(f"{args.trace} is not a Chrome-trace JSON file: {e}")
-    print(json.dumps(summarize(trace, args.top), indent=1))
+    summary = summarize(trace, args.top)
+    if summary.get("gpu_events"):
+        summary["families"] = families(trace, args.calls)
+        summary["families_per"] = f"{args.calls} call(s)"
+    print(json.dumps(summary, indent=1))
     return 0
 
 

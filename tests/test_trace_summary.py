@@ -67,3 +67,48 @@ def test_cli_reads_gzipped_traces_and_names_a_bad_file(tmp_path: Path) -> None:
     assert out.returncode == 2 and "bad.json is not a Chrome-trace JSON file" in out.stderr
     out = subprocess.run([sys.executable, script, str(tmp_path / "missing.json")], capture_output=True, text=True)
     assert out.returncode == 2 and "no such trace file" in out.stderr
+
+
+def test_kernel_families_per_call_by_name() -> None:
+    """Names from the H100's DenseNet traces fall into their families; counts and time read per call."""
+    mod = _module()
+    names = {
+        "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc": "convolution",
+        "nvjet_sm90_hsh_64x8_64x16_2x4_h_bz_bias_TNT": "matmul",
+        "triton_mm_17": "matmul",
+        "triton_poi_fused_cat_67": "concat_copy",
+        "triton_poi_fused__native_batch_norm_legit_no_training_cat_convolution_relu_3": "batchnorm_relu",
+        "triton_poi_fused__native_batch_norm_legit_no_training_avg_pool2d_relu_9": "batchnorm_relu",
+        "void at::native::elementwise_kernel<128, 2>": "other",
+    }
+    for name, family in names.items():
+        assert mod.kernel_family(name) == family, name
+    trace = {
+        "traceEvents": [
+            _kernel("triton_poi_fused_cat_1", 7, 0, 2),
+            _kernel("triton_poi_fused_cat_2", 7, 10, 2),
+            _kernel("sm90_xmma_fprop_implicit_gemm_x", 7, 20, 12),
+            _kernel("sm90_xmma_fprop_implicit_gemm_x", 7, 40, 12),
+            _kernel("Memcpy HtoD", 7, 60, 50, "gpu_memcpy"),  # a copy, not a kernel: in no family
+        ]
+    }
+    assert mod.families(trace, calls=2) == {
+        "convolution": {"count": 1.0, "us": 12.0},
+        "concat_copy": {"count": 1.0, "us": 2.0},
+    }
+
+
+def test_cli_adds_families_and_refuses_a_zero_call_count(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(TRACE))
+    script = str(ROOT / "benchmarks" / "trace_summary.py")
+    out = subprocess.run(
+        [sys.executable, script, str(path), "--calls", "2"], capture_output=True, text=True, check=True
+    )
+    summary = json.loads(out.stdout)
+    assert summary["families"]["other"] == {
+        "count": 1.5,
+        "us": 2250.0,
+    }  # conv x2, resize and summary["families_per"] == "2 call(s)"
+    out = subprocess.run([sys.executable, script, str(path), "--calls", "0"], capture_output=True, text=True)
+    assert out.returncode == 2 and "--calls must be at least 1, got 0" in out.stderr
