@@ -244,3 +244,22 @@ def test_readme_block_is_found_by_its_marker_lines_not_by_prose_quoting_them(tmp
     bare.write_text(prose)
     update_readme_section(bare, "t\n")
     assert bare.read_text() == f"{prose}\n<!-- bench-results:start -->\nt\n<!-- bench-results:end -->\n"
+
+
+def test_blockbuf_bench_checks_the_rewrite_and_writes_a_record(tmp_path: Path) -> None:
+    """benchmarks/blockbuf_bench.py on the CPU, eager: both forwards give the same logits, one record."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/blockbuf_bench.py", "--device", "cpu", "--batch-sizes", "1", "--no-compile",
+         "--iters", "1", "--results-dir", str(tmp_path), "--name", "bb-test"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = tmp_path.glob("*-bb-test.json")
+    record = json.loads(path.read_text())
+    assert record["command"].startswith("python benchmarks/blockbuf_bench.py --device cpu")
+    m = record["metrics"]
+    assert m["eager_max_abs_logit_diff_logits"] == 0.0 and m["b1_max_abs_logit_diff_logits"] == 0.0
+    assert m["stock_b1_ms"] > 0 and m["blockbuf_b1_ms"] > 0 and m["blockbuf_vs_stock_b1_ratio"] > 0
+    bad = subprocess.run([sys.executable, "benchmarks/blockbuf_bench.py", "--batch-sizes", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "--batch-sizes must be positive" in bad.stderr

@@ -225,6 +225,45 @@ def test_aoti_inductor_settings_from_variant_options() -> None:
     assert gpu_bench.parse_args(["--variants", "none"]).variants == "none"
 
 
+def test_block_buffer_rewrite_is_exact_and_its_aoti_package_serves_on_cpu(tmp_path: Path) -> None:
+    """The block-buffer DenseNet (each block's features written once into one buffer) gives
+    torchvision's outputs, and the AOTInductor builder exports and compiles it with a dynamic batch
+    (a small DenseNet here: DenseNet-121 takes minutes to compile on these cores)."""
+    import torchvision
+
+    from model_server.preprocess import normalize
+    from model_server.runtimes import AotiRunner
+    from optimize.rewrites import BlockBufferDenseNet
+    from optimize.techniques import BuildContext
+    from optimize.techniques.aoti import build
+
+    torch.manual_seed(0)
+    big = torchvision.models.densenet121(weights=None).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(BlockBufferDenseNet(big)(x), big(x), atol=0, rtol=0)
+        cl = big.to(memory_format=torch.channels_last)
+        xcl = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(BlockBufferDenseNet(cl)(xcl), cl(xcl), atol=1e-5, rtol=1e-5)
+
+    net = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2,
+                                      num_classes=10).eval()  # fmt: skip
+    variant = dataclasses.replace(
+        registry.get("densenet121-aoti-fp16-cl-dynamic-blockbuf"), precision=registry.Precision.FP32
+    )
+    ctx = BuildContext(reference=net, device=torch.device("cpu"), calibration=torch.zeros(0), max_batch=4,
+                       out_dir=tmp_path, options={"aoti": {"buckets": [1, 2, 4]}})  # fmt: skip
+    built = build(variant, ctx)
+    assert built.details["block_buffer"] and built.details["fresh_process_check"]["rc"] == 0
+    manifest = {"slug": "tiny", "precision": "fp32", "channels_last": True, "input": {"max_batch": 4},
+                "payload": {k: v for k, v in built.payload.items() if k.startswith("bucket_")}}  # fmt: skip
+    runner = AotiRunner(manifest, tmp_path, torch.device("cpu"))
+    for n in (1, 3):
+        pixels = torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8)
+        with torch.no_grad():
+            torch.testing.assert_close(runner(pixels), net(normalize(pixels)), atol=1e-4, rtol=1e-4)
+
+
 def test_aoti_package_compiles_and_loads_on_cpu(tmp_path: Path) -> None:
     """The AOTInductor code path (export, compile with our inductor options, package, load) on a tiny
     network; DenseNet-121 itself takes minutes to compile on these cores (a slow test below)."""
@@ -425,7 +464,10 @@ def _build_cuda(out: Path, slug: str, options: dict[str, object] | None = None) 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("slug", ["densenet121-aoti-fp16-cl", "densenet121-aoti-fp16-cl-dynamic"])
+@pytest.mark.parametrize(
+    "slug",
+    ["densenet121-aoti-fp16-cl", "densenet121-aoti-fp16-cl-dynamic", "densenet121-aoti-fp16-cl-dynamic-blockbuf"],
+)
 def test_aoti_variant_on_cuda_serves_without_compiling(tmp_path: Path, slug: str) -> None:
     manifest = _build_cuda(tmp_path, slug, {"aoti": {"max_autotune": False}})
     d = tmp_path / slug

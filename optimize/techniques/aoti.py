@@ -211,6 +211,10 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
     options = {**variant.options, **ctx.options.get("aoti", {})}
     dtype = _DTYPES[variant.precision]
     model = prepare_model(ctx.reference, device=ctx.device, dtype=dtype, channels_last=variant.channels_last)
+    if options.get("block_buffer"):
+        from optimize.rewrites import BlockBufferDenseNet
+
+        model = BlockBufferDenseNet(model).eval()
     configs = inductor_configs(options, ctx.device)
     # max-autotune can be limited to some buckets (tuning batch 128 took over 7 minutes on an H100).
     autotune_buckets = options.get("autotune_buckets")
@@ -287,5 +291,6 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
         "cxx": cxx,
         "fresh_process_check": fresh,
         "cuda_graphs": bool(options.get("cuda_graphs")),
+        "block_buffer": bool(options.get("block_buffer")),
     }
     return Built(payload=payload, devices=list(variant.devices), model=ctx.reference, details=details)
