@@ -43,6 +43,7 @@ log = logging.getLogger("gpu_bench")
 GPU_VARIANTS = (
     "densenet121-aoti-fp16-cl",
     "densenet121-aoti-fp16-cl-dynamic",
+    "densenet121-aoti-fp16-cl-dynamic-blockbuf",
     "densenet121-eager-fp32",
     "densenet121-eager-fp16-cl",
     "densenet121-eager-fp16-amp",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: benchmarks/gpu_suite.sh [--steps check,decode,onnx,aoti-dynamic,serve,ab,decode-ab,serve-aoti]
+# Usage: benchmarks/gpu_suite.sh [--steps check,decode,onnx,aoti-dynamic,aoti-blockbuf,serve,ab,decode-ab,serve-aoti]
 #                                [--artifacts DIR]
 #                                [--variant SLUG] [--duration S] [--pairs N] [--help]
 #
@@ -14,6 +14,8 @@
 #   onnx          gpu_bench: ONNX Runtime CUDA EP (FP32, FP16, I/O binding) against stock
 #                 torch.compile and the CUDA-graph variant (needs onnxruntime-gpu)       ~4 min
 #   aoti-dynamic  gpu_bench: AOTInductor, one package with a dynamic batch dimension     ~4 min
+#   aoti-blockbuf gpu_bench: the same package of the block-buffer rewrite against stock
+#                 torch.compile, then blockbuf_bench (the rewrite under stock compile)   ~7 min
 #   serve         serve_bench on --variant (default densenet121-eager-fp16-cl-graphs): on-device, floor, cold start,
 #                 single-JPEG sweep, a profiler trace of 20 batches under load (and py-spy stacks
 #                 of the device process when py-spy is on PATH), 12 MP, batched             ~5 min
@@ -31,7 +33,7 @@ set -o errexit -o nounset -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-STEPS="check,decode,onnx,aoti-dynamic,serve,ab,decode-ab,serve-aoti"
+STEPS="check,decode,onnx,aoti-dynamic,aoti-blockbuf,serve,ab,decode-ab,serve-aoti"
 ARTIFACTS="${TMPDIR:-/tmp}/densenet-suite-artifacts"
 DURATION=10
 PAIRS=2
@@ -39,7 +41,7 @@ VARIANT=densenet121-eager-fp16-cl-graphs
 SERVER_ARGS="--max_batch_size 128 --frontends 6"
 
 usage() {
-  sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 log() {
@@ -61,8 +63,8 @@ parse_args() {
   local step
   for step in ${STEPS//,/ }; do
     case "${step}" in
-      check|decode|onnx|aoti-dynamic|serve|ab|decode-ab|serve-aoti) ;;
-      *) log "unknown step '${step}'; valid: check, decode, onnx, aoti-dynamic, serve, ab, decode-ab, serve-aoti"
+      check|decode|onnx|aoti-dynamic|aoti-blockbuf|serve|ab|decode-ab|serve-aoti) ;;
+      *) log "unknown step '${step}'; valid: check, decode, onnx, aoti-dynamic, aoti-blockbuf, serve, ab, decode-ab, serve-aoti"
          exit 1 ;;
     esac
   done
@@ -117,6 +119,14 @@ step_aoti_dynamic() {
   log "aoti-dynamic: one AOTInductor package for every batch size"
   "${PYTHON}" "${ROOT}/benchmarks/gpu_bench.py" --name issue4-aoti-dynamic --skip-autotune --batch-sizes 1,32,128 \
     --variants densenet121-aoti-fp16-cl-dynamic,densenet121-eager-fp16-cl-graphs
+}
+
+step_aoti_blockbuf() {
+  log "aoti-blockbuf: the dynamic AOTInductor package of the block-buffer rewrite against stock torch.compile"
+  "${PYTHON}" "${ROOT}/benchmarks/gpu_bench.py" --name issue4-aoti-blockbuf --skip-autotune --batch-sizes 1,32,128 \
+    --variants densenet121-aoti-fp16-cl-dynamic-blockbuf
+  log "aoti-blockbuf: the rewrite against torchvision's forward, both under stock torch.compile"
+  "${PYTHON}" "${ROOT}/benchmarks/blockbuf_bench.py" --batch-sizes 1,32,128 --name blockbuf
 }
 
 build_artifact() {
@@ -191,6 +201,7 @@ main() {
       decode) step_decode ;;
       onnx) step_onnx ;;
       aoti-dynamic) step_aoti_dynamic ;;
+      aoti-blockbuf) step_aoti_blockbuf ;;
       serve) step_serve ;;
       ab) step_ab ;;
       decode-ab) step_decode_ab ;;

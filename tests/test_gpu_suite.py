@@ -102,3 +102,12 @@ def test_serve_and_ab_take_another_variant_and_reuse_a_built_artifact(tmp_path: 
     assert not [c for c in calls if c.startswith("-m optimize build")] and "already built" in proc.stderr
     serve, ab = [c for c in calls if "benchmarks/serve_bench.py" in c]
     assert f"--model-dir {arts}/densenet121-aoti-fp16-cl-dynamic" in serve and "-aoti-fp16-cl-dynamic" in ab
+
+
+def test_aoti_blockbuf_step_times_the_rewrite_against_stock(tmp_path: Path) -> None:
+    proc, calls = _run(tmp_path, "--steps", "aoti-blockbuf")
+    assert proc.returncode == 0, proc.stderr
+    bench = [c for c in calls if "gpu_bench.py" in c]
+    assert len(bench) == 1 and "--variants densenet121-aoti-fp16-cl-dynamic-blockbuf" in bench[0]
+    assert "--skip-stock" not in bench[0]  # the ratio is to stock torch.compile in the same run
+    assert [c for c in calls if "blockbuf_bench.py" in c and "--batch-sizes 1,32,128" in c]
