@@ -28,25 +28,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def time_ms(fn: Any, x: torch.Tensor, device: torch.device, iters: int) -> float:
-    with torch.inference_mode():
-        for _ in range(5):
-            fn(x)
-        if device.type != "cuda":
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                fn(x)
-            return (time.perf_counter() - t0) * 1000 / iters
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn(x)
-        end.record()
-        end.synchronize()
-        return float(start.elapsed_time(end)) / iters
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-sizes", default="1,128", help="default 1,128")
@@ -67,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda but torch sees no CUDA GPU (use --device cpu)")
 
     import torchvision
+    from gpu_bench import time_fn
     from records import write_record
 
     from optimize.rewrites import BlockBufferDenseNet
@@ -95,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 metrics[f"{arm}_b{b}_compile_s"] = round(time.perf_counter() - t0, 1)
             with torch.inference_mode():
                 outs[arm] = fn(x).float().clone()
-            ms = time_ms(fn, x, device, args.iters)
+            ms = time_fn(fn, x, device, args.iters)
             metrics[f"{arm}_b{b}_ms"] = round(ms, 4)
             metrics[f"{arm}_b{b}_img_s"] = round(b * 1000 / ms, 1)
             print(f"{arm} b{b}: {ms:.3f} ms", file=sys.stderr)

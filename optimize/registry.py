@@ -390,25 +390,14 @@ class Variants(enum.Enum):
         tolerance=_FP16_TOL,
         options={"dynamic_batch": True, "conv_1x1_as_mm": True, "epilogue_fusion": True, "cuda_graphs": True},
     )
-    AOTI_FP16_CL_DYNAMIC_BLOCKBUF = Variant(
+    # The same package of an exact rewrite (``optimize/rewrites.py``): everything else as above.
+    AOTI_FP16_CL_DYNAMIC_BLOCKBUF = dataclasses.replace(
+        AOTI_FP16_CL_DYNAMIC,
         slug="densenet121-aoti-fp16-cl-dynamic-blockbuf",
-        technique=Technique.AOT_INDUCTOR,
-        precision=Precision.FP16,
-        runtime=Runtime.AOTI,
-        base=_FP16_CL,
-        channels_last=True,
-        devices=("cuda",),
         deployable=False,
         description="the dynamic AOTInductor package of an exact rewrite: each dense block's features written "
         "once into a block-wide buffer instead of concatenated per layer (fewer copy kernels)",
-        tolerance=_FP16_TOL,
-        options={
-            "dynamic_batch": True,
-            "conv_1x1_as_mm": True,
-            "epilogue_fusion": True,
-            "cuda_graphs": True,
-            "block_buffer": True,
-        },
+        options={**AOTI_FP16_CL_DYNAMIC.options, "block_buffer": True},
     )
     SPARSE24_FP16 = Variant(
         slug="densenet121-sparse24-fp16",
