@@ -231,6 +231,9 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
         "channels_last": variant.channels_last,
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+        # A rewritten network is another program with the same weights: never the plain one's package
+        # (added only when set, so the keys of packages cached before the option existed still match).
+        **({"block_buffer": True} if options.get("block_buffer") else {}),
     }
     payload: dict[str, str] = {}
     seconds: dict[str, float] = {}
