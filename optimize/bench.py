@@ -227,6 +227,10 @@ def profile_runner(runner: Any, batch: int, out_dir: Path, device: torch.device)
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # One trace per variant: a rerun into the same results folder replaces the last run's trace
+    # (the handler names each file by host, pid and time, so they would pile up otherwise).
+    for old in out_dir.glob("*.pt.trace.json"):
+        old.unlink()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     x = torch.randint(0, 256, (batch, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8)
     with profile(

@@ -31,14 +31,16 @@ class BlockBufferDenseNet(nn.Module):
         blocks = len([name for name in f._modules if name.startswith("denseblock")])
         for i in range(1, blocks + 1):
             layers = list(getattr(f, f"denseblock{i}").values())
-            growth = layers[0].conv2.out_channels
             c = x.shape[1]
-            shape = (x.shape[0], c + growth * len(layers), x.shape[2], x.shape[3])
-            buf = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
+            # Each layer's own growth: a channel-pruned network may have pruned layers differently.
+            total = c + sum(layer.conv2.out_channels for layer in layers)
+            buf = torch.empty((x.shape[0], total, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
+                              memory_format=_layout(x))  # fmt: skip
             buf[:, :c] = x
             for layer in layers:
                 # _DenseLayer's own forward, on a view instead of a concatenation (drop_rate is 0 in eval).
                 mid = layer.conv1(layer.relu1(layer.norm1(buf[:, :c])))
+                growth = layer.conv2.out_channels
                 buf[:, c : c + growth] = layer.conv2(layer.relu2(layer.norm2(mid)))
                 c += growth
             x = getattr(f, f"transition{i}")(buf) if i < blocks else buf

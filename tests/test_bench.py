@@ -263,3 +263,16 @@ def test_blockbuf_bench_checks_the_rewrite_and_writes_a_record(tmp_path: Path) -
     bad = subprocess.run([sys.executable, "benchmarks/blockbuf_bench.py", "--batch-sizes", "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "--batch-sizes must be positive" in bad.stderr
+
+
+def test_a_rerun_replaces_the_variants_profiler_trace(tmp_path: Path) -> None:
+    """profile_runner into a folder that already holds a trace leaves exactly one, the new one."""
+    import torch
+
+    from optimize.bench import profile_runner
+
+    stale = tmp_path / "old-host_1.123.pt.trace.json"
+    stale.write_text("{}")
+    trace = profile_runner(lambda x: x.float().mean(), 1, tmp_path, torch.device("cpu"))
+    assert trace is not None and list(tmp_path.glob("*.pt.trace.json")) == [trace]
+    assert json.loads(trace.read_text())["traceEvents"]
