@@ -245,12 +245,11 @@ def test_block_buffer_rewrite_is_exact_and_its_aoti_package_serves_on_cpu(tmp_pa
         cl = big.to(memory_format=torch.channels_last)
         xcl = x.contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(BlockBufferDenseNet(cl)(xcl), cl(xcl), atol=1e-5, rtol=1e-5)
-    # A channel-pruned DenseNet (each layer's growth its own) through the same rewrite; the pruner traces
-    # with autograd, so outside no_grad.
-    from optimize.techniques.pruning import channel_prune
+        # A channel-pruned DenseNet (each layer's growth its own) through the same rewrite; pruning
+        # works inside no_grad too (Torch-Pruning traces with autograd: channel_prune switches it on).
+        from optimize.techniques.pruning import channel_prune
 
-    pruned = channel_prune(big, 0.3, round_to=8).eval()
-    with torch.no_grad():
+        pruned = channel_prune(big, 0.3, round_to=8).eval()
         torch.testing.assert_close(BlockBufferDenseNet(pruned)(xcl[:1]), pruned(xcl[:1]), atol=1e-5, rtol=1e-5)
 
     net = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2,
