@@ -14,8 +14,9 @@
 #   onnx          gpu_bench: ONNX Runtime CUDA EP (FP32, FP16, I/O binding) against stock
 #                 torch.compile and the CUDA-graph variant (needs onnxruntime-gpu)       ~4 min
 #   aoti-dynamic  gpu_bench: AOTInductor, one package with a dynamic batch dimension     ~4 min
-#   aoti-blockbuf gpu_bench: the same package of the block-buffer rewrite against stock
-#                 torch.compile, then blockbuf_bench (the rewrite under stock compile)   ~7 min
+#   aoti-blockbuf gpu_bench: the same package of the block-buffer rewrite, with and without
+#                 the fused Triton layer kernels, against stock torch.compile; then
+#                 blockbuf_bench (the rewrites under stock compile, kernel profiles)     ~10 min
 #   serve         serve_bench on --variant (default densenet121-eager-fp16-cl-graphs): on-device, floor, cold start,
 #                 single-JPEG sweep, a profiler trace of 20 batches under load (and py-spy stacks
 #                 of the device process when py-spy is on PATH), 12 MP, batched             ~5 min
@@ -123,10 +124,11 @@ step_aoti_dynamic() {
 
 step_aoti_blockbuf() {
   log "aoti-blockbuf: the dynamic AOTInductor package of the block-buffer rewrite against stock torch.compile"
-  "${PYTHON}" "${ROOT}/benchmarks/gpu_bench.py" --name issue4-aoti-blockbuf --skip-autotune --batch-sizes 1,32,128 \
-    --variants densenet121-aoti-fp16-cl-dynamic-blockbuf
-  log "aoti-blockbuf: the rewrite against torchvision's forward, both under stock torch.compile"
-  "${PYTHON}" "${ROOT}/benchmarks/blockbuf_bench.py" --batch-sizes 1,32,128 --name blockbuf
+  "${PYTHON}" "${ROOT}/benchmarks/gpu_bench.py" --name issue4-aoti-blockbuf --skip-autotune --batch-sizes 1,128 \
+    --variants densenet121-aoti-fp16-cl-dynamic-fused,densenet121-aoti-fp16-cl-dynamic-blockbuf
+  log "aoti-blockbuf: the rewrites against torchvision's forward, all under stock torch.compile (kernel profiles)"
+  "${PYTHON}" "${ROOT}/benchmarks/blockbuf_bench.py" --batch-sizes 1,128 --name blockbuf \
+    --profile-dir "${TMPDIR:-/tmp}/blockbuf-profiles"
 }
 
 build_artifact() {

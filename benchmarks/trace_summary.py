@@ -61,6 +61,7 @@ def _union_us(intervals: Iterable[tuple[float, float]]) -> float:
 #: matrix products (cuBLAS's nvjet/gemm kernels, Triton's mm templates), inductor's concatenation
 #: copies (``triton_poi_fused_cat_N``), fused pointwise batch norm / ReLU, everything else.
 KERNEL_FAMILIES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("fused_layer", re.compile(r"bn_relu_gemm")),  # optimize/kernels.py: norm + ReLU + 1x1 conv + norm + ReLU
     ("convolution", re.compile(r"fprop|implicit_gemm|conv2d|convolution_kernel|dgrad|wgrad", re.I)),
     ("matmul", re.compile(r"nvjet|gemm|cutlass|triton_mm|triton_tem|matmul", re.I)),
     ("concat_copy", re.compile(r"^triton_\w+_fused_cat_\d+$")),

@@ -399,6 +399,17 @@ class Variants(enum.Enum):
         "once into a block-wide buffer instead of concatenated per layer (fewer copy kernels)",
         options={**AOTI_FP16_CL_DYNAMIC.options, "block_buffer": True},
     )
+    # The block-buffer rewrite with hand-written kernels (``optimize/kernels.py``): each layer's
+    # norm + ReLU + 1x1 convolution + norm + ReLU in one Triton kernel reading the buffer once, and
+    # transitions pooling before their convolution.
+    AOTI_FP16_CL_DYNAMIC_FUSED = dataclasses.replace(
+        AOTI_FP16_CL_DYNAMIC_BLOCKBUF,
+        slug="densenet121-aoti-fp16-cl-dynamic-fused",
+        description="the block-buffer rewrite's dynamic AOTInductor package with each layer's batch norm, ReLU, "
+        "1x1 convolution, batch norm and ReLU fused into one Triton kernel (user-defined kernels exported in "
+        "the package) and transitions pooling before their 1x1 convolution",
+        options={**AOTI_FP16_CL_DYNAMIC_BLOCKBUF.options, "fused_bottleneck": True, "pool_first": True},
+    )
     SPARSE24_FP16 = Variant(
         slug="densenet121-sparse24-fp16",
         technique=Technique.SEMI_STRUCTURED_SPARSE,

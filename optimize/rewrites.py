@@ -16,34 +16,85 @@ from typing import Any
 import torch
 from torch import nn
 
+from optimize import kernels
+
 
 class BlockBufferDenseNet(nn.Module):
-    """torchvision's DenseNet (its modules and weights, shared, under ``net``) with a block-wide feature buffer."""
+    """torchvision's DenseNet (its modules and weights, shared, under ``net``) with a block-wide feature buffer.
 
-    def __init__(self, densenet: nn.Module) -> None:
+    ``fused``: each layer's batch norm + ReLU + 1x1 convolution + batch norm + ReLU runs as one
+    kernel (``optimize.kernels.bn_relu_conv1x1``: Triton on a CUDA device, PyTorch ops on a CPU)
+    that reads the block buffer once; its per-channel scales and shifts are computed here, once,
+    from the modules' eval-mode statistics (so build it after the weights and dtype are final).
+    ``pool_first``: each transition averages 2x2 pixels *before* its 1x1 convolution instead of
+    after (both are linear, so the result is the same up to rounding): the convolution runs on a
+    quarter of the pixels and the normalised full-size tensor is never written.
+    """
+
+    def __init__(
+        self, densenet: nn.Module, *, fused: bool = False, pool_first: bool = False,
+        configs: tuple[tuple[int, int, int, int], ...] = kernels.BLOCK_CONFIGS,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.net = densenet
+        self.fused = fused
+        self.pool_first = pool_first
+        self.configs = configs  # the fused kernel's tiles per dense block (``kernels.BLOCK_CONFIGS``)
+        self.layers = 0
+        if fused:
+            net: Any = densenet
+            for name, block in net.features.named_children():
+                if not name.startswith("denseblock"):
+                    continue
+                for layer in block.values():
+                    w1 = layer.conv1.weight.detach()
+                    w = w1.reshape(w1.shape[0], w1.shape[1]).t().contiguous()  # [K, N]: output channels contiguous
+                    # Not persistent: derived from the weights, not saved with them.
+                    parts = (w, *kernels.bn_affine(layer.norm1), *kernels.bn_affine(layer.norm2))
+                    for part, t in zip(("w", "s1", "b1", "s2", "b2"), parts, strict=True):
+                        self.register_buffer(f"fused{self.layers}_{part}", t, persistent=False)
+                    self.layers += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net: Any = self.net  # torchvision's DenseNet: its submodules by name
         f = net.features
         x = f.pool0(f.relu0(f.norm0(f.conv0(x))))
         blocks = len([name for name in f._modules if name.startswith("denseblock")])
+        j = 0
         for i in range(1, blocks + 1):
             layers = list(getattr(f, f"denseblock{i}").values())
             c = x.shape[1]
             # Each layer's own growth: a channel-pruned network may have pruned layers differently.
             total = c + sum(layer.conv2.out_channels for layer in layers)
             buf = torch.empty((x.shape[0], total, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
-                              memory_format=_layout(x))  # fmt: skip
-            buf[:, :c] = x
+                              memory_format=torch.channels_last if self.fused else _layout(x))  # fmt: skip
+            if self.fused:
+                # Every write into the buffer through the one mutating op: a slice assignment here
+                # made the compiler copy the whole buffer before the first op write (~0.2 ms a
+                # block at batch 128 on the H100).
+                kernels.write_channels(buf, x, 0)
+            else:
+                buf[:, :c] = x
             for layer in layers:
                 # _DenseLayer's own forward, on a view instead of a concatenation (drop_rate is 0 in eval).
-                mid = layer.conv1(layer.relu1(layer.norm1(buf[:, :c])))
                 growth = layer.conv2.out_channels
-                buf[:, c : c + growth] = layer.conv2(layer.relu2(layer.norm2(mid)))
+                if self.fused:
+                    w, s1, b1, s2, b2 = (getattr(self, f"fused{j}_{part}") for part in ("w", "s1", "b1", "s2", "b2"))
+                    config = self.configs[min(i, len(self.configs)) - 1]
+                    mid = kernels.bn_relu_conv1x1(buf, c, w, s1, b1, s2, b2, config)
+                    j += 1
+                    kernels.write_channels(buf, layer.conv2(mid), c)
+                else:
+                    mid = layer.conv1(layer.relu1(layer.norm1(buf[:, :c])))
+                    buf[:, c : c + growth] = layer.conv2(layer.relu2(layer.norm2(mid)))
                 c += growth
-            x = getattr(f, f"transition{i}")(buf) if i < blocks else buf
+            if i == blocks:
+                x = buf
+            elif self.pool_first:
+                t = getattr(f, f"transition{i}")
+                x = t.conv(t.pool(t.relu(t.norm(buf))))
+            else:
+                x = getattr(f, f"transition{i}")(buf)
         x = torch.relu(f.norm5(x))
         x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
         logits: torch.Tensor = net.classifier(x)

@@ -250,7 +250,8 @@ def test_blockbuf_bench_checks_the_rewrite_and_writes_a_record(tmp_path: Path) -
     """benchmarks/blockbuf_bench.py on the CPU, eager: both forwards give the same logits, one record."""
     proc = subprocess.run(
         [sys.executable, "benchmarks/blockbuf_bench.py", "--device", "cpu", "--batch-sizes", "1", "--no-compile",
-         "--iters", "1", "--results-dir", str(tmp_path), "--name", "bb-test"],
+         "--iters", "1", "--results-dir", str(tmp_path), "--name", "bb-test", "--arms", "fused,stock,blockbuf",
+         "--profile-dir", str(tmp_path / "prof")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -260,9 +261,35 @@ def test_blockbuf_bench_checks_the_rewrite_and_writes_a_record(tmp_path: Path) -
     m = record["metrics"]
     assert m["eager_max_abs_logit_diff_logits"] == 0.0 and m["b1_max_abs_logit_diff_logits"] == 0.0
     assert m["stock_b1_ms"] > 0 and m["blockbuf_b1_ms"] > 0 and m["blockbuf_vs_stock_b1_ratio"] > 0
+    # The fused arm (PyTorch's arithmetic for the fused kernel on a CPU, transitions pooling first).
+    assert m["fused_b1_max_abs_logit_diff_logits"] < 1e-4 and m["fused_vs_stock_b1_ratio"] > 0
+    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == [
+        "blockbuf_b1.pt.trace.json", "fused_b1.pt.trace.json", "stock_b1.pt.trace.json"]  # fmt: skip
     bad = subprocess.run([sys.executable, "benchmarks/blockbuf_bench.py", "--batch-sizes", "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "--batch-sizes must be positive" in bad.stderr
+    for arms in ("stock,fast", "blockbuf,fused"):
+        bad = subprocess.run([sys.executable, "benchmarks/blockbuf_bench.py", "--arms", arms], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert bad.returncode == 2 and "--arms" in bad.stderr and "fused32" in bad.stderr, bad.stderr
+
+
+def test_kernel_bench_reads_tile_configurations_and_needs_a_gpu() -> None:
+    """benchmarks/kernel_bench.py: ``MxKwWsS`` configurations, bad ones named; on a CPU it says why it cannot run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kernel_bench
+
+    assert kernel_bench.parse_config("64x32w4s4") == (64, 32, 4, 4)
+    for bad in ("64x32", "48x64w4s3", "8x64w4s3"):
+        with pytest.raises(ValueError, match=bad):
+            kernel_bench.parse_config(bad)
+    proc = subprocess.run([sys.executable, "benchmarks/kernel_bench.py", "--configs", "64x32w4s4,1x1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "'1x1' is not MxKwWsS" in proc.stderr
+    if not __import__("torch").cuda.is_available():
+        proc = subprocess.run([sys.executable, "benchmarks/kernel_bench.py"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr
 
 
 def test_a_rerun_replaces_the_variants_profiler_trace(tmp_path: Path) -> None:

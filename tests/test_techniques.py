@@ -254,20 +254,24 @@ def test_block_buffer_rewrite_is_exact_and_its_aoti_package_serves_on_cpu(tmp_pa
 
     net = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2,
                                       num_classes=10).eval()  # fmt: skip
-    variant = dataclasses.replace(
-        registry.get("densenet121-aoti-fp16-cl-dynamic-blockbuf"), precision=registry.Precision.FP32
-    )
-    ctx = BuildContext(reference=net, device=torch.device("cpu"), calibration=torch.zeros(0), max_batch=4,
-                       out_dir=tmp_path, options={"aoti": {"buckets": [1, 2, 4]}})  # fmt: skip
-    built = build(variant, ctx)
-    assert built.details["block_buffer"] and built.details["fresh_process_check"]["rc"] == 0
-    manifest = {"slug": "tiny", "precision": "fp32", "channels_last": True, "input": {"max_batch": 4},
-                "payload": {k: v for k, v in built.payload.items() if k.startswith("bucket_")}}  # fmt: skip
-    runner = AotiRunner(manifest, tmp_path, torch.device("cpu"))
-    for n in (1, 3):
-        pixels = torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8)
-        with torch.no_grad():
-            torch.testing.assert_close(runner(pixels), net(normalize(pixels)), atol=1e-4, rtol=1e-4)
+    # The fused variant too: on a CPU its layer op is PyTorch's arithmetic, so this checks the
+    # builder's options (fused layers, transitions pooling first) and the package, not the Triton kernel.
+    for slug in ("densenet121-aoti-fp16-cl-dynamic-blockbuf", "densenet121-aoti-fp16-cl-dynamic-fused"):
+        variant = dataclasses.replace(registry.get(slug), precision=registry.Precision.FP32)
+        out_dir = tmp_path / slug
+        out_dir.mkdir()
+        ctx = BuildContext(reference=net, device=torch.device("cpu"), calibration=torch.zeros(0), max_batch=4,
+                           out_dir=out_dir, options={"aoti": {"buckets": [1, 2, 4]}})  # fmt: skip
+        built = build(variant, ctx)
+        assert built.details["block_buffer"] and built.details["fresh_process_check"]["rc"] == 0
+        assert built.details["fused_bottleneck"] == built.details["pool_first"] == slug.endswith("-fused")
+        manifest = {"slug": "tiny", "precision": "fp32", "channels_last": True, "input": {"max_batch": 4},
+                    "payload": {k: v for k, v in built.payload.items() if k.startswith("bucket_")}}  # fmt: skip
+        runner = AotiRunner(manifest, out_dir, torch.device("cpu"))
+        for n in (1, 3):
+            pixels = torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8)
+            with torch.no_grad():
+                torch.testing.assert_close(runner(pixels), net(normalize(pixels)), atol=1e-4, rtol=1e-4)
 
 
 def test_aoti_package_compiles_and_loads_on_cpu(tmp_path: Path) -> None:
@@ -472,7 +476,12 @@ def _build_cuda(out: Path, slug: str, options: dict[str, object] | None = None) 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "slug",
-    ["densenet121-aoti-fp16-cl", "densenet121-aoti-fp16-cl-dynamic", "densenet121-aoti-fp16-cl-dynamic-blockbuf"],
+    [
+        "densenet121-aoti-fp16-cl",
+        "densenet121-aoti-fp16-cl-dynamic",
+        "densenet121-aoti-fp16-cl-dynamic-blockbuf",
+        "densenet121-aoti-fp16-cl-dynamic-fused",
+    ],
 )
 def test_aoti_variant_on_cuda_serves_without_compiling(tmp_path: Path, slug: str) -> None:
     manifest = _build_cuda(tmp_path, slug, {"aoti": {"max_autotune": False}})

@@ -80,6 +80,8 @@ def test_kernel_families_per_call_by_name() -> None:
         "triton_poi_fused__native_batch_norm_legit_no_training_cat_convolution_relu_3": "batchnorm_relu",
         "triton_poi_fused__native_batch_norm_legit_no_training_avg_pool2d_relu_9": "batchnorm_relu",
         "void at::native::elementwise_kernel<128, 2>": "other",
+        "_bn_relu_gemm": "fused_layer",  # optimize/kernels.py, not a plain matmul
+        "_copy_rows": "other",
     }
     for name, family in names.items():
         assert mod.kernel_family(name) == family, name

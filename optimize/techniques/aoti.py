@@ -214,7 +214,8 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
     if options.get("block_buffer"):
         from optimize.rewrites import BlockBufferDenseNet
 
-        model = BlockBufferDenseNet(model).eval()
+        model = BlockBufferDenseNet(model, fused=bool(options.get("fused_bottleneck")),
+                                    pool_first=bool(options.get("pool_first"))).eval()  # fmt: skip
     configs = inductor_configs(options, ctx.device)
     # max-autotune can be limited to some buckets (tuning batch 128 took over 7 minutes on an H100).
     autotune_buckets = options.get("autotune_buckets")
@@ -234,6 +235,7 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
         # A rewritten network is another program with the same weights: never the plain one's package
         # (added only when set, so the keys of packages cached before the option existed still match).
         **({"block_buffer": True} if options.get("block_buffer") else {}),
+        **{k: options[k] for k in ("fused_bottleneck", "pool_first") if options.get(k)},
     }
     payload: dict[str, str] = {}
     seconds: dict[str, float] = {}
@@ -295,5 +297,7 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
         "fresh_process_check": fresh,
         "cuda_graphs": bool(options.get("cuda_graphs")),
         "block_buffer": bool(options.get("block_buffer")),
+        "fused_bottleneck": bool(options.get("fused_bottleneck")),
+        "pool_first": bool(options.get("pool_first")),
     }
     return Built(payload=payload, devices=list(variant.devices), model=ctx.reference, details=details)

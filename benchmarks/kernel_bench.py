@@ -1,0 +1,167 @@
+"""The fused DenseNet layer kernel (``optimize/kernels.py``) alone, per dense block of DenseNet-121,
+for several tile configurations: which one each block should use, and how close it runs to a
+plain cuBLAS matrix multiply of the same shape (which does not even normalise its input).
+
+Each measurement replays a CUDA graph of one whole dense block's kernels (every layer's shape, in
+order, reading a block buffer of the real width), so launch costs are the graph's, as in a served
+package; CUDA events, the median of ``--reps`` replays. FP16, random weights.
+
+    python benchmarks/kernel_bench.py [--batch-sizes 1,128] [--configs 64x64w4s3,128x64w8s3] [--name kernels]
+
+A configuration ``MxKwWsS`` is ``block_m`` pixels x ``block_k`` channels, W warps, S pipeline stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# DenseNet-121: (height = width, input channels, layers) per dense block; growth 32, bottleneck 128.
+BLOCKS = ((56, 64, 6), (28, 128, 12), (14, 256, 24), (7, 512, 16))
+GROWTH, BOTTLENECK = 32, 128
+DEFAULT_CONFIGS = "32x64w4s3,64x64w4s3,64x32w4s4,64x128w4s2,128x64w8s3,128x32w8s4,128x64w4s3"
+CONFIG = re.compile(r"^(\d+)x(\d+)w(\d+)s(\d+)$")
+
+
+def parse_config(text: str) -> tuple[int, int, int, int]:
+    m = CONFIG.match(text)
+    if not m:
+        raise ValueError(f"configuration {text!r} is not MxKwWsS (for example 64x64w4s3)")
+    bm, bk, warps, stages = (int(g) for g in m.groups())
+    for name, v in (("block_m", bm), ("block_k", bk)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"configuration {text!r}: {name} must be a power of two >= 16, got {v}")
+    return bm, bk, warps, stages
+
+
+def block_layers(batch: int, block: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """One dense block's layer operands: the buffer's channel slice each layer reads, and its weights."""
+    hw, c0, n = BLOCKS[block]
+    total = c0 + GROWTH * n
+    buf = torch.randn(batch, total, hw, hw, device=device, dtype=torch.float16)
+    buf = buf.contiguous(memory_format=torch.channels_last)
+    layers = []
+    for i in range(n):
+        k = c0 + GROWTH * i
+        layers.append({
+            "x": buf[:, :k],
+            "buf": buf,
+            "k": k,
+            "w": (torch.randn(k, BOTTLENECK, device=device) / k**0.5).half(),
+            "s1": torch.rand(k, device=device) + 0.5, "b1": torch.randn(k, device=device) * 0.1,
+            "s2": torch.rand(BOTTLENECK, device=device) + 0.5, "b2": torch.randn(BOTTLENECK, device=device) * 0.1,
+            "a": torch.randn(batch * hw * hw, k, device=device, dtype=torch.float16),  # the cuBLAS arm's input
+        })  # fmt: skip
+    return layers
+
+
+def graph_ms(fn: Any, reps: int) -> float:
+    """Median milliseconds of one replay of a CUDA graph of ``fn``."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_block(b: int, block: int, configs: dict[str, tuple[int, int, int, int]], reps: int,
+               metrics: dict[str, Any]) -> list[str]:  # fmt: skip
+    """Time one dense block at batch ``b``: cuBLAS, then each configuration; metrics go into ``metrics``."""
+    from optimize import kernels
+
+    layers = block_layers(b, block, torch.device("cuda"))
+    last = layers[-1]  # the widest layer: the accuracy check
+    operands = (last["w"], last["s1"], last["b1"], last["s2"], last["b2"])
+    ref = kernels.reference(last["x"], *operands)
+
+    def cublas() -> None:
+        for lay in layers:
+            torch.mm(lay["a"], lay["w"])
+
+    key = f"block{block + 1}_b{b}"
+    floor = graph_ms(cublas, reps)
+    metrics[f"{key}_cublas_mm_ms"] = round(floor, 4)
+    line = [f"b{b} block{block + 1}: cuBLAS mm only {floor:.3f} ms"]
+    for name, cfg in configs.items():
+
+        def fused(cfg: tuple[int, int, int, int] = cfg) -> None:
+            for lay in layers:
+                kernels.launch(lay["buf"], lay["k"], lay["w"], lay["s1"], lay["b1"], lay["s2"], lay["b2"], *cfg)
+
+        try:
+            out = kernels.launch(last["buf"], last["k"], *operands, *cfg)
+            ms = graph_ms(fused, reps)
+        except Exception as e:  # a configuration Triton cannot compile (shared memory, registers)
+            metrics[f"{key}_{name}_error"] = str(e)[:200]
+            line.append(f"{name} failed")
+            continue
+        metrics[f"{key}_{name}_ms"] = round(ms, 4)
+        metrics[f"{key}_{name}_max_abs_diff_logits"] = float((out.float() - ref.float()).abs().max())
+        line.append(f"{name} {ms:.3f}")
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-sizes", default="1,128", help="default 1,128")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"default {DEFAULT_CONFIGS}")
+    p.add_argument("--reps", type=int, default=30, help="graph replays per measurement (default 30)")
+    p.add_argument("--name", default="kernels", help="record name (file name part)")
+    p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    try:
+        batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b})
+        configs = {c: parse_config(c) for c in args.configs.split(",") if c}
+    except ValueError as e:
+        p.error(f"--batch-sizes / --configs: {e}")
+    if not batch_sizes or batch_sizes[0] < 1 or not configs:
+        p.error(f"--batch-sizes must be positive and --configs non-empty, got {args.batch_sizes!r} {args.configs!r}")
+    if not torch.cuda.is_available():
+        p.error("no CUDA GPU: the fused kernel is timed on one (its arithmetic is tested on the CPU)")
+
+    from records import write_record
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    metrics: dict[str, Any] = {}
+    for b in batch_sizes:
+        for block in range(len(BLOCKS)):
+            print(", ".join(time_block(b, block, configs, args.reps, metrics)), file=sys.stderr, flush=True)
+    for b in batch_sizes:
+        for block in range(1, len(BLOCKS) + 1):
+            timed = {n: metrics[f"block{block}_b{b}_{n}_ms"] for n in configs if f"block{block}_b{b}_{n}_ms" in metrics}
+
+            if timed:
+                best = min(timed, key=lambda n: timed[n])
+                metrics[f"block{block}_b{b}_best_config"] = best
+                print(f"batch {b} block {block}: best {best} {timed[best]:.3f} ms", file=sys.stderr)
+    write_record(args.name, "benchmarks/kernel_bench.py", sys.argv[1:] if argv is None else argv, device, metrics,
+                 args.results_dir)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Hand-written GPU kernels the rewrites in ``optimize/rewrites.py`` call (Triton, exported into
+AOTInductor packages as user-defined kernels, so serving still compiles nothing).
+
+``bn_relu_conv1x1``: a DenseNet layer's first half in one kernel. torchvision's layer computes
+``relu(norm2(conv1(relu(norm1(x)))))`` where ``x`` is every channel of the block so far; compiled
+stock, batch norm + ReLU reads ``x`` and writes a normalised copy, which the 1x1 convolution (a
+matrix multiply in channels-last) reads again: three passes over the block's largest tensor for
+one pass of arithmetic. Here the matrix multiply normalises each tile of ``x`` as it loads it
+(prologue) and applies ``norm2`` + ReLU to its result before storing it (epilogue): ``x`` is read
+once and the normalised copy never exists. ``x`` may be a channel slice of a wider channels-last
+buffer (the block buffer): rows are pixels, ``stride(3)`` apart.
+
+Without Triton or a CUDA tensor the op runs the same arithmetic as PyTorch ops (the CPU kernel),
+and Triton's interpreter (``TRITON_INTERPRET=1``) runs the Triton kernel itself on the CPU (tests).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only torch build without Triton: the PyTorch path only
+    triton = None
+
+
+def available() -> bool:
+    """Whether the Triton kernel can run (Triton present; the tensors must also be on a CUDA device)."""
+    return triton is not None
+
+
+def bn_affine(norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode ``BatchNorm2d`` as ``x * scale + shift`` (FP32, per channel)."""
+    bn: Any = norm
+    scale = bn.weight.detach().float() * torch.rsqrt(bn.running_var.detach().float() + bn.eps)
+    shift = bn.bias.detach().float() - bn.running_mean.detach().float() * scale
+    return scale, shift
+
+
+def reference(
+    x: torch.Tensor, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor, scale2: torch.Tensor,
+    shift2: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """The op's arithmetic in PyTorch ops: ``relu(relu(x*s1+b1) @ w * s2 + b2)`` over channels (``w``: [K, N])."""
+    a = torch.relu(x.float() * scale1.view(1, -1, 1, 1) + shift1.view(1, -1, 1, 1)).to(x.dtype)
+    y = torch.einsum("nkhw,ko->nohw", a.float(), w.float())
+    out = torch.relu(y * scale2.view(1, -1, 1, 1) + shift2.view(1, -1, 1, 1))
+    return out.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _bn_relu_gemm(
+        a_ptr, w_ptr, s1_ptr, b1_ptr, s2_ptr, b2_ptr, out_ptr,
+        M, N, K, stride_am, stride_wk, stride_wn, stride_om,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        # Rows are pixels (M = batch x height x width), columns output channels; the channel
+        # (K) dimension of ``a`` and of the output is contiguous (channels-last).
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
+                        other=0.0)  # fmt: skip
+            # Past K the scale and shift load as 0, so the padded columns stay relu(0) = 0.
+            s1 = tl.load(s1_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            b1 = tl.load(b1_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            a = tl.maximum(a.to(tl.float32) * s1[None, :] + b1[None, :], 0.0).to(w_ptr.dtype.element_ty)
+            w = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn,
+                        mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)  # fmt: skip
+            acc = tl.dot(a, w, acc)
+        s2 = tl.load(s2_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        b2 = tl.load(b2_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        out = tl.maximum(acc * s2[None, :] + b2[None, :], 0.0)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))  # fmt: skip
+
+    def launch(
+        buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
+        scale2: torch.Tensor, shift2: torch.Tensor, block_m: int, block_k: int = 64, warps: int = 0, stages: int = 3,
+    ) -> torch.Tensor:  # fmt: skip
+        """Run the Triton kernel on the first ``k`` channels of ``buf`` (CUDA tensors, or CPU ones under
+        ``TRITON_INTERPRET=1``): tiles of ``block_m`` pixels x 128 (or 64) output channels, ``block_k``
+        input channels a step, ``warps`` (0: 4 up to 64-pixel tiles, else 8), ``stages`` of pipelining."""
+        n, _, h, wd = buf.shape
+        cols = w.shape[1]
+        out = torch.empty((n, cols, h, wd), dtype=buf.dtype, device=buf.device, memory_format=torch.channels_last)
+        m = n * h * wd
+        block_n = 128 if cols >= 128 else 64
+        grid = (triton.cdiv(m, block_m), triton.cdiv(cols, block_n))
+        torch.library.wrap_triton(_bn_relu_gemm)[grid](
+            buf, w, scale1, shift1, scale2, shift2, out, m, cols, k, buf.stride(3), w.stride(0), w.stride(1),
+            out.stride(3), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=warps or (4 if block_m <= 64 else 8), num_stages=stages,
+        )  # fmt: skip
+        return out
+
+    @torch.library.triton_op("densenet::bn_relu_conv1x1", mutates_args=())
+    def _bn_relu_conv1x1_op(
+        buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
+        scale2: torch.Tensor, shift2: torch.Tensor, block_m: int, block_k: int, warps: int, stages: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """``relu(norm2(conv1x1(relu(norm1(buf[:, :k])))))`` in one kernel; ``buf`` channels-last."""
+        return launch(buf, k, w, scale1, shift1, scale2, shift2, block_m, block_k, warps, stages)
+
+    @triton.jit
+    def _copy_rows(src_ptr, dst_ptr, M, G, C0, stride_src, stride_dst, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rg = tl.arange(0, BLOCK_G)
+        mask = (rm[:, None] < M) & (rg[None, :] < G)
+        v = tl.load(src_ptr + rm[:, None] * stride_src + rg[None, :], mask=mask)
+        tl.store(dst_ptr + C0 + rm[:, None] * stride_dst + rg[None, :], v, mask=mask)
+
+    def launch_write(buf: torch.Tensor, y: torch.Tensor, c: int) -> None:
+        """``buf[:, c : c + y.shape[1]] = y`` by the Triton copy kernel (both channels-last)."""
+        n, g, h, wd = y.shape
+        m = n * h * wd
+        block_g = triton.next_power_of_2(g)
+        block_m = max(16, 4096 // block_g)
+        torch.library.wrap_triton(_copy_rows)[(triton.cdiv(m, block_m),)](
+            y, buf, m, g, c, y.stride(3), buf.stride(3), BLOCK_M=block_m, BLOCK_G=block_g
+        )
+
+    @torch.library.triton_op("densenet::write_channels", mutates_args=("buf",))
+    def _write_channels_op(buf: torch.Tensor, y: torch.Tensor, c: int) -> None:
+        """``buf[:, c : c + y.shape[1]] = y``, both channels-last, as a mutation the compiler sees as one."""
+        launch_write(buf, y, c)
+
+    @_write_channels_op.register_kernel("cpu")
+    def _write_channels_cpu(buf: torch.Tensor, y: torch.Tensor, c: int) -> None:
+        buf[:, c : c + y.shape[1]] = y
+
+    @_bn_relu_conv1x1_op.register_kernel("cpu")
+    def _bn_relu_conv1x1_cpu(
+        buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
+        scale2: torch.Tensor, shift2: torch.Tensor, block_m: int, block_k: int, warps: int, stages: int,
+    ) -> torch.Tensor:  # fmt: skip
+        return reference(buf[:, :k], w, scale1, shift1, scale2, shift2)
+
+
+#: Tile configuration (pixels, channels a step, warps, pipeline stages) per dense block of
+#: DenseNet-121, the fastest at batch 128 on the H100 (``benchmarks/kernel_bench.py``, record
+#: ``...-kernels-s11.json``: within 10 % of a cuBLAS matrix multiply of the same shapes that does
+#: not normalise its input). A network with more blocks uses the last one for the rest.
+BLOCK_CONFIGS: tuple[tuple[int, int, int, int], ...] = ((64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4))
+
+
+def bn_relu_conv1x1(
+    buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor, scale2: torch.Tensor,
+    shift2: torch.Tensor, config: tuple[int, int, int, int] = BLOCK_CONFIGS[1],
+) -> torch.Tensor:  # fmt: skip
+    """``relu(norm2(conv1x1(relu(norm1(buf[:, :k])))))``: the Triton op on a CUDA tensor where Triton is
+    present, else ``reference`` (also what the op's own CPU kernel runs). ``buf``: (N, C, H, W)
+    channels-last; ``w``: [k, out channels], out channels contiguous.
+
+    The whole buffer goes in, not ``buf[:, :k]``: the compiler hands a user kernel a channel slice
+    as a contiguous copy (on the H100 those copies took a third of a batch-128 forward)."""
+    if not rows_dense(buf):
+        raise ValueError(f"bn_relu_conv1x1 needs a dense channels-last buffer, got strides {buf.stride()}")
+    if triton is None or buf.device.type != "cuda":
+        return reference(buf[:, :k], w, scale1, shift1, scale2, shift2)
+    out: torch.Tensor = torch.ops.densenet.bn_relu_conv1x1(buf, k, w, scale1, shift1, scale2, shift2, *config)
+    return out
+
+
+def write_channels(buf: torch.Tensor, y: torch.Tensor, c: int) -> None:
+    """``buf[:, c : c + y.shape[1]] = y`` (both channels-last). On a CUDA tensor a Triton op that
+    mutates ``buf`` in place: written as a slice assignment, the compiler turns each layer's write
+    into a new copy of the whole block buffer when a user kernel reads it."""
+    if triton is None or buf.device.type != "cuda":
+        buf[:, c : c + y.shape[1]] = y
+        return
+    torch.ops.densenet.write_channels(buf, y.contiguous(memory_format=torch.channels_last), c)
+
+
+def rows_dense(x: torch.Tensor) -> bool:
+    """Whether ``x`` (N, C, H, W) is channels-last with pixels ``stride(3)`` apart: what the kernel indexes."""
+    s = x.stride()
+    _, _, h, w = x.shape  # never the batch: a symbolic size under export with a dynamic batch
+    return bool(s[1] == 1 and s[2] == w * s[3] and s[0] == h * w * s[3])

@@ -1,0 +1,145 @@
+"""The fused DenseNet layer kernels (optimize/kernels.py) and the rewrite that calls them.
+
+The Triton kernels themselves run here under Triton's interpreter (``TRITON_INTERPRET=1``, set
+before Triton is imported, so in a child process); on a GPU they run compiled (tests/test_gpu.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from optimize import kernels
+from optimize.rewrites import BlockBufferDenseNet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="Triton is not installed")
+
+
+def _operands(
+    n: int, total: int, k: int, cols: int, hw: tuple[int, int], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randn(n, total, *hw, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    return {
+        "buf": buf,
+        "w": (torch.randn(k, cols, generator=g) / k**0.5).to(dtype),
+        "s1": torch.rand(k, generator=g) + 0.5, "b1": torch.randn(k, generator=g) * 0.1,
+        "s2": torch.rand(cols, generator=g) + 0.5, "b2": torch.randn(cols, generator=g) * 0.1,
+    }  # fmt: skip
+
+
+_INTERPRETED = textwrap.dedent(
+    """
+    import json, sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from optimize import kernels
+    from tests.test_kernels import _operands
+    out = {}
+    # (batch, buffer channels, k, output channels, pixels, tile): k not a multiple of the channel step,
+    # pixels not a multiple of the tile, a channel slice of a wider buffer, 64 output channels.
+    for i, (n, total, k, cols, hw, cfg) in enumerate([
+        (2, 96, 70, 128, (5, 7), (64, 64, 4, 3)),
+        (1, 160, 160, 128, (3, 3), (32, 32, 4, 4)),
+        (3, 48, 40, 64, (4, 4), (16, 64, 4, 3)),
+    ]):
+        o = _operands(n, total, k, cols, hw, torch.float32)
+        got = kernels.launch(o["buf"], k, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], *cfg)
+        ref = kernels.reference(o["buf"][:, :k], o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
+        out[f"gemm{i}"] = [float((got - ref).abs().max()), float(ref.abs().max()), list(got.shape),
+                           got.is_contiguous(memory_format=torch.channels_last)]
+    buf = torch.zeros(2, 96, 5, 7).contiguous(memory_format=torch.channels_last)
+    y = torch.randn(2, 32, 5, 7).contiguous(memory_format=torch.channels_last)
+    kernels.launch_write(buf, y, 40)
+    out["write"] = [float((buf[:, 40:72] - y).abs().max()), float(buf[:, :40].abs().max()),
+                    float(buf[:, 72:].abs().max())]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_triton_kernels_match_the_reference_under_the_interpreter() -> None:
+    """The fused GEMM (norm + ReLU prologue, norm + ReLU epilogue) reads a channel slice of a
+    channels-last buffer and matches PyTorch's arithmetic; the copy kernel writes only its channels."""
+    p = subprocess.run([sys.executable, "-c", _INTERPRETED, str(ROOT)], capture_output=True, text=True,
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300, cwd=ROOT)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    for i, shape in enumerate(([2, 128, 5, 7], [1, 128, 3, 3], [3, 64, 4, 4])):
+        diff, scale, got_shape, channels_last = out[f"gemm{i}"]
+        assert got_shape == shape and channels_last
+        assert scale > 0.5 and diff < 1e-4 * scale, out
+    assert out["write"] == [0.0, 0.0, 0.0]
+
+
+def test_ops_run_on_the_cpu_and_refuse_a_buffer_that_is_not_channels_last() -> None:
+    o = _operands(2, 96, 70, 128, (5, 7), torch.float32)
+    ref = kernels.reference(o["buf"][:, :70], o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
+    got = torch.ops.densenet.bn_relu_conv1x1(o["buf"], 70, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], 64, 64, 4, 3)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(kernels.bn_relu_conv1x1(o["buf"], 70, o["w"], o["s1"], o["b1"], o["s2"], o["b2"]), ref)
+    y = torch.randn(2, 32, 5, 7).contiguous(memory_format=torch.channels_last)
+    buf = o["buf"].clone()
+    torch.ops.densenet.write_channels(buf, y, 64)
+    torch.testing.assert_close(buf[:, 64:], y)
+    torch.testing.assert_close(buf[:, :64], o["buf"][:, :64])
+    with pytest.raises(ValueError, match="dense channels-last buffer"):
+        kernels.bn_relu_conv1x1(o["buf"].contiguous(), 70, o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
+
+
+def test_bn_affine_is_the_eval_batch_norm() -> None:
+    bn = torch.nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    x = torch.randn(2, 6, 3, 3)
+    scale, shift = kernels.bn_affine(bn)
+    torch.testing.assert_close(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), bn(x))
+
+
+@pytest.mark.parametrize("options", [{"pool_first": True}, {"fused": True}, {"fused": True, "pool_first": True}])
+def test_fused_and_pool_first_rewrites_give_torchvisions_outputs(options: dict[str, bool]) -> None:
+    """DenseNet-121 with batch norm statistics that matter (random ones): the rewrite's fused layer
+    path (PyTorch's arithmetic on a CPU) and transitions pooling first agree with torchvision's forward."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.densenet121(weights=None).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    net = net.to(memory_format=torch.channels_last)
+    rewritten = BlockBufferDenseNet(net, **options).eval()
+    x = torch.randn(1, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(x), net(x), atol=2e-5, rtol=1e-5)
+    # Derived parameters are not saved with the weights.
+    assert set(rewritten.state_dict()) == {f"net.{k}" for k in net.state_dict()}
+    assert rewritten.layers == (58 if options.get("fused") else 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_kernels_compiled_on_a_gpu_match_the_reference() -> None:
+    """FP16 on the GPU, every tile configuration of ``BLOCK_CONFIGS``, against PyTorch's arithmetic."""
+    for cfg in [*sorted(set(kernels.BLOCK_CONFIGS)), (32, 64, 4, 3)]:
+        o = {k: v.cuda() for k, v in _operands(2, 352, 320, 128, (14, 14), torch.float16).items()}
+        got = kernels.bn_relu_conv1x1(o["buf"], 320, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], cfg)
+        ref = kernels.reference(o["buf"][:, :320], o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
+        torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2)
+    y = torch.randn(2, 32, 14, 14, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    kernels.write_channels(o["buf"], y, 320)
+    assert torch.equal(o["buf"][:, 320:], y)
