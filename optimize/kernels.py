@@ -55,32 +55,22 @@ if triton is not None:
 
     @triton.jit
     def _bn_relu_gemm(
-        a_ptr, y_ptr, w_ptr, s1_ptr, b1_ptr, s2_ptr, b2_ptr, out_ptr,
-        M, N, K, Y0, stride_am, stride_y, stride_wk, stride_wn, stride_om,
-        HAS_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        a_ptr, w_ptr, s1_ptr, b1_ptr, s2_ptr, b2_ptr, out_ptr,
+        M, N, K, stride_am, stride_wk, stride_wn, stride_om,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         # Rows are pixels (M = batch x height x width), columns output channels; the channel
-        # (K) dimension of ``a`` and of the output is contiguous (channels-last). With ``HAS_Y``,
-        # channels Y0..K come from ``y`` (the previous layer's new channels, not yet in the buffer):
-        # read from there, and written into the buffer on the way (by the first column of tiles).
+        # (K) dimension of ``a`` and of the output is contiguous (channels-last).
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
-        rows = rm[:, None] < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
-            if HAS_Y:
-                from_y = rows & (kk[None, :] >= Y0) & (kk[None, :] < K)
-                a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=rows & (kk[None, :] < Y0), other=0.0)
-                fresh = tl.load(y_ptr + rm[:, None] * stride_y + (kk[None, :] - Y0), mask=from_y, other=0.0)
-                a = a + fresh  # the two masks are disjoint
-                if pid_n == 0:
-                    tl.store(a_ptr + rm[:, None] * stride_am + kk[None, :], fresh, mask=from_y)
-            else:
-                a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=rows & (kk[None, :] < K), other=0.0)
+            a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
+                        other=0.0)  # fmt: skip
             # Past K the scale and shift load as 0, so the padded columns stay relu(0) = 0.
             s1 = tl.load(s1_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
             b1 = tl.load(b1_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
@@ -92,42 +82,35 @@ if triton is not None:
         b2 = tl.load(b2_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
         out = tl.maximum(acc * s2[None, :] + b2[None, :], 0.0)
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=rows & (rn[None, :] < N))  # fmt: skip
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))  # fmt: skip
 
     def launch(
         buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
         scale2: torch.Tensor, shift2: torch.Tensor, block_m: int, block_k: int = 64, warps: int = 0, stages: int = 3,
-        y: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Run the Triton kernel on the first ``k`` channels of ``buf`` (CUDA tensors, or CPU ones under
         ``TRITON_INTERPRET=1``): tiles of ``block_m`` pixels x 128 (or 64) output channels, ``block_k``
-        input channels a step, ``warps`` (0: 4 up to 64-pixel tiles, else 8), ``stages`` of pipelining.
-        With ``y`` (channels-last), channels ``k - y.shape[1]`` to ``k`` are read from ``y`` and
-        written into ``buf`` by the same kernel."""
+        input channels a step, ``warps`` (0: 4 up to 64-pixel tiles, else 8), ``stages`` of pipelining."""
         n, _, h, wd = buf.shape
         cols = w.shape[1]
         out = torch.empty((n, cols, h, wd), dtype=buf.dtype, device=buf.device, memory_format=torch.channels_last)
         m = n * h * wd
         block_n = 128 if cols >= 128 else 64
         grid = (triton.cdiv(m, block_m), triton.cdiv(cols, block_n))
-        y0 = k - y.shape[1] if y is not None else k
         torch.library.wrap_triton(_bn_relu_gemm)[grid](
-            buf, y if y is not None else buf, w, scale1, shift1, scale2, shift2, out, m, cols, k, y0, buf.stride(3),
-            y.stride(3) if y is not None else 0, w.stride(0), w.stride(1), out.stride(3), HAS_Y=y is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps or (4 if block_m <= 64 else 8),
-            num_stages=stages,
+            buf, w, scale1, shift1, scale2, shift2, out, m, cols, k, buf.stride(3), w.stride(0), w.stride(1),
+            out.stride(3), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=warps or (4 if block_m <= 64 else 8), num_stages=stages,
         )  # fmt: skip
         return out
 
-    @torch.library.triton_op("densenet::bn_relu_conv1x1", mutates_args=("buf",))
+    @torch.library.triton_op("densenet::bn_relu_conv1x1", mutates_args=())
     def _bn_relu_conv1x1_op(
         buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
         scale2: torch.Tensor, shift2: torch.Tensor, block_m: int, block_k: int, warps: int, stages: int,
-        y: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
-        """``relu(norm2(conv1x1(relu(norm1(buf[:, :k])))))`` in one kernel; ``buf`` channels-last; ``y``
-        (or None): the last channels of the ``k``, written into ``buf`` on the way."""
-        return launch(buf, k, w, scale1, shift1, scale2, shift2, block_m, block_k, warps, stages, y)
+        """``relu(norm2(conv1x1(relu(norm1(buf[:, :k])))))`` in one kernel; ``buf`` channels-last."""
+        return launch(buf, k, w, scale1, shift1, scale2, shift2, block_m, block_k, warps, stages)
 
     @triton.jit
     def _copy_rows(src_ptr, dst_ptr, M, G, C0, stride_src, stride_dst, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
@@ -160,10 +143,7 @@ if triton is not None:
     def _bn_relu_conv1x1_cpu(
         buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
         scale2: torch.Tensor, shift2: torch.Tensor, block_m: int, block_k: int, warps: int, stages: int,
-        y: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
-        if y is not None:
-            buf[:, k - y.shape[1] : k] = y
         return reference(buf[:, :k], w, scale1, shift1, scale2, shift2)
 
 
@@ -176,25 +156,19 @@ BLOCK_CONFIGS: tuple[tuple[int, int, int, int], ...] = ((64, 32, 4, 4), (64, 64,
 
 def bn_relu_conv1x1(
     buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor, scale2: torch.Tensor,
-    shift2: torch.Tensor, config: tuple[int, int, int, int] = BLOCK_CONFIGS[1], y: torch.Tensor | None = None,
+    shift2: torch.Tensor, config: tuple[int, int, int, int] = BLOCK_CONFIGS[1],
 ) -> torch.Tensor:  # fmt: skip
     """``relu(norm2(conv1x1(relu(norm1(buf[:, :k])))))``: the Triton op on a CUDA tensor where Triton is
     present, else ``reference`` (also what the op's own CPU kernel runs). ``buf``: (N, C, H, W)
-    channels-last; ``w``: [k, out channels], out channels contiguous. ``y``: the previous layer's
-    new channels (``k - y.shape[1]`` to ``k``), not yet in ``buf``: read from ``y`` and written into
-    ``buf`` by the same kernel (one copy kernel fewer per layer).
+    channels-last; ``w``: [k, out channels], out channels contiguous.
 
     The whole buffer goes in, not ``buf[:, :k]``: the compiler hands a user kernel a channel slice
     as a contiguous copy (on the H100 those copies took a third of a batch-128 forward)."""
     if not rows_dense(buf):
         raise ValueError(f"bn_relu_conv1x1 needs a dense channels-last buffer, got strides {buf.stride()}")
-    if y is not None:
-        y = y.contiguous(memory_format=torch.channels_last)
     if triton is None or buf.device.type != "cuda":
-        if y is not None:
-            buf[:, k - y.shape[1] : k] = y
         return reference(buf[:, :k], w, scale1, shift1, scale2, shift2)
-    out: torch.Tensor = torch.ops.densenet.bn_relu_conv1x1(buf, k, w, scale1, shift1, scale2, shift2, *config, y)
+    out: torch.Tensor = torch.ops.densenet.bn_relu_conv1x1(buf, k, w, scale1, shift1, scale2, shift2, *config)
     return out
 
 

@@ -55,28 +55,6 @@ class BlockBufferDenseNet(nn.Module):
                         self.register_buffer(f"fused{self.layers}_{part}", t, persistent=False)
                     self.layers += 1
 
-    def _fused_block(
-        self, buf: torch.Tensor, x: torch.Tensor, layers: list[Any], config: tuple[int, int, int, int], first: int
-    ) -> int:
-        """One dense block through the fused kernel; returns the channels written into ``buf``.
-
-        Every write into the buffer goes through a mutating op (a slice assignment made the compiler
-        copy the whole buffer before the first op write: ~0.2 ms a block at batch 128 on the H100),
-        and each layer's new channels reach the buffer inside the next layer's kernel."""
-        kernels.write_channels(buf, x, 0)
-        c = x.shape[1]  # channels already in the buffer
-        prev: torch.Tensor | None = None  # the last layer's output: channels c .. c + its growth, not yet written
-        for j, layer in enumerate(layers, start=first):
-            w, s1, b1, s2, b2 = (getattr(self, f"fused{j}_{part}") for part in ("w", "s1", "b1", "s2", "b2"))
-            k = c + (prev.shape[1] if prev is not None else 0)
-            mid = kernels.bn_relu_conv1x1(buf, k, w, s1, b1, s2, b2, config, prev)
-            c = k
-            prev = layer.conv2(mid)
-        if prev is not None:
-            kernels.write_channels(buf, prev, c)
-            c += prev.shape[1]
-        return c
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net: Any = self.net  # torchvision's DenseNet: its submodules by name
         f = net.features
@@ -91,16 +69,25 @@ class BlockBufferDenseNet(nn.Module):
             buf = torch.empty((x.shape[0], total, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
                               memory_format=torch.channels_last if self.fused else _layout(x))  # fmt: skip
             if self.fused:
-                c = self._fused_block(buf, x, layers, self.configs[min(i, len(self.configs)) - 1], j)
-                j += len(layers)
+                # Every write into the buffer through the one mutating op: a slice assignment here
+                # made the compiler copy the whole buffer before the first op write (~0.2 ms a
+                # block at batch 128 on the H100).
+                kernels.write_channels(buf, x, 0)
             else:
                 buf[:, :c] = x
-                for layer in layers:
-                    # _DenseLayer's own forward, on a view instead of a concatenation (drop_rate is 0 in eval).
+            for layer in layers:
+                # _DenseLayer's own forward, on a view instead of a concatenation (drop_rate is 0 in eval).
+                growth = layer.conv2.out_channels
+                if self.fused:
+                    w, s1, b1, s2, b2 = (getattr(self, f"fused{j}_{part}") for part in ("w", "s1", "b1", "s2", "b2"))
+                    config = self.configs[min(i, len(self.configs)) - 1]
+                    mid = kernels.bn_relu_conv1x1(buf, c, w, s1, b1, s2, b2, config)
+                    j += 1
+                    kernels.write_channels(buf, layer.conv2(mid), c)
+                else:
                     mid = layer.conv1(layer.relu1(layer.norm1(buf[:, :c])))
-                    growth = layer.conv2.out_channels
                     buf[:, c : c + growth] = layer.conv2(layer.relu2(layer.norm2(mid)))
-                    c += growth
+                c += growth
             if i == blocks:
                 x = buf
             elif self.pool_first:

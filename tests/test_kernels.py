@@ -56,16 +56,6 @@ _INTERPRETED = textwrap.dedent(
         ref = kernels.reference(o["buf"][:, :k], o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
         out[f"gemm{i}"] = [float((got - ref).abs().max()), float(ref.abs().max()), list(got.shape),
                            got.is_contiguous(memory_format=torch.channels_last)]
-    # The previous layer's channels (k - 32 .. k) given as y: read from y, written into the buffer.
-    for cfg in ((64, 64, 4, 3), (16, 32, 4, 3)):
-        o = _operands(2, 160, 104, 128, (5, 7), torch.float32)
-        y = torch.randn(2, 32, 5, 7).contiguous(memory_format=torch.channels_last)
-        expect = o["buf"].clone()
-        expect[:, 72:104] = y
-        ref = kernels.reference(expect[:, :104], o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
-        got = kernels.launch(o["buf"], 104, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], *cfg, y)
-        out[f"with_y{cfg[0]}"] = [float((got - ref).abs().max()), float(ref.abs().max()),
-                                  float((o["buf"] - expect).abs().max())]
     buf = torch.zeros(2, 96, 5, 7).contiguous(memory_format=torch.channels_last)
     y = torch.randn(2, 32, 5, 7).contiguous(memory_format=torch.channels_last)
     kernels.launch_write(buf, y, 40)
@@ -87,27 +77,15 @@ def test_triton_kernels_match_the_reference_under_the_interpreter() -> None:
         diff, scale, got_shape, channels_last = out[f"gemm{i}"]
         assert got_shape == shape and channels_last
         assert scale > 0.5 and diff < 1e-4 * scale, out
-    for tile in (64, 16):
-        diff, scale, buffer_diff = out[f"with_y{tile}"]
-        assert scale > 0.5 and diff < 1e-4 * scale and buffer_diff == 0.0, out
     assert out["write"] == [0.0, 0.0, 0.0]
 
 
 def test_ops_run_on_the_cpu_and_refuse_a_buffer_that_is_not_channels_last() -> None:
     o = _operands(2, 96, 70, 128, (5, 7), torch.float32)
     ref = kernels.reference(o["buf"][:, :70], o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
-    got = torch.ops.densenet.bn_relu_conv1x1(
-        o["buf"], 70, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], 64, 64, 4, 3, None
-    )
+    got = torch.ops.densenet.bn_relu_conv1x1(o["buf"], 70, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], 64, 64, 4, 3)
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(kernels.bn_relu_conv1x1(o["buf"], 70, o["w"], o["s1"], o["b1"], o["s2"], o["b2"]), ref)
-    # With the previous layer's channels given separately: written into the buffer, then read.
-    prev = torch.randn(2, 30, 5, 7)
-    ref_y = kernels.reference(torch.cat([o["buf"][:, :40], prev], 1), o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
-    buf = o["buf"].clone()
-    got = torch.ops.densenet.bn_relu_conv1x1(buf, 70, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], 64, 64, 4, 3, prev)
-    torch.testing.assert_close(got, ref_y)
-    torch.testing.assert_close(buf[:, 40:70], prev)
     y = torch.randn(2, 32, 5, 7).contiguous(memory_format=torch.channels_last)
     buf = o["buf"].clone()
     torch.ops.densenet.write_channels(buf, y, 64)
@@ -159,15 +137,8 @@ def test_triton_kernels_compiled_on_a_gpu_match_the_reference() -> None:
     """FP16 on the GPU, every tile configuration of ``BLOCK_CONFIGS``, against PyTorch's arithmetic."""
     for cfg in [*sorted(set(kernels.BLOCK_CONFIGS)), (32, 64, 4, 3)]:
         o = {k: v.cuda() for k, v in _operands(2, 352, 320, 128, (14, 14), torch.float16).items()}
-        wide = _operands(2, 352, 352, 128, (14, 14), torch.float16)
-        o.update(w2=wide["w"].cuda(), s1b=wide["s1"].cuda(), b1b=wide["b1"].cuda())
         got = kernels.bn_relu_conv1x1(o["buf"], 320, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], cfg)
         ref = kernels.reference(o["buf"][:, :320], o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
-        torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2)
-        prev = torch.randn(2, 32, 14, 14, device="cuda", dtype=torch.float16)
-        got = kernels.bn_relu_conv1x1(o["buf"], 352, o["w2"], o["s1b"], o["b1b"], o["s2"], o["b2"], cfg, prev)
-        assert torch.equal(o["buf"][:, 320:352], prev.contiguous(memory_format=torch.channels_last))
-        ref = kernels.reference(o["buf"], o["w2"], o["s1b"], o["b1b"], o["s2"], o["b2"])
         torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2)
     y = torch.randn(2, 32, 14, 14, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     kernels.write_channels(o["buf"], y, 320)
