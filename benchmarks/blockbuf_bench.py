@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default="stock,blockbuf,pool,fused", help=f"comma-separated, from {','.join(ARMS)}")
     p.add_argument("--iters", type=int, default=50, help="timed calls per measurement (default 50)")
     p.add_argument("--no-compile", action="store_true", help="eager only (the equality check, for a CPU)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its convolution algorithms (cudnn.benchmark), every arm")  # fmt: skip
     p.add_argument("--name", default="blockbuf", help="record name (file name part)")
     p.add_argument("--profile-dir", type=Path, default=None,
                    help="also trace 2 calls of each arm and batch size with torch.profiler into this folder; the "
@@ -102,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     from optimize.rewrites import BlockBufferDenseNet
 
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     stock = torchvision.models.densenet121(weights=None).eval().to(device=device, dtype=dtype)
     stock = stock.to(memory_format=torch.channels_last)
     arms: dict[str, nn.Module] = {
         a: stock if a == "stock" else BlockBufferDenseNet(stock, **ARMS[a]).eval() for a in arm_names
     }
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {"cudnn_benchmark": args.cudnn_benchmark}
     with torch.inference_mode():
         x = torch.randn(2, 3, 224, 224, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         ref = arms["stock"](x)

@@ -310,12 +310,17 @@ def main(argv: list[str] | None = None) -> int:
                 notes[slug] = f"skipped: time budget {args.budget_s:.0f} s spent ({elapsed:.0f} s)"
                 continue
             log.info("[%.0f s] %s", elapsed, slug)
+            cudnn_benchmark = torch.backends.cudnn.benchmark
             try:
                 bench_variant(slug, args, ctx, batch_sizes, metrics, notes)
                 done.append(slug)
             except Exception as e:  # one variant failing (fidelity, a missing kernel) must not end the run
                 log.exception("%s failed", slug)
                 notes[slug] = f"failed: {type(e).__name__}: {str(e)[:400]}"
+            finally:
+                # A variant's runner may turn cuDNN's algorithm timing on (options.cudnn_benchmark):
+                # the variants after it, like stock before it, run with the default.
+                torch.backends.cudnn.benchmark = cudnn_benchmark
         aoti = "densenet121-aoti-fp16-cl"
         for preset in (p for p in args.aoti_configs.split(",") if p):
             key = f"{aoti}[{preset}]"

@@ -57,7 +57,8 @@ class Runner:
         channels_last: whether the input is laid out NHWC.
         pad_to_bucket: pad batches to the next bucket (static-shape runtimes need it).
         cuda_graphs: capture one CUDA graph per bucket at warm-up and replay it (CUDA only;
-            set from the manifest's ``options.cuda_graphs``).
+            set from the manifest's ``options.cuda_graphs``). ``options.cudnn_benchmark`` turns on
+            ``torch.backends.cudnn.benchmark`` (CUDA only).
     """
 
     pad_to_bucket = False
@@ -73,6 +74,11 @@ class Runner:
         self.cuda_graphs = bool(self.options.get("cuda_graphs")) and device.type == "cuda"
         if self.cuda_graphs:
             self.pad_to_bucket = True
+        if self.options.get("cudnn_benchmark") and device.type == "cuda":
+            # cuDNN times its convolution algorithms on each shape's first call (the warm-up runs
+            # every bucket before ready, and before any graph capture); process-wide, and a server
+            # serves one artifact. The fused AOTI variant's 3x3 convolutions gain from it on the H100.
+            torch.backends.cudnn.benchmark = True
         self._graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
         # Per bucket, a second small graph from pixels to the model's input (normalise, cast, layout),
         # reading rows of one shared float32 pixel buffer; see :meth:`pixel_rows`.

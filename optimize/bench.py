@@ -133,14 +133,24 @@ class UtilSampler:
                 self.gpu_mem.append(self._pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used / 2**20)
 
     def __enter__(self) -> UtilSampler:
+        self._t0, self._cpu0 = time.perf_counter(), self._cpu_s()
         self._thread.start()
         return self
+
+    def _cpu_s(self) -> float:
+        t = self.proc.cpu_times()
+        return float(t.user + t.system)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        if not self.rss:  # a window shorter than one interval still gets one sample
+        # A window shorter than one interval (or a sampler thread starved on a busy machine) still
+        # gets one sample: RSS now, and CPU over the whole window from the process's CPU times.
+        if not self.rss:
             self.rss.append(self.proc.memory_info().rss / 2**20)
+        if not self.cpu:
+            elapsed = max(time.perf_counter() - self._t0, 1e-6)
+            self.cpu.append(100 * (self._cpu_s() - self._cpu0) / elapsed / (os.cpu_count() or 1))
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -53,6 +53,13 @@ def reference(
 
 if triton is not None:
 
+    def _wrap(kernel: Any) -> Any:
+        """``wrap_triton`` (what lets the compiler trace the launch into a package); the interpreted
+        kernel as it is under ``TRITON_INTERPRET=1``, which torch 2.11's ``wrap_triton`` refuses."""
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return kernel if isinstance(kernel, InterpretedFunction) else torch.library.wrap_triton(kernel)
+
     @triton.jit
     def _bn_relu_gemm(
         a_ptr, w_ptr, s1_ptr, b1_ptr, s2_ptr, b2_ptr, out_ptr,
@@ -97,7 +104,7 @@ if triton is not None:
         m = n * h * wd
         block_n = 128 if cols >= 128 else 64
         grid = (triton.cdiv(m, block_m), triton.cdiv(cols, block_n))
-        torch.library.wrap_triton(_bn_relu_gemm)[grid](
+        _wrap(_bn_relu_gemm)[grid](
             buf, w, scale1, shift1, scale2, shift2, out, m, cols, k, buf.stride(3), w.stride(0), w.stride(1),
             out.stride(3), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             num_warps=warps or (4 if block_m <= 64 else 8), num_stages=stages,
@@ -126,7 +133,7 @@ if triton is not None:
         m = n * h * wd
         block_g = triton.next_power_of_2(g)
         block_m = max(16, 4096 // block_g)
-        torch.library.wrap_triton(_copy_rows)[(triton.cdiv(m, block_m),)](
+        _wrap(_copy_rows)[(triton.cdiv(m, block_m),)](
             y, buf, m, g, c, y.stride(3), buf.stride(3), BLOCK_M=block_m, BLOCK_G=block_g
         )
 

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -303,3 +304,18 @@ def test_a_rerun_replaces_the_variants_profiler_trace(tmp_path: Path) -> None:
     trace = profile_runner(lambda x: x.float().mean(), 1, tmp_path, torch.device("cpu"))
     assert trace is not None and list(tmp_path.glob("*.pt.trace.json")) == [trace]
     assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_util_sampler_reports_cpu_for_a_window_shorter_than_one_interval() -> None:
+    """A timed window the sampler thread never woke in still gets CPU % (from the process's CPU
+    times over the window) and RSS, not an empty CSV cell."""
+    import torch
+
+    from optimize.bench import UtilSampler
+
+    with UtilSampler(torch.device("cpu"), interval_s=60) as s:
+        end = time.perf_counter() + 0.2
+        while time.perf_counter() < end:  # busy: one core's worth of CPU
+            pass
+    assert len(s.cpu) == 1 and len(s.rss) == 1
+    assert 0 < s.cpu[0] <= 100 and s.rss[0] > 50

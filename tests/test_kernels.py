@@ -66,6 +66,7 @@ _INTERPRETED = textwrap.dedent(
 )
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernels instead (test below)")
 def test_triton_kernels_match_the_reference_under_the_interpreter() -> None:
     """The fused GEMM (norm + ReLU prologue, norm + ReLU epilogue) reads a channel slice of a
     channels-last buffer and matches PyTorch's arithmetic; the copy kernel writes only its channels."""
@@ -143,3 +144,24 @@ def test_triton_kernels_compiled_on_a_gpu_match_the_reference() -> None:
     y = torch.randn(2, 32, 14, 14, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     kernels.write_channels(o["buf"], y, 320)
     assert torch.equal(o["buf"][:, 320:], y)
+
+
+def test_runner_turns_cudnn_benchmark_on_only_on_cuda_and_only_when_asked() -> None:
+    from model_server.runtimes import Runner
+
+    manifest = {"slug": "x", "precision": "fp16", "input": {"max_batch": 2}, "options": {"cudnn_benchmark": True}}
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        Runner(manifest, torch.device("cpu"))
+        assert torch.backends.cudnn.benchmark is False  # a CPU runner leaves the process setting alone
+        if torch.cuda.is_available():
+            Runner({**manifest, "options": {}}, torch.device("cuda"))
+            assert torch.backends.cudnn.benchmark is False
+            Runner(manifest, torch.device("cuda"))
+            assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before
+    from optimize import registry
+
+    assert registry.get("densenet121-aoti-fp16-cl-dynamic-fused").options["cudnn_benchmark"] is True
