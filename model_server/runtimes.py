@@ -77,7 +77,7 @@ class Runner:
         if self.options.get("cudnn_benchmark") and device.type == "cuda":
             # cuDNN times its convolution algorithms on each shape's first call (the warm-up runs
             # every bucket before ready, and before any graph capture); process-wide, and a server
-            # serves one artifact. The fused AOTI variant's 3x3 convolutions gain from it on the H100.
+            # serves one artifact. Set by the fused AOTI variant (see its registry entry).
             torch.backends.cudnn.benchmark = True
         self._graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
         # Per bucket, a second small graph from pixels to the model's input (normalise, cast, layout),
