@@ -57,12 +57,11 @@ def reference(
 
 
 if triton is not None:
+    from triton.runtime.interpreter import InterpretedFunction
 
     def _wrap(kernel: Any) -> Any:
         """``wrap_triton`` (what lets the compiler trace the launch into a package); the interpreted
         kernel as it is under ``TRITON_INTERPRET=1``, which torch 2.11's ``wrap_triton`` refuses."""
-        from triton.runtime.interpreter import InterpretedFunction
-
         return kernel if isinstance(kernel, InterpretedFunction) else torch.library.wrap_triton(kernel)
 
     @triton.jit

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
 CACHE_ENV = "DENSENET_AOTI_CACHE"
+#: Options that rewrite the network before export (``optimize/rewrites.py``): ``fused_bottleneck``
+#: and ``pool_first`` apply inside ``block_buffer``.
+_REWRITES = ("block_buffer", "fused_bottleneck", "pool_first")
 CXX_ENV = "DENSENET_AOTI_CXX"
 
 _FRESH_LOAD = r"""
@@ -211,11 +214,12 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
     options = {**variant.options, **ctx.options.get("aoti", {})}
     dtype = _DTYPES[variant.precision]
     model = prepare_model(ctx.reference, device=ctx.device, dtype=dtype, channels_last=variant.channels_last)
-    if options.get("block_buffer"):
+    rewrites = {k: True for k in _REWRITES if options.get(k)}  # the network's exact rewrites, as set
+    if rewrites.get("block_buffer"):
         from optimize.rewrites import BlockBufferDenseNet
 
-        model = BlockBufferDenseNet(model, fused=bool(options.get("fused_bottleneck")),
-                                    pool_first=bool(options.get("pool_first"))).eval()  # fmt: skip
+        model = BlockBufferDenseNet(model, fused="fused_bottleneck" in rewrites,
+                                    pool_first="pool_first" in rewrites).eval()  # fmt: skip
     configs = inductor_configs(options, ctx.device)
     # max-autotune can be limited to some buckets (tuning batch 128 took over 7 minutes on an H100).
     autotune_buckets = options.get("autotune_buckets")
@@ -234,8 +238,7 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
         "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
         # A rewritten network is another program with the same weights: never the plain one's package
         # (added only when set, so the keys of packages cached before the option existed still match).
-        **({"block_buffer": True} if options.get("block_buffer") else {}),
-        **{k: options[k] for k in ("fused_bottleneck", "pool_first") if options.get(k)},
+        **rewrites,
     }
     payload: dict[str, str] = {}
     seconds: dict[str, float] = {}
@@ -296,8 +299,6 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
         "cxx": cxx,
         "fresh_process_check": fresh,
         "cuda_graphs": bool(options.get("cuda_graphs")),
-        "block_buffer": bool(options.get("block_buffer")),
-        "fused_bottleneck": bool(options.get("fused_bottleneck")),
-        "pool_first": bool(options.get("pool_first")),
+        **{k: k in rewrites for k in _REWRITES},
     }
     return Built(payload=payload, devices=list(variant.devices), model=ctx.reference, details=details)
