@@ -8,6 +8,8 @@ torchvision's forward (a ``torch.cat`` of every earlier feature per layer), all 
     fused      the same with each layer's norm + ReLU + 1x1 convolution + norm + ReLU in one Triton
                kernel (``optimize/kernels.py``, tiles per block tuned at batch 128); ``fused32``:
                32-pixel tiles in every block (the fastest kernel at batch 1)
+    fusedconv  fused, and each 3x3 convolution by a Triton kernel writing into the buffer
+               (``kernels.conv3x3_into``) instead of cuDNN + a copy; ``fusedconv32``: 32-pixel tiles
 
 Why: on the H100 a batch-1 call of the AOTInductor package runs 376 kernels, 105 of them
 concatenation copies (``trace_summary.py --calls``). With one buffer per block, a layer reads a
@@ -41,6 +43,14 @@ ARMS: dict[str, dict[str, Any]] = {
     "pool": {"pool_first": True},
     "fused": {"fused": True, "pool_first": True},
     "fused32": {"fused": True, "pool_first": True, "configs": ((32, 64, 4, 3),)},
+    "fusedconv": {"fused": True, "pool_first": True, "fused_conv": True},
+    "fusedconv32": {
+        "fused": True,
+        "pool_first": True,
+        "fused_conv": True,
+        "configs": ((32, 64, 4, 3),),
+        "conv_configs": ((32, 64, 4, 3),),
+    },
 }
 
 

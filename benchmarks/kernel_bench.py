@@ -1,12 +1,17 @@
-"""The fused DenseNet layer kernel (``optimize/kernels.py``) alone, per dense block of DenseNet-121,
-for several tile configurations: which one each block should use, and how close it runs to a
-plain cuBLAS matrix multiply of the same shape (which does not even normalise its input).
+"""The hand-written DenseNet kernels (``optimize/kernels.py``) alone, per dense block of DenseNet-121,
+for several tile configurations: which one each block should use, and how it compares with the
+library call it replaces.
+
+``--kernel layer`` (default): the fused norm + ReLU + 1x1 convolution + norm + ReLU kernel against
+a plain cuBLAS matrix multiply of the same shape (which does not even normalise its input).
+``--kernel conv3x3``: the 3x3 convolution writing into the block buffer against cuDNN's
+convolution alone (``cudnn_conv``) and followed by the copy into the buffer it needs (``cudnn_conv_copy``).
 
 Each measurement replays a CUDA graph of one whole dense block's kernels (every layer's shape, in
 order, reading a block buffer of the real width), so launch costs are the graph's, as in a served
 package; CUDA events, the median of ``--reps`` replays. FP16, random weights.
 
-    python benchmarks/kernel_bench.py [--batch-sizes 1,128] [--configs 64x64w4s3,128x64w8s3] [--name kernels]
+    python benchmarks/kernel_bench.py [--kernel layer|conv3x3] [--batch-sizes 1,128] [--configs 64x64w4s3,...]
 
 A configuration ``MxKwWsS`` is ``block_m`` pixels x ``block_k`` channels, W warps, S pipeline stages.
 """
@@ -29,7 +34,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 # DenseNet-121: (height = width, input channels, layers) per dense block; growth 32, bottleneck 128.
 BLOCKS = ((56, 64, 6), (28, 128, 12), (14, 256, 24), (7, 512, 16))
 GROWTH, BOTTLENECK = 32, 128
-DEFAULT_CONFIGS = "32x64w4s3,64x64w4s3,64x32w4s4,64x128w4s2,128x64w8s3,128x32w8s4,128x64w4s3"
+DEFAULT_CONFIGS = {
+    "layer": "32x64w4s3,64x64w4s3,64x32w4s4,64x128w4s2,128x64w8s3,128x32w8s4,128x64w4s3",
+    "conv3x3": "32x64w4s3,64x64w4s3,64x32w4s4,128x64w4s3,128x32w4s4,128x64w8s3,256x64w8s3",
+}
 CONFIG = re.compile(r"^(\d+)x(\d+)w(\d+)s(\d+)$")
 
 
@@ -124,21 +132,77 @@ def time_block(b: int, block: int, configs: dict[str, tuple[int, int, int, int]]
     return line
 
 
+def time_conv_block(b: int, block: int, configs: dict[str, tuple[int, int, int, int]], reps: int,
+                    metrics: dict[str, Any]) -> list[str]:  # fmt: skip
+    """Time one dense block's 3x3 convolutions at batch ``b``: cuDNN (alone, then with the copy into the
+    buffer), then the Triton kernel in each configuration; metrics go into ``metrics``."""
+    from optimize import kernels
+
+    hw, c0, n = BLOCKS[block]
+    dev = torch.device("cuda")
+    buf = torch.zeros(b, c0 + GROWTH * n, hw, hw, device=dev, dtype=torch.float16)
+    buf = buf.contiguous(memory_format=torch.channels_last)
+    layers = []
+    for i in range(n):
+        x = torch.randn(b, BOTTLENECK, hw, hw, device=dev, dtype=torch.float16)
+        weight = (torch.randn(GROWTH, BOTTLENECK, 3, 3, device=dev) / (9 * BOTTLENECK) ** 0.5).half()
+        layers.append({"x": x.contiguous(memory_format=torch.channels_last), "weight": weight,
+                       "w": kernels.conv3x3_weight(weight), "c": c0 + GROWTH * i})  # fmt: skip
+    last = layers[-1]
+    ref = torch.nn.functional.conv2d(last["x"], last["weight"], padding=1)
+
+    def cudnn() -> None:
+        for lay in layers:
+            torch.nn.functional.conv2d(lay["x"], lay["weight"], padding=1)
+
+    def cudnn_copy() -> None:
+        for lay in layers:
+            buf[:, lay["c"] : lay["c"] + GROWTH] = torch.nn.functional.conv2d(lay["x"], lay["weight"], padding=1)
+
+    key = f"block{block + 1}_b{b}"
+    line = [f"b{b} block{block + 1}:"]
+    for name, fn in (("cudnn_conv", cudnn), ("cudnn_conv_copy", cudnn_copy)):
+        ms = graph_ms(fn, reps)
+        metrics[f"{key}_{name}_ms"] = round(ms, 4)
+        line.append(f"{name} {ms:.3f}")
+    for name, cfg in configs.items():
+
+        def triton_conv(cfg: tuple[int, int, int, int] = cfg) -> None:
+            for lay in layers:
+                kernels.launch_conv3x3(buf, lay["x"], lay["w"], lay["c"], *cfg)
+
+        try:
+            kernels.launch_conv3x3(buf, last["x"], last["w"], last["c"], *cfg)
+            out = buf[:, last["c"] : last["c"] + GROWTH].clone()
+            ms = graph_ms(triton_conv, reps)
+        except Exception as e:  # a configuration Triton cannot compile (shared memory, registers)
+            metrics[f"{key}_{name}_error"] = str(e)[:200]
+            line.append(f"{name} failed")
+            continue
+        metrics[f"{key}_{name}_ms"] = round(ms, 4)
+        metrics[f"{key}_{name}_max_abs_diff_logits"] = float((out.float() - ref.float()).abs().max())
+        line.append(f"{name} {ms:.3f}")
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernel", default="layer", choices=tuple(DEFAULT_CONFIGS), help="default layer")
     p.add_argument("--batch-sizes", default="1,128", help="default 1,128")
-    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"default {DEFAULT_CONFIGS}")
+    p.add_argument("--configs", default=None, help=f"default (per kernel) {DEFAULT_CONFIGS}")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms (conv3x3)")
     p.add_argument("--reps", type=int, default=30, help="graph replays per measurement (default 30)")
     p.add_argument("--name", default="kernels", help="record name (file name part)")
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     try:
         batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b})
-        configs = {c: parse_config(c) for c in args.configs.split(",") if c}
+        config_text = args.configs if args.configs is not None else DEFAULT_CONFIGS[args.kernel]
+        configs = {c: parse_config(c) for c in config_text.split(",") if c}
     except ValueError as e:
         p.error(f"--batch-sizes / --configs: {e}")
     if not batch_sizes or batch_sizes[0] < 1 or not configs:
-        p.error(f"--batch-sizes must be positive and --configs non-empty, got {args.batch_sizes!r} {args.configs!r}")
+        p.error(f"--batch-sizes must be positive and --configs non-empty, got {args.batch_sizes!r} {config_text!r}")
     if not torch.cuda.is_available():
         p.error("no CUDA GPU: the fused kernel is timed on one (its arithmetic is tested on the CPU)")
 
@@ -146,10 +210,12 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda")
     torch.manual_seed(0)
-    metrics: dict[str, Any] = {}
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    metrics: dict[str, Any] = {"kernel": args.kernel, "cudnn_benchmark": args.cudnn_benchmark}
+    timer = time_conv_block if args.kernel == "conv3x3" else time_block
     for b in batch_sizes:
         for block in range(len(BLOCKS)):
-            print(", ".join(time_block(b, block, configs, args.reps, metrics)), file=sys.stderr, flush=True)
+            print(", ".join(timer(b, block, configs, args.reps, metrics)), file=sys.stderr, flush=True)
     for b in batch_sizes:
         for block in range(1, len(BLOCKS) + 1):
             timed = {n: metrics[f"block{block}_b{b}_{n}_ms"] for n in configs if f"block{block}_b{b}_{n}_ms" in metrics}

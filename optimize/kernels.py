@@ -56,6 +56,19 @@ def reference(
     return out.to(x.dtype).contiguous(memory_format=torch.channels_last)
 
 
+def conv3x3_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 convolution's weight (cout, cin, 3, 3) as the conv kernel reads it: [9 * cin, cout], tap-major."""
+    cout, cin = weight.shape[:2]
+    return weight.detach().permute(2, 3, 1, 0).reshape(9 * cin, cout).contiguous()
+
+
+def conv3x3_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``conv2d(x, weight, padding=1)`` from ``conv3x3_weight``'s layout, in PyTorch ops."""
+    cin, cout = x.shape[1], w.shape[1]
+    weight = w.reshape(3, 3, cin, cout).permute(3, 2, 0, 1)
+    return torch.nn.functional.conv2d(x, weight.to(x.dtype), padding=1)
+
+
 if triton is not None:
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -146,6 +159,68 @@ if triton is not None:
         """``buf[:, c : c + y.shape[1]] = y``, both channels-last, as a mutation the compiler sees as one."""
         launch_write(buf, y, c)
 
+    @triton.jit
+    def _conv3x3(
+        x_ptr, w_ptr, out_ptr, M, H, W, C0, stride_xm, stride_om, CIN: tl.constexpr, COUT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        # An implicit GEMM: rows are output pixels, columns output channels, and the reduction runs
+        # over 9 taps x CIN input channels (weights as [9 * CIN, COUT], tap-major). A tap's rows are
+        # the neighbouring pixels' rows of ``x`` (channels-last, so one row step per pixel), zero
+        # outside the image (padding 1). The result goes straight into the block buffer's channels
+        # C0 .. C0 + COUT (``out`` rows ``stride_om`` apart): no copy afterwards.
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        hw = rm % (H * W)
+        h = hw // W
+        w = hw % W
+        steps: tl.constexpr = (CIN + BLOCK_K - 1) // BLOCK_K
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i in range(0, 9 * steps):
+            tap = i // steps
+            kk = (i % steps) * BLOCK_K + rk
+            dh = tap // 3 - 1
+            dw = tap % 3 - 1
+            ok = (rm < M) & (h + dh >= 0) & (h + dh < H) & (w + dw >= 0) & (w + dw < W)
+            src = rm + dh * W + dw
+            a = tl.load(x_ptr + src[:, None] * stride_xm + kk[None, :], mask=ok[:, None] & (kk[None, :] < CIN),
+                        other=0.0)  # fmt: skip
+            b = tl.load(w_ptr + (tap * CIN + kk)[:, None] * COUT + rn[None, :],
+                        mask=(kk[:, None] < CIN) & (rn[None, :] < COUT), other=0.0)  # fmt: skip
+            acc = tl.dot(a, b, acc)
+        tl.store(out_ptr + C0 + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < COUT))  # fmt: skip
+
+    def launch_conv3x3(
+        buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, c: int, block_m: int = 64, block_k: int = 64,
+        warps: int = 4, stages: int = 3,
+    ) -> None:  # fmt: skip
+        """``buf[:, c : c + cout] = conv2d(x, w, padding=1)`` by the Triton kernel; ``x`` and ``buf``
+        channels-last, ``w`` as ``conv3x3_weight`` lays it out ([9 * cin, cout])."""
+        n, cin, h, wd = x.shape
+        cout = w.shape[1]
+        m = n * h * wd
+        _wrap(_conv3x3)[(triton.cdiv(m, block_m),)](
+            x, w, buf, m, h, wd, c, x.stride(3), buf.stride(3), CIN=cin, COUT=cout, BLOCK_M=block_m,
+            BLOCK_N=max(16, triton.next_power_of_2(cout)), BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    @torch.library.triton_op("densenet::conv3x3_into", mutates_args=("buf",))
+    def _conv3x3_into_op(
+        buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, c: int, block_m: int, block_k: int, warps: int,
+        stages: int,
+    ) -> None:  # fmt: skip
+        """``buf[:, c : c + cout] = conv2d(x, w, padding=1)`` in one kernel, written in place."""
+        launch_conv3x3(buf, x, w, c, block_m, block_k, warps, stages)
+
+    @_conv3x3_into_op.register_kernel("cpu")
+    def _conv3x3_into_cpu(
+        buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, c: int, block_m: int, block_k: int, warps: int,
+        stages: int,
+    ) -> None:  # fmt: skip
+        buf[:, c : c + w.shape[1]] = conv3x3_reference(x, w)
+
     @_write_channels_op.register_kernel("cpu")
     def _write_channels_cpu(buf: torch.Tensor, y: torch.Tensor, c: int) -> None:
         buf[:, c : c + y.shape[1]] = y
@@ -181,6 +256,28 @@ def bn_relu_conv1x1(
         return reference(buf[:, :k], w, scale1, shift1, scale2, shift2)
     out: torch.Tensor = torch.ops.densenet.bn_relu_conv1x1(buf, k, w, scale1, shift1, scale2, shift2, *config)
     return out
+
+
+#: The 3x3 convolution kernel's tiles (pixels, channels a step, warps, stages) per dense block, the
+#: fastest at batch 128 on the H100 (``benchmarks/kernel_bench.py --kernel conv3x3``, record
+#: ``...-conv3x3-s12.json``: 0.87 / 0.49 / 0.31 / 0.12 ms a block against cuDNN's 0.83 / 0.55 /
+#: 0.41 / 0.14 ms before the copy into the buffer that this kernel does not need).
+CONV_CONFIGS: tuple[tuple[int, int, int, int], ...] = ((256, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3))
+
+
+def conv3x3_into(
+    buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, c: int,
+    config: tuple[int, int, int, int] = CONV_CONFIGS[1],
+) -> None:  # fmt: skip
+    """``buf[:, c : c + cout] = conv2d(x, weight, padding=1)`` with ``w = conv3x3_weight(weight)``:
+    on a CUDA tensor one Triton kernel that writes its result into the buffer (no output tensor, no
+    copy); else PyTorch's convolution and a slice assignment. ``buf`` and ``x`` channels-last."""
+    if not (rows_dense(buf) and rows_dense(x)):
+        raise ValueError(f"conv3x3_into needs dense channels-last tensors, got strides {buf.stride()}, {x.stride()}")
+    if triton is None or buf.device.type != "cuda":
+        buf[:, c : c + w.shape[1]] = conv3x3_reference(x, w)
+        return
+    torch.ops.densenet.conv3x3_into(buf, x, w, c, *config)
 
 
 def write_channels(buf: torch.Tensor, y: torch.Tensor, c: int) -> None:

@@ -400,17 +400,20 @@ class Variants(enum.Enum):
         options={**AOTI_FP16_CL_DYNAMIC.options, "block_buffer": True},
     )
     # The block-buffer rewrite with hand-written kernels (``optimize/kernels.py``): each layer's
-    # norm + ReLU + 1x1 convolution + norm + ReLU in one Triton kernel reading the buffer once, and
-    # transitions pooling before their convolution.
+    # norm + ReLU + 1x1 convolution + norm + ReLU in one Triton kernel reading the buffer once, its
+    # 3x3 convolution in another writing straight into the buffer, and transitions pooling before
+    # their convolution.
     AOTI_FP16_CL_DYNAMIC_FUSED = dataclasses.replace(
         AOTI_FP16_CL_DYNAMIC_BLOCKBUF,
         slug="densenet121-aoti-fp16-cl-dynamic-fused",
         description="the block-buffer rewrite's dynamic AOTInductor package with each layer's batch norm, ReLU, "
-        "1x1 convolution, batch norm and ReLU fused into one Triton kernel (user-defined kernels exported in "
-        "the package) and transitions pooling before their 1x1 convolution",
+        "1x1 convolution, batch norm and ReLU fused into one Triton kernel and its 3x3 convolution in another "
+        "writing into the block buffer (user-defined kernels exported in the package), and transitions pooling "
+        "before their 1x1 convolution",
         options={
             **AOTI_FP16_CL_DYNAMIC_BLOCKBUF.options,
             "fused_bottleneck": True,
+            "fused_conv": True,
             "pool_first": True,
             # Served with cuDNN timing its convolution algorithms at warm-up. H100, separate runs:
             # under stock compile this network's batch 128 read 5.51 ms without it and 5.25 with

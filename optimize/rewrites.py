@@ -31,17 +31,25 @@ class BlockBufferDenseNet(nn.Module):
     ``pool_first``: each transition averages 2x2 pixels *before* its 1x1 convolution instead of
     after (both are linear, so the result is the same up to rounding): the convolution runs on a
     quarter of the pixels and the normalised full-size tensor is never written.
+    ``fused_conv`` (with ``fused``): each layer's 3x3 convolution by a Triton kernel too
+    (``optimize.kernels.conv3x3_into``) that writes the layer's new channels straight into the
+    buffer, instead of cuDNN's convolution into a new tensor and a copy into the buffer.
     """
 
     def __init__(
-        self, densenet: nn.Module, *, fused: bool = False, pool_first: bool = False,
+        self, densenet: nn.Module, *, fused: bool = False, pool_first: bool = False, fused_conv: bool = False,
         configs: tuple[tuple[int, int, int, int], ...] = kernels.BLOCK_CONFIGS,
+        conv_configs: tuple[tuple[int, int, int, int], ...] = kernels.CONV_CONFIGS,
     ) -> None:  # fmt: skip
         super().__init__()
         self.net = densenet
         self.fused = fused
         self.pool_first = pool_first
         self.configs = configs  # the fused kernel's tiles per dense block (``kernels.BLOCK_CONFIGS``)
+        if fused_conv and not fused:
+            raise ValueError("fused_conv=True needs fused=True (the 3x3 kernel reads the fused kernel's output)")
+        self.fused_conv = fused_conv
+        self.conv_configs = conv_configs  # the 3x3 kernel's tiles per dense block (``kernels.CONV_CONFIGS``)
         self.layers = 0
         if fused:
             net: Any = densenet
@@ -52,8 +60,10 @@ class BlockBufferDenseNet(nn.Module):
                     w1 = layer.conv1.weight.detach()
                     w = w1.reshape(w1.shape[0], w1.shape[1]).t().contiguous()  # [K, N]: output channels contiguous
                     # Not persistent: derived from the weights, not saved with them.
-                    parts = (w, *kernels.bn_affine(layer.norm1), *kernels.bn_affine(layer.norm2))
-                    for part, t in zip(("w", "s1", "b1", "s2", "b2"), parts, strict=True):
+                    parts = [w, *kernels.bn_affine(layer.norm1), *kernels.bn_affine(layer.norm2)]
+                    if self.fused_conv:
+                        parts.append(kernels.conv3x3_weight(layer.conv2.weight))
+                    for part, t in zip(("w", "s1", "b1", "s2", "b2", "w2"), parts, strict=False):
                         self.register_buffer(f"fused{self.layers}_{part}", t, persistent=False)
                     self.layers += 1
 
@@ -84,8 +94,12 @@ class BlockBufferDenseNet(nn.Module):
                     w, s1, b1, s2, b2 = (getattr(self, f"fused{j}_{part}") for part in ("w", "s1", "b1", "s2", "b2"))
                     config = self.configs[min(i, len(self.configs)) - 1]
                     mid = kernels.bn_relu_conv1x1(buf, c, w, s1, b1, s2, b2, config)
+                    if self.fused_conv:
+                        w2 = getattr(self, f"fused{j}_w2")
+                        kernels.conv3x3_into(buf, mid, w2, c, self.conv_configs[min(i, len(self.conv_configs)) - 1])
+                    else:
+                        kernels.write_channels(buf, layer.conv2(mid), c)
                     j += 1
-                    kernels.write_channels(buf, layer.conv2(mid), c)
                 else:
                     mid = layer.conv1(layer.relu1(layer.norm1(buf[:, :c])))
                     buf[:, c : c + growth] = layer.conv2(layer.relu2(layer.norm2(mid)))

@@ -37,6 +37,12 @@ def _operands(
     }  # fmt: skip
 
 
+def _conv_operands(n: int, cin: int, cout: int, hw: tuple[int, int], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, cin, *hw, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    return x, (torch.randn(cout, cin, 3, 3, generator=g) / (9 * cin) ** 0.5).to(dtype)
+
+
 _INTERPRETED = textwrap.dedent(
     """
     import json, sys, torch
@@ -61,6 +67,19 @@ _INTERPRETED = textwrap.dedent(
     kernels.launch_write(buf, y, 40)
     out["write"] = [float((buf[:, 40:72] - y).abs().max()), float(buf[:, :40].abs().max()),
                     float(buf[:, 72:].abs().max())]
+    # The 3x3 convolution into channels c..c+cout of a zeroed buffer: image edges (padding), pixels
+    # not a multiple of the tile, input channels not a multiple of the step, 24 output channels.
+    from tests.test_kernels import _conv_operands
+    for i, (n, cin, cout, hw, c, cfg) in enumerate([
+        (2, 128, 32, (5, 7), 64, (64, 64, 4, 3)),
+        (1, 40, 24, (3, 3), 8, (16, 32, 4, 3)),
+    ]):
+        x, weight = _conv_operands(n, cin, cout, hw, torch.float32)
+        buf = torch.zeros(n, c + cout + 8, *hw).contiguous(memory_format=torch.channels_last)
+        kernels.launch_conv3x3(buf, x, kernels.conv3x3_weight(weight), c, *cfg)
+        ref = torch.nn.functional.conv2d(x, weight, padding=1)
+        out[f"conv{i}"] = [float((buf[:, c:c + cout] - ref).abs().max()), float(ref.abs().max()),
+                           float(buf[:, :c].abs().max()), float(buf[:, c + cout:].abs().max())]
     print(json.dumps(out))
     """
 )
@@ -79,6 +98,9 @@ def test_triton_kernels_match_the_reference_under_the_interpreter() -> None:
         assert got_shape == shape and channels_last
         assert scale > 0.5 and diff < 1e-4 * scale, out
     assert out["write"] == [0.0, 0.0, 0.0]
+    for i in range(2):
+        diff, scale, before, after = out[f"conv{i}"]
+        assert scale > 0.5 and diff < 1e-4 * scale and before == after == 0.0, out
 
 
 def test_ops_run_on_the_cpu_and_refuse_a_buffer_that_is_not_channels_last() -> None:
@@ -94,6 +116,19 @@ def test_ops_run_on_the_cpu_and_refuse_a_buffer_that_is_not_channels_last() -> N
     torch.testing.assert_close(buf[:, :64], o["buf"][:, :64])
     with pytest.raises(ValueError, match="dense channels-last buffer"):
         kernels.bn_relu_conv1x1(o["buf"].contiguous(), 70, o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
+    x, weight = _conv_operands(2, 40, 24, (5, 7), torch.float32)
+    w = kernels.conv3x3_weight(weight)
+    assert w.shape == (360, 24)
+    torch.testing.assert_close(kernels.conv3x3_reference(x, w), torch.nn.functional.conv2d(x, weight, padding=1))
+    for conv in (lambda b: torch.ops.densenet.conv3x3_into(b, x, w, 30, 64, 64, 4, 3),
+                 lambda b: kernels.conv3x3_into(b, x, w, 30)):  # fmt: skip
+        buf = o["buf"].clone()
+        conv(buf)
+        torch.testing.assert_close(buf[:, 30:54], torch.nn.functional.conv2d(x, weight, padding=1))
+        torch.testing.assert_close(buf[:, :30], o["buf"][:, :30])
+        torch.testing.assert_close(buf[:, 54:], o["buf"][:, 54:])
+    with pytest.raises(ValueError, match="dense channels-last tensors"):
+        kernels.conv3x3_into(o["buf"], x.contiguous(), w, 30)
 
 
 def test_bn_affine_is_the_eval_batch_norm() -> None:
@@ -108,7 +143,10 @@ def test_bn_affine_is_the_eval_batch_norm() -> None:
     torch.testing.assert_close(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), bn(x))
 
 
-@pytest.mark.parametrize("options", [{"pool_first": True}, {"fused": True}, {"fused": True, "pool_first": True}])
+@pytest.mark.parametrize(
+    "options",
+    [{"pool_first": True}, {"fused": True}, {"fused": True, "pool_first": True}, {"fused": True, "fused_conv": True}],
+)
 def test_fused_and_pool_first_rewrites_give_torchvisions_outputs(options: dict[str, bool]) -> None:
     """DenseNet-121 with batch norm statistics that matter (random ones): the rewrite's fused layer
     path (PyTorch's arithmetic on a CPU) and transitions pooling first agree with torchvision's forward."""
@@ -131,6 +169,15 @@ def test_fused_and_pool_first_rewrites_give_torchvisions_outputs(options: dict[s
     # Derived parameters are not saved with the weights.
     assert set(rewritten.state_dict()) == {f"net.{k}" for k in net.state_dict()}
     assert rewritten.layers == (58 if options.get("fused") else 0)
+    if options.get("fused_conv"):
+        assert rewritten.fused57_w2.shape == (9 * 128, 32)
+
+
+def test_fused_conv_needs_the_fused_layer_kernel() -> None:
+    import torchvision
+
+    with pytest.raises(ValueError, match="fused_conv=True needs fused=True"):
+        BlockBufferDenseNet(torchvision.models.densenet121(weights=None), fused_conv=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -144,6 +191,14 @@ def test_triton_kernels_compiled_on_a_gpu_match_the_reference() -> None:
     y = torch.randn(2, 32, 14, 14, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     kernels.write_channels(o["buf"], y, 320)
     assert torch.equal(o["buf"][:, 320:], y)
+    # The 3x3 convolution into the buffer, every tile configuration, against cuDNN's.
+    x, weight = (t.cuda() for t in _conv_operands(2, 128, 32, (14, 14), torch.float16))
+    ref = torch.nn.functional.conv2d(x, weight, padding=1)
+    for cfg in sorted({*kernels.CONV_CONFIGS, (64, 32, 4, 4)}):
+        buf = o["buf"].clone()
+        kernels.conv3x3_into(buf, x, kernels.conv3x3_weight(weight), 288, cfg)
+        torch.testing.assert_close(buf[:, 288:320], ref, atol=2e-2, rtol=1e-2)
+        assert torch.equal(buf[:, :288], o["buf"][:, :288]) and torch.equal(buf[:, 320:], o["buf"][:, 320:])
 
 
 def test_runner_turns_cudnn_benchmark_on_only_on_cuda_and_only_when_asked() -> None:

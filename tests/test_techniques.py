@@ -264,7 +264,8 @@ def test_block_buffer_rewrite_is_exact_and_its_aoti_package_serves_on_cpu(tmp_pa
                            out_dir=out_dir, options={"aoti": {"buckets": [1, 2, 4]}})  # fmt: skip
         built = build(variant, ctx)
         assert built.details["block_buffer"] and built.details["fresh_process_check"]["rc"] == 0
-        assert built.details["fused_bottleneck"] == built.details["pool_first"] == slug.endswith("-fused")
+        fused = slug.endswith("-fused")
+        assert built.details["fused_bottleneck"] == built.details["pool_first"] == built.details["fused_conv"] == fused
         manifest = {"slug": "tiny", "precision": "fp32", "channels_last": True, "input": {"max_batch": 4},
                     "payload": {k: v for k, v in built.payload.items() if k.startswith("bucket_")}}  # fmt: skip
         runner = AotiRunner(manifest, out_dir, torch.device("cpu"))

@@ -43,9 +43,9 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
 CACHE_ENV = "DENSENET_AOTI_CACHE"
-#: Options that rewrite the network before export (``optimize/rewrites.py``): ``fused_bottleneck``
-#: and ``pool_first`` apply inside ``block_buffer``.
-_REWRITES = ("block_buffer", "fused_bottleneck", "pool_first")
+#: Options that rewrite the network before export (``optimize/rewrites.py``): ``fused_bottleneck``,
+#: ``pool_first`` and ``fused_conv`` apply inside ``block_buffer``.
+_REWRITES = ("block_buffer", "fused_bottleneck", "pool_first", "fused_conv")
 CXX_ENV = "DENSENET_AOTI_CXX"
 
 _FRESH_LOAD = r"""
@@ -218,8 +218,8 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
     if rewrites.get("block_buffer"):
         from optimize.rewrites import BlockBufferDenseNet
 
-        model = BlockBufferDenseNet(model, fused="fused_bottleneck" in rewrites,
-                                    pool_first="pool_first" in rewrites).eval()  # fmt: skip
+        model = BlockBufferDenseNet(model, fused="fused_bottleneck" in rewrites, pool_first="pool_first" in rewrites,
+                                    fused_conv="fused_conv" in rewrites).eval()  # fmt: skip
     configs = inductor_configs(options, ctx.device)
     # max-autotune can be limited to some buckets (tuning batch 128 took over 7 minutes on an H100).
     autotune_buckets = options.get("autotune_buckets")
