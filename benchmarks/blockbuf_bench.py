@@ -10,6 +10,7 @@ torchvision's forward (a ``torch.cat`` of every earlier feature per layer), all 
                32-pixel tiles in every block (the fastest kernel at batch 1)
     fusedconv  fused, and each 3x3 convolution by a Triton kernel writing into the buffer
                (``kernels.conv3x3_into``) instead of cuDNN + a copy; ``fusedconv32``: 32-pixel tiles
+               and no split-K; ``fusedconv0``: the default tiles without split-K
 
 Why: on the H100 a batch-1 call of the AOTInductor package runs 376 kernels, 105 of them
 concatenation copies (``trace_summary.py --calls``). With one buffer per block, a layer reads a
@@ -36,20 +37,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from optimize import kernels  # noqa: E402  (after the path set-up)
 
 ARMS: dict[str, dict[str, Any]] = {
     "stock": {},
     "blockbuf": {},
     "pool": {"pool_first": True},
     "fused": {"fused": True, "pool_first": True},
-    "fused32": {"fused": True, "pool_first": True, "configs": ((32, 64, 4, 3),)},
+    "fused32": {"fused": True, "pool_first": True, "configs": ((32, 64, 4, 3, 0),)},
     "fusedconv": {"fused": True, "pool_first": True, "fused_conv": True},
+    "fusedconv0": {
+        "fused": True,
+        "pool_first": True,
+        "fused_conv": True,
+        "configs": tuple((*c[:4], 0) for c in kernels.BLOCK_CONFIGS),
+        "conv_configs": tuple((*c[:4], 0) for c in kernels.CONV_CONFIGS),
+    },
     "fusedconv32": {
         "fused": True,
         "pool_first": True,
         "fused_conv": True,
-        "configs": ((32, 64, 4, 3),),
-        "conv_configs": ((32, 64, 4, 3),),
+        "configs": ((32, 64, 4, 3, 0),),
+        "conv_configs": ((32, 64, 4, 3, 0),),
     },
 }
 

@@ -13,7 +13,9 @@ package; CUDA events, the median of ``--reps`` replays. FP16, random weights.
 
     python benchmarks/kernel_bench.py [--kernel layer|conv3x3] [--batch-sizes 1,128] [--configs 64x64w4s3,...]
 
-A configuration ``MxKwWsS`` is ``block_m`` pixels x ``block_k`` channels, W warps, S pipeline stages.
+A configuration ``MxKwWsS[tT]`` is ``block_m`` pixels x ``block_k`` channels, W warps, S pipeline
+stages, and optionally ``tT``: split the reduction (split-K) until about T programs run (default 0:
+never; the batch-1 shapes have a few tiles only).
 """
 
 from __future__ import annotations
@@ -35,21 +37,22 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 BLOCKS = ((56, 64, 6), (28, 128, 12), (14, 256, 24), (7, 512, 16))
 GROWTH, BOTTLENECK = 32, 128
 DEFAULT_CONFIGS = {
-    "layer": "32x64w4s3,64x64w4s3,64x32w4s4,64x128w4s2,128x64w8s3,128x32w8s4,128x64w4s3",
-    "conv3x3": "32x64w4s3,64x64w4s3,64x32w4s4,128x64w4s3,128x32w4s4,128x64w8s3,256x64w8s3",
+    "layer": "32x64w4s3,64x64w4s3,64x32w4s4,32x64w4s3t128,64x64w4s3t128,64x32w4s4t128,32x64w4s3t264",
+    "conv3x3": "32x64w4s3,64x64w4s3,128x64w4s3,256x64w8s3,32x64w4s3t128,64x64w4s3t128,32x64w4s3t264",
 }
-CONFIG = re.compile(r"^(\d+)x(\d+)w(\d+)s(\d+)$")
+CONFIG = re.compile(r"^(\d+)x(\d+)w(\d+)s(\d+)(?:t(\d+))?$")
 
 
-def parse_config(text: str) -> tuple[int, int, int, int]:
+def parse_config(text: str) -> tuple[int, int, int, int, int]:
     m = CONFIG.match(text)
     if not m:
-        raise ValueError(f"configuration {text!r} is not MxKwWsS (for example 64x64w4s3)")
-    bm, bk, warps, stages = (int(g) for g in m.groups())
+        raise ValueError(f"configuration {text!r} is not MxKwWsS[tT] (for example 64x64w4s3 or 32x64w4s3t128)")
+    bm, bk, warps, stages = (int(g) for g in m.groups()[:4])
+    split_target = int(m.group(5) or 0)
     for name, v in (("block_m", bm), ("block_k", bk)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"configuration {text!r}: {name} must be a power of two >= 16, got {v}")
-    return bm, bk, warps, stages
+    return bm, bk, warps, stages, split_target
 
 
 def block_layers(batch: int, block: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
@@ -95,7 +98,7 @@ def graph_ms(fn: Any, reps: int) -> float:
     return statistics.median(times)
 
 
-def time_block(b: int, block: int, configs: dict[str, tuple[int, int, int, int]], reps: int,
+def time_block(b: int, block: int, configs: dict[str, tuple[int, int, int, int, int]], reps: int,
                metrics: dict[str, Any]) -> list[str]:  # fmt: skip
     """Time one dense block at batch ``b``: cuBLAS, then each configuration; metrics go into ``metrics``."""
     from optimize import kernels
@@ -113,14 +116,16 @@ def time_block(b: int, block: int, configs: dict[str, tuple[int, int, int, int]]
     floor = graph_ms(cublas, reps)
     metrics[f"{key}_cublas_mm_ms"] = round(floor, 4)
     line = [f"b{b} block{block + 1}: cuBLAS mm only {floor:.3f} ms"]
+    ws = kernels.split_workspace(torch.device("cuda"), tuple(configs.values()))
     for name, cfg in configs.items():
 
-        def fused(cfg: tuple[int, int, int, int] = cfg) -> None:
+        def fused(cfg: tuple[int, int, int, int, int] = cfg) -> None:
             for lay in layers:
-                kernels.launch(lay["buf"], lay["k"], lay["w"], lay["s1"], lay["b1"], lay["s2"], lay["b2"], *cfg)
+                kernels.launch(lay["buf"], lay["k"], lay["w"], lay["s1"], lay["b1"], lay["s2"], lay["b2"], *cfg,
+                               workspace=ws)  # fmt: skip
 
         try:
-            out = kernels.launch(last["buf"], last["k"], *operands, *cfg)
+            out = kernels.launch(last["buf"], last["k"], *operands, *cfg, workspace=ws)
             ms = graph_ms(fused, reps)
         except Exception as e:  # a configuration Triton cannot compile (shared memory, registers)
             metrics[f"{key}_{name}_error"] = str(e)[:200]
@@ -132,7 +137,7 @@ def time_block(b: int, block: int, configs: dict[str, tuple[int, int, int, int]]
     return line
 
 
-def time_conv_block(b: int, block: int, configs: dict[str, tuple[int, int, int, int]], reps: int,
+def time_conv_block(b: int, block: int, configs: dict[str, tuple[int, int, int, int, int]], reps: int,
                     metrics: dict[str, Any]) -> list[str]:  # fmt: skip
     """Time one dense block's 3x3 convolutions at batch ``b``: cuDNN (alone, then with the copy into the
     buffer), then the Triton kernel in each configuration; metrics go into ``metrics``."""
@@ -165,14 +170,15 @@ def time_conv_block(b: int, block: int, configs: dict[str, tuple[int, int, int, 
         ms = graph_ms(fn, reps)
         metrics[f"{key}_{name}_ms"] = round(ms, 4)
         line.append(f"{name} {ms:.3f}")
+    ws = kernels.split_workspace(dev, tuple(configs.values()))
     for name, cfg in configs.items():
 
-        def triton_conv(cfg: tuple[int, int, int, int] = cfg) -> None:
+        def triton_conv(cfg: tuple[int, int, int, int, int] = cfg) -> None:
             for lay in layers:
-                kernels.launch_conv3x3(buf, lay["x"], lay["w"], lay["c"], *cfg)
+                kernels.launch_conv3x3(buf, lay["x"], lay["w"], lay["c"], *cfg, workspace=ws)
 
         try:
-            kernels.launch_conv3x3(buf, last["x"], last["w"], last["c"], *cfg)
+            kernels.launch_conv3x3(buf, last["x"], last["w"], last["c"], *cfg, workspace=ws)
             out = buf[:, last["c"] : last["c"] + GROWTH].clone()
             ms = graph_ms(triton_conv, reps)
         except Exception as e:  # a configuration Triton cannot compile (shared memory, registers)

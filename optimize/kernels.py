@@ -78,20 +78,55 @@ if triton is not None:
         return kernel if isinstance(kernel, InterpretedFunction) else torch.library.wrap_triton(kernel)
 
     @triton.jit
+    def _bn_relu_store(acc, s2_ptr, b2_ptr, out_ptr, rm, rn, M, N, stride_om):
+        s2 = tl.load(s2_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        b2 = tl.load(b2_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        out = tl.maximum(acc * s2[None, :] + b2[None, :], 0.0)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))  # fmt: skip
+
+    @triton.jit
+    def _add_partial(acc, ws_ptr, cnt_ptr, SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Split-K: this program's partial sum into its tile's FP32 workspace; the number of programs
+        of the tile that had arrived before it (the last, ``SPLIT - 1``, finishes the tile)."""
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        ws = ws_ptr + tile * (BLOCK_M * BLOCK_N)
+        ws += tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.atomic_add(ws, acc, sem="relaxed")
+        tl.debug_barrier()  # every thread's additions before the count (released with it)
+        return tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+
+    @triton.jit
+    def _take_total(ws_ptr, cnt_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Split-K, the tile's last program: the whole sum, leaving the workspace and counter at 0."""
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        ws = ws_ptr + tile * (BLOCK_M * BLOCK_N)
+        ws += tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        total = tl.atomic_add(ws, zero, sem="acq_rel")  # read where the additions landed (L2)
+        tl.store(ws, zero)
+        tl.store(cnt_ptr + tile, 0)
+        return total
+
+    @triton.jit(do_not_specialize=["M", "SPLIT"])
     def _bn_relu_gemm(
-        a_ptr, w_ptr, s1_ptr, b1_ptr, s2_ptr, b2_ptr, out_ptr,
-        M, N, K, stride_am, stride_wk, stride_wn, stride_om,
+        a_ptr, w_ptr, s1_ptr, b1_ptr, s2_ptr, b2_ptr, out_ptr, ws_ptr, cnt_ptr,
+        M, N, K, stride_am, stride_wk, stride_wn, stride_om, SPLIT,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         # Rows are pixels (M = batch x height x width), columns output channels; the channel
-        # (K) dimension of ``a`` and of the output is contiguous (channels-last).
+        # (K) dimension of ``a`` and of the output is contiguous (channels-last). SPLIT programs
+        # share one output tile, each a contiguous range of K (split-K: few pixels, as at batch 1,
+        # still spread over the GPU); SPLIT = 1 finishes each tile in one program.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
+        per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+        k_start = tl.program_id(2) * per
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, tl.minimum(K, k_start + per), BLOCK_K):
             kk = k0 + rk
             a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
                         other=0.0)  # fmt: skip
@@ -102,39 +137,57 @@ if triton is not None:
             w = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn,
                         mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)  # fmt: skip
             acc = tl.dot(a, w, acc)
-        s2 = tl.load(s2_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        b2 = tl.load(b2_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        out = tl.maximum(acc * s2[None, :] + b2[None, :], 0.0)
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))  # fmt: skip
+        if SPLIT == 1:
+            _bn_relu_store(acc, s2_ptr, b2_ptr, out_ptr, rm, rn, M, N, stride_om)
+        elif _add_partial(acc, ws_ptr, cnt_ptr, SPLIT, BLOCK_M, BLOCK_N) == SPLIT - 1:
+            total = _take_total(ws_ptr, cnt_ptr, BLOCK_M, BLOCK_N)
+            _bn_relu_store(total, s2_ptr, b2_ptr, out_ptr, rm, rn, M, N, stride_om)
+
+    def _split(m: Any, block_m: int, block_n: int, cols: int, split_target: int) -> Any:
+        """Programs per output tile: enough to reach ``split_target`` programs in all (1 when the
+        tiles alone do, or when 0). ``m`` may be symbolic (a dynamic batch under export): plain
+        integer arithmetic, so the choice becomes part of the package's grid, not a guard."""
+        if not split_target:
+            return 1
+        if block_m * block_n > WORKSPACE_TILE:
+            raise ValueError(f"split-K tiles hold at most {WORKSPACE_TILE} values, got {block_m}x{block_n}")
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(cols, block_n)
+        return triton.cdiv(split_target, tiles)
 
     def launch(
         buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
         scale2: torch.Tensor, shift2: torch.Tensor, block_m: int, block_k: int = 64, warps: int = 0, stages: int = 3,
+        split_target: int = 0, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Run the Triton kernel on the first ``k`` channels of ``buf`` (CUDA tensors, or CPU ones under
         ``TRITON_INTERPRET=1``): tiles of ``block_m`` pixels x 128 (or 64) output channels, ``block_k``
-        input channels a step, ``warps`` (0: 4 up to 64-pixel tiles, else 8), ``stages`` of pipelining."""
+        input channels a step, ``warps`` (0: 4 up to 64-pixel tiles, else 8), ``stages`` of pipelining;
+        ``split_target``: split K until about that many programs run (``split_workspace``'s tensors)."""
         n, _, h, wd = buf.shape
         cols = w.shape[1]
         out = torch.empty((n, cols, h, wd), dtype=buf.dtype, device=buf.device, memory_format=torch.channels_last)
         m = n * h * wd
         block_n = 128 if cols >= 128 else 64
-        grid = (triton.cdiv(m, block_m), triton.cdiv(cols, block_n))
+        split = _split(m, block_m, block_n, cols, split_target)
+        ws, cnt = workspace if workspace is not None else (out, out)  # unused when split is 1
+        grid = (triton.cdiv(m, block_m), triton.cdiv(cols, block_n), split)
         _wrap(_bn_relu_gemm)[grid](
-            buf, w, scale1, shift1, scale2, shift2, out, m, cols, k, buf.stride(3), w.stride(0), w.stride(1),
-            out.stride(3), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            buf, w, scale1, shift1, scale2, shift2, out, ws, cnt, m, cols, k, buf.stride(3), w.stride(0), w.stride(1),
+            out.stride(3), split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             num_warps=warps or (4 if block_m <= 64 else 8), num_stages=stages,
         )  # fmt: skip
         return out
 
-    @torch.library.triton_op("densenet::bn_relu_conv1x1", mutates_args=())
+    @torch.library.triton_op("densenet::bn_relu_conv1x1", mutates_args=("ws", "cnt"))
     def _bn_relu_conv1x1_op(
         buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
-        scale2: torch.Tensor, shift2: torch.Tensor, block_m: int, block_k: int, warps: int, stages: int,
+        scale2: torch.Tensor, shift2: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor, block_m: int, block_k: int,
+        warps: int, stages: int, split_target: int,
     ) -> torch.Tensor:  # fmt: skip
-        """``relu(norm2(conv1x1(relu(norm1(buf[:, :k])))))`` in one kernel; ``buf`` channels-last."""
-        return launch(buf, k, w, scale1, shift1, scale2, shift2, block_m, block_k, warps, stages)
+        """``relu(norm2(conv1x1(relu(norm1(buf[:, :k])))))`` in one kernel; ``buf`` channels-last.
+        ``ws``/``cnt``: ``split_workspace``'s, all zero before and after."""
+        return launch(buf, k, w, scale1, shift1, scale2, shift2, block_m, block_k, warps, stages, split_target,
+                      (ws, cnt))  # fmt: skip
 
     @triton.jit
     def _copy_rows(src_ptr, dst_ptr, M, G, C0, stride_src, stride_dst, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
@@ -159,16 +212,17 @@ if triton is not None:
         """``buf[:, c : c + y.shape[1]] = y``, both channels-last, as a mutation the compiler sees as one."""
         launch_write(buf, y, c)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "SPLIT"])
     def _conv3x3(
-        x_ptr, w_ptr, out_ptr, M, H, W, C0, stride_xm, stride_om, CIN: tl.constexpr, COUT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr, w_ptr, out_ptr, ws_ptr, cnt_ptr, M, H, W, C0, stride_xm, stride_om, SPLIT, CIN: tl.constexpr,
+        COUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         # An implicit GEMM: rows are output pixels, columns output channels, and the reduction runs
         # over 9 taps x CIN input channels (weights as [9 * CIN, COUT], tap-major). A tap's rows are
         # the neighbouring pixels' rows of ``x`` (channels-last, so one row step per pixel), zero
         # outside the image (padding 1). The result goes straight into the block buffer's channels
-        # C0 .. C0 + COUT (``out`` rows ``stride_om`` apart): no copy afterwards.
+        # C0 .. C0 + COUT (``out`` rows ``stride_om`` apart): no copy afterwards. SPLIT programs
+        # share a tile, each a range of the reduction, as in ``_bn_relu_gemm``.
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -176,8 +230,10 @@ if triton is not None:
         h = hw // W
         w = hw % W
         steps: tl.constexpr = (CIN + BLOCK_K - 1) // BLOCK_K
+        per = tl.cdiv(9 * steps, SPLIT)
+        start = tl.program_id(2) * per
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for i in range(0, 9 * steps):
+        for i in range(start, tl.minimum(9 * steps, start + per)):
             tap = i // steps
             kk = (i % steps) * BLOCK_K + rk
             dh = tap // 3 - 1
@@ -189,35 +245,44 @@ if triton is not None:
             b = tl.load(w_ptr + (tap * CIN + kk)[:, None] * COUT + rn[None, :],
                         mask=(kk[:, None] < CIN) & (rn[None, :] < COUT), other=0.0)  # fmt: skip
             acc = tl.dot(a, b, acc)
-        tl.store(out_ptr + C0 + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < COUT))  # fmt: skip
+        mask = (rm[:, None] < M) & (rn[None, :] < COUT)
+        dst = out_ptr + C0 + rm[:, None] * stride_om + rn[None, :]
+        if SPLIT == 1:
+            tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        elif _add_partial(acc, ws_ptr, cnt_ptr, SPLIT, BLOCK_M, BLOCK_N) == SPLIT - 1:
+            total = _take_total(ws_ptr, cnt_ptr, BLOCK_M, BLOCK_N)
+            tl.store(dst, total.to(out_ptr.dtype.element_ty), mask=mask)
 
     def launch_conv3x3(
         buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, c: int, block_m: int = 64, block_k: int = 64,
-        warps: int = 4, stages: int = 3,
+        warps: int = 4, stages: int = 3, split_target: int = 0,
+        workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:  # fmt: skip
         """``buf[:, c : c + cout] = conv2d(x, w, padding=1)`` by the Triton kernel; ``x`` and ``buf``
         channels-last, ``w`` as ``conv3x3_weight`` lays it out ([9 * cin, cout])."""
         n, cin, h, wd = x.shape
         cout = w.shape[1]
         m = n * h * wd
-        _wrap(_conv3x3)[(triton.cdiv(m, block_m),)](
-            x, w, buf, m, h, wd, c, x.stride(3), buf.stride(3), CIN=cin, COUT=cout, BLOCK_M=block_m,
-            BLOCK_N=max(16, triton.next_power_of_2(cout)), BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        block_n = max(16, triton.next_power_of_2(cout))
+        split = _split(m, block_m, block_n, cout, split_target)
+        ws, cnt = workspace if workspace is not None else (buf, buf)  # unused when split is 1
+        _wrap(_conv3x3)[(triton.cdiv(m, block_m), 1, split)](
+            x, w, buf, ws, cnt, m, h, wd, c, x.stride(3), buf.stride(3), split, CIN=cin, COUT=cout, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
-    @torch.library.triton_op("densenet::conv3x3_into", mutates_args=("buf",))
+    @torch.library.triton_op("densenet::conv3x3_into", mutates_args=("buf", "ws", "cnt"))
     def _conv3x3_into_op(
-        buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, c: int, block_m: int, block_k: int, warps: int,
-        stages: int,
+        buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, c: int, ws: torch.Tensor, cnt: torch.Tensor,
+        block_m: int, block_k: int, warps: int, stages: int, split_target: int,
     ) -> None:  # fmt: skip
         """``buf[:, c : c + cout] = conv2d(x, w, padding=1)`` in one kernel, written in place."""
-        launch_conv3x3(buf, x, w, c, block_m, block_k, warps, stages)
+        launch_conv3x3(buf, x, w, c, block_m, block_k, warps, stages, split_target, (ws, cnt))
 
     @_conv3x3_into_op.register_kernel("cpu")
     def _conv3x3_into_cpu(
-        buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, c: int, block_m: int, block_k: int, warps: int,
-        stages: int,
+        buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, c: int, ws: torch.Tensor, cnt: torch.Tensor,
+        block_m: int, block_k: int, warps: int, stages: int, split_target: int,
     ) -> None:  # fmt: skip
         buf[:, c : c + w.shape[1]] = conv3x3_reference(x, w)
 
@@ -228,25 +293,66 @@ if triton is not None:
     @_bn_relu_conv1x1_op.register_kernel("cpu")
     def _bn_relu_conv1x1_cpu(
         buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
-        scale2: torch.Tensor, shift2: torch.Tensor, block_m: int, block_k: int, warps: int, stages: int,
+        scale2: torch.Tensor, shift2: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor, block_m: int, block_k: int,
+        warps: int, stages: int, split_target: int,
     ) -> torch.Tensor:  # fmt: skip
         return reference(buf[:, :k], w, scale1, shift1, scale2, shift2)
 
 
-#: Tile configuration (pixels, channels a step, warps, pipeline stages) per dense block of
-#: DenseNet-121, the fastest at batch 128 on the H100 (``benchmarks/kernel_bench.py``, record
-#: ``...-kernels-s11.json``: within 10 % of a cuBLAS matrix multiply of the same shapes that does
-#: not normalise its input). A network with more blocks uses the last one for the rest.
-BLOCK_CONFIGS: tuple[tuple[int, int, int, int], ...] = ((64, 32, 4, 4), (64, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4))
+#: A kernel configuration: pixels a tile, channels a step, warps, pipeline stages, and the split-K
+#: target (split the reduction until about that many programs run; 0: never).
+Config = tuple[int, int, int, int, int]
+
+#: Values one split-K tile holds in the workspace (``split_workspace``): 64 pixels x 128 channels.
+WORKSPACE_TILE = 64 * 128
+
+#: The layer kernel's configuration per dense block of DenseNet-121, tiles the fastest at batch
+#: 128 on the H100 (``benchmarks/kernel_bench.py``, record ``...-kernels-s11.json``: within 10 % of
+#: a cuBLAS matrix multiply of the same shapes that does not normalise its input). A network with
+#: more blocks uses the last one for the rest.
+BLOCK_CONFIGS: tuple[Config, ...] = ((64, 32, 4, 4, 128), (64, 64, 4, 3, 128), (64, 64, 4, 3, 128), (64, 32, 4, 4, 128))
+
+#: The 3x3 convolution kernel's configuration per dense block, tiles the fastest at batch 128 on the
+#: H100 (``benchmarks/kernel_bench.py --kernel conv3x3``, record ``...-conv3x3-s12.json``: 0.87 /
+#: 0.49 / 0.31 / 0.12 ms a block against cuDNN's 0.83 / 0.55 / 0.41 / 0.14 ms before the copy
+#: into the buffer that this kernel does not need).
+CONV_CONFIGS: tuple[Config, ...] = (
+    (256, 64, 8, 3, 128),
+    (128, 64, 4, 3, 128),
+    (64, 64, 4, 3, 128),
+    (32, 64, 4, 3, 128),
+)
+
+
+def split_workspace(device: torch.device, configs: tuple[Config, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The zeroed FP32 workspace and per-tile counters split-K kernels of ``configs`` share (each
+    call leaves them zero again, so one pair serves every layer of a forward in turn); ``None`` where
+    the kernels do not run (no Triton, not a CUDA device, or no configuration splits)."""
+    target = max((cfg[4] for cfg in configs), default=0)
+    if triton is None or device.type != "cuda" or not target:
+        return None
+    return (torch.zeros(target * WORKSPACE_TILE, device=device, dtype=torch.float32),
+            torch.zeros(target, device=device, dtype=torch.int32))  # fmt: skip
+
+
+def _workspace_args(
+    workspace: tuple[torch.Tensor, torch.Tensor] | None, config: Config, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    if workspace is None:  # no split: any tensor stands in (the kernel does not touch it)
+        empty = torch.empty(0, device=device, dtype=torch.int32)
+        return empty, empty, 0
+    return workspace[0], workspace[1], config[4]
 
 
 def bn_relu_conv1x1(
     buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor, scale2: torch.Tensor,
-    shift2: torch.Tensor, config: tuple[int, int, int, int] = BLOCK_CONFIGS[1],
+    shift2: torch.Tensor, config: Config = BLOCK_CONFIGS[1],
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """``relu(norm2(conv1x1(relu(norm1(buf[:, :k])))))``: the Triton op on a CUDA tensor where Triton is
     present, else ``reference`` (also what the op's own CPU kernel runs). ``buf``: (N, C, H, W)
-    channels-last; ``w``: [k, out channels], out channels contiguous.
+    channels-last; ``w``: [k, out channels], out channels contiguous; ``workspace``:
+    ``split_workspace``'s (without it the kernel never splits K).
 
     The whole buffer goes in, not ``buf[:, :k]``: the compiler hands a user kernel a channel slice
     as a contiguous copy (on the H100 those copies took a third of a batch-128 forward)."""
@@ -254,20 +360,16 @@ def bn_relu_conv1x1(
         raise ValueError(f"bn_relu_conv1x1 needs a dense channels-last buffer, got strides {buf.stride()}")
     if triton is None or buf.device.type != "cuda":
         return reference(buf[:, :k], w, scale1, shift1, scale2, shift2)
-    out: torch.Tensor = torch.ops.densenet.bn_relu_conv1x1(buf, k, w, scale1, shift1, scale2, shift2, *config)
+    ws, cnt, split_target = _workspace_args(workspace, config, buf.device)
+    out: torch.Tensor = torch.ops.densenet.bn_relu_conv1x1(
+        buf, k, w, scale1, shift1, scale2, shift2, ws, cnt, *config[:4], split_target
+    )
     return out
 
 
-#: The 3x3 convolution kernel's tiles (pixels, channels a step, warps, stages) per dense block, the
-#: fastest at batch 128 on the H100 (``benchmarks/kernel_bench.py --kernel conv3x3``, record
-#: ``...-conv3x3-s12.json``: 0.87 / 0.49 / 0.31 / 0.12 ms a block against cuDNN's 0.83 / 0.55 /
-#: 0.41 / 0.14 ms before the copy into the buffer that this kernel does not need).
-CONV_CONFIGS: tuple[tuple[int, int, int, int], ...] = ((256, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3))
-
-
 def conv3x3_into(
-    buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, c: int,
-    config: tuple[int, int, int, int] = CONV_CONFIGS[1],
+    buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, c: int, config: Config = CONV_CONFIGS[1],
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:  # fmt: skip
     """``buf[:, c : c + cout] = conv2d(x, weight, padding=1)`` with ``w = conv3x3_weight(weight)``:
     on a CUDA tensor one Triton kernel that writes its result into the buffer (no output tensor, no
@@ -277,7 +379,8 @@ def conv3x3_into(
     if triton is None or buf.device.type != "cuda":
         buf[:, c : c + w.shape[1]] = conv3x3_reference(x, w)
         return
-    torch.ops.densenet.conv3x3_into(buf, x, w, c, *config)
+    ws, cnt, split_target = _workspace_args(workspace, config, buf.device)
+    torch.ops.densenet.conv3x3_into(buf, x, w, c, ws, cnt, *config[:4], split_target)
 
 
 def write_channels(buf: torch.Tensor, y: torch.Tensor, c: int) -> None:

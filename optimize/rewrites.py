@@ -38,8 +38,8 @@ class BlockBufferDenseNet(nn.Module):
 
     def __init__(
         self, densenet: nn.Module, *, fused: bool = False, pool_first: bool = False, fused_conv: bool = False,
-        configs: tuple[tuple[int, int, int, int], ...] = kernels.BLOCK_CONFIGS,
-        conv_configs: tuple[tuple[int, int, int, int], ...] = kernels.CONV_CONFIGS,
+        configs: tuple[kernels.Config, ...] = kernels.BLOCK_CONFIGS,
+        conv_configs: tuple[kernels.Config, ...] = kernels.CONV_CONFIGS,
     ) -> None:  # fmt: skip
         super().__init__()
         self.net = densenet
@@ -72,6 +72,8 @@ class BlockBufferDenseNet(nn.Module):
         f = net.features
         x = f.pool0(f.relu0(f.norm0(f.conv0(x))))
         blocks = len([name for name in f._modules if name.startswith("denseblock")])
+        # Shared by every layer's kernels in turn (split-K at small batches); None off the GPU.
+        ws = kernels.split_workspace(x.device, self.configs + self.conv_configs) if self.fused else None
         j = 0
         for i in range(1, blocks + 1):
             layers = list(getattr(f, f"denseblock{i}").values())
@@ -93,10 +95,11 @@ class BlockBufferDenseNet(nn.Module):
                 if self.fused:
                     w, s1, b1, s2, b2 = (getattr(self, f"fused{j}_{part}") for part in ("w", "s1", "b1", "s2", "b2"))
                     config = self.configs[min(i, len(self.configs)) - 1]
-                    mid = kernels.bn_relu_conv1x1(buf, c, w, s1, b1, s2, b2, config)
+                    mid = kernels.bn_relu_conv1x1(buf, c, w, s1, b1, s2, b2, config, ws)
                     if self.fused_conv:
                         w2 = getattr(self, f"fused{j}_w2")
-                        kernels.conv3x3_into(buf, mid, w2, c, self.conv_configs[min(i, len(self.conv_configs)) - 1])
+                        conv_config = self.conv_configs[min(i, len(self.conv_configs)) - 1]
+                        kernels.conv3x3_into(buf, mid, w2, c, conv_config, ws)
                     else:
                         kernels.write_channels(buf, layer.conv2(mid), c)
                     j += 1

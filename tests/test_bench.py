@@ -280,7 +280,8 @@ def test_kernel_bench_reads_tile_configurations_and_needs_a_gpu() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import kernel_bench
 
-    assert kernel_bench.parse_config("64x32w4s4") == (64, 32, 4, 4)
+    assert kernel_bench.parse_config("64x32w4s4") == (64, 32, 4, 4, 0)
+    assert kernel_bench.parse_config("32x64w4s3t128") == (32, 64, 4, 3, 128)
     for bad in ("64x32", "48x64w4s3", "8x64w4s3"):
         with pytest.raises(ValueError, match=bad):
             kernel_bench.parse_config(bad)

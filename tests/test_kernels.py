@@ -52,13 +52,17 @@ _INTERPRETED = textwrap.dedent(
     out = {}
     # (batch, buffer channels, k, output channels, pixels, tile): k not a multiple of the channel step,
     # pixels not a multiple of the tile, a channel slice of a wider buffer, 64 output channels.
+    # The last two split K (16 and 64 programs for 2 and 1 tiles: programs past K add nothing).
+    ws = (torch.zeros(64 * kernels.WORKSPACE_TILE), torch.zeros(64, dtype=torch.int32))
     for i, (n, total, k, cols, hw, cfg) in enumerate([
-        (2, 96, 70, 128, (5, 7), (64, 64, 4, 3)),
-        (1, 160, 160, 128, (3, 3), (32, 32, 4, 4)),
-        (3, 48, 40, 64, (4, 4), (16, 64, 4, 3)),
+        (2, 96, 70, 128, (5, 7), (64, 64, 4, 3, 0)),
+        (1, 160, 160, 128, (3, 3), (32, 32, 4, 4, 0)),
+        (3, 48, 40, 64, (4, 4), (16, 64, 4, 3, 0)),
+        (1, 96, 70, 128, (5, 7), (32, 32, 4, 3, 16)),
+        (1, 300, 288, 128, (3, 3), (16, 64, 4, 3, 64)),
     ]):
         o = _operands(n, total, k, cols, hw, torch.float32)
-        got = kernels.launch(o["buf"], k, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], *cfg)
+        got = kernels.launch(o["buf"], k, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], *cfg, workspace=ws)
         ref = kernels.reference(o["buf"][:, :k], o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
         out[f"gemm{i}"] = [float((got - ref).abs().max()), float(ref.abs().max()), list(got.shape),
                            got.is_contiguous(memory_format=torch.channels_last)]
@@ -71,15 +75,18 @@ _INTERPRETED = textwrap.dedent(
     # not a multiple of the tile, input channels not a multiple of the step, 24 output channels.
     from tests.test_kernels import _conv_operands
     for i, (n, cin, cout, hw, c, cfg) in enumerate([
-        (2, 128, 32, (5, 7), 64, (64, 64, 4, 3)),
-        (1, 40, 24, (3, 3), 8, (16, 32, 4, 3)),
+        (2, 128, 32, (5, 7), 64, (64, 64, 4, 3, 0)),
+        (1, 40, 24, (3, 3), 8, (16, 32, 4, 3, 0)),
+        (1, 128, 32, (5, 7), 64, (16, 64, 4, 3, 64)),
+        (2, 40, 24, (3, 3), 8, (16, 32, 4, 3, 20)),
     ]):
         x, weight = _conv_operands(n, cin, cout, hw, torch.float32)
         buf = torch.zeros(n, c + cout + 8, *hw).contiguous(memory_format=torch.channels_last)
-        kernels.launch_conv3x3(buf, x, kernels.conv3x3_weight(weight), c, *cfg)
+        kernels.launch_conv3x3(buf, x, kernels.conv3x3_weight(weight), c, *cfg, workspace=ws)
         ref = torch.nn.functional.conv2d(x, weight, padding=1)
         out[f"conv{i}"] = [float((buf[:, c:c + cout] - ref).abs().max()), float(ref.abs().max()),
                            float(buf[:, :c].abs().max()), float(buf[:, c + cout:].abs().max())]
+    out["workspace"] = [float(ws[0].abs().max()), int(ws[1].abs().max())]
     print(json.dumps(out))
     """
 )
@@ -93,12 +100,13 @@ def test_triton_kernels_match_the_reference_under_the_interpreter() -> None:
                        env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300, cwd=ROOT)  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    for i, shape in enumerate(([2, 128, 5, 7], [1, 128, 3, 3], [3, 64, 4, 4])):
+    for i, shape in enumerate(([2, 128, 5, 7], [1, 128, 3, 3], [3, 64, 4, 4], [1, 128, 5, 7], [1, 128, 3, 3])):
         diff, scale, got_shape, channels_last = out[f"gemm{i}"]
         assert got_shape == shape and channels_last
         assert scale > 0.5 and diff < 1e-4 * scale, out
     assert out["write"] == [0.0, 0.0, 0.0]
-    for i in range(2):
+    assert out["workspace"] == [0.0, 0], out  # split-K leaves its workspace zero for the next call
+    for i in range(4):
         diff, scale, before, after = out[f"conv{i}"]
         assert scale > 0.5 and diff < 1e-4 * scale and before == after == 0.0, out
 
@@ -106,7 +114,9 @@ def test_triton_kernels_match_the_reference_under_the_interpreter() -> None:
 def test_ops_run_on_the_cpu_and_refuse_a_buffer_that_is_not_channels_last() -> None:
     o = _operands(2, 96, 70, 128, (5, 7), torch.float32)
     ref = kernels.reference(o["buf"][:, :70], o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
-    got = torch.ops.densenet.bn_relu_conv1x1(o["buf"], 70, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], 64, 64, 4, 3)
+    none = torch.empty(0)
+    got = torch.ops.densenet.bn_relu_conv1x1(o["buf"], 70, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], none, none, 64,
+                                             64, 4, 3, 0)  # fmt: skip
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(kernels.bn_relu_conv1x1(o["buf"], 70, o["w"], o["s1"], o["b1"], o["s2"], o["b2"]), ref)
     y = torch.randn(2, 32, 5, 7).contiguous(memory_format=torch.channels_last)
@@ -120,7 +130,7 @@ def test_ops_run_on_the_cpu_and_refuse_a_buffer_that_is_not_channels_last() -> N
     w = kernels.conv3x3_weight(weight)
     assert w.shape == (360, 24)
     torch.testing.assert_close(kernels.conv3x3_reference(x, w), torch.nn.functional.conv2d(x, weight, padding=1))
-    for conv in (lambda b: torch.ops.densenet.conv3x3_into(b, x, w, 30, 64, 64, 4, 3),
+    for conv in (lambda b: torch.ops.densenet.conv3x3_into(b, x, w, 30, none, none, 64, 64, 4, 3, 0),
                  lambda b: kernels.conv3x3_into(b, x, w, 30)):  # fmt: skip
         buf = o["buf"].clone()
         conv(buf)
@@ -182,23 +192,34 @@ def test_fused_conv_needs_the_fused_layer_kernel() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_kernels_compiled_on_a_gpu_match_the_reference() -> None:
-    """FP16 on the GPU, every tile configuration of ``BLOCK_CONFIGS``, against PyTorch's arithmetic."""
-    for cfg in [*sorted(set(kernels.BLOCK_CONFIGS)), (32, 64, 4, 3)]:
-        o = {k: v.cuda() for k, v in _operands(2, 352, 320, 128, (14, 14), torch.float16).items()}
-        got = kernels.bn_relu_conv1x1(o["buf"], 320, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], cfg)
+    """FP16 on the GPU, every configuration of ``BLOCK_CONFIGS`` / ``CONV_CONFIGS`` with and without
+    split-K, at batch 2 (few tiles: the split path) and 64 (many: one program a tile), against
+    PyTorch's arithmetic; the split-K workspace is left zero for the next call."""
+    for n in (2, 64):
+        o = {k: v.cuda() for k, v in _operands(n, 352, 320, 128, (14, 14), torch.float16).items()}
         ref = kernels.reference(o["buf"][:, :320], o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
-        torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2)
-    y = torch.randn(2, 32, 14, 14, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-    kernels.write_channels(o["buf"], y, 320)
-    assert torch.equal(o["buf"][:, 320:], y)
-    # The 3x3 convolution into the buffer, every tile configuration, against cuDNN's.
-    x, weight = (t.cuda() for t in _conv_operands(2, 128, 32, (14, 14), torch.float16))
-    ref = torch.nn.functional.conv2d(x, weight, padding=1)
-    for cfg in sorted({*kernels.CONV_CONFIGS, (64, 32, 4, 4)}):
-        buf = o["buf"].clone()
-        kernels.conv3x3_into(buf, x, kernels.conv3x3_weight(weight), 288, cfg)
-        torch.testing.assert_close(buf[:, 288:320], ref, atol=2e-2, rtol=1e-2)
-        assert torch.equal(buf[:, :288], o["buf"][:, :288]) and torch.equal(buf[:, 320:], o["buf"][:, 320:])
+        layer = {*kernels.BLOCK_CONFIGS, *((*c[:4], 0) for c in kernels.BLOCK_CONFIGS), (32, 64, 4, 3, 264)}
+        ws = kernels.split_workspace(torch.device("cuda"), tuple(layer))
+        assert ws is not None
+        for cfg in sorted(layer):
+            got = kernels.bn_relu_conv1x1(o["buf"], 320, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], cfg, ws)
+            torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2, msg=f"{n} {cfg}")
+            assert not ws[0].any() and not ws[1].any()
+        y = torch.randn(n, 32, 14, 14, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+        kernels.write_channels(o["buf"], y, 320)
+        assert torch.equal(o["buf"][:, 320:], y)
+        # The 3x3 convolution into the buffer against cuDNN's.
+        x, weight = (t.cuda() for t in _conv_operands(n, 128, 32, (14, 14), torch.float16))
+        ref = torch.nn.functional.conv2d(x, weight, padding=1)
+        conv = {*kernels.CONV_CONFIGS, *((*c[:4], 0) for c in kernels.CONV_CONFIGS), (32, 64, 4, 3, 264)}
+        ws = kernels.split_workspace(torch.device("cuda"), tuple(conv))
+        assert ws is not None
+        for cfg in sorted(conv):
+            buf = o["buf"].clone()
+            kernels.conv3x3_into(buf, x, kernels.conv3x3_weight(weight), 288, cfg, ws)
+            torch.testing.assert_close(buf[:, 288:320], ref, atol=2e-2, rtol=1e-2, msg=f"{n} {cfg}")
+            assert torch.equal(buf[:, :288], o["buf"][:, :288]) and torch.equal(buf[:, 320:], o["buf"][:, 320:])
+            assert not ws[0].any() and not ws[1].any()
 
 
 def test_runner_turns_cudnn_benchmark_on_only_on_cuda_and_only_when_asked() -> None:
