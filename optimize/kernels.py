@@ -86,25 +86,25 @@ if triton is not None:
                  mask=(rm[:, None] < M) & (rn[None, :] < N))  # fmt: skip
 
     @triton.jit
-    def _add_partial(acc, ws_ptr, cnt_ptr, SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Split-K: this program's partial sum into its tile's FP32 workspace; the number of programs
-        of the tile that had arrived before it (the last, ``SPLIT - 1``, finishes the tile)."""
+    def _store_partial(acc, ws_ptr, cnt_ptr, SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Split-K: this program's partial sum into its own slot of the FP32 workspace (plain stores:
+        atomic additions from every program of a tile serialise at the cache); returns how many
+        programs of the tile had stored theirs before it (the last, ``SPLIT - 1``, sums them)."""
         tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        ws = ws_ptr + tile * (BLOCK_M * BLOCK_N)
-        ws += tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        tl.atomic_add(ws, acc, sem="relaxed")
-        tl.debug_barrier()  # every thread's additions before the count (released with it)
+        slot = ws_ptr + (tile * SPLIT + tl.program_id(2)) * (BLOCK_M * BLOCK_N)
+        tl.store(slot + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], acc)
+        tl.debug_barrier()  # every thread's stores before the count (released with it)
         return tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
 
     @triton.jit
-    def _take_total(ws_ptr, cnt_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Split-K, the tile's last program: the whole sum, leaving the workspace and counter at 0."""
+    def _sum_partials(ws_ptr, cnt_ptr, SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Split-K, the tile's last program: the sum of its SPLIT slots; the counter back to 0."""
         tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        ws = ws_ptr + tile * (BLOCK_M * BLOCK_N)
-        ws += tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        total = tl.atomic_add(ws, zero, sem="acq_rel")  # read where the additions landed (L2)
-        tl.store(ws, zero)
+        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(0, SPLIT):
+            # From L2, where the other programs' stores are (not this multiprocessor's L1).
+            total += tl.load(ws_ptr + (tile * SPLIT + s) * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")
         tl.store(cnt_ptr + tile, 0)
         return total
 
@@ -139,8 +139,8 @@ if triton is not None:
             acc = tl.dot(a, w, acc)
         if SPLIT == 1:
             _bn_relu_store(acc, s2_ptr, b2_ptr, out_ptr, rm, rn, M, N, stride_om)
-        elif _add_partial(acc, ws_ptr, cnt_ptr, SPLIT, BLOCK_M, BLOCK_N) == SPLIT - 1:
-            total = _take_total(ws_ptr, cnt_ptr, BLOCK_M, BLOCK_N)
+        elif _store_partial(acc, ws_ptr, cnt_ptr, SPLIT, BLOCK_M, BLOCK_N) == SPLIT - 1:
+            total = _sum_partials(ws_ptr, cnt_ptr, SPLIT, BLOCK_M, BLOCK_N)
             _bn_relu_store(total, s2_ptr, b2_ptr, out_ptr, rm, rn, M, N, stride_om)
 
     def _split(m: Any, block_m: int, block_n: int, cols: int, split_target: int) -> Any:
@@ -249,8 +249,8 @@ if triton is not None:
         dst = out_ptr + C0 + rm[:, None] * stride_om + rn[None, :]
         if SPLIT == 1:
             tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        elif _add_partial(acc, ws_ptr, cnt_ptr, SPLIT, BLOCK_M, BLOCK_N) == SPLIT - 1:
-            total = _take_total(ws_ptr, cnt_ptr, BLOCK_M, BLOCK_N)
+        elif _store_partial(acc, ws_ptr, cnt_ptr, SPLIT, BLOCK_M, BLOCK_N) == SPLIT - 1:
+            total = _sum_partials(ws_ptr, cnt_ptr, SPLIT, BLOCK_M, BLOCK_N)
             tl.store(dst, total.to(out_ptr.dtype.element_ty), mask=mask)
 
     def launch_conv3x3(
@@ -303,7 +303,7 @@ if triton is not None:
 #: target (split the reduction until about that many programs run; 0: never).
 Config = tuple[int, int, int, int, int]
 
-#: Values one split-K tile holds in the workspace (``split_workspace``): 64 pixels x 128 channels.
+#: Values one split-K partial tile holds in the workspace (``split_workspace``): 64 pixels x 128 channels.
 WORKSPACE_TILE = 64 * 128
 
 #: The layer kernel's configuration per dense block of DenseNet-121, tiles the fastest at batch
@@ -325,13 +325,15 @@ CONV_CONFIGS: tuple[Config, ...] = (
 
 
 def split_workspace(device: torch.device, configs: tuple[Config, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The zeroed FP32 workspace and per-tile counters split-K kernels of ``configs`` share (each
-    call leaves them zero again, so one pair serves every layer of a forward in turn); ``None`` where
-    the kernels do not run (no Triton, not a CUDA device, or no configuration splits)."""
+    """The FP32 workspace (partial tiles) and zeroed per-tile counters the split-K kernels of
+    ``configs`` share (each call leaves the counters zero again, so one pair serves every layer of a
+    forward in turn); ``None`` where the kernels do not run (no Triton, not a CUDA device, or no
+    configuration splits). A kernel splits only while its tiles number fewer than its target T, into
+    ceil(T / tiles) programs a tile: fewer than 2T partial tiles, T counters."""
     target = max((cfg[4] for cfg in configs), default=0)
     if triton is None or device.type != "cuda" or not target:
         return None
-    return (torch.zeros(target * WORKSPACE_TILE, device=device, dtype=torch.float32),
+    return (torch.empty(2 * target * WORKSPACE_TILE, device=device, dtype=torch.float32),
             torch.zeros(target, device=device, dtype=torch.int32))  # fmt: skip
 
 

@@ -53,7 +53,7 @@ _INTERPRETED = textwrap.dedent(
     # (batch, buffer channels, k, output channels, pixels, tile): k not a multiple of the channel step,
     # pixels not a multiple of the tile, a channel slice of a wider buffer, 64 output channels.
     # The last two split K (16 and 64 programs for 2 and 1 tiles: programs past K add nothing).
-    ws = (torch.zeros(64 * kernels.WORKSPACE_TILE), torch.zeros(64, dtype=torch.int32))
+    ws = (torch.zeros(2 * 64 * kernels.WORKSPACE_TILE), torch.zeros(64, dtype=torch.int32))
     for i, (n, total, k, cols, hw, cfg) in enumerate([
         (2, 96, 70, 128, (5, 7), (64, 64, 4, 3, 0)),
         (1, 160, 160, 128, (3, 3), (32, 32, 4, 4, 0)),
@@ -86,7 +86,7 @@ _INTERPRETED = textwrap.dedent(
         ref = torch.nn.functional.conv2d(x, weight, padding=1)
         out[f"conv{i}"] = [float((buf[:, c:c + cout] - ref).abs().max()), float(ref.abs().max()),
                            float(buf[:, :c].abs().max()), float(buf[:, c + cout:].abs().max())]
-    out["workspace"] = [float(ws[0].abs().max()), int(ws[1].abs().max())]
+    out["workspace"] = int(ws[1].abs().max())
     print(json.dumps(out))
     """
 )
@@ -105,7 +105,7 @@ def test_triton_kernels_match_the_reference_under_the_interpreter() -> None:
         assert got_shape == shape and channels_last
         assert scale > 0.5 and diff < 1e-4 * scale, out
     assert out["write"] == [0.0, 0.0, 0.0]
-    assert out["workspace"] == [0.0, 0], out  # split-K leaves its workspace zero for the next call
+    assert out["workspace"] == 0, out  # split-K leaves its counters zero for the next call
     for i in range(4):
         diff, scale, before, after = out[f"conv{i}"]
         assert scale > 0.5 and diff < 1e-4 * scale and before == after == 0.0, out
@@ -194,7 +194,7 @@ def test_fused_conv_needs_the_fused_layer_kernel() -> None:
 def test_triton_kernels_compiled_on_a_gpu_match_the_reference() -> None:
     """FP16 on the GPU, every configuration of ``BLOCK_CONFIGS`` / ``CONV_CONFIGS`` with and without
     split-K, at batch 2 (few tiles: the split path) and 64 (many: one program a tile), against
-    PyTorch's arithmetic; the split-K workspace is left zero for the next call."""
+    PyTorch's arithmetic; the split-K counters are left zero for the next call."""
     for n in (2, 64):
         o = {k: v.cuda() for k, v in _operands(n, 352, 320, 128, (14, 14), torch.float16).items()}
         ref = kernels.reference(o["buf"][:, :320], o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
@@ -204,7 +204,7 @@ def test_triton_kernels_compiled_on_a_gpu_match_the_reference() -> None:
         for cfg in sorted(layer):
             got = kernels.bn_relu_conv1x1(o["buf"], 320, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], cfg, ws)
             torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2, msg=f"{n} {cfg}")
-            assert not ws[0].any() and not ws[1].any()
+            assert not ws[1].any()
         y = torch.randn(n, 32, 14, 14, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
         kernels.write_channels(o["buf"], y, 320)
         assert torch.equal(o["buf"][:, 320:], y)
@@ -219,7 +219,7 @@ def test_triton_kernels_compiled_on_a_gpu_match_the_reference() -> None:
             kernels.conv3x3_into(buf, x, kernels.conv3x3_weight(weight), 288, cfg, ws)
             torch.testing.assert_close(buf[:, 288:320], ref, atol=2e-2, rtol=1e-2, msg=f"{n} {cfg}")
             assert torch.equal(buf[:, :288], o["buf"][:, :288]) and torch.equal(buf[:, 320:], o["buf"][:, 320:])
-            assert not ws[0].any() and not ws[1].any()
+            assert not ws[1].any()
 
 
 def test_runner_turns_cudnn_benchmark_on_only_on_cuda_and_only_when_asked() -> None:
