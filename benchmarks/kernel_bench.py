@@ -116,7 +116,7 @@ def time_block(b: int, block: int, configs: dict[str, tuple[int, int, int, int, 
     floor = graph_ms(cublas, reps)
     metrics[f"{key}_cublas_mm_ms"] = round(floor, 4)
     line = [f"b{b} block{block + 1}: cuBLAS mm only {floor:.3f} ms"]
-    ws = kernels.split_workspace(torch.device("cuda"), tuple(configs.values()))
+    ws = kernels.split_workspace(torch.device("cuda"), kernels.split_target(tuple(configs.values())))
     for name, cfg in configs.items():
 
         def fused(cfg: tuple[int, int, int, int, int] = cfg) -> None:
@@ -170,7 +170,7 @@ def time_conv_block(b: int, block: int, configs: dict[str, tuple[int, int, int, 
         ms = graph_ms(fn, reps)
         metrics[f"{key}_{name}_ms"] = round(ms, 4)
         line.append(f"{name} {ms:.3f}")
-    ws = kernels.split_workspace(dev, tuple(configs.values()))
+    ws = kernels.split_workspace(dev, kernels.split_target(tuple(configs.values())))
     for name, cfg in configs.items():
 
         def triton_conv(cfg: tuple[int, int, int, int, int] = cfg) -> None:

@@ -85,6 +85,11 @@ if triton is not None:
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))  # fmt: skip
 
+    #: Split-K: at least this many steps of the reduction per program, so the tile's last program
+    #: sums a few partial tiles only (summing one per step made batch 1 slower, record
+    #: ``...-layer-split-s12.json``); programs past that exit at once.
+    MIN_STEPS: tl.constexpr = tl.constexpr(4)
+
     @triton.jit
     def _store_partial(acc, ws_ptr, cnt_ptr, SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Split-K: this program's partial sum into its own slot of the FP32 workspace (plain stores:
@@ -123,7 +128,10 @@ if triton is not None:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
-        per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+        split = tl.minimum(SPLIT, tl.cdiv(tl.cdiv(K, BLOCK_K), MIN_STEPS))  # programs with work (see _parts)
+        if tl.program_id(2) >= split:
+            return
+        per = tl.cdiv(tl.cdiv(K, BLOCK_K), split) * BLOCK_K
         k_start = tl.program_id(2) * per
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_start, tl.minimum(K, k_start + per), BLOCK_K):
@@ -137,10 +145,10 @@ if triton is not None:
             w = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn,
                         mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)  # fmt: skip
             acc = tl.dot(a, w, acc)
-        if SPLIT == 1:
+        if split == 1:
             _bn_relu_store(acc, s2_ptr, b2_ptr, out_ptr, rm, rn, M, N, stride_om)
-        elif _store_partial(acc, ws_ptr, cnt_ptr, SPLIT, BLOCK_M, BLOCK_N) == SPLIT - 1:
-            total = _sum_partials(ws_ptr, cnt_ptr, SPLIT, BLOCK_M, BLOCK_N)
+        elif _store_partial(acc, ws_ptr, cnt_ptr, split, BLOCK_M, BLOCK_N) == split - 1:
+            total = _sum_partials(ws_ptr, cnt_ptr, split, BLOCK_M, BLOCK_N)
             _bn_relu_store(total, s2_ptr, b2_ptr, out_ptr, rm, rn, M, N, stride_om)
 
     def _split(m: Any, block_m: int, block_n: int, cols: int, split_target: int) -> Any:
@@ -185,7 +193,7 @@ if triton is not None:
         warps: int, stages: int, split_target: int,
     ) -> torch.Tensor:  # fmt: skip
         """``relu(norm2(conv1x1(relu(norm1(buf[:, :k])))))`` in one kernel; ``buf`` channels-last.
-        ``ws``/``cnt``: ``split_workspace``'s, all zero before and after."""
+        ``ws``/``cnt``: ``split_workspace``'s (the counters zero before and after)."""
         return launch(buf, k, w, scale1, shift1, scale2, shift2, block_m, block_k, warps, stages, split_target,
                       (ws, cnt))  # fmt: skip
 
@@ -230,7 +238,10 @@ if triton is not None:
         h = hw // W
         w = hw % W
         steps: tl.constexpr = (CIN + BLOCK_K - 1) // BLOCK_K
-        per = tl.cdiv(9 * steps, SPLIT)
+        split = tl.minimum(SPLIT, tl.cdiv(9 * steps, MIN_STEPS))
+        if tl.program_id(2) >= split:
+            return
+        per = tl.cdiv(9 * steps, split)
         start = tl.program_id(2) * per
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for i in range(start, tl.minimum(9 * steps, start + per)):
@@ -247,10 +258,10 @@ if triton is not None:
             acc = tl.dot(a, b, acc)
         mask = (rm[:, None] < M) & (rn[None, :] < COUT)
         dst = out_ptr + C0 + rm[:, None] * stride_om + rn[None, :]
-        if SPLIT == 1:
+        if split == 1:
             tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        elif _store_partial(acc, ws_ptr, cnt_ptr, SPLIT, BLOCK_M, BLOCK_N) == SPLIT - 1:
-            total = _sum_partials(ws_ptr, cnt_ptr, SPLIT, BLOCK_M, BLOCK_N)
+        elif _store_partial(acc, ws_ptr, cnt_ptr, split, BLOCK_M, BLOCK_N) == split - 1:
+            total = _sum_partials(ws_ptr, cnt_ptr, split, BLOCK_M, BLOCK_N)
             tl.store(dst, total.to(out_ptr.dtype.element_ty), mask=mask)
 
     def launch_conv3x3(
@@ -324,13 +335,18 @@ CONV_CONFIGS: tuple[Config, ...] = (
 )
 
 
-def split_workspace(device: torch.device, configs: tuple[Config, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The FP32 workspace (partial tiles) and zeroed per-tile counters the split-K kernels of
-    ``configs`` share (each call leaves the counters zero again, so one pair serves every layer of a
-    forward in turn); ``None`` where the kernels do not run (no Triton, not a CUDA device, or no
-    configuration splits). A kernel splits only while its tiles number fewer than its target T, into
-    ceil(T / tiles) programs a tile: fewer than 2T partial tiles, T counters."""
-    target = max((cfg[4] for cfg in configs), default=0)
+def split_target(configs: tuple[Config, ...]) -> int:
+    """The largest split-K target of ``configs`` (what ``split_workspace`` is sized for)."""
+    return max((cfg[4] for cfg in configs), default=0)
+
+
+def split_workspace(device: torch.device, target: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The FP32 workspace (partial tiles) and zeroed per-tile counters the split-K kernels share
+    (each call leaves the counters zero again, so one pair serves every layer of a forward in turn),
+    for configurations whose split targets are at most ``target`` (``split_target``); ``None`` where
+    the kernels do not run (no Triton, not a CUDA device, or no split). A kernel splits only while
+    its tiles number fewer than the target T, into ceil(T / tiles) programs a tile: fewer than 2T
+    partial tiles, T counters."""
     if triton is None or device.type != "cuda" or not target:
         return None
     return (torch.empty(2 * target * WORKSPACE_TILE, device=device, dtype=torch.float32),

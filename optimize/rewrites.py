@@ -50,6 +50,7 @@ class BlockBufferDenseNet(nn.Module):
             raise ValueError("fused_conv=True needs fused=True (the 3x3 kernel reads the fused kernel's output)")
         self.fused_conv = fused_conv
         self.conv_configs = conv_configs  # the 3x3 kernel's tiles per dense block (``kernels.CONV_CONFIGS``)
+        self.split_target = kernels.split_target(configs + conv_configs)
         self.layers = 0
         if fused:
             net: Any = densenet
@@ -73,7 +74,7 @@ class BlockBufferDenseNet(nn.Module):
         x = f.pool0(f.relu0(f.norm0(f.conv0(x))))
         blocks = len([name for name in f._modules if name.startswith("denseblock")])
         # Shared by every layer's kernels in turn (split-K at small batches); None off the GPU.
-        ws = kernels.split_workspace(x.device, self.configs + self.conv_configs) if self.fused else None
+        ws = kernels.split_workspace(x.device, self.split_target) if self.fused else None
         j = 0
         for i in range(1, blocks + 1):
             layers = list(getattr(f, f"denseblock{i}").values())

@@ -52,13 +52,13 @@ _INTERPRETED = textwrap.dedent(
     out = {}
     # (batch, buffer channels, k, output channels, pixels, tile): k not a multiple of the channel step,
     # pixels not a multiple of the tile, a channel slice of a wider buffer, 64 output channels.
-    # The last two split K (16 and 64 programs for 2 and 1 tiles: programs past K add nothing).
+    # The last two split K (into 2 programs a tile: at least MIN_STEPS steps each; the rest exit).
     ws = (torch.zeros(2 * 64 * kernels.WORKSPACE_TILE), torch.zeros(64, dtype=torch.int32))
     for i, (n, total, k, cols, hw, cfg) in enumerate([
         (2, 96, 70, 128, (5, 7), (64, 64, 4, 3, 0)),
         (1, 160, 160, 128, (3, 3), (32, 32, 4, 4, 0)),
         (3, 48, 40, 64, (4, 4), (16, 64, 4, 3, 0)),
-        (1, 96, 70, 128, (5, 7), (32, 32, 4, 3, 16)),
+        (1, 96, 70, 128, (5, 7), (32, 16, 4, 3, 16)),
         (1, 300, 288, 128, (3, 3), (16, 64, 4, 3, 64)),
     ]):
         o = _operands(n, total, k, cols, hw, torch.float32)
@@ -199,7 +199,7 @@ def test_triton_kernels_compiled_on_a_gpu_match_the_reference() -> None:
         o = {k: v.cuda() for k, v in _operands(n, 352, 320, 128, (14, 14), torch.float16).items()}
         ref = kernels.reference(o["buf"][:, :320], o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
         layer = {*kernels.BLOCK_CONFIGS, *((*c[:4], 0) for c in kernels.BLOCK_CONFIGS), (32, 64, 4, 3, 264)}
-        ws = kernels.split_workspace(torch.device("cuda"), tuple(layer))
+        ws = kernels.split_workspace(torch.device("cuda"), kernels.split_target(tuple(layer)))
         assert ws is not None
         for cfg in sorted(layer):
             got = kernels.bn_relu_conv1x1(o["buf"], 320, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], cfg, ws)
@@ -212,7 +212,7 @@ def test_triton_kernels_compiled_on_a_gpu_match_the_reference() -> None:
         x, weight = (t.cuda() for t in _conv_operands(n, 128, 32, (14, 14), torch.float16))
         ref = torch.nn.functional.conv2d(x, weight, padding=1)
         conv = {*kernels.CONV_CONFIGS, *((*c[:4], 0) for c in kernels.CONV_CONFIGS), (32, 64, 4, 3, 264)}
-        ws = kernels.split_workspace(torch.device("cuda"), tuple(conv))
+        ws = kernels.split_workspace(torch.device("cuda"), kernels.split_target(tuple(conv)))
         assert ws is not None
         for cfg in sorted(conv):
             buf = o["buf"].clone()
