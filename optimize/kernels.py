@@ -317,22 +317,20 @@ Config = tuple[int, int, int, int, int]
 #: Values one split-K partial tile holds in the workspace (``split_workspace``): 64 pixels x 128 channels.
 WORKSPACE_TILE = 64 * 128
 
-#: The layer kernel's configuration per dense block of DenseNet-121, tiles the fastest at batch
-#: 128 on the H100 (``benchmarks/kernel_bench.py``, record ``...-kernels-s11.json``: within 10 % of
-#: a cuBLAS matrix multiply of the same shapes that does not normalise its input). A network with
-#: more blocks uses the last one for the rest.
-BLOCK_CONFIGS: tuple[Config, ...] = ((64, 32, 4, 4, 128), (64, 64, 4, 3, 128), (64, 64, 4, 3, 128), (64, 32, 4, 4, 128))
+#: The layer kernel's configuration per dense block of DenseNet-121, from ``benchmarks/kernel_bench.py``
+#: on the H100 (records ``...-kernels-s11.json``, ``...-layer-split3-s12.json``): 64x64 tiles, the
+#: fastest at batch 128 (1.61 ms for the four blocks against 1.43 ms of cuBLAS products that do not
+#: normalise their input); split-K in blocks 3 and 4, where batch 1 has a few tiles only (0.30 ms
+#: instead of 0.33 there), with block 4's target below its 98 tiles at batch 128 (splitting
+#: them took 0.196 ms instead of 0.145). A network with more blocks uses the last one for the rest.
+BLOCK_CONFIGS: tuple[Config, ...] = ((64, 64, 4, 3, 0), (64, 64, 4, 3, 0), (64, 64, 4, 3, 264), (64, 64, 4, 3, 96))
 
-#: The 3x3 convolution kernel's configuration per dense block, tiles the fastest at batch 128 on the
-#: H100 (``benchmarks/kernel_bench.py --kernel conv3x3``, record ``...-conv3x3-s12.json``: 0.87 /
-#: 0.49 / 0.31 / 0.12 ms a block against cuDNN's 0.83 / 0.55 / 0.41 / 0.14 ms before the copy
-#: into the buffer that this kernel does not need).
-CONV_CONFIGS: tuple[Config, ...] = (
-    (256, 64, 8, 3, 128),
-    (128, 64, 4, 3, 128),
-    (64, 64, 4, 3, 128),
-    (32, 64, 4, 3, 128),
-)
+#: The 3x3 convolution kernel's configuration per dense block (``benchmarks/kernel_bench.py --kernel
+#: conv3x3``, records ``...-conv3x3-s12.json``, ``...-conv3x3-split3-s12.json``): at batch 128 1.82
+#: ms for the four blocks against cuDNN's 1.91 before the copy into the buffer this kernel does not
+#: need (2.32 with it); at batch 1 0.33 against 0.48 (0.60 with the copies). 128-pixel tiles in
+#: block 1 give up 2 % at batch 128 against 256 for a third less at batch 1.
+CONV_CONFIGS: tuple[Config, ...] = ((128, 64, 4, 3, 132), (64, 64, 4, 3, 132), (64, 64, 4, 3, 132), (64, 64, 4, 3, 96))
 
 
 def split_target(configs: tuple[Config, ...]) -> int:
