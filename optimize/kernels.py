@@ -166,17 +166,14 @@ if triton is not None:
         buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
         scale2: torch.Tensor, shift2: torch.Tensor, block_m: int, block_k: int = 64, warps: int = 0, stages: int = 3,
         split_target: int = 0, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-        out: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Run the Triton kernel on the first ``k`` channels of ``buf`` (CUDA tensors, or CPU ones under
         ``TRITON_INTERPRET=1``): tiles of ``block_m`` pixels x 128 (or 64) output channels, ``block_k``
         input channels a step, ``warps`` (0: 4 up to 64-pixel tiles, else 8), ``stages`` of pipelining;
-        ``split_target``: split K until about that many programs run (``split_workspace``'s tensors);
-        into ``out`` (channels-last, rows ``stride(3)`` apart) when given, else a new tensor."""
+        ``split_target``: split K until about that many programs run (``split_workspace``'s tensors)."""
         n, _, h, wd = buf.shape
         cols = w.shape[1]
-        if out is None:
-            out = torch.empty((n, cols, h, wd), dtype=buf.dtype, device=buf.device, memory_format=torch.channels_last)
+        out = torch.empty((n, cols, h, wd), dtype=buf.dtype, device=buf.device, memory_format=torch.channels_last)
         m = n * h * wd
         block_n = 128 if cols >= 128 else 64
         split = _split(m, block_m, block_n, cols, split_target)
@@ -189,16 +186,16 @@ if triton is not None:
         )  # fmt: skip
         return out
 
-    @torch.library.triton_op("densenet::bn_relu_conv1x1", mutates_args=("out", "ws", "cnt"))
+    @torch.library.triton_op("densenet::bn_relu_conv1x1", mutates_args=("ws", "cnt"))
     def _bn_relu_conv1x1_op(
         buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
-        scale2: torch.Tensor, shift2: torch.Tensor, out: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor,
-        block_m: int, block_k: int, warps: int, stages: int, split_target: int,
-    ) -> None:  # fmt: skip
-        """``out = relu(norm2(conv1x1(relu(norm1(buf[:, :k])))))`` in one kernel; both channels-last.
+        scale2: torch.Tensor, shift2: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor, block_m: int, block_k: int,
+        warps: int, stages: int, split_target: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """``relu(norm2(conv1x1(relu(norm1(buf[:, :k])))))`` in one kernel; ``buf`` channels-last.
         ``ws``/``cnt``: ``split_workspace``'s (the counters zero before and after)."""
-        launch(buf, k, w, scale1, shift1, scale2, shift2, block_m, block_k, warps, stages, split_target, (ws, cnt),
-               out)  # fmt: skip
+        return launch(buf, k, w, scale1, shift1, scale2, shift2, block_m, block_k, warps, stages, split_target,
+                      (ws, cnt))  # fmt: skip
 
     @triton.jit
     def _copy_rows(src_ptr, dst_ptr, M, G, C0, stride_src, stride_dst, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
@@ -307,10 +304,10 @@ if triton is not None:
     @_bn_relu_conv1x1_op.register_kernel("cpu")
     def _bn_relu_conv1x1_cpu(
         buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
-        scale2: torch.Tensor, shift2: torch.Tensor, out: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor,
-        block_m: int, block_k: int, warps: int, stages: int, split_target: int,
-    ) -> None:  # fmt: skip
-        out.copy_(reference(buf[:, :k], w, scale1, shift1, scale2, shift2))
+        scale2: torch.Tensor, shift2: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor, block_m: int, block_k: int,
+        warps: int, stages: int, split_target: int,
+    ) -> torch.Tensor:  # fmt: skip
+        return reference(buf[:, :k], w, scale1, shift1, scale2, shift2)
 
 
 #: A kernel configuration: pixels a tile, channels a step, warps, pipeline stages, and the split-K
@@ -366,34 +363,23 @@ def _workspace_args(
 def bn_relu_conv1x1(
     buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor, scale2: torch.Tensor,
     shift2: torch.Tensor, config: Config = BLOCK_CONFIGS[1],
-    workspace: tuple[torch.Tensor, torch.Tensor] | None = None, out: torch.Tensor | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """``relu(norm2(conv1x1(relu(norm1(buf[:, :k])))))``: the Triton op on a CUDA tensor where Triton is
     present, else ``reference`` (also what the op's own CPU kernel runs). ``buf``: (N, C, H, W)
     channels-last; ``w``: [k, out channels], out channels contiguous; ``workspace``:
-    ``split_workspace``'s (without it the kernel never splits K); ``out``: where to write (a
-    channels-last tensor or channel slice of one), else a new tensor.
+    ``split_workspace``'s (without it the kernel never splits K).
 
     The whole buffer goes in, not ``buf[:, :k]``: the compiler hands a user kernel a channel slice
-    as a contiguous copy (on the H100 those copies took a third of a batch-128 forward). And the
-    op writes into an ``out`` it is given rather than returning a new tensor: an AOTInductor package
-    filled each new output with NaN before the kernel wrote it (58 fills, ~0.4 ms of a batch-128
-    forward, ``benchmarks/trace_summary.py`` on the package's trace); a rewrite that reuses one
-    ``out`` per block pays that once per block."""
+    as a contiguous copy (on the H100 those copies took a third of a batch-128 forward)."""
     if not rows_dense(buf):
         raise ValueError(f"bn_relu_conv1x1 needs a dense channels-last buffer, got strides {buf.stride()}")
-    if out is None:
-        n, _, h, wd = buf.shape
-        out = torch.empty((n, w.shape[1], h, wd), dtype=buf.dtype, device=buf.device,
-                          memory_format=torch.channels_last)  # fmt: skip
-    elif not rows_dense(out):
-        raise ValueError(f"bn_relu_conv1x1 needs a channels-last out, got strides {out.stride()}")
     if triton is None or buf.device.type != "cuda":
-        out.copy_(reference(buf[:, :k], w, scale1, shift1, scale2, shift2))
-        return out
+        return reference(buf[:, :k], w, scale1, shift1, scale2, shift2)
     ws, cnt, split_target = _workspace_args(workspace, config, buf.device)
-    torch.ops.densenet.bn_relu_conv1x1(buf, k, w, scale1, shift1, scale2, shift2, out, ws, cnt, *config[:4],
-                                       split_target)  # fmt: skip
+    out: torch.Tensor = torch.ops.densenet.bn_relu_conv1x1(
+        buf, k, w, scale1, shift1, scale2, shift2, ws, cnt, *config[:4], split_target
+    )
     return out
 
 

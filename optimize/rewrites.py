@@ -88,11 +88,6 @@ class BlockBufferDenseNet(nn.Module):
                 # made the compiler copy the whole buffer before the first op write (~0.2 ms a
                 # block at batch 128 on the H100).
                 kernels.write_channels(buf, x, 0)
-                # One bottleneck tensor per block, written by each layer's first kernel and read by
-                # its 3x3 convolution (a new one per layer cost a fill per layer in the package).
-                width = max(layer.conv1.out_channels for layer in layers)
-                mids = torch.empty((x.shape[0], width, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
-                                   memory_format=torch.channels_last)  # fmt: skip
             else:
                 buf[:, :c] = x
             for layer in layers:
@@ -101,7 +96,7 @@ class BlockBufferDenseNet(nn.Module):
                 if self.fused:
                     w, s1, b1, s2, b2 = (getattr(self, f"fused{j}_{part}") for part in ("w", "s1", "b1", "s2", "b2"))
                     config = self.configs[min(i, len(self.configs)) - 1]
-                    mid = kernels.bn_relu_conv1x1(buf, c, w, s1, b1, s2, b2, config, ws, mids[:, : w.shape[1]])
+                    mid = kernels.bn_relu_conv1x1(buf, c, w, s1, b1, s2, b2, config, ws)
                     if self.fused_conv:
                         w2 = getattr(self, f"fused{j}_w2")
                         conv_config = self.conv_configs[min(i, len(self.conv_configs)) - 1]
