@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+Config = tuple[int, int, int, int, int]  # optimize.kernels.Config: block_m, block_k, warps, stages, split target
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -43,7 +45,7 @@ DEFAULT_CONFIGS = {
 CONFIG = re.compile(r"^(\d+)x(\d+)w(\d+)s(\d+)(?:t(\d+))?$")
 
 
-def parse_config(text: str) -> tuple[int, int, int, int, int]:
+def parse_config(text: str) -> Config:
     m = CONFIG.match(text)
     if not m:
         raise ValueError(f"configuration {text!r} is not MxKwWsS[tT] (for example 64x64w4s3 or 32x64w4s3t128)")
@@ -98,7 +100,7 @@ def graph_ms(fn: Any, reps: int) -> float:
     return statistics.median(times)
 
 
-def time_block(b: int, block: int, configs: dict[str, tuple[int, int, int, int, int]], reps: int,
+def time_block(b: int, block: int, configs: dict[str, Config], reps: int,
                metrics: dict[str, Any]) -> list[str]:  # fmt: skip
     """Time one dense block at batch ``b``: cuBLAS, then each configuration; metrics go into ``metrics``."""
     from optimize import kernels
@@ -117,16 +119,27 @@ def time_block(b: int, block: int, configs: dict[str, tuple[int, int, int, int, 
     metrics[f"{key}_cublas_mm_ms"] = round(floor, 4)
     line = [f"b{b} block{block + 1}: cuBLAS mm only {floor:.3f} ms"]
     ws = kernels.split_workspace(torch.device("cuda"), kernels.split_target(tuple(configs.values())))
+
+    def fused(cfg: Config) -> None:
+        for lay in layers:
+            kernels.launch(lay["buf"], lay["k"], lay["w"], lay["s1"], lay["b1"], lay["s2"], lay["b2"], *cfg,
+                           workspace=ws)  # fmt: skip
+
+    def widest(cfg: Config) -> torch.Tensor:
+        return kernels.launch(last["buf"], last["k"], *operands, *cfg, workspace=ws)
+
+    return line + time_configs(key, configs, fused, widest, ref, reps, metrics)
+
+
+def time_configs(key: str, configs: dict[str, Config], block: Any, widest: Any, ref: torch.Tensor, reps: int,
+                 metrics: dict[str, Any]) -> list[str]:  # fmt: skip
+    """Per configuration: ``widest(cfg)`` (the block's widest layer) against ``ref``, then a CUDA graph
+    of ``block(cfg)`` (every layer of the block) timed; a configuration Triton cannot compile is noted."""
+    line = []
     for name, cfg in configs.items():
-
-        def fused(cfg: tuple[int, int, int, int, int] = cfg) -> None:
-            for lay in layers:
-                kernels.launch(lay["buf"], lay["k"], lay["w"], lay["s1"], lay["b1"], lay["s2"], lay["b2"], *cfg,
-                               workspace=ws)  # fmt: skip
-
         try:
-            out = kernels.launch(last["buf"], last["k"], *operands, *cfg, workspace=ws)
-            ms = graph_ms(fused, reps)
+            out = widest(cfg)
+            ms = graph_ms(lambda cfg=cfg: block(cfg), reps)
         except Exception as e:  # a configuration Triton cannot compile (shared memory, registers)
             metrics[f"{key}_{name}_error"] = str(e)[:200]
             line.append(f"{name} failed")
@@ -137,7 +150,7 @@ def time_block(b: int, block: int, configs: dict[str, tuple[int, int, int, int, 
     return line
 
 
-def time_conv_block(b: int, block: int, configs: dict[str, tuple[int, int, int, int, int]], reps: int,
+def time_conv_block(b: int, block: int, configs: dict[str, Config], reps: int,
                     metrics: dict[str, Any]) -> list[str]:  # fmt: skip
     """Time one dense block's 3x3 convolutions at batch ``b``: cuDNN (alone, then with the copy into the
     buffer), then the Triton kernel in each configuration; metrics go into ``metrics``."""
@@ -171,24 +184,16 @@ def time_conv_block(b: int, block: int, configs: dict[str, tuple[int, int, int, 
         metrics[f"{key}_{name}_ms"] = round(ms, 4)
         line.append(f"{name} {ms:.3f}")
     ws = kernels.split_workspace(dev, kernels.split_target(tuple(configs.values())))
-    for name, cfg in configs.items():
 
-        def triton_conv(cfg: tuple[int, int, int, int, int] = cfg) -> None:
-            for lay in layers:
-                kernels.launch_conv3x3(buf, lay["x"], lay["w"], lay["c"], *cfg, workspace=ws)
+    def triton_conv(cfg: Config) -> None:
+        for lay in layers:
+            kernels.launch_conv3x3(buf, lay["x"], lay["w"], lay["c"], *cfg, workspace=ws)
 
-        try:
-            kernels.launch_conv3x3(buf, last["x"], last["w"], last["c"], *cfg, workspace=ws)
-            out = buf[:, last["c"] : last["c"] + GROWTH].clone()
-            ms = graph_ms(triton_conv, reps)
-        except Exception as e:  # a configuration Triton cannot compile (shared memory, registers)
-            metrics[f"{key}_{name}_error"] = str(e)[:200]
-            line.append(f"{name} failed")
-            continue
-        metrics[f"{key}_{name}_ms"] = round(ms, 4)
-        metrics[f"{key}_{name}_max_abs_diff_logits"] = float((out.float() - ref.float()).abs().max())
-        line.append(f"{name} {ms:.3f}")
-    return line
+    def widest(cfg: Config) -> torch.Tensor:
+        kernels.launch_conv3x3(buf, last["x"], last["w"], last["c"], *cfg, workspace=ws)
+        return buf[:, last["c"] : last["c"] + GROWTH].clone()
+
+    return line + time_configs(key, configs, triton_conv, widest, ref, reps, metrics)
 
 
 def main(argv: list[str] | None = None) -> int:
