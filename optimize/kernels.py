@@ -176,7 +176,7 @@ if triton is not None:
         out = torch.empty((n, cols, h, wd), dtype=buf.dtype, device=buf.device, memory_format=torch.channels_last)
         m = n * h * wd
         block_n = 128 if cols >= 128 else 64
-        split = _split(m, block_m, block_n, cols, split_target)
+        split = _split(m, block_m, block_n, cols, split_target if workspace is not None else 0)
         ws, cnt = workspace if workspace is not None else (out, out)  # unused when split is 1
         grid = (triton.cdiv(m, block_m), triton.cdiv(cols, block_n), split)
         _wrap(_bn_relu_gemm)[grid](
@@ -275,7 +275,7 @@ if triton is not None:
         cout = w.shape[1]
         m = n * h * wd
         block_n = max(16, triton.next_power_of_2(cout))
-        split = _split(m, block_m, block_n, cout, split_target)
+        split = _split(m, block_m, block_n, cout, split_target if workspace is not None else 0)
         ws, cnt = workspace if workspace is not None else (buf, buf)  # unused when split is 1
         _wrap(_conv3x3)[(triton.cdiv(m, block_m), 1, split)](
             x, w, buf, ws, cnt, m, h, wd, c, x.stride(3), buf.stride(3), split, CIN=cin, COUT=cout, BLOCK_M=block_m,
@@ -354,9 +354,8 @@ def split_workspace(device: torch.device, target: int) -> tuple[torch.Tensor, to
 def _workspace_args(
     workspace: tuple[torch.Tensor, torch.Tensor] | None, config: Config, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    if workspace is None:  # no split: any tensor stands in (the kernel does not touch it)
-        empty = torch.empty(0, device=device, dtype=torch.int32)
-        return empty, empty, 0
+    if workspace is None:  # no split: any tensors stand in (the kernel does not touch them)
+        return torch.empty(0, device=device), torch.empty(0, device=device, dtype=torch.int32), 0
     return workspace[0], workspace[1], config[4]
 
 

@@ -66,6 +66,11 @@ _INTERPRETED = textwrap.dedent(
         ref = kernels.reference(o["buf"][:, :k], o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
         out[f"gemm{i}"] = [float((got - ref).abs().max()), float(ref.abs().max()), list(got.shape),
                            got.is_contiguous(memory_format=torch.channels_last)]
+    # A split target without a workspace does not split (nothing to hold the partial sums).
+    o = _operands(1, 96, 70, 128, (5, 7), torch.float32)
+    got = kernels.launch(o["buf"], 70, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], 32, 16, 4, 3, 16)
+    ref = kernels.reference(o["buf"][:, :70], o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
+    out["no_workspace"] = float((got - ref).abs().max())
     buf = torch.zeros(2, 96, 5, 7).contiguous(memory_format=torch.channels_last)
     y = torch.randn(2, 32, 5, 7).contiguous(memory_format=torch.channels_last)
     kernels.launch_write(buf, y, 40)
@@ -105,6 +110,7 @@ def test_triton_kernels_match_the_reference_under_the_interpreter() -> None:
         assert got_shape == shape and channels_last
         assert scale > 0.5 and diff < 1e-4 * scale, out
     assert out["write"] == [0.0, 0.0, 0.0]
+    assert out["no_workspace"] < 1e-4, out
     assert out["workspace"] == 0, out  # split-K leaves its counters zero for the next call
     for i in range(4):
         diff, scale, before, after = out[f"conv{i}"]
