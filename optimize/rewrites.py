@@ -8,7 +8,9 @@ view of the channels written so far and writes its new channels once, into their
 stock ``torch.compile`` on the H100 that took batch 1 from 1.010 to 0.862 ms and batch 128 from
 15,285 to 16,832 img/s (``benchmarks/blockbuf_bench.py``, record ``...-blockbuf-s10.json``).
 With ``fused`` (the Triton layer kernel of ``optimize/kernels.py``) and ``pool_first``, its
-AOTInductor package ran batch 128 at 1.45-1.47x stock ``torch.compile`` (``...-issue4-fused-s11.json``).
+AOTInductor package ran batch 128 at 1.45-1.47x stock ``torch.compile`` (``...-issue4-fused-s11.json``);
+with ``fused_conv`` too (and split-K at small batches), 1.513x at batch 128 and 0.798x stock's
+batch-1 latency in one run (``...-issue4-fusedconv-split-s12-b.json``).
 """
 
 from __future__ import annotations
