@@ -15,8 +15,9 @@
 #                 torch.compile and the CUDA-graph variant (needs onnxruntime-gpu)       ~4 min
 #   aoti-dynamic  gpu_bench: AOTInductor, one package with a dynamic batch dimension     ~4 min
 #   aoti-blockbuf gpu_bench: the same package of the block-buffer rewrite, with and without
-#                 the fused Triton layer kernels, against stock torch.compile; then
-#                 blockbuf_bench (the rewrites under stock compile, kernel profiles)     ~10 min
+#                 the fused Triton kernels, against stock torch.compile; then
+#                 blockbuf_bench (the rewrites under stock compile: the layer kernel, with
+#                 the 3x3 kernel, without split-K; kernel profiles)                     ~10 min
 #   serve         serve_bench on --variant (default densenet121-eager-fp16-cl-graphs): on-device, floor, cold start,
 #                 single-JPEG sweep, a profiler trace of 20 batches under load (and py-spy stacks
 #                 of the device process when py-spy is on PATH), 12 MP, batched             ~5 min
@@ -42,7 +43,7 @@ VARIANT=densenet121-eager-fp16-cl-graphs
 SERVER_ARGS="--max_batch_size 128 --frontends 6"
 
 usage() {
-  sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -o/{/^set -o/!p}' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 log() {
@@ -128,7 +129,7 @@ step_aoti_blockbuf() {
     --variants densenet121-aoti-fp16-cl-dynamic-fused,densenet121-aoti-fp16-cl-dynamic-blockbuf
   log "aoti-blockbuf: the rewrites against torchvision's forward, all under stock torch.compile (kernel profiles)"
   "${PYTHON}" "${ROOT}/benchmarks/blockbuf_bench.py" --batch-sizes 1,128 --name blockbuf \
-    --profile-dir "${TMPDIR:-/tmp}/blockbuf-profiles"
+    --arms stock,blockbuf,fused,fusedconv,fusedconv0 --profile-dir "${TMPDIR:-/tmp}/blockbuf-profiles"
 }
 
 build_artifact() {
