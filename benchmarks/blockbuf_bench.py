@@ -11,6 +11,7 @@ torchvision's forward (a ``torch.cat`` of every earlier feature per layer), all 
     fusedconv  fused, and each 3x3 convolution by a Triton kernel writing into the buffer
                (``kernels.conv3x3_into``) instead of cuDNN + a copy; ``fusedconv32``: 32-pixel tiles
                and no split-K; ``fusedconv0``: the default tiles without split-K
+    fusedmids  fusedconv with one bottleneck tensor per block (``shared_bottleneck``)
 
 Why: on the H100 a batch-1 call of the AOTInductor package runs 376 kernels, 105 of them
 concatenation copies (``trace_summary.py --calls``). With one buffer per block, a layer reads a
@@ -46,6 +47,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "fused": {"fused": True, "pool_first": True},
     "fused32": {"fused": True, "pool_first": True, "configs": ((32, 64, 4, 3, 0),)},
     "fusedconv": {"fused": True, "pool_first": True, "fused_conv": True},
+    "fusedmids": {"fused": True, "pool_first": True, "fused_conv": True, "shared_bottleneck": True},
     "fusedconv0": {
         "fused": True,
         "pool_first": True,

@@ -14,10 +14,10 @@
 #   onnx          gpu_bench: ONNX Runtime CUDA EP (FP32, FP16, I/O binding) against stock
 #                 torch.compile and the CUDA-graph variant (needs onnxruntime-gpu)       ~4 min
 #   aoti-dynamic  gpu_bench: AOTInductor, one package with a dynamic batch dimension     ~4 min
-#   aoti-blockbuf gpu_bench: the same package of the block-buffer rewrite, with and without
-#                 the fused Triton kernels, against stock torch.compile; then
+#   aoti-blockbuf gpu_bench: the fused package (block buffers, Triton kernels) with a new or
+#                 a shared bottleneck tensor per layer, against stock torch.compile; then
 #                 blockbuf_bench (the rewrites under stock compile: the layer kernel, with
-#                 the 3x3 kernel, without split-K; kernel profiles)                     ~10 min
+#                 the 3x3 kernel, without split-K, shared bottleneck; kernel profiles) ~10 min
 #   serve         serve_bench on --variant (default densenet121-eager-fp16-cl-graphs): on-device, floor, cold start,
 #                 single-JPEG sweep, a profiler trace of 20 batches under load (and py-spy stacks
 #                 of the device process when py-spy is on PATH), 12 MP, batched             ~5 min
@@ -126,10 +126,10 @@ step_aoti_dynamic() {
 step_aoti_blockbuf() {
   log "aoti-blockbuf: the dynamic AOTInductor package of the block-buffer rewrite against stock torch.compile"
   "${PYTHON}" "${ROOT}/benchmarks/gpu_bench.py" --name issue4-aoti-blockbuf --skip-autotune --batch-sizes 1,128 \
-    --variants densenet121-aoti-fp16-cl-dynamic-fused,densenet121-aoti-fp16-cl-dynamic-blockbuf
+    --variants densenet121-aoti-fp16-cl-dynamic-fused,densenet121-aoti-fp16-cl-dynamic-fused-mids
   log "aoti-blockbuf: the rewrites against torchvision's forward, all under stock torch.compile (kernel profiles)"
   "${PYTHON}" "${ROOT}/benchmarks/blockbuf_bench.py" --batch-sizes 1,128 --name blockbuf \
-    --arms stock,blockbuf,fused,fusedconv,fusedconv0 --profile-dir "${TMPDIR:-/tmp}/blockbuf-profiles"
+    --arms stock,fused,fusedconv,fusedconv0,fusedmids --profile-dir "${TMPDIR:-/tmp}/blockbuf-profiles"
 }
 
 build_artifact() {

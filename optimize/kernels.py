@@ -176,14 +176,17 @@ if triton is not None:
         buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
         scale2: torch.Tensor, shift2: torch.Tensor, block_m: int, block_k: int = 64, warps: int = 0, stages: int = 3,
         split_target: int = 0, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Run the Triton kernel on the first ``k`` channels of ``buf`` (CUDA tensors, or CPU ones under
         ``TRITON_INTERPRET=1``): tiles of ``block_m`` pixels x 128 (or 64) output channels, ``block_k``
         input channels a step, ``warps`` (0: 4 up to 64-pixel tiles, else 8), ``stages`` of pipelining;
-        ``split_target``: split K until about that many programs run (``split_workspace``'s tensors)."""
+        ``split_target``: split K until about that many programs run (``split_workspace``'s tensors);
+        into ``out`` (channels-last, rows ``stride(3)`` apart) when given, else a new tensor."""
         n, _, h, wd = buf.shape
         cols = w.shape[1]
-        out = torch.empty((n, cols, h, wd), dtype=buf.dtype, device=buf.device, memory_format=torch.channels_last)
+        if out is None:
+            out = torch.empty((n, cols, h, wd), dtype=buf.dtype, device=buf.device, memory_format=torch.channels_last)
         m = n * h * wd
         block_n = 128 if cols >= 128 else 64
         split = _split(m, block_m, block_n, cols, split_target if workspace is not None else 0)
@@ -206,6 +209,16 @@ if triton is not None:
         ``ws``/``cnt``: ``split_workspace``'s (the counters zero before and after)."""
         return launch(buf, k, w, scale1, shift1, scale2, shift2, block_m, block_k, warps, stages, split_target,
                       (ws, cnt))  # fmt: skip
+
+    @torch.library.triton_op("densenet::bn_relu_conv1x1_into", mutates_args=("out", "ws", "cnt"))
+    def _bn_relu_conv1x1_into_op(
+        buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
+        scale2: torch.Tensor, shift2: torch.Tensor, out: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor,
+        block_m: int, block_k: int, warps: int, stages: int, split_target: int,
+    ) -> None:  # fmt: skip
+        """The same kernel writing into ``out`` (a channels-last tensor, or channel slice of one) it is given."""
+        launch(buf, k, w, scale1, shift1, scale2, shift2, block_m, block_k, warps, stages, split_target, (ws, cnt),
+               out)  # fmt: skip
 
     @triton.jit
     def _copy_rows(src_ptr, dst_ptr, M, G, C0, stride_src, stride_dst, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
@@ -311,6 +324,14 @@ if triton is not None:
     def _write_channels_cpu(buf: torch.Tensor, y: torch.Tensor, c: int) -> None:
         buf[:, c : c + y.shape[1]] = y
 
+    @_bn_relu_conv1x1_into_op.register_kernel("cpu")
+    def _bn_relu_conv1x1_into_cpu(
+        buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
+        scale2: torch.Tensor, shift2: torch.Tensor, out: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor,
+        block_m: int, block_k: int, warps: int, stages: int, split_target: int,
+    ) -> None:  # fmt: skip
+        out.copy_(reference(buf[:, :k], w, scale1, shift1, scale2, shift2))
+
     @_bn_relu_conv1x1_op.register_kernel("cpu")
     def _bn_relu_conv1x1_cpu(
         buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor,
@@ -372,24 +393,36 @@ def _workspace_args(
 def bn_relu_conv1x1(
     buf: torch.Tensor, k: int, w: torch.Tensor, scale1: torch.Tensor, shift1: torch.Tensor, scale2: torch.Tensor,
     shift2: torch.Tensor, config: Config = BLOCK_CONFIGS[1],
-    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """``relu(norm2(conv1x1(relu(norm1(buf[:, :k])))))``: the Triton op on a CUDA tensor where Triton is
     present, else ``reference`` (also what the op's own CPU kernel runs). ``buf``: (N, C, H, W)
     channels-last; ``w``: [k, out channels], out channels contiguous; ``workspace``:
-    ``split_workspace``'s (without it the kernel never splits K).
+    ``split_workspace``'s (without it the kernel never splits K); ``out``: write there (a
+    channels-last tensor or channel slice of one, through the mutating op ``bn_relu_conv1x1_into``)
+    instead of into a new tensor.
 
     The whole buffer goes in, not ``buf[:, :k]``: the compiler hands a user kernel a channel slice
-    as a contiguous copy (on the H100 those copies took a third of a batch-128 forward)."""
+    as a contiguous copy (on the H100 those copies took a third of a batch-128 forward). ``out``
+    exists for the AOTInductor package: it stored NaN over each layer's new output before the kernel
+    wrote it (0.85 ms of a 5.6 ms batch-128 call, record ``...-fused-package-trace-s12.json``), and
+    over each block buffer once, at its first write; one ``out`` per block may cost one fill a block."""
     if not rows_dense(buf):
         raise ValueError(f"bn_relu_conv1x1 needs a dense channels-last buffer, got strides {buf.stride()}")
+    if out is not None and not rows_dense(out):
+        raise ValueError(f"bn_relu_conv1x1 needs a channels-last out, got strides {out.stride()}")
     if triton is None or buf.device.type != "cuda":
-        return reference(buf[:, :k], w, scale1, shift1, scale2, shift2)
+        ref = reference(buf[:, :k], w, scale1, shift1, scale2, shift2)
+        return ref if out is None else out.copy_(ref)
     ws, cnt, split_target = _workspace_args(workspace, config, buf.device)
-    out: torch.Tensor = torch.ops.densenet.bn_relu_conv1x1(
+    if out is not None:
+        torch.ops.densenet.bn_relu_conv1x1_into(buf, k, w, scale1, shift1, scale2, shift2, out, ws, cnt,
+                                                *config[:4], split_target)  # fmt: skip
+        return out
+    new: torch.Tensor = torch.ops.densenet.bn_relu_conv1x1(
         buf, k, w, scale1, shift1, scale2, shift2, ws, cnt, *config[:4], split_target
     )
-    return out
+    return new
 
 
 def conv3x3_into(

@@ -422,6 +422,17 @@ class Variants(enum.Enum):
             "cudnn_benchmark": True,
         },
     )
+    # The same with one bottleneck tensor per dense block that every layer's fused kernel writes
+    # into: its package measured against the fused one is what decides (session 12 found the
+    # fused package storing NaN over each layer's new bottleneck before writing it, 0.85 ms of a
+    # 5.6 ms batch-128 call; this variant is written, not yet measured on a GPU).
+    AOTI_FP16_CL_DYNAMIC_FUSED_MIDS = dataclasses.replace(
+        AOTI_FP16_CL_DYNAMIC_FUSED,
+        slug="densenet121-aoti-fp16-cl-dynamic-fused-mids",
+        description="the fused variant with one bottleneck tensor per dense block, written by each layer's first "
+        "kernel and read by its 3x3 kernel, instead of a new one per layer",
+        options={**AOTI_FP16_CL_DYNAMIC_FUSED.options, "shared_bottleneck": True},
+    )
     SPARSE24_FP16 = Variant(
         slug="densenet121-sparse24-fp16",
         technique=Technique.SEMI_STRUCTURED_SPARSE,

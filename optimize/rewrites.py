@@ -36,10 +36,14 @@ class BlockBufferDenseNet(nn.Module):
     ``fused_conv`` (with ``fused``): each layer's 3x3 convolution by a Triton kernel too
     (``optimize.kernels.conv3x3_into``) that writes the layer's new channels straight into the
     buffer, instead of cuDNN's convolution into a new tensor and a copy into the buffer.
+    ``shared_bottleneck`` (with ``fused``): every layer of a block writes its bottleneck (the fused
+    kernel's output, the 3x3 convolution's input) into one tensor of the block instead of a new one
+    (the AOTInductor package filled each new one with NaN first; not yet measured on a GPU).
     """
 
     def __init__(
         self, densenet: nn.Module, *, fused: bool = False, pool_first: bool = False, fused_conv: bool = False,
+        shared_bottleneck: bool = False,
         configs: tuple[kernels.Config, ...] = kernels.BLOCK_CONFIGS,
         conv_configs: tuple[kernels.Config, ...] = kernels.CONV_CONFIGS,
     ) -> None:  # fmt: skip
@@ -51,6 +55,9 @@ class BlockBufferDenseNet(nn.Module):
         if fused_conv and not fused:
             raise ValueError("fused_conv=True needs fused=True (the 3x3 kernel reads the fused kernel's output)")
         self.fused_conv = fused_conv
+        if shared_bottleneck and not fused:
+            raise ValueError("shared_bottleneck=True needs fused=True (it is the fused kernel's output)")
+        self.shared_bottleneck = shared_bottleneck
         self.conv_configs = conv_configs  # the 3x3 kernel's tiles per dense block (``kernels.CONV_CONFIGS``)
         self.split_target = kernels.split_target(configs + conv_configs)
         self.layers = 0
@@ -85,11 +92,16 @@ class BlockBufferDenseNet(nn.Module):
             total = c + sum(layer.conv2.out_channels for layer in layers)
             buf = torch.empty((x.shape[0], total, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
                               memory_format=torch.channels_last if self.fused else _layout(x))  # fmt: skip
+            mids: torch.Tensor | None = None
             if self.fused:
                 # Every write into the buffer through the one mutating op: a slice assignment here
                 # made the compiler copy the whole buffer before the first op write (~0.2 ms a
                 # block at batch 128 on the H100).
                 kernels.write_channels(buf, x, 0)
+                if self.shared_bottleneck:
+                    width = max(layer.conv1.out_channels for layer in layers)
+                    mids = torch.empty((x.shape[0], width, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
+                                       memory_format=torch.channels_last)  # fmt: skip
             else:
                 buf[:, :c] = x
             for layer in layers:
@@ -98,7 +110,8 @@ class BlockBufferDenseNet(nn.Module):
                 if self.fused:
                     w, s1, b1, s2, b2 = (getattr(self, f"fused{j}_{part}") for part in ("w", "s1", "b1", "s2", "b2"))
                     config = self.configs[min(i, len(self.configs)) - 1]
-                    mid = kernels.bn_relu_conv1x1(buf, c, w, s1, b1, s2, b2, config, ws)
+                    into = None if mids is None else mids[:, : w.shape[1]]
+                    mid = kernels.bn_relu_conv1x1(buf, c, w, s1, b1, s2, b2, config, ws, into)
                     if self.fused_conv:
                         w2 = getattr(self, f"fused{j}_w2")
                         conv_config = self.conv_configs[min(i, len(self.conv_configs)) - 1]

@@ -109,7 +109,7 @@ def test_aoti_blockbuf_step_times_the_rewrite_against_stock(tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr
     bench = [c for c in calls if "gpu_bench.py" in c]
     assert len(bench) == 1
-    assert "--variants densenet121-aoti-fp16-cl-dynamic-fused,densenet121-aoti-fp16-cl-dynamic-blockbuf" in bench[0]
+    assert "--variants densenet121-aoti-fp16-cl-dynamic-fused,densenet121-aoti-fp16-cl-dynamic-fused-mids" in bench[0]
     assert "--skip-stock" not in bench[0]  # the ratio is to stock torch.compile in the same run
     assert [c for c in calls if "blockbuf_bench.py" in c and "--batch-sizes 1,128" in c and "--profile-dir" in c
-            and "--arms stock,blockbuf,fused,fusedconv,fusedconv0" in c]  # fmt: skip
+            and "--arms stock,fused,fusedconv,fusedconv0,fusedmids" in c]  # fmt: skip

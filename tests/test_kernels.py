@@ -132,6 +132,18 @@ def test_ops_run_on_the_cpu_and_refuse_a_buffer_that_is_not_channels_last() -> N
     torch.testing.assert_close(buf[:, :64], o["buf"][:, :64])
     with pytest.raises(ValueError, match="dense channels-last buffer"):
         kernels.bn_relu_conv1x1(o["buf"].contiguous(), 70, o["w"], o["s1"], o["b1"], o["s2"], o["b2"])
+    # Into a tensor it is given: the op, and the function into a channel slice of a wider tensor.
+    got = torch.full_like(ref, 7.0)
+    torch.ops.densenet.bn_relu_conv1x1_into(o["buf"], 70, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], got, none,
+                                            none, 64, 64, 4, 3, 0)  # fmt: skip
+    torch.testing.assert_close(got, ref)
+    wide = torch.zeros(2, 160, 5, 7).contiguous(memory_format=torch.channels_last)
+    into = kernels.bn_relu_conv1x1(o["buf"], 70, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], out=wide[:, :128])
+    assert into.data_ptr() == wide.data_ptr()
+    torch.testing.assert_close(wide[:, :128], ref)
+    assert not wide[:, 128:].any()
+    with pytest.raises(ValueError, match="channels-last out"):
+        kernels.bn_relu_conv1x1(o["buf"], 70, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], out=torch.zeros(2, 128, 5, 7))
     x, weight = _conv_operands(2, 40, 24, (5, 7), torch.float32)
     w = kernels.conv3x3_weight(weight)
     assert w.shape == (360, 24)
@@ -161,7 +173,13 @@ def test_bn_affine_is_the_eval_batch_norm() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"pool_first": True}, {"fused": True}, {"fused": True, "pool_first": True}, {"fused": True, "fused_conv": True}],
+    [
+        {"pool_first": True},
+        {"fused": True},
+        {"fused": True, "pool_first": True},
+        {"fused": True, "fused_conv": True},
+        {"fused": True, "fused_conv": True, "shared_bottleneck": True},
+    ],
 )
 def test_fused_and_pool_first_rewrites_give_torchvisions_outputs(options: dict[str, bool]) -> None:
     """DenseNet-121 with batch norm statistics that matter (random ones): the rewrite's fused layer
@@ -189,11 +207,13 @@ def test_fused_and_pool_first_rewrites_give_torchvisions_outputs(options: dict[s
         assert rewritten.fused57_w2.shape == (9 * 128, 32)
 
 
-def test_fused_conv_needs_the_fused_layer_kernel() -> None:
+def test_fused_conv_and_shared_bottleneck_need_the_fused_layer_kernel() -> None:
     import torchvision
 
     with pytest.raises(ValueError, match="fused_conv=True needs fused=True"):
         BlockBufferDenseNet(torchvision.models.densenet121(weights=None), fused_conv=True)
+    with pytest.raises(ValueError, match="shared_bottleneck=True needs fused=True"):
+        BlockBufferDenseNet(torchvision.models.densenet121(weights=None), shared_bottleneck=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

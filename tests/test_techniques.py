@@ -256,7 +256,8 @@ def test_block_buffer_rewrite_is_exact_and_its_aoti_package_serves_on_cpu(tmp_pa
                                       num_classes=10).eval()  # fmt: skip
     # The fused variant too: on a CPU its layer op is PyTorch's arithmetic, so this checks the
     # builder's options (fused layers, transitions pooling first) and the package, not the Triton kernel.
-    for slug in ("densenet121-aoti-fp16-cl-dynamic-blockbuf", "densenet121-aoti-fp16-cl-dynamic-fused"):
+    for slug in ("densenet121-aoti-fp16-cl-dynamic-blockbuf", "densenet121-aoti-fp16-cl-dynamic-fused",
+                 "densenet121-aoti-fp16-cl-dynamic-fused-mids"):  # fmt: skip
         variant = dataclasses.replace(registry.get(slug), precision=registry.Precision.FP32)
         out_dir = tmp_path / slug
         out_dir.mkdir()
@@ -264,8 +265,9 @@ def test_block_buffer_rewrite_is_exact_and_its_aoti_package_serves_on_cpu(tmp_pa
                            out_dir=out_dir, options={"aoti": {"buckets": [1, 2, 4]}})  # fmt: skip
         built = build(variant, ctx)
         assert built.details["block_buffer"] and built.details["fresh_process_check"]["rc"] == 0
-        fused = slug.endswith("-fused")
+        fused = "-fused" in slug
         assert built.details["fused_bottleneck"] == built.details["pool_first"] == built.details["fused_conv"] == fused
+        assert built.details["shared_bottleneck"] == slug.endswith("-mids")
         manifest = {"slug": "tiny", "precision": "fp32", "channels_last": True, "input": {"max_batch": 4},
                     "payload": {k: v for k, v in built.payload.items() if k.startswith("bucket_")}}  # fmt: skip
         runner = AotiRunner(manifest, out_dir, torch.device("cpu"))

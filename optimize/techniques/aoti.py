@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 _DTYPES = {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
 CACHE_ENV = "DENSENET_AOTI_CACHE"
 #: Options that rewrite the network before export (``optimize/rewrites.py``): ``fused_bottleneck``,
-#: ``pool_first`` and ``fused_conv`` apply inside ``block_buffer``.
-_REWRITES = ("block_buffer", "fused_bottleneck", "pool_first", "fused_conv")
+#: ``pool_first``, ``fused_conv`` and ``shared_bottleneck`` apply inside ``block_buffer``.
+_REWRITES = ("block_buffer", "fused_bottleneck", "pool_first", "fused_conv", "shared_bottleneck")
 CXX_ENV = "DENSENET_AOTI_CXX"
 
 _FRESH_LOAD = r"""
@@ -219,7 +219,8 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
         from optimize.rewrites import BlockBufferDenseNet
 
         model = BlockBufferDenseNet(model, fused="fused_bottleneck" in rewrites, pool_first="pool_first" in rewrites,
-                                    fused_conv="fused_conv" in rewrites).eval()  # fmt: skip
+                                    fused_conv="fused_conv" in rewrites,
+                                    shared_bottleneck="shared_bottleneck" in rewrites).eval()  # fmt: skip
     configs = inductor_configs(options, ctx.device)
     # max-autotune can be limited to some buckets (tuning batch 128 took over 7 minutes on an H100).
     autotune_buckets = options.get("autotune_buckets")
