@@ -231,6 +231,12 @@ def test_triton_kernels_compiled_on_a_gpu_match_the_reference() -> None:
             got = kernels.bn_relu_conv1x1(o["buf"], 320, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], cfg, ws)
             torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2, msg=f"{n} {cfg}")
             assert not ws[1].any()
+            # The same into a channel slice of a wider tensor (the shared bottleneck's op).
+            wide = torch.zeros(n, 160, 14, 14, device="cuda", dtype=torch.float16)
+            wide = wide.contiguous(memory_format=torch.channels_last)
+            kernels.bn_relu_conv1x1(o["buf"], 320, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], cfg, ws, wide[:, :128])
+            torch.testing.assert_close(wide[:, :128], ref, atol=2e-2, rtol=1e-2, msg=f"into {n} {cfg}")
+            assert not wide[:, 128:].any()
         y = torch.randn(n, 32, 14, 14, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
         kernels.write_channels(o["buf"], y, 320)
         assert torch.equal(o["buf"][:, 320:], y)
