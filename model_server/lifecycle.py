@@ -11,8 +11,10 @@ in order:
 
 1. :class:`ServingState` switches to *draining*: the HTTP gate (``rest.GateMiddleware``)
    answers readiness probes and new requests with 503, liveness keeps answering 200;
-2. gRPC stops taking new calls and lets the running ones finish (grpc's ``stop(grace)``);
-3. the HTTP requests in flight and the batch queue are waited for;
+2. gRPC stops taking new calls and lets the running ones finish (grpc's ``stop(grace)``); an
+   inference call that still reaches the predictor is refused there with UNAVAILABLE (the
+   predictor counts gRPC calls in :class:`ServingState` too);
+3. the HTTP and gRPC requests in flight and the batch queue are waited for;
 4. uvicorn is told to exit, then the model is stopped. A second signal skips the wait.
 """
 
@@ -37,7 +39,8 @@ log = logging.getLogger(__name__)
 
 
 class ServingState:
-    """What the HTTP gate and the shutdown share: requests in flight and whether the process drains.
+    """What the HTTP gate, the predictor's gRPC path and the shutdown share: requests in flight and
+    whether the process drains.
 
     Args:
         max_inflight: most HTTP requests handled at once (bodies held in memory, images
@@ -72,7 +75,7 @@ class ServingState:
             self.drain_started = time.monotonic()
 
     async def wait_idle(self, deadline: float) -> bool:
-        """Wait until no HTTP request is in flight or ``deadline`` (``time.monotonic()``) passes."""
+        """Wait until no request is in flight or ``deadline`` (``time.monotonic()``) passes."""
         while self.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         return self.inflight == 0

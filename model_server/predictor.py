@@ -56,6 +56,10 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
         self._gpu_decode = False
         self._cpu_share = CpuDecodeShare(config.cpu_decode_share, threads=config.preprocess_threads)
         self.profiler: ProfileCapture | None = None
+        #: The process's admission state (``lifecycle.ServingState``), set where the server is put
+        #: together: gRPC inference calls count among its requests in flight, so a drain waits for
+        #: them, and are refused (UNAVAILABLE) once it drains. HTTP requests are counted by the gate.
+        self.serving_state: Any = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -132,25 +136,37 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
     ) -> dict[str, Any] | InferResponse:
         t0 = time.perf_counter()
         is_grpc = isinstance(payload, InferRequest) and payload.from_grpc
-        protocol = "grpc" if is_grpc else ("v2" if isinstance(payload, InferRequest) else "v1")
+        state = self.serving_state if is_grpc else None
+        if state is not None:
+            if state.draining:
+                m.REJECTED.labels(reason="draining").inc()
+                from grpc_interceptor import exceptions as grpc_exc
+
+                raise grpc_exc.Unavailable("shutting down: not taking new requests; retry on another replica")
+            state.enter()
         try:
-            if isinstance(payload, InferRequest):
-                result: dict[str, Any] | InferResponse = await self._predict_v2(payload)
-            elif isinstance(payload, dict):
-                result = await self._predict_v1(payload)
-            else:
-                raise BadInput(f"unsupported request body of type {type(payload).__name__}")
-        except ServerError as e:
-            if isinstance(e, BadInput) and not isinstance(e, PayloadTooLarge):
-                m.REJECTED.labels(reason="bad_input").inc()
-            elif isinstance(e, PayloadTooLarge):
-                m.REJECTED.labels(reason="too_large").inc()
-            if is_grpc:
-                raise _grpc_error(e) from e
-            raise
-        m.later(m.REQUEST_SECONDS.labels(protocol=protocol).observe, time.perf_counter() - t0)
-        asyncio.get_running_loop().call_soon(m.flush)  # after this task has sent its answer, unless it must wait
-        return result
+            protocol = "grpc" if is_grpc else ("v2" if isinstance(payload, InferRequest) else "v1")
+            try:
+                if isinstance(payload, InferRequest):
+                    result: dict[str, Any] | InferResponse = await self._predict_v2(payload)
+                elif isinstance(payload, dict):
+                    result = await self._predict_v1(payload)
+                else:
+                    raise BadInput(f"unsupported request body of type {type(payload).__name__}")
+            except ServerError as e:
+                if isinstance(e, BadInput) and not isinstance(e, PayloadTooLarge):
+                    m.REJECTED.labels(reason="bad_input").inc()
+                elif isinstance(e, PayloadTooLarge):
+                    m.REJECTED.labels(reason="too_large").inc()
+                if is_grpc:
+                    raise _grpc_error(e) from e
+                raise
+            m.later(m.REQUEST_SECONDS.labels(protocol=protocol).observe, time.perf_counter() - t0)
+            asyncio.get_running_loop().call_soon(m.flush)  # after this task has sent its answer, unless it must wait
+            return result
+        finally:
+            if state is not None:
+                state.leave()
 
     async def _predict_v1(self, payload: dict[str, Any]) -> dict[str, Any]:
         instances = payload.get("instances")

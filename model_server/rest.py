@@ -598,6 +598,8 @@ def install(
     """
     if state is None:
         state = ServingState(max_inflight=model.config.max_queue_images + 2 * model.config.max_batch_size)
+    if hasattr(model, "serving_state"):
+        model.serving_state = state  # gRPC calls count in it and are refused while it drains (predictor)
     app.state.densenet_admin_token = admin_token or None
     direct = kserve_hooks_are_identity(model)
 
