@@ -161,7 +161,7 @@ class DrainingModelServer(kserve.ModelServer):  # type: ignore[misc]
         deadline = t0 + self.grace_period_s
         self.state.begin_drain()
         log.warning(
-            "%s: draining (not ready, new requests refused); %d HTTP request(s) in flight, grace %.0fs",
+            "%s: draining (not ready, new requests refused); %d request(s) in flight, grace %.0fs",
             signal.Signals(sig).name, self.state.inflight, self.grace_period_s,
         )  # fmt: skip
         grpc_done = asyncio.ensure_future(self._stop_grpc(deadline))
@@ -176,7 +176,7 @@ class DrainingModelServer(kserve.ModelServer):  # type: ignore[misc]
             log.info("drained in %.2fs; exiting", time.monotonic() - t0)
         else:
             log.error(
-                "grace period of %.0fs ran out: %d HTTP request(s) still in flight, queue empty: %s",
+                "grace period of %.0fs ran out: %d request(s) still in flight, queue empty: %s",
                 self.grace_period_s, self.state.inflight, queue_empty,
             )  # fmt: skip
         self._exit_now(force=not self.clean_exit)
