@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 
-Config = tuple[int, int, int, int, int]  # optimize.kernels.Config: block_m, block_k, warps, stages, split target
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from optimize import kernels  # noqa: E402  (after the path set-up)
+from optimize.kernels import Config  # noqa: E402
 
 # DenseNet-121: (height = width, input channels, layers) per dense block; growth 32, bottleneck 128.
 BLOCKS = ((56, 64, 6), (28, 128, 12), (14, 256, 24), (7, 512, 16))
@@ -103,8 +104,6 @@ def graph_ms(fn: Any, reps: int) -> float:
 def time_block(b: int, block: int, configs: dict[str, Config], reps: int,
                metrics: dict[str, Any]) -> list[str]:  # fmt: skip
     """Time one dense block at batch ``b``: cuBLAS, then each configuration; metrics go into ``metrics``."""
-    from optimize import kernels
-
     layers = block_layers(b, block, torch.device("cuda"))
     last = layers[-1]  # the widest layer: the accuracy check
     operands = (last["w"], last["s1"], last["b1"], last["s2"], last["b2"])
@@ -154,8 +153,6 @@ def time_conv_block(b: int, block: int, configs: dict[str, Config], reps: int,
                     metrics: dict[str, Any]) -> list[str]:  # fmt: skip
     """Time one dense block's 3x3 convolutions at batch ``b``: cuDNN (alone, then with the copy into the
     buffer), then the Triton kernel in each configuration; metrics go into ``metrics``."""
-    from optimize import kernels
-
     hw, c0, n = BLOCKS[block]
     dev = torch.device("cuda")
     buf = torch.zeros(b, c0 + GROWTH * n, hw, hw, device=dev, dtype=torch.float16)
