@@ -47,6 +47,20 @@ def available() -> bool:
     return triton is not None
 
 
+def empty_channels_last(
+    n: int, c: int, h: int, w: int, *, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:  # fmt: skip
+    """``torch.empty((n, c, h, w), memory_format=torch.channels_last)`` spelled with explicit strides.
+
+    Inductor lowers ``empty(..., memory_format=channels_last)`` as a contiguous empty buffer and
+    then copies it into channels-last strides; the copy of an uninitialised buffer is a kernel that
+    stores NaN over the whole tensor (the AOTInductor package ran one per layer output and per
+    block buffer: 0.85 ms of a 5.6 ms batch-128 forward on the H100, record
+    ``fused-package-trace-s12``). ``empty_strided`` is lowered with the strides it is given: no
+    kernel at all. The strides do not involve ``n``, so a dynamic batch stays dynamic."""
+    return torch.empty_strided((n, c, h, w), (h * w * c, 1, w * c, c), dtype=dtype, device=device)
+
+
 def bn_affine(norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """An eval-mode ``BatchNorm2d`` as ``x * scale + shift`` (FP32, per channel)."""
     bn: Any = norm
@@ -186,7 +200,7 @@ if triton is not None:
         n, _, h, wd = buf.shape
         cols = w.shape[1]
         if out is None:
-            out = torch.empty((n, cols, h, wd), dtype=buf.dtype, device=buf.device, memory_format=torch.channels_last)
+            out = empty_channels_last(n, cols, h, wd, dtype=buf.dtype, device=buf.device)
         m = n * h * wd
         block_n = 128 if cols >= 128 else 64
         split = _split(m, block_m, block_n, cols, split_target if workspace is not None else 0)
@@ -403,10 +417,9 @@ def bn_relu_conv1x1(
     instead of into a new tensor.
 
     The whole buffer goes in, not ``buf[:, :k]``: the compiler hands a user kernel a channel slice
-    as a contiguous copy (on the H100 those copies took a third of a batch-128 forward). ``out``
-    exists for the AOTInductor package: it stored NaN over each layer's new output before the kernel
-    wrote it (0.85 ms of a 5.6 ms batch-128 call, record ``...-fused-package-trace-s12.json``), and
-    over each block buffer once, at its first write; one ``out`` per block may cost one fill a block."""
+    as a contiguous copy (on the H100 those copies took a third of a batch-128 forward). With ``out``
+    (one bottleneck tensor per dense block) the package ran batch 128 at 28,402 img/s against 25,738
+    with a new tensor per layer (record ``...-issue4-nofill-mids-s13.json``)."""
     if not rows_dense(buf):
         raise ValueError(f"bn_relu_conv1x1 needs a dense channels-last buffer, got strides {buf.stride()}")
     if out is not None and not rows_dense(out):

@@ -423,15 +423,18 @@ class Variants(enum.Enum):
         },
     )
     # The same with one bottleneck tensor per dense block that every layer's fused kernel writes
-    # into: its package measured against the fused one is what decides (session 12 found the
-    # fused package storing NaN over each layer's new bottleneck before writing it, 0.85 ms of a
-    # 5.6 ms batch-128 call; this variant is written, not yet measured on a GPU).
+    # into (the 3x3 kernel reads it): the fastest GPU variant, and the deployed one of this family.
+    # H100, one run with stock compile (record ``issue4-nofill-mids-s13``): batch 1 0.778 ms
+    # (0.73x stock's), batch 128 28,402 img/s (1.86x) against the fused variant's 0.811 ms /
+    # 25,738 img/s. No cuDNN timing at warm-up: every 3x3 convolution is the Triton kernel's, so
+    # only the stem's 7x7 convolution would be timed, at a cost in start-up (#5's ``ready_s``).
     AOTI_FP16_CL_DYNAMIC_FUSED_MIDS = dataclasses.replace(
         AOTI_FP16_CL_DYNAMIC_FUSED,
         slug="densenet121-aoti-fp16-cl-dynamic-fused-mids",
+        deployable=True,
         description="the fused variant with one bottleneck tensor per dense block, written by each layer's first "
         "kernel and read by its 3x3 kernel, instead of a new one per layer",
-        options={**AOTI_FP16_CL_DYNAMIC_FUSED.options, "shared_bottleneck": True},
+        options={**AOTI_FP16_CL_DYNAMIC_FUSED.options, "shared_bottleneck": True, "cudnn_benchmark": False},
     )
     SPARSE24_FP16 = Variant(
         slug="densenet121-sparse24-fp16",

@@ -10,7 +10,10 @@ stock ``torch.compile`` on the H100 that took batch 1 from 1.010 to 0.862 ms and
 With ``fused`` (the Triton layer kernel of ``optimize/kernels.py``) and ``pool_first``, its
 AOTInductor package ran batch 128 at 1.45-1.47x stock ``torch.compile`` (``...-issue4-fused-s11.json``);
 with ``fused_conv`` too (and split-K at small batches), 1.513x at batch 128 and 0.798x stock's
-batch-1 latency in one run (``...-issue4-fusedconv-split-s12-b.json``).
+batch-1 latency in one run (``...-issue4-fusedconv-split-s12-b.json``); with every channels-last
+tensor allocated without inductor's NaN fill (``kernels.empty_channels_last``) and one bottleneck
+tensor per block (``shared_bottleneck``), 1.86x at batch 128 and 0.73x at batch 1
+(``...-issue4-nofill-mids-s13.json``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ class BlockBufferDenseNet(nn.Module):
     buffer, instead of cuDNN's convolution into a new tensor and a copy into the buffer.
     ``shared_bottleneck`` (with ``fused``): every layer of a block writes its bottleneck (the fused
     kernel's output, the 3x3 convolution's input) into one tensor of the block instead of a new one
-    (the AOTInductor package filled each new one with NaN first; not yet measured on a GPU).
+    (H100 package, batch 128: 28,402 against 25,738 img/s; record ``issue4-nofill-mids-s13``).
+    Every channels-last tensor here is allocated by ``kernels.empty_channels_last``: inductor
+    stored NaN over ``torch.empty(memory_format=channels_last)`` before the kernels wrote it.
     """
 
     def __init__(
@@ -90,8 +95,11 @@ class BlockBufferDenseNet(nn.Module):
             c = x.shape[1]
             # Each layer's own growth: a channel-pruned network may have pruned layers differently.
             total = c + sum(layer.conv2.out_channels for layer in layers)
-            buf = torch.empty((x.shape[0], total, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
-                              memory_format=torch.channels_last if self.fused else _layout(x))  # fmt: skip
+            n, _, h, w = x.shape
+            if self.fused or _layout(x) == torch.channels_last:
+                buf = kernels.empty_channels_last(n, total, h, w, dtype=x.dtype, device=x.device)
+            else:
+                buf = torch.empty((n, total, h, w), dtype=x.dtype, device=x.device)
             mids: torch.Tensor | None = None
             if self.fused:
                 # Every write into the buffer through the one mutating op: a slice assignment here
@@ -100,8 +108,7 @@ class BlockBufferDenseNet(nn.Module):
                 kernels.write_channels(buf, x, 0)
                 if self.shared_bottleneck:
                     width = max(layer.conv1.out_channels for layer in layers)
-                    mids = torch.empty((x.shape[0], width, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
-                                       memory_format=torch.channels_last)  # fmt: skip
+                    mids = kernels.empty_channels_last(n, width, h, w, dtype=x.dtype, device=x.device)
             else:
                 buf[:, :c] = x
             for layer in layers:

@@ -171,6 +171,49 @@ def test_bn_affine_is_the_eval_batch_norm() -> None:
     torch.testing.assert_close(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), bn(x))
 
 
+@torch.library.custom_op("densenet_test::copy_into", mutates_args=("out",))
+def _copy_into(out: torch.Tensor, x: torch.Tensor) -> None:
+    """A mutating op like the kernels' ``*_into`` ops: writes ``x`` into the ``out`` it is given."""
+    out.copy_(x)
+
+
+def _compiled_source(allocate: str, x: torch.Tensor) -> str:
+    """Inductor's generated code (CPU, dynamic shapes) for: allocate a channels-last tensor ``allocate``'s
+    way, write ``x`` into it through the mutating op, return it (checked equal to ``x``)."""
+    from torch._inductor.utils import run_and_get_code
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if allocate == "helper":
+            out = kernels.empty_channels_last(n, c, h, w, dtype=x.dtype, device=x.device)
+        else:
+            out = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        _copy_into(out, x)
+        return out
+
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(f, dynamic=True), x)
+    assert out.stride() == x.stride()
+    torch.testing.assert_close(out, x)
+    return "\n".join(code)
+
+
+def test_empty_channels_last_needs_no_kernel_where_torch_empty_is_filled_with_nan() -> None:
+    """The fused package stored NaN over every new layer output and block buffer before its kernel
+    wrote it (record ``fused-package-trace-s12``): inductor lowers ``torch.empty(memory_format=
+    channels_last)`` as a contiguous empty plus a copy into channels-last strides, and the copy of
+    uninitialised memory is a NaN fill. The same lowering on the CPU shows it; ``empty_channels_last``
+    (explicit strides) compiles to an allocation only."""
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    buf = kernels.empty_channels_last(3, 8, 4, 5, dtype=torch.float16, device=torch.device("cpu"))
+    assert buf.shape == (3, 8, 4, 5) and buf.dtype == torch.float16
+    assert buf.is_contiguous(memory_format=torch.channels_last)
+    nan_store = "quiet_NaN"
+    if nan_store not in _compiled_source("torch.empty", x):
+        pytest.skip("this torch no longer fills torch.empty(memory_format=channels_last): nothing to tell apart")
+    assert nan_store not in _compiled_source("helper", x)
+
+
 @pytest.mark.parametrize(
     "options",
     [
