@@ -258,11 +258,16 @@ def target_checks(metrics: dict[str, Any], done: list[str], batch_sizes: list[in
     # Each pruned variant against its own unpruned base, served the same way (registry ``base``).
     from optimize import registry
 
-    for pr in ("densenet121-pruned-channels-30", "densenet121-pruned-channels-30-fp16-cl-graphs"):
+    pruned = {
+        "densenet121-pruned-channels-30": "",
+        "densenet121-pruned-channels-30-fp16-cl-graphs": "_graphs",
+        "densenet121-pruned-channels-30-aoti-dynamic": "_aoti",
+    }
+    for pr, suffix in pruned.items():
         base = registry.get(pr).base
         if 32 in batch_sizes and f"{pr}_b32_img_s" in metrics and f"{base}_b32_img_s" in metrics:
             ratio = round(metrics[f"{pr}_b32_img_s"] / metrics[f"{base}_b32_img_s"], 3)
-            key = "pruned_channels_b32_speedup" + ("" if pr.endswith("-30") else "_graphs")
+            key = "pruned_channels_b32_speedup" + suffix
             out[key] = {"variant": pr, "base": base, "x_base": ratio, "meets_1_2x": ratio >= 1.2}
     return out
 

@@ -422,6 +422,24 @@ class Variants(enum.Enum):
             "cudnn_benchmark": True,
         },
     )
+    # The channel-pruned network compiled like the dynamic AOTInductor package it is compared with
+    # (its ``base``): with launches and the compiler's epilogues the same on both sides, what is
+    # left between them is the removed channels.
+    PRUNED_CHANNELS_30_AOTI = Variant(
+        slug="densenet121-pruned-channels-30-aoti-dynamic",
+        technique=Technique.STRUCTURED_PRUNE,
+        precision=Precision.FP16,
+        runtime=Runtime.AOTI,
+        base="densenet121-aoti-fp16-cl-dynamic",
+        channels_last=True,
+        devices=("cuda",),
+        deployable=False,
+        description="the channel-pruned network as a dynamic AOTInductor package, compiled like its unpruned base "
+        "(FP16 channels-last, CUDA graphs per bucket)",
+        tolerance=_STRUCTURED_TOL,
+        random_tolerance=_STRUCTURED_RANDOM_TOL,
+        options={"ratio": 0.3, "round_to": 8, **AOTI_FP16_CL_DYNAMIC.options},
+    )
     # The same with one bottleneck tensor per dense block that every layer's fused kernel writes
     # into (the 3x3 kernel reads it): the fastest GPU variant, and the deployed one of this family.
     # H100, one run with stock compile (record ``issue4-nofill-mids-s13``): batch 1 0.778 ms

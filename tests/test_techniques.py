@@ -432,6 +432,36 @@ def test_channel_pruning_really_removes_channels(built_slow: Path, artifacts_dir
     assert runner(torch.zeros((1, 3, 224, 224), dtype=torch.uint8)).shape == (1, 1000)
 
 
+def test_pruned_aoti_variant_compiles_the_pruned_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The structured-pruning builder hands the *pruned* network to the AOTInductor builder (which
+    compiles for minutes and only on a GPU here: captured instead) and keeps the pruning details."""
+    from optimize.build import count_params
+    from optimize.techniques import BuildContext, Built, aoti, pruning
+    from optimize.weights import load_reference
+
+    seen: dict[str, object] = {}
+
+    def fake_aoti_build(variant: registry.Variant, ctx: BuildContext) -> Built:
+        seen["variant"], seen["reference"] = variant, ctx.reference
+        return Built(payload={"bucket_1": "model-b1-128.pt2"}, devices=["cuda"], model=ctx.reference,
+                     details={"dynamic_batch": True})  # fmt: skip
+
+    monkeypatch.setattr(aoti, "build", fake_aoti_build)
+    reference, _ = load_reference("random", seed=0)
+    variant = registry.get("densenet121-pruned-channels-30-aoti-dynamic")
+    assert variant.runtime is registry.Runtime.AOTI and variant.base == "densenet121-aoti-fp16-cl-dynamic"
+    assert variant.options["dynamic_batch"] and variant.options["cuda_graphs"]  # compiled like its base
+    ctx = BuildContext(reference=reference, device=torch.device("cpu"), calibration=torch.zeros(0), max_batch=4,
+                       out_dir=tmp_path)  # fmt: skip
+    built = pruning.build_structured(variant, ctx)
+    pruned = seen["reference"]
+    assert isinstance(pruned, torch.nn.Module) and pruned is not reference
+    assert count_params(pruned) <= 0.7 * count_params(reference)
+    assert built.model is pruned and built.payload == {"bucket_1": "model-b1-128.pt2"}
+    assert built.details["ratio"] == 0.3 and built.details["params_ratio"] <= 0.7 and built.details["dynamic_batch"]
+    assert not (tmp_path / "model.pt").exists()  # a package, not a state dict
+
+
 @pytest.mark.slow
 def test_int8_dynamic_is_small(built_slow: Path, artifacts_dir: Path) -> None:
     assert _size(built_slow / "densenet121-onnx-int8-dynamic") <= 0.3 * _size(artifacts_dir / "densenet121-eager-fp32")
@@ -485,6 +515,7 @@ def _build_cuda(out: Path, slug: str, options: dict[str, object] | None = None) 
         "densenet121-aoti-fp16-cl-dynamic-blockbuf",
         "densenet121-aoti-fp16-cl-dynamic-fused",
         "densenet121-aoti-fp16-cl-dynamic-fused-mids",
+        "densenet121-pruned-channels-30-aoti-dynamic",
     ],
 )
 def test_aoti_variant_on_cuda_serves_without_compiling(tmp_path: Path, slug: str) -> None:

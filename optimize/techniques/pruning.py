@@ -8,12 +8,14 @@
 * Structured channel pruning (``pruned-channels-*``): Torch-Pruning's dependency graph removes
   whole channels through DenseNet's concatenations, so convolutions really shrink (fewer
   parameters, fewer FLOPs). Optional BN recalibration and a short distillation from the FP32
-  reference on an unlabelled image folder (``--finetune-dir``) win back accuracy.
+  reference on an unlabelled image folder (``--finetune-dir``) win back accuracy. A variant whose
+  ``runtime`` is AOTInductor compiles the pruned network into a package (``techniques/aoti.py``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ from torch import nn
 
 from model_server.runtimes import MASKED_FORMAT
 from optimize import BuildError
-from optimize.registry import Variant
+from optimize.registry import Runtime, Variant
 from optimize.techniques import BuildContext, Built
 
 log = logging.getLogger(__name__)
@@ -206,6 +208,14 @@ def build_structured(variant: Variant, ctx: BuildContext) -> Built:
             "distillation_steps": steps,
             "final_kl": round(losses[-1], 4) if losses else None,
         }
+    if variant.runtime is Runtime.AOTI:
+        # The pruned network compiled like its unpruned AOTInductor base: the builder of that
+        # runtime on the pruned network (a package holds its own kernels and shapes, no state dict).
+        from optimize.techniques import aoti
+
+        built = aoti.build(variant, dataclasses.replace(ctx, reference=model))
+        built.details = {**details, **built.details}
+        return built
     # The payload is a plain state dict; its tensor shapes are the channel configuration, from
     # which the runner rebuilds the pruned modules (no pickled module objects).
     torch.save(model.state_dict(), ctx.out_dir / "model.pt")
