@@ -214,6 +214,29 @@ def test_empty_channels_last_needs_no_kernel_where_torch_empty_is_filled_with_na
     assert nan_store not in _compiled_source("helper", x)
 
 
+def test_lowering_probe_finds_the_nan_fills_of_torch_empty_and_none_now(tmp_path: Path) -> None:
+    """``benchmarks/lowering_probe.py`` lowers the fused network for an H100 on fake tensors (no GPU):
+    with the allocation the package had in session 12 it lists a NaN fill per layer output and per
+    block buffer; with ``kernels.empty_channels_last`` none. It patches torch's CUDA queries, so
+    it runs as its own process."""
+    reports = {}
+    for name, extra in (("now", []), ("naive", ["--naive-empty"])):
+        out = tmp_path / f"{name}.json"
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "lowering_probe.py"), "--options", "fused,pool_first,fused_conv",
+               "--json", str(out), *extra]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        reports[name] = json.loads(out.read_text())
+        assert reports[name]["operations"]["UserDefinedTritonKernel"] == 2 * 58 + 4  # two kernels a layer, 4 writes
+    assert reports["now"]["nan_fills"] == []
+    fills = reports["naive"]["nan_fills"]
+    assert len(fills) == 58 + 4  # each layer's new output, each block buffer
+    assert all(f["source"] and f["source"][0].startswith("optimize/rewrites.py:") for f in fills)
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lowering_probe.py"), "--options", "fused,nope"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert bad.returncode != 0 and "unknown option(s) nope; valid: fused, pool_first" in bad.stderr
+
+
 @pytest.mark.parametrize(
     "options",
     [
