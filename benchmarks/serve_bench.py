@@ -723,6 +723,9 @@ def compute_ratios(metrics: Mapping[str, Any]) -> dict[str, float]:
         )
     if have("first_request_ms", "e2e_c1_p50_ms") and metrics["e2e_c1_p50_ms"]:
         ratios["first_request_vs_c1_p50"] = round(metrics["first_request_ms"] / metrics["e2e_c1_p50_ms"], 2)
+    if have("first_request_ms", "e2e_c1_p50_exact_ms") and metrics["e2e_c1_p50_exact_ms"]:
+        # Against the exact median too: Locust's own percentiles are whole milliseconds.
+        ratios["first_request_vs_c1_p50_exact"] = round(metrics["first_request_ms"] / metrics["e2e_c1_p50_exact_ms"], 2)
     return ratios
 
 
