@@ -75,20 +75,26 @@ def _pretend_h100() -> None:
     triton.runtime.driver.set_active(_Driver())
     from torch._dynamo.device_interface import CudaInterface
 
-    torch.cuda.get_device_properties = lambda *a, **k: _H100  # type: ignore[assignment]
+    def props(*args: Any, **kwargs: Any) -> Any:
+        return _H100
+
+    def zero() -> int:
+        return 0
+
+    def one() -> int:
+        return 1
+
+    # torch.cuda's functions, and dynamo's device interface that copied them at import.
+    torch.cuda.get_device_properties = props  # type: ignore[assignment]
     torch.cuda.get_device_capability = lambda *a, **k: (9, 0)  # type: ignore[assignment]
-    torch.cuda.current_device = lambda: 0  # type: ignore[assignment]
-    torch.cuda.device_count = lambda: 1  # type: ignore[assignment]
-    for name, fn in {
-        "get_device_properties": lambda *a, **k: _H100,
-        "get_compute_capability": lambda *a, **k: 90,
-        "current_device": lambda: 0,
-        "device_count": lambda: 1,
-        "is_available": lambda: True,
-    }.items():
+    torch.cuda.current_device = zero  # type: ignore[assignment]
+    torch.cuda.device_count = one  # type: ignore[assignment]
+    interface = {"get_device_properties": props, "get_compute_capability": lambda *a, **k: 90,
+                 "current_device": zero, "device_count": one, "is_available": lambda: True}  # fmt: skip
+    for name, fn in interface.items():
         setattr(CudaInterface, name, staticmethod(fn))
-    CudaInterface.Worker.get_device_properties = staticmethod(lambda *a, **k: _H100)  # type: ignore[method-assign]
-    CudaInterface.Worker.current_device = staticmethod(lambda: 0)  # type: ignore[method-assign]
+    for name in ("get_device_properties", "current_device"):
+        setattr(CudaInterface.Worker, name, staticmethod(interface[name]))
 
 
 def _naive_empty() -> None:
@@ -130,8 +136,10 @@ def _summarise(nodes: list[Any]) -> dict[str, Any]:
     kinds: Counter[str] = Counter(type(n).__name__ for n in nodes)
     fills = []
     for n in nodes:
-        text = str(n)
-        if type(n).__name__ == "ComputedBuffer" and "ops.constant(nan" in text:
+        if type(n).__name__ != "ComputedBuffer":
+            continue
+        text = str(n)  # the node's loop body, printed
+        if "ops.constant(nan" in text:
             lines = re.findall(r'File "[^"]*/(optimize/[^"]+)", line (\d+), in \w+,\n\s+(.+?),\n', text)
             fills.append({
                 "buffer": getattr(n, "name", None),

@@ -433,7 +433,7 @@ class Variants(enum.Enum):
         base="densenet121-aoti-fp16-cl-dynamic",
         description="the channel-pruned network as a dynamic AOTInductor package, compiled like its unpruned base "
         "(FP16 channels-last, CUDA graphs per bucket)",
-        options={"ratio": 0.3, "round_to": 8, **AOTI_FP16_CL_DYNAMIC.options},
+        options={**PRUNED_CHANNELS_30_FP16_CL_GRAPHS.options, **AOTI_FP16_CL_DYNAMIC.options},
     )
     # The same with one bottleneck tensor per dense block that every layer's fused kernel writes
     # into (the 3x3 kernel reads it): the fastest GPU variant, and the deployed one of this family.
