@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from records import write_record  # noqa: E402
 
 from loadtest._payloads import photo_set  # noqa: E402
-from model_server.preprocess import decode_and_crop, gpu_resize_crop_many  # noqa: E402
+from model_server.preprocess import decode_and_crop, decode_jpegs, gpu_resize_crop_many  # noqa: E402
 from model_server.runtimes import Runner  # noqa: E402
 
 
@@ -294,6 +294,90 @@ def vary_batch(
     return metrics
 
 
+def _decode_worker(device_name: str, size: str, n: int, window_s: float, barrier: Any, results: Any) -> None:
+    """One process of ``--processes``: the server's batched decode (``decode_jpegs``) of ``n`` photos,
+    over and over for ``window_s`` once every process is ready; puts (photos, seconds, CPU seconds)."""
+    device = torch.device(device_name)
+    jpegs = [p.jpeg for p in photo_set(size)]
+    encoded = [torch.frombuffer(bytearray(jpegs[i % len(jpegs)]), dtype=torch.uint8) for i in range(n)]
+    decode_jpegs(encoded, device)  # nvJPEG's handles and buffers, before the window
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    barrier.wait()
+    t0, c0, calls = time.perf_counter(), time.process_time(), 0
+    while time.perf_counter() - t0 < window_s:
+        decode_jpegs(encoded, device)
+        calls += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    results.put((calls * n, time.perf_counter() - t0, time.process_time() - c0))
+
+
+def _jpeg_engine_sampler(device: torch.device) -> Callable[[], float | None] | None:
+    """NVML's JPEG-engine utilisation (percent over its last sample period), or None without NVML."""
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        pynvml.nvmlDeviceGetJpgUtilization(handle)
+    except Exception as e:  # no nvidia-ml-py, or a driver without the query
+        print(f"  processes: no NVML JPEG-engine utilisation ({e})", file=sys.stderr, flush=True)
+        return None
+
+    def sample() -> float | None:
+        try:
+            return float(pynvml.nvmlDeviceGetJpgUtilization(handle)[0])
+        except Exception:
+            return None
+
+    return sample
+
+
+def processes(device: torch.device, counts: list[int], size: str, n: int, window_s: float) -> dict[str, Any]:
+    """The decoder's ceiling: ``k`` processes decoding batches of ``n`` photos at once, for each ``k``
+    in ``counts``. torchvision serialises its nvJPEG calls in a process (one decoder, one lock), so
+    one process is what the server gets; if ``k`` processes together decode about as many photos
+    per second as one, the JPEG engines (or nvJPEG) are the limit, not the calling thread."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # CUDA in the children
+    sample = _jpeg_engine_sampler(device)
+    metrics: dict[str, Any] = {"processes_size": size, "processes_batch": n, "processes_window_s": window_s}
+    for k in counts:
+        print(f"  processes: {k} x batch {n} {size}", file=sys.stderr, flush=True)
+        barrier, results = ctx.Barrier(k + 1), ctx.Queue()
+        procs = [ctx.Process(target=_decode_worker, args=(str(device), size, n, window_s, barrier, results))
+                 for _ in range(k)]  # fmt: skip
+        for proc in procs:
+            proc.start()
+        barrier.wait(timeout=300)
+        util: list[float] = []
+        t_end = time.perf_counter() + window_s
+        while sample is not None and time.perf_counter() < t_end:
+            time.sleep(0.1)
+            u = sample()
+            if u is not None:
+                util.append(u)
+        got = [results.get(timeout=window_s + 300) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=60)
+        if any(proc.exitcode != 0 for proc in procs):
+            raise RuntimeError(f"a decode process failed: exit codes {[proc.exitcode for proc in procs]}")
+        img_s = sum(photos / secs for photos, secs, _ in got)
+        metrics[f"processes{k}_img_s"] = round(img_s, 1)
+        metrics[f"processes{k}_per_process_img_s"] = [round(photos / secs, 1) for photos, secs, _ in got]
+        metrics[f"processes{k}_cpu_per_img_ms"] = round(
+            1000 * sum(cpu for _, _, cpu in got) / sum(photos for photos, _, _ in got), 4
+        )
+        metrics[f"processes{k}_vs_1"] = round(img_s / metrics[f"processes{counts[0]}_img_s"] * counts[0], 3)
+        if util:
+            metrics[f"processes{k}_jpeg_engine_util_pct"] = round(statistics.median(util), 1)
+    return metrics
+
+
 def bench(device: torch.device, sizes: list[str], batch_sizes: list[int], reps: int) -> dict[str, Any]:
     pipeline = _pipeline(device, max(batch_sizes))
     load = ModelLoad(device) if device.type == "cuda" else None
@@ -351,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
         help="with --vary-batch: also prepare the varying batches in nvJPEG calls of exactly this many photos "
         "(the server's --decode_batch); default 0: not measured",
     )  # fmt: skip
+    p.add_argument(
+        "--processes", default=None, metavar="K1,K2",
+        help="instead of the sweep: the decoder's ceiling, K processes each decoding --contention-batch photos of "
+        "--contention-size at once for --window-s (aggregate photos/s, JPEG-engine utilisation from NVML)",
+    )  # fmt: skip
+    p.add_argument("--window-s", type=float, default=5.0, help="with --processes: seconds each count runs, default 5")
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     given = sys.argv[1:] if argv is None else argv
     args = p.parse_args(given)
@@ -377,8 +467,21 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--call-size must be >= 0, got {args.call_size}")
         if args.vary_load not in (*LOAD_ARMS, "none"):
             p.error(f"--vary-load: unknown arm {args.vary_load!r}; valid: {', '.join(LOAD_ARMS)}, none")
-    args.name = args.name or ("decode-contention" if arms else "decode-vary" if vary else "decode")
-    if vary:
+    counts: list[int] = []
+    if args.processes:
+        try:
+            counts = [int(k) for k in args.processes.split(",")]
+        except ValueError:
+            p.error(f"--processes must be comma-separated integers, got {args.processes!r}")
+        if not counts or min(counts) < 1 or args.window_s <= 0:
+            p.error(f"--processes must be positive and --window-s > 0, got {args.processes!r}, {args.window_s}")
+    args.name = args.name or (
+        "decode-contention" if arms else "decode-vary" if vary else "decode-processes" if counts else "decode"
+    )
+    if counts:
+        print(f"decode_bench on {device}: {counts} decoding processes", file=sys.stderr, flush=True)
+        metrics = processes(device, counts, args.contention_size, args.contention_batch, args.window_s)
+    elif vary:
         load_arm = args.vary_load if args.vary_load != "none" and device.type == "cuda" else None
         print(f"decode_bench on {device}: batch sizes {vary[0]}..{vary[1]} vs fixed", file=sys.stderr, flush=True)
         metrics = vary_batch(

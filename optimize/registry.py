@@ -449,6 +449,19 @@ class Variants(enum.Enum):
         "kernel and read by its 3x3 kernel, instead of a new one per layer",
         options={**AOTI_FP16_CL_DYNAMIC_FUSED.options, "shared_bottleneck": True, "cudnn_benchmark": False},
     )
+    # The channel-pruned network through the same rewrite and kernels as the fastest variant (its
+    # base): the compiled packages above are bound by launches and memory traffic that pruning does
+    # not remove; with two kernels a layer that read and write each channel once, fewer channels
+    # are less of what the forward spends its time on. The kernels take any channel count (masked
+    # tiles; each layer's growth and bottleneck width its own).
+    PRUNED_CHANNELS_30_AOTI_FUSED_MIDS = dataclasses.replace(
+        PRUNED_CHANNELS_30_AOTI,
+        slug="densenet121-pruned-channels-30-aoti-dynamic-fused-mids",
+        base=AOTI_FP16_CL_DYNAMIC_FUSED_MIDS.slug,
+        description="the channel-pruned network as the fused-mids package (block buffer, a fused Triton kernel "
+        "pair per layer, one bottleneck tensor per block), compiled like its unpruned base",
+        options={**PRUNED_CHANNELS_30_FP16_CL_GRAPHS.options, **AOTI_FP16_CL_DYNAMIC_FUSED_MIDS.options},
+    )
     SPARSE24_FP16 = Variant(
         slug="densenet121-sparse24-fp16",
         technique=Technique.SEMI_STRUCTURED_SPARSE,

@@ -275,6 +275,37 @@ def test_blockbuf_bench_checks_the_rewrite_and_writes_a_record(tmp_path: Path) -
         assert bad.returncode == 2 and "--arms" in bad.stderr and "fused32" in bad.stderr, bad.stderr
 
 
+def test_gpu_bench_times_a_pruned_variant_and_its_base_in_alternating_rounds(tmp_path: Path) -> None:
+    """benchmarks/gpu_bench.py on the CPU: with ``--pair-rounds`` the pruned variant and its base
+    (both built and checked as always) stay loaded and are timed alternately, one speed-up a round;
+    the target check takes the rounds' median over the two sequential timings."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_bench.py", "--device", "cpu", "--variants",
+         "densenet121-eager-fp32,densenet121-pruned-channels-30", "--batch-sizes", "1", "--skip-stock", "--iters", "1",
+         "--pair-rounds", "3", "--out-dir", str(tmp_path), "--name", "pairs"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = tmp_path.glob("*-pairs.json")
+    m = json.loads(path.read_text())["metrics"]
+    rounds = m["pruned_channels_b1_paired_speedups"]
+    assert len(rounds) == 3 and all(r > 0 for r in rounds)
+    assert m["pruned_channels_b1_paired_speedup_median"] == sorted(rounds)[1]
+    assert m["densenet121-pruned-channels-30_b1_ms"] > 0 and m["densenet121-eager-fp32_b1_ms"] > 0
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_bench
+
+    metrics = {"densenet121-pruned-channels-30_b32_img_s": 130.0, "densenet121-eager-fp32_b32_img_s": 100.0,
+               "pruned_channels_b32_paired_speedups": [1.1, 1.25, 1.22, 1.19, 1.21],
+               "pruned_channels_b32_paired_speedup_median": 1.21}  # fmt: skip
+    check = gpu_bench.target_checks(metrics, [], [1, 32])["pruned_channels_b32_speedup"]
+    assert check == {"variant": "densenet121-pruned-channels-30", "base": "densenet121-eager-fp32", "x_base": 1.21,
+                     "x_base_sequential": 1.3, "rounds": 5, "min": 1.1, "max": 1.25, "meets_1_2x": True}  # fmt: skip
+    bad = subprocess.run([sys.executable, "benchmarks/gpu_bench.py", "--pair-rounds", "-1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "--pair-rounds must be >= 0, got -1" in bad.stderr
+
+
 def test_kernel_bench_reads_tile_configurations_and_needs_a_gpu() -> None:
     """benchmarks/kernel_bench.py: ``MxKwWsS`` configurations, bad ones named; on a CPU it says why it cannot run."""
     sys.path.insert(0, str(ROOT / "benchmarks"))

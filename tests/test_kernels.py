@@ -60,6 +60,7 @@ _INTERPRETED = textwrap.dedent(
         (3, 48, 40, 64, (4, 4), (16, 64, 4, 3, 0)),
         (1, 96, 70, 128, (5, 7), (32, 16, 4, 3, 16)),
         (1, 300, 288, 128, (3, 3), (16, 64, 4, 3, 64)),
+        (2, 160, 152, 88, (3, 3), (32, 64, 4, 3, 0)),  # a pruned layer: 88 columns, two 64-wide tiles
     ]):
         o = _operands(n, total, k, cols, hw, torch.float32)
         got = kernels.launch(o["buf"], k, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], *cfg, workspace=ws)
@@ -84,6 +85,7 @@ _INTERPRETED = textwrap.dedent(
         (1, 40, 24, (3, 3), 8, (16, 32, 4, 3, 0)),
         (1, 128, 32, (5, 7), 64, (16, 64, 4, 3, 64)),
         (2, 40, 24, (3, 3), 8, (16, 32, 4, 3, 20)),
+        (2, 88, 16, (5, 7), 152, (64, 64, 4, 3, 0)),  # a pruned layer: 88 in, 16 out
     ]):
         x, weight = _conv_operands(n, cin, cout, hw, torch.float32)
         buf = torch.zeros(n, c + cout + 8, *hw).contiguous(memory_format=torch.channels_last)
@@ -105,14 +107,15 @@ def test_triton_kernels_match_the_reference_under_the_interpreter() -> None:
                        env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300, cwd=ROOT)  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
-    for i, shape in enumerate(([2, 128, 5, 7], [1, 128, 3, 3], [3, 64, 4, 4], [1, 128, 5, 7], [1, 128, 3, 3])):
+    shapes = ([2, 128, 5, 7], [1, 128, 3, 3], [3, 64, 4, 4], [1, 128, 5, 7], [1, 128, 3, 3], [2, 88, 3, 3])
+    for i, shape in enumerate(shapes):
         diff, scale, got_shape, channels_last = out[f"gemm{i}"]
         assert got_shape == shape and channels_last
         assert scale > 0.5 and diff < 1e-4 * scale, out
     assert out["write"] == [0.0, 0.0, 0.0]
     assert out["no_workspace"] < 1e-4, out
     assert out["workspace"] == 0, out  # split-K leaves its counters zero for the next call
-    for i in range(4):
+    for i in range(5):
         diff, scale, before, after = out[f"conv{i}"]
         assert scale > 0.5 and diff < 1e-4 * scale and before == after == 0.0, out
 
@@ -271,6 +274,31 @@ def test_fused_and_pool_first_rewrites_give_torchvisions_outputs(options: dict[s
     assert rewritten.layers == (58 if options.get("fused") else 0)
     if options.get("fused_conv"):
         assert rewritten.fused57_w2.shape == (9 * 128, 32)
+
+
+def test_a_channel_pruned_densenet_through_the_fused_mids_rewrite_gives_its_own_outputs() -> None:
+    """The pruned fused-mids variant's network: each layer's growth and bottleneck width are
+    Torch-Pruning's (multiples of 8, not 32 and 128), the block buffers and the shared bottleneck
+    sized from them; the rewrite (PyTorch's arithmetic for the kernels on a CPU) matches the pruned
+    network's own forward."""
+    import torchvision
+
+    from optimize.techniques.pruning import channel_prune
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        pruned = channel_prune(torchvision.models.densenet121(weights=None).eval(), 0.3, round_to=8).eval()
+    layers = [m for m in pruned.modules() if type(m).__name__ == "_DenseLayer"]
+    assert {m.conv2.out_channels for m in layers} != {32} and {m.conv1.out_channels for m in layers} != {128}
+    assert all(m.conv1.out_channels % 8 == 0 and m.conv2.out_channels % 8 == 0 for m in layers)
+    net = pruned.to(memory_format=torch.channels_last)
+    options = {"fused": True, "fused_conv": True, "shared_bottleneck": True, "pool_first": True}
+    rewritten = BlockBufferDenseNet(net, **options).eval()
+    x = torch.randn(1, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(x), net(x), atol=2e-5, rtol=1e-5)
+    assert rewritten.layers == 58
+    assert rewritten.fused57_w2.shape == (9 * layers[-1].conv1.out_channels, layers[-1].conv2.out_channels)
 
 
 def test_fused_conv_and_shared_bottleneck_need_the_fused_layer_kernel() -> None:
