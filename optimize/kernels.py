@@ -193,7 +193,7 @@ if triton is not None:
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Run the Triton kernel on the first ``k`` channels of ``buf`` (CUDA tensors, or CPU ones under
-        ``TRITON_INTERPRET=1``): tiles of ``block_m`` pixels x 128 (or 64) output channels, ``block_k``
+        ``TRITON_INTERPRET=1``): tiles of ``block_m`` pixels x 128 output channels (64 for at most 64), ``block_k``
         input channels a step, ``warps`` (0: 4 up to 64-pixel tiles, else 8), ``stages`` of pipelining;
         ``split_target``: split K until about that many programs run (``split_workspace``'s tensors);
         into ``out`` (channels-last, rows ``stride(3)`` apart) when given, else a new tensor."""
@@ -202,7 +202,10 @@ if triton is not None:
         if out is None:
             out = empty_channels_last(n, cols, h, wd, dtype=buf.dtype, device=buf.device)
         m = n * h * wd
-        block_n = 128 if cols >= 128 else 64
+        # One column tile up to 128 channels: each column tile reads its rows of ``buf`` again, so a
+        # channel-pruned layer's 88 columns in two 64-wide tiles read the block buffer twice (the
+        # pruned package ran 0.53x its unpruned base at batch 32 that way, ``issue4-pruned-pairs-s14``).
+        block_n = 128 if cols > 64 else 64
         split = _split(m, block_m, block_n, cols, split_target if workspace is not None else 0)
         ws, cnt = workspace if workspace is not None else (out, out)  # unused when split is 1
         grid = (triton.cdiv(m, block_m), triton.cdiv(cols, block_n), split)

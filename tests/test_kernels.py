@@ -60,7 +60,7 @@ _INTERPRETED = textwrap.dedent(
         (3, 48, 40, 64, (4, 4), (16, 64, 4, 3, 0)),
         (1, 96, 70, 128, (5, 7), (32, 16, 4, 3, 16)),
         (1, 300, 288, 128, (3, 3), (16, 64, 4, 3, 64)),
-        (2, 160, 152, 88, (3, 3), (32, 64, 4, 3, 0)),  # a pruned layer: 88 columns, two 64-wide tiles
+        (2, 160, 152, 88, (3, 3), (32, 64, 4, 3, 0)),  # a pruned layer: 88 columns in one 128-wide tile
     ]):
         o = _operands(n, total, k, cols, hw, torch.float32)
         got = kernels.launch(o["buf"], k, o["w"], o["s1"], o["b1"], o["s2"], o["b2"], *cfg, workspace=ws)
