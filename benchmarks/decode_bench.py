@@ -294,22 +294,19 @@ def vary_batch(
     return metrics
 
 
-def _decode_worker(
-    device_name: str, size: str, n: int, window_s: float, barrier: Any, results: Any, decoders: int = 1
-) -> None:
-    """One process of ``--processes``: the server's batched decode (``decode_jpegs``, with a pool of
-    ``decoders``) of ``n`` photos, over and over for ``window_s`` once every process is ready; puts
-    (photos, seconds, CPU seconds)."""
+def _decode_worker(device_name: str, size: str, n: int, window_s: float, barrier: Any, results: Any) -> None:
+    """One process of ``--processes``: the server's batched decode (``decode_jpegs``) of ``n`` photos,
+    over and over for ``window_s`` once every process is ready; puts (photos, seconds, CPU seconds)."""
     device = torch.device(device_name)
     jpegs = [p.jpeg for p in photo_set(size)]
     encoded = [torch.frombuffer(bytearray(jpegs[i % len(jpegs)]), dtype=torch.uint8) for i in range(n)]
-    decode_jpegs(encoded, device, decoders=decoders)  # nvJPEG's handles and buffers, before the window
+    decode_jpegs(encoded, device)  # nvJPEG's handles and buffers, before the window
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     barrier.wait()
     t0, c0, calls = time.perf_counter(), time.process_time(), 0
     while time.perf_counter() - t0 < window_s:
-        decode_jpegs(encoded, device, decoders=decoders)
+        decode_jpegs(encoded, device)
         calls += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -339,24 +336,20 @@ def _jpeg_engine_sampler(device: torch.device) -> Callable[[], float | None] | N
     return sample
 
 
-def processes(
-    device: torch.device, counts: list[int], size: str, n: int, window_s: float, pools: tuple[int, ...] = (1,)
-) -> dict[str, Any]:
+def processes(device: torch.device, counts: list[int], size: str, n: int, window_s: float) -> dict[str, Any]:
     """The decoder's ceiling: ``k`` processes decoding batches of ``n`` photos at once, for each ``k``
-    in ``counts``, each process with a pool of ``d`` decoders for each ``d`` in ``pools``
-    (``model_server/nvjpeg.py``; 1: torchvision's decoder). torchvision serialises its nvJPEG calls
-    in a process (one decoder, one lock), so one process is what the server got; if ``k`` processes
-    together decode about as many photos per second as one, the JPEG engines (or nvJPEG) are the
-    limit, not the calling thread. Keys ``processes<k>_...``, ``processes<k>_decoders<d>_...``."""
+    in ``counts``. torchvision serialises its nvJPEG calls in a process (one decoder, one lock), so
+    one process is what the server gets; if ``k`` processes together decode about as many photos
+    per second as one, the JPEG engines (or nvJPEG) are the limit, not the calling thread."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # CUDA in the children
     sample = _jpeg_engine_sampler(device)
     metrics: dict[str, Any] = {"processes_size": size, "processes_batch": n, "processes_window_s": window_s}
-    for k, d in ((k, d) for d in pools for k in counts):
-        print(f"  processes: {k} x batch {n} {size}, {d} decoder(s) each", file=sys.stderr, flush=True)
+    for k in counts:
+        print(f"  processes: {k} x batch {n} {size}", file=sys.stderr, flush=True)
         barrier, results = ctx.Barrier(k + 1), ctx.Queue()
-        procs = [ctx.Process(target=_decode_worker, args=(str(device), size, n, window_s, barrier, results, d))
+        procs = [ctx.Process(target=_decode_worker, args=(str(device), size, n, window_s, barrier, results))
                  for _ in range(k)]  # fmt: skip
         for proc in procs:
             proc.start()
@@ -374,14 +367,14 @@ def processes(
         if any(proc.exitcode != 0 for proc in procs):
             raise RuntimeError(f"a decode process failed: exit codes {[proc.exitcode for proc in procs]}")
         img_s = sum(photos / secs for photos, secs, _ in got)
-        key = f"processes{k}" + (f"_decoders{d}" if d != 1 else "")
-        metrics[f"{key}_img_s"] = round(img_s, 1)
-        metrics[f"{key}_per_process_img_s"] = [round(photos / secs, 1) for photos, secs, _ in got]
-        metrics[f"{key}_cpu_per_img_ms"] = round(1000 * sum(cpu for _, _, cpu in got) / sum(p for p, _, _ in got), 4)
-        first = f"processes{counts[0]}" + (f"_decoders{pools[0]}" if pools[0] != 1 else "")
-        metrics[f"{key}_vs_1"] = round(img_s / metrics[f"{first}_img_s"] * counts[0], 3)
+        metrics[f"processes{k}_img_s"] = round(img_s, 1)
+        metrics[f"processes{k}_per_process_img_s"] = [round(photos / secs, 1) for photos, secs, _ in got]
+        metrics[f"processes{k}_cpu_per_img_ms"] = round(
+            1000 * sum(cpu for _, _, cpu in got) / sum(photos for photos, _, _ in got), 4
+        )
+        metrics[f"processes{k}_vs_1"] = round(img_s / metrics[f"processes{counts[0]}_img_s"] * counts[0], 3)
         if util:
-            metrics[f"{key}_jpeg_engine_util_pct"] = round(statistics.median(util), 1)
+            metrics[f"processes{k}_jpeg_engine_util_pct"] = round(statistics.median(util), 1)
     return metrics
 
 
@@ -447,11 +440,6 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the sweep: the decoder's ceiling, K processes each decoding --contention-batch photos of "
         "--contention-size at once for --window-s (aggregate photos/s, JPEG-engine utilisation from NVML)",
     )  # fmt: skip
-    p.add_argument(
-        "--decoders", default="1", metavar="D1,D2",
-        help="with --processes: each process decodes with a pool of D nvJPEG hardware decoders "
-        "(model_server/nvjpeg.py; 1: torchvision's decoder), default 1",
-    )  # fmt: skip
     p.add_argument("--window-s", type=float, default=5.0, help="with --processes: seconds each count runs, default 5")
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     given = sys.argv[1:] if argv is None else argv
@@ -487,18 +475,12 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--processes must be comma-separated integers, got {args.processes!r}")
         if not counts or min(counts) < 1 or args.window_s <= 0:
             p.error(f"--processes must be positive and --window-s > 0, got {args.processes!r}, {args.window_s}")
-    try:
-        pools = tuple(int(d) for d in args.decoders.split(","))
-    except ValueError:
-        p.error(f"--decoders must be comma-separated integers, got {args.decoders!r}")
-    if not pools or min(pools) < 1:
-        p.error(f"--decoders must be >= 1, got {args.decoders!r}")
     args.name = args.name or (
         "decode-contention" if arms else "decode-vary" if vary else "decode-processes" if counts else "decode"
     )
     if counts:
         print(f"decode_bench on {device}: {counts} decoding processes", file=sys.stderr, flush=True)
-        metrics = processes(device, counts, args.contention_size, args.contention_batch, args.window_s, pools)
+        metrics = processes(device, counts, args.contention_size, args.contention_batch, args.window_s)
     elif vary:
         load_arm = args.vary_load if args.vary_load != "none" and device.type == "cuda" else None
         print(f"decode_bench on {device}: batch sizes {vary[0]}..{vary[1]} vs fixed", file=sys.stderr, flush=True)

@@ -84,11 +84,6 @@ def _parser() -> argparse.ArgumentParser:
         "tiny JPEG, so nvJPEG's batched decoder always sees one size (default 0: one call per batch)",
     )  # fmt: skip
     p.add_argument(
-        "--decoders", type=int, default=int(_env("DECODERS", str(d.decoders))),
-        help="nvJPEG hardware decoders working at once on a batch of JPEGs (1: torchvision's single decoder; "
-        "without a hardware JPEG decoder torchvision's is used anyway; default %(default)s)",
-    )  # fmt: skip
-    p.add_argument(
         "--max_inflight_requests", type=int, default=int(_env("MAX_INFLIGHT_REQUESTS", "0")),
         help="HTTP inference requests handled at once (bodies in memory); more get 503 + Retry-After before "
         "their body is read (default 0: max_queue_images + 2 * max_batch_size)",
@@ -150,7 +145,7 @@ def process_start() -> float:
         return time.perf_counter()
 
 
-def warm_decoder_timed(device: Any, took: dict[str, float], decoders: int = 1) -> None:
+def warm_decoder_timed(device: Any, took: dict[str, float]) -> None:
     """nvJPEG and the crop kernels warmed on ``device`` (an early-start thread), its seconds in ``took``.
 
     On a CUDA device it runs on a stream of its own and waits for that stream only: a device-wide
@@ -164,7 +159,7 @@ def warm_decoder_timed(device: Any, took: dict[str, float], decoders: int = 1) -
     try:
         if isinstance(device, torch.device) and device.type == "cuda":
             with torch.cuda.stream(torch.cuda.Stream(device)):  # type: ignore[no-untyped-call]
-                warm_gpu_decoder(device, decoders)
+                warm_gpu_decoder(device)
         else:
             warm_gpu_decoder(device)
     except Exception as e:  # the server's own warm-up decodes again and reports a failure properly
@@ -175,7 +170,7 @@ def warm_decoder_timed(device: Any, took: dict[str, float], decoders: int = 1) -
                  time.perf_counter() - process_start())  # fmt: skip
 
 
-def _start_device_early(device: str, *, warm_decoder: bool, decoders: int = 1) -> EarlyStart:
+def _start_device_early(device: str, *, warm_decoder: bool) -> EarlyStart:
     """Create the CUDA context, then load cuDNN and cuBLAS and, on a thread of its own beside them,
     initialise nvJPEG and the crop kernels (0.5 and 0.9 s on the H100 host), in threads while this
     one imports KServe or reads the weights: all of it runs in the driver and the libraries, mostly
@@ -192,7 +187,7 @@ def _start_device_early(device: str, *, warm_decoder: bool, decoders: int = 1) -
                 torch.zeros(1, device=dev)
                 t_context = time.perf_counter()
                 if warm_decoder:  # beside the libraries: on the H100 host 0.9 s and 0.5 s, one after the other before
-                    decoder = threading.Thread(target=warm_decoder_timed, args=(dev, {}, decoders), name="nvjpeg-init")
+                    decoder = threading.Thread(target=warm_decoder_timed, args=(dev, {}), name="nvjpeg-init")
                     decoder.start()
                     early.decoder = decoder
                 from model_server.runtimes import warm_device_libraries
@@ -246,7 +241,6 @@ def main(argv: list[str] | None = None) -> int:
         cpu_decode_share=args.cpu_decode_share,
         model_stream=args.model_stream,
         decode_batch=args.decode_batch,
-        decoders=args.decoders,
         inline_idle_ms=args.inline_idle_ms,
     )
     if args.inline_idle_ms < 0:
@@ -255,9 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_batch < 0:
         print(f"error: --decode_batch must be >= 0 (0: one nvJPEG call per batch), got {args.decode_batch}",
               file=sys.stderr)  # fmt: skip
-        return 2
-    if args.decoders < 1:
-        print(f"error: --decoders must be >= 1 (1: torchvision's decoder only), got {args.decoders}", file=sys.stderr)
         return 2
     if args.frontends < 1:
         print(f"error: --frontends must be >= 1, got {args.frontends}", file=sys.stderr)
@@ -284,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve_device(args: argparse.Namespace, config: ServingConfig, fronts: FrontEnds) -> int:
     """The device process of ``--frontends N``: loads and warms the model, then serves the front ends.
     It never imports KServe, FastAPI or grpc (about 2 s of start-up it would spend before the load)."""
-    early = _start_device_early(config.device, warm_decoder=config.gpu_decode, decoders=config.decoders)
+    early = _start_device_early(config.device, warm_decoder=config.gpu_decode)
     from model_server import metrics
     from model_server.device import load_model
     from model_server.tuning import freeze_so_far
@@ -317,7 +308,7 @@ def _serve_single(args: argparse.Namespace, config: ServingConfig, spec: dict[st
     overlaps the parts of the load that release the GIL (file reads, the CUDA driver, torch's kernels)."""
     import concurrent.futures
 
-    early = _start_device_early(config.device, warm_decoder=config.gpu_decode, decoders=config.decoders)
+    early = _start_device_early(config.device, warm_decoder=config.gpu_decode)
     from model_server import metrics
     from model_server.device import load_model
 

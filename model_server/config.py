@@ -48,10 +48,6 @@ class ServingConfig:
     #: JPEGs, the last padded with a tiny one, so nvJPEG sees one batch size; 0 (default): one call
     #: per batch, whatever its size (32 served 0.89x on the H100).
     decode_batch: int = 0
-    #: nvJPEG hardware decoders working at once on a batch of two or more JPEGs (``--decoders``,
-    #: ``model_server/nvjpeg.py``): torchvision's one decoder kept the H100's JPEG engines 69 % busy
-    #: (14,975 VGA img/s), four processes' decoders 100 % (31,466). 1: torchvision's decoder only.
-    decoders: int = 4
     #: A request that finds the device idle (nothing queued or running) for at least this many ms runs
     #: at once on the device process's event loop thread, not via the batch worker and the device
     #: thread (two thread wake-ups and a few loop turns fewer at low load); 0: never.

@@ -83,16 +83,12 @@ class DevicePipeline:
         *,
         model_stream: str = "side",
         decode_batch: int = 0,
-        decoders: int = 1,
     ) -> None:
         if model_stream not in MODEL_STREAMS:
             raise ValueError(f"model_stream must be one of {', '.join(MODEL_STREAMS)}, got {model_stream!r}")
         if decode_batch < 0:
             raise ValueError(f"decode_batch must be >= 0, got {decode_batch}")
         self.decode_batch = decode_batch
-        if decoders < 1:
-            raise ValueError(f"decoders must be >= 1, got {decoders}")
-        self.decoders = decoders  # nvJPEG hardware decoders at once on a batch (model_server/nvjpeg.py)
         self.runner = runner
         self.device = runner.device
         self.profiler = profiler
@@ -274,7 +270,7 @@ class DevicePipeline:
         counts = [len(b) for b in batches if isinstance(b, JpegBatch)]
         encoded = [t for b in batches if isinstance(b, JpegBatch) for t in b.encoded()]
         try:
-            images = decode_jpegs(encoded, self.device, call_size=self.decode_batch, decoders=self.decoders)
+            images = decode_jpegs(encoded, self.device, call_size=self.decode_batch)
         except RuntimeError:
             images = None  # one bad stream fails the batched call: retry each request alone
         if images is not None:
@@ -287,8 +283,7 @@ class DevicePipeline:
         start = 0
         for i, n in zip(jpeg_idx, counts, strict=True):
             try:
-                mine = decode_jpegs(encoded[start : start + n], self.device, call_size=self.decode_batch,
-                                    decoders=self.decoders)  # fmt: skip
+                mine = decode_jpegs(encoded[start : start + n], self.device, call_size=self.decode_batch)
                 staged.parts[i] = gpu_resize_crop_many(mine)
             except RuntimeError as e:
                 staged.failed[i] = _undecodable(e)

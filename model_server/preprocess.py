@@ -136,9 +136,7 @@ def image_ops() -> Any | None:
         return None
 
 
-def decode_jpegs(
-    encoded: list[torch.Tensor], device: torch.device, *, call_size: int = 0, decoders: int = 1
-) -> list[torch.Tensor]:
+def decode_jpegs(encoded: list[torch.Tensor], device: torch.device, *, call_size: int = 0) -> list[torch.Tensor]:
     """Decode JPEG byte tensors (uint8, on the CPU) to RGB ``[3,H,W]`` uint8 on ``device``: on a CUDA
     device in one batched nvJPEG call (:func:`image_ops`), else with torchvision's decoder.
 
@@ -147,23 +145,9 @@ def decode_jpegs(
     call's batch size, always sees one size. On the H100 it did not pay: batch sizes that vary cost
     1.02-1.12x a fixed one, and serving in calls of 32 gave 0.89x (README, session 6); off by default.
 
-    ``decoders`` > 1 splits a batch of two or more between that many nvJPEG hardware decoders
-    working at once (:mod:`model_server.nvjpeg`: torchvision's one decoder kept the H100's JPEG
-    engines 69 % busy); streams the hardware does not take, and GPUs without it, go to torchvision.
-
     Raises:
         RuntimeError: the decoder refused a stream (the whole call fails).
     """
-    if device.type == "cuda" and decoders > 1 and len(encoded) > 1:
-        from model_server import nvjpeg
-
-        pool = nvjpeg.pool_for(device, decoders)
-        if pool is not None:
-            images, rest = pool.decode(encoded)
-            if rest:
-                for i, t in zip(rest, decode_jpegs([encoded[i] for i in rest], device), strict=True):
-                    images[i] = t
-            return [t for t in images if t is not None]
     if device.type == "cuda":
         ops = image_ops()
         if ops is not None:
@@ -195,19 +179,17 @@ def warm_up_jpeg(size: tuple[int, int] = (320, 240)) -> bytes:
     return buf.getvalue()
 
 
-def warm_gpu_decoder(device: torch.device, decoders: int = 1) -> torch.Tensor:
+def warm_gpu_decoder(device: torch.device) -> torch.Tensor:
     """Initialise nvJPEG (handles, buffers, the hardware decoder) and the crop kernels on ``device``
-    with a small JPEG at batch 1 and 8 and one 12 MP JPEG (one per decoder of a ``decoders`` pool),
-    so neither the warm-up nor a request pays for it; returns the crops of the batch of 8."""
+    with a small JPEG at batch 1 and 8 and one 12 MP JPEG, so neither the warm-up nor a request pays
+    for it; returns the crops of the batch of 8."""
     data = torch.frombuffer(bytearray(warm_up_jpeg()), dtype=torch.uint8)
     crops = torch.empty(0)
     for n in (1, 8):
-        crops = gpu_resize_crop_many(decode_jpegs([data] * n, device, decoders=decoders))
+        crops = gpu_resize_crop_many(decode_jpegs([data] * n, device))
     if device.type == "cuda":
         large = torch.frombuffer(bytearray(warm_up_jpeg(WARM_UP_LARGE)), dtype=torch.uint8)
         gpu_resize_crop_many(decode_jpegs([large], device))
-        if decoders > 1:
-            decode_jpegs([large] * decoders, device, decoders=decoders)
         # Its own stream only: the early warm-up may run beside a CUDA-graph capture.
         torch.cuda.current_stream(device).synchronize()
     return crops
