@@ -37,8 +37,14 @@ from optimize import kernels  # noqa: E402  (after the path set-up)
 from optimize.kernels import Config  # noqa: E402
 
 # DenseNet-121: (height = width, input channels, layers) per dense block; growth 32, bottleneck 128.
-BLOCKS = ((56, 64, 6), (28, 128, 12), (14, 256, 24), (7, 512, 16))
-GROWTH, BOTTLENECK = 32, 128
+# ``--network pruned-30`` sets the channel-pruned variant's (``densenet121-pruned-channels-30-aoti-
+# dynamic-fused-mids``: Torch-Pruning at 30 % in multiples of 16 left every layer 16 new channels
+# and an 80-channel bottleneck, and the blocks 64, 80, 176 and 352 input channels).
+NETWORKS = {
+    "densenet121": (((56, 64, 6), (28, 128, 12), (14, 256, 24), (7, 512, 16)), 32, 128),
+    "pruned-30": (((56, 64, 6), (28, 80, 12), (14, 176, 24), (7, 352, 16)), 16, 80),
+}
+BLOCKS, GROWTH, BOTTLENECK = NETWORKS["densenet121"]
 DEFAULT_CONFIGS = {
     "layer": "32x64w4s3,64x64w4s3,64x32w4s4,32x64w4s3t128,64x64w4s3t128,64x32w4s4t128,32x64w4s3t264",
     "conv3x3": "32x64w4s3,64x64w4s3,128x64w4s3,256x64w8s3,32x64w4s3t128,64x64w4s3t128,32x64w4s3t264",
@@ -198,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel", default="layer", choices=tuple(DEFAULT_CONFIGS), help="default layer")
     p.add_argument("--batch-sizes", default="1,128", help="default 1,128")
     p.add_argument("--configs", default=None, help=f"default (per kernel) {DEFAULT_CONFIGS}")
+    p.add_argument("--network", default="densenet121", choices=tuple(NETWORKS),
+                   help="the channel counts timed (default densenet121)")  # fmt: skip
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms (conv3x3)")
     p.add_argument("--reps", type=int, default=30, help="graph replays per measurement (default 30)")
     p.add_argument("--name", default="kernels", help="record name (file name part)")
@@ -216,10 +224,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from records import write_record
 
+    global BLOCKS, GROWTH, BOTTLENECK
+    BLOCKS, GROWTH, BOTTLENECK = NETWORKS[args.network]
     device = torch.device("cuda")
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    metrics: dict[str, Any] = {"kernel": args.kernel, "cudnn_benchmark": args.cudnn_benchmark}
+    metrics: dict[str, Any] = {"kernel": args.kernel, "cudnn_benchmark": args.cudnn_benchmark, "network": args.network}
     timer = time_conv_block if args.kernel == "conv3x3" else time_block
     for b in batch_sizes:
         for block in range(len(BLOCKS)):

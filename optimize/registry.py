@@ -468,6 +468,13 @@ class Variants(enum.Enum):
             **PRUNED_CHANNELS_30_FP16_CL_GRAPHS.options,
             **AOTI_FP16_CL_DYNAMIC_FUSED_MIDS.options,
             "round_to": 16,
+            # Tiles for its own channel counts (16 new channels a layer, 80-channel bottlenecks), from
+            # ``benchmarks/kernel_bench.py --network pruned-30`` on the H100 (records ``layer-pruned-s14``,
+            # ``conv3x3-pruned-s14``), picked at batch 32 and 128 as the base's were for its own:
+            # 128x32 tiles in blocks 1 and 2, no split-K in block 4's layer kernel, split target 96
+            # in block 3's 3x3 kernel (block 3's layer kernel: the base's, now also target 96).
+            "layer_configs": [[128, 32, 4, 3, 0], [128, 32, 4, 3, 0], [64, 64, 4, 3, 96], [64, 64, 4, 3, 0]],
+            "conv_configs": [[128, 64, 4, 3, 132], [64, 64, 4, 3, 132], [64, 64, 4, 3, 96], [64, 64, 4, 3, 96]],
         },
     )
     SPARSE24_FP16 = Variant(

@@ -201,6 +201,29 @@ def _compile_or_copy(
     return took, False
 
 
+#: Options with the Triton kernels' tiles per dense block (``optimize/kernels.py``: ``[block_m,
+#: block_k, warps, stages, split target]`` each) for a network whose channel counts differ from
+#: DenseNet-121's (a channel-pruned one); unset, the kernels' own tables.
+_KERNEL_CONFIGS = {"layer_configs": "configs", "conv_configs": "conv_configs"}
+
+
+def kernel_configs(options: dict[str, Any]) -> dict[str, tuple[tuple[int, int, int, int, int], ...]]:
+    """``BlockBufferDenseNet``'s tile arguments from a variant's options (lists, as JSON keeps them).
+
+    Raises:
+        BuildError: a configuration is not five integers.
+    """
+    out = {}
+    for option, arg in _KERNEL_CONFIGS.items():
+        given = options.get(option)
+        if not given:
+            continue
+        if not all(isinstance(c, list | tuple) and len(c) == 5 and all(isinstance(v, int) for v in c) for c in given):
+            raise BuildError(f"{option} must be [block_m, block_k, warps, stages, split_target] per block, got {given}")
+        out[arg] = tuple((c[0], c[1], c[2], c[3], c[4]) for c in given)
+    return out
+
+
 def prepare_model(reference: nn.Module, *, device: torch.device, dtype: torch.dtype, channels_last: bool) -> nn.Module:
     model = copy.deepcopy(reference).to(device=device, dtype=dtype).eval()
     if channels_last:
@@ -220,7 +243,8 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
 
         model = BlockBufferDenseNet(model, fused="fused_bottleneck" in rewrites, pool_first="pool_first" in rewrites,
                                     fused_conv="fused_conv" in rewrites,
-                                    shared_bottleneck="shared_bottleneck" in rewrites).eval()  # fmt: skip
+                                    shared_bottleneck="shared_bottleneck" in rewrites,
+                                    **kernel_configs(options)).eval()  # fmt: skip
     configs = inductor_configs(options, ctx.device)
     # max-autotune can be limited to some buckets (tuning batch 128 took over 7 minutes on an H100).
     autotune_buckets = options.get("autotune_buckets")
@@ -240,6 +264,7 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
         # A rewritten network is another program with the same weights: never the plain one's package
         # (added only when set, so the keys of packages cached before the option existed still match).
         **rewrites,
+        **{k: options[k] for k in _KERNEL_CONFIGS if options.get(k)},
     }
     payload: dict[str, str] = {}
     seconds: dict[str, float] = {}
