@@ -84,7 +84,7 @@ PRUNED_PAIRS = {
     "densenet121-pruned-channels-30": "",
     "densenet121-pruned-channels-30-fp16-cl-graphs": "_graphs",
     "densenet121-pruned-channels-30-aoti-dynamic": "_aoti",
-    "densenet121-pruned-channels-30-aoti-dynamic-fused-mids": "_fused_mids",
+    "densenet121-pruned-channels-30-fused-mids": "_fused_mids",
 }
 
 

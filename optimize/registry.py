@@ -450,13 +450,15 @@ class Variants(enum.Enum):
         options={**AOTI_FP16_CL_DYNAMIC_FUSED.options, "shared_bottleneck": True, "cudnn_benchmark": False},
     )
     # The channel-pruned network through the same rewrite and kernels as the fastest variant (its
-    # base): the compiled packages above are bound by launches and memory traffic that pruning does
-    # not remove; with two kernels a layer that read and write each channel once, fewer channels
-    # are less of what the forward spends its time on. The kernels take any channel count (masked
-    # tiles; each layer's growth and bottleneck width its own).
+    # base): two kernels a layer that read and write each channel once, so fewer channels are less
+    # of what the forward spends its time on. The kernels take any channel count (masked tiles; each
+    # layer's growth and bottleneck width its own). H100, paired rounds against its base at batch 32
+    # (record ``issue4-final-s14``, both with tiles for batch 32): 1.201x (1.186-1.215); batch 128
+    # 1.245x, 35,078 img/s = 2.31x stock. Session 14's records (all measured before the rename) name it
+    # ``densenet121-pruned-channels-30-aoti-dynamic-fused-mids`` (54 characters: over ``MAX_SLUG_LEN``).
     PRUNED_CHANNELS_30_AOTI_FUSED_MIDS = dataclasses.replace(
         PRUNED_CHANNELS_30_AOTI,
-        slug="densenet121-pruned-channels-30-aoti-dynamic-fused-mids",
+        slug="densenet121-pruned-channels-30-fused-mids",
         base=AOTI_FP16_CL_DYNAMIC_FUSED_MIDS.slug,
         description="the channel-pruned network as the fused-mids package (block buffer, a fused Triton kernel "
         "pair per layer, one bottleneck tensor per block), compiled like its unpruned base",

@@ -225,6 +225,20 @@ def test_aoti_inductor_settings_from_variant_options() -> None:
     assert gpu_bench.parse_args(["--variants", "none"]).variants == "none"
 
 
+def test_kernel_tiles_from_variant_options() -> None:
+    """``layer_configs`` / ``conv_configs`` (the pruned fused variant's own tiles) become the rewrite's
+    per-block configurations; a malformed one is a build error naming the option."""
+    from optimize.techniques.aoti import BuildError, kernel_configs
+
+    variant = registry.get("densenet121-pruned-channels-30-fused-mids")
+    tiles = kernel_configs(variant.options)
+    assert set(tiles) == {"configs", "conv_configs"} and len(tiles["configs"]) == len(tiles["conv_configs"]) == 4
+    assert all(len(c) == 5 and all(isinstance(v, int) for v in c) for c in tiles["configs"])
+    assert kernel_configs(registry.get("densenet121-aoti-fp16-cl-dynamic-fused-mids").options) == {}  # kernels' own
+    with pytest.raises(BuildError, match="layer_configs must be"):
+        kernel_configs({"layer_configs": [[64, 64, 4, 3]]})
+
+
 def test_block_buffer_rewrite_is_exact_and_its_aoti_package_serves_on_cpu(tmp_path: Path) -> None:
     """The block-buffer DenseNet (each block's features written once into one buffer) gives
     torchvision's outputs, and the AOTInductor builder exports and compiles it with a dynamic batch
