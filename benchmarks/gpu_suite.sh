@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: benchmarks/gpu_suite.sh [--steps check,decode,onnx,aoti-dynamic,aoti-blockbuf,serve,ab,decode-ab,serve-aoti]
+# Usage: benchmarks/gpu_suite.sh [--steps check,decode,onnx,aoti-dynamic,aoti-blockbuf,pruning,serve,ab,decode-ab,serve-aoti]
 #                                [--artifacts DIR]
 #                                [--variant SLUG] [--duration S] [--pairs N] [--help]
 #
@@ -10,7 +10,8 @@
 #   check         GPU, driver and versions; which runtimes import (always runs first)
 #   decode        decode_bench: nvJPEG, crop and the prepare stage per batch size, idle and
 #                 beside the model; then batches of varying size against a fixed size, and
-#                 prepared in nvJPEG calls of 32                                          ~3 min
+#                 prepared in nvJPEG calls of 32; the decoder's ceiling (1, 2 and 4
+#                 processes decoding at once, JPEG-engine load from NVML)                 ~4 min
 #   onnx          gpu_bench: ONNX Runtime CUDA EP (FP32, FP16, I/O binding) against stock
 #                 torch.compile and the CUDA-graph variant (needs onnxruntime-gpu)       ~4 min
 #   aoti-dynamic  gpu_bench: AOTInductor, one package with a dynamic batch dimension     ~4 min
@@ -18,6 +19,8 @@
 #                 a shared bottleneck tensor per layer, against stock torch.compile; then
 #                 blockbuf_bench (the rewrites under stock compile: the layer kernel, with
 #                 the 3x3 kernel, without split-K, shared bottleneck; kernel profiles) ~10 min
+#   pruning       gpu_bench: each channel-pruned variant against its unpruned base (the CUDA-graph
+#                 pair, the fused-mids pair), both loaded, 10 alternating rounds         ~8 min
 #   serve         serve_bench on --variant (default densenet121-eager-fp16-cl-graphs): on-device, floor, cold start,
 #                 single-JPEG sweep, a profiler trace of 20 batches under load (and py-spy stacks
 #                 of the device process when py-spy is on PATH), 12 MP, batched             ~5 min
@@ -35,7 +38,7 @@ set -o errexit -o nounset -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-STEPS="check,decode,onnx,aoti-dynamic,aoti-blockbuf,serve,ab,decode-ab,serve-aoti"
+STEPS="check,decode,onnx,aoti-dynamic,aoti-blockbuf,pruning,serve,ab,decode-ab,serve-aoti"
 ARTIFACTS="${TMPDIR:-/tmp}/densenet-suite-artifacts"
 DURATION=10
 PAIRS=2
@@ -65,8 +68,8 @@ parse_args() {
   local step
   for step in ${STEPS//,/ }; do
     case "${step}" in
-      check|decode|onnx|aoti-dynamic|aoti-blockbuf|serve|ab|decode-ab|serve-aoti) ;;
-      *) log "unknown step '${step}'; valid: check, decode, onnx, aoti-dynamic, aoti-blockbuf, serve, ab, decode-ab, serve-aoti"
+      check|decode|onnx|aoti-dynamic|aoti-blockbuf|pruning|serve|ab|decode-ab|serve-aoti) ;;
+      *) log "unknown step '${step}'; valid: check, decode, onnx, aoti-dynamic, aoti-blockbuf, pruning, serve, ab, decode-ab, serve-aoti"
          exit 1 ;;
     esac
   done
@@ -105,6 +108,8 @@ step_decode() {
   "${PYTHON}" "${ROOT}/benchmarks/decode_bench.py" --sizes vga,12mp --batch-sizes 1,8,32,64,128
   log "decode: batches of varying size (as under load) against a fixed size, idle and beside the model"
   "${PYTHON}" "${ROOT}/benchmarks/decode_bench.py" --vary-batch 16-80 --reps 40 --call-size 32
+  log "decode: the decoder's ceiling, 1, 2 and 4 processes decoding batches of 128 at once"
+  "${PYTHON}" "${ROOT}/benchmarks/decode_bench.py" --processes 1,2,4 --contention-batch 128 --window-s 4
 }
 
 step_onnx() {
@@ -130,6 +135,12 @@ step_aoti_blockbuf() {
   log "aoti-blockbuf: the rewrites against torchvision's forward, all under stock torch.compile (kernel profiles)"
   "${PYTHON}" "${ROOT}/benchmarks/blockbuf_bench.py" --batch-sizes 1,128 --name blockbuf \
     --arms stock,fused,fusedconv,fusedconv0,fusedmids --profile-dir "${TMPDIR:-/tmp}/blockbuf-profiles"
+}
+
+step_pruning() {
+  log "pruning: each channel-pruned variant against its unpruned base, 10 alternating rounds"
+  "${PYTHON}" "${ROOT}/benchmarks/gpu_bench.py" --name issue4-pruning-pairs --skip-stock --batch-sizes 1,32,128 \
+    --pair-rounds 10 --budget-s 900 --variants densenet121-eager-fp16-cl-graphs,densenet121-pruned-channels-30-fp16-cl-graphs,densenet121-aoti-fp16-cl-dynamic-fused-mids,densenet121-pruned-channels-30-fused-mids
 }
 
 build_artifact() {
@@ -205,6 +216,7 @@ main() {
       onnx) step_onnx ;;
       aoti-dynamic) step_aoti_dynamic ;;
       aoti-blockbuf) step_aoti_blockbuf ;;
+      pruning) step_pruning ;;
       serve) step_serve ;;
       ab) step_ab ;;
       decode-ab) step_decode_ab ;;

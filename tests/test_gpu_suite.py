@@ -78,8 +78,21 @@ def test_help_exits_0() -> None:
 def test_decode_step_runs_the_decode_breakdown(tmp_path: Path) -> None:
     proc, calls = _run(tmp_path, "--steps", "decode")
     bench = [c for c in calls if "benchmarks/decode_bench.py" in c]
-    assert proc.returncode == 0 and len(bench) == 2 and "--batch-sizes 1,8,32,64,128" in bench[0]
+    assert proc.returncode == 0 and len(bench) == 3 and "--batch-sizes 1,8,32,64,128" in bench[0]
     assert "--vary-batch 16-80" in bench[1] and "--call-size 32" in bench[1]
+    assert "--processes 1,2,4" in bench[2] and "--contention-batch 128" in bench[2]
+
+
+def test_pruning_step_pairs_each_pruned_variant_with_its_base(tmp_path: Path) -> None:
+    proc, calls = _run(tmp_path, "--steps", "pruning")
+    assert proc.returncode == 0, proc.stderr
+    (bench,) = [c for c in calls if "gpu_bench.py" in c]
+    assert "--pair-rounds 10" in bench and "--batch-sizes 1,32,128" in bench
+    from optimize import registry
+
+    slugs = bench.split("--variants ")[1].split()[0].split(",")
+    pruned = [s for s in slugs if registry.get(s).technique is registry.Technique.STRUCTURED_PRUNE]
+    assert len(pruned) == 2 and all(registry.get(s).base in slugs for s in pruned)
 
 
 def test_decode_ab_compares_fixed_size_nvjpeg_calls_on_batched_requests(tmp_path: Path) -> None:

@@ -224,6 +224,16 @@ def kernel_configs(options: dict[str, Any]) -> dict[str, tuple[tuple[int, int, i
     return out
 
 
+def _rewrite_source_digest() -> str:
+    """A digest of ``optimize/rewrites.py`` and ``optimize/kernels.py`` as they are on disk."""
+    from optimize import kernels, rewrites
+
+    h = hashlib.sha256()
+    for module in (rewrites, kernels):
+        h.update(Path(str(module.__file__)).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def prepare_model(reference: nn.Module, *, device: torch.device, dtype: torch.dtype, channels_last: bool) -> nn.Module:
     model = copy.deepcopy(reference).to(device=device, dtype=dtype).eval()
     if channels_last:
@@ -265,6 +275,9 @@ def build(variant: Variant, ctx: BuildContext) -> Built:
         # (added only when set, so the keys of packages cached before the option existed still match).
         **rewrites,
         **{k: options[k] for k in _KERNEL_CONFIGS if options.get(k)},
+        # The rewrite's and the kernels' source (their tile tables too): a package of an older one is
+        # another program (session 14 changed a split-K target without changing any option).
+        **({"rewrite_source": _rewrite_source_digest()} if rewrites else {}),
     }
     payload: dict[str, str] = {}
     seconds: dict[str, float] = {}
