@@ -359,6 +359,9 @@ def run_locust(
         "p50_ms": float(totals["p50_ms"]),
         "p99_ms": float(totals["p99_ms"]),
         "failures": int(totals["failures"]),
+        # What failed, as Locust words it (status and message), when something did: session 13's
+        # batched run lost 3 of 2,258 requests and its record could not say why.
+        **({"failure_kinds": failure_kinds(out, tag)} if int(totals["failures"]) else {}),
         "requests": reqs,
         "mean_ms": float(totals["avg_ms"]),
         **exact,
@@ -367,6 +370,22 @@ def run_locust(
         # hashes connections over the front ends' SO_REUSEPORT sockets, so the split varies by run.
         "frontend_connections": split,
     }
+
+
+def failure_kinds(out: Path, tag: str) -> dict[str, int]:
+    """Failed requests by Locust's error text (``<tag>_failures.csv``: method, name, error, occurrences),
+    most first; empty where Locust wrote no such file."""
+    import csv
+
+    path = out / f"{tag}_failures.csv"
+    if not path.is_file():
+        return {}
+    kinds: dict[str, int] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            error = str(row.get("Error", ""))[:200]
+            kinds[error] = kinds.get(error, 0) + int(row.get("Occurrences") or 0)
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
 def locust_totals(out: Path, tag: str) -> dict[str, Any]:

@@ -349,6 +349,19 @@ def test_throughput_within_the_latency_objective_is_the_best_run_that_met_it() -
     assert sb.within_slo(runs, 5.0) == {"e2e_single_slo_p99_target_ms": 5.0, "e2e_single_slo_img_s": 0.0}
 
 
+def test_failures_are_counted_by_locusts_error_text(tmp_path: Path) -> None:
+    (tmp_path / "c16_failures.csv").write_text(
+        "Method,Name,Error,Occurrences\n"
+        "POST,/v2/models/m/infer,\"HTTPError('503 Server Error: Service Unavailable')\",2\n"
+        "POST,/v2/models/m/infer,RemoteDisconnected('Remote end closed connection'),1\n"
+        "POST,/v1/models/m:predict,\"HTTPError('503 Server Error: Service Unavailable')\",3\n"
+    )
+    kinds = sb.failure_kinds(tmp_path, "c16")
+    assert kinds == {"HTTPError('503 Server Error: Service Unavailable')": 5,
+                     "RemoteDisconnected('Remote end closed connection')": 1}  # fmt: skip
+    assert list(kinds.values()) == [5, 1] and sb.failure_kinds(tmp_path, "none") == {}
+
+
 def test_exact_percentiles_take_the_rank_locust_takes() -> None:
     """Locust's percentile is the sorted sample at index int(n * q) (locust.stats.
     calculate_response_time_percentile); the exact figures pick the same sample, unrounded."""

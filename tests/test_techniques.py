@@ -239,7 +239,9 @@ def test_kernel_tiles_from_variant_options() -> None:
         kernel_configs({"layer_configs": [[64, 64, 4, 3]]})
 
 
-def test_block_buffer_rewrite_is_exact_and_its_aoti_package_serves_on_cpu(tmp_path: Path) -> None:
+def test_block_buffer_rewrite_is_exact_and_its_aoti_package_serves_on_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The block-buffer DenseNet (each block's features written once into one buffer) gives
     torchvision's outputs, and the AOTInductor builder exports and compiles it with a dynamic batch
     (a small DenseNet here: DenseNet-121 takes minutes to compile on these cores)."""
@@ -248,7 +250,7 @@ def test_block_buffer_rewrite_is_exact_and_its_aoti_package_serves_on_cpu(tmp_pa
     from model_server.preprocess import normalize
     from model_server.runtimes import AotiRunner
     from optimize.rewrites import BlockBufferDenseNet
-    from optimize.techniques import BuildContext
+    from optimize.techniques import BuildContext, aoti
     from optimize.techniques.aoti import build
 
     torch.manual_seed(0)
@@ -275,8 +277,9 @@ def test_block_buffer_rewrite_is_exact_and_its_aoti_package_serves_on_cpu(tmp_pa
         variant = dataclasses.replace(registry.get(slug), precision=registry.Precision.FP32)
         out_dir = tmp_path / slug
         out_dir.mkdir()
+        options = {"aoti": {"buckets": [1, 2, 4]}, "aoti_cache_dir": str(tmp_path / "cache")}
         ctx = BuildContext(reference=net, device=torch.device("cpu"), calibration=torch.zeros(0), max_batch=4,
-                           out_dir=out_dir, options={"aoti": {"buckets": [1, 2, 4]}})  # fmt: skip
+                           out_dir=out_dir, options=options)  # fmt: skip
         built = build(variant, ctx)
         assert built.details["block_buffer"] and built.details["fresh_process_check"]["rc"] == 0
         fused = "-fused" in slug
@@ -289,6 +292,13 @@ def test_block_buffer_rewrite_is_exact_and_its_aoti_package_serves_on_cpu(tmp_pa
             pixels = torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8)
             with torch.no_grad():
                 torch.testing.assert_close(runner(pixels), net(normalize(pixels)), atol=1e-4, rtol=1e-4)
+    # The package cache: the same build again is a copy; with other kernel or rewrite source (their
+    # tile tables are not options) it is another program, compiled afresh.
+    again = dataclasses.replace(ctx, out_dir=tmp_path / "again")
+    again.out_dir.mkdir()
+    assert build(variant, again).details["from_cache"] == [4]
+    monkeypatch.setattr(aoti, "_rewrite_source_digest", lambda: "another-kernels-py")
+    assert build(variant, again).details["from_cache"] == []
 
 
 def test_aoti_package_compiles_and_loads_on_cpu(tmp_path: Path) -> None:
