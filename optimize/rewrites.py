@@ -18,12 +18,15 @@ tensor per block (``shared_bottleneck``), 1.86x at batch 128 and 0.73x at batch 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
 from optimize import kernels
+
+log = logging.getLogger(__name__)
 
 
 class BlockBufferDenseNet(nn.Module):
@@ -81,6 +84,15 @@ class BlockBufferDenseNet(nn.Module):
                     for part, t in zip(("w", "s1", "b1", "s2", "b2", "w2"), parts, strict=False):
                         self.register_buffer(f"fused{self.layers}_{part}", t, persistent=False)
                     self.layers += 1
+            odd = unaligned_channels(densenet)
+            if odd:
+                log.warning(
+                    "fused kernels on %d channel counts not divisible by 16 (%s): Triton cannot assume "
+                    "aligned rows for them, and such a pruned package ran 0.54x its unpruned base on an H100 "
+                    "(record issue4-pruned-fused-pairs-s14); prune in multiples of 16 (round_to=16)",
+                    len(odd),
+                    ", ".join(odd[:6]) + (", ..." if len(odd) > 6 else ""),
+                )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         net: Any = self.net  # torchvision's DenseNet: its submodules by name
@@ -141,6 +153,32 @@ class BlockBufferDenseNet(nn.Module):
         x = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
         logits: torch.Tensor = net.classifier(x)
         return logits
+
+
+def unaligned_channels(densenet: nn.Module) -> list[str]:
+    """The channel counts the fused kernels index by that are not multiples of 16, as
+    ``module.attribute=value``: each layer's input width (the block buffer's slice it reads), its
+    bottleneck and its growth, and each block buffer's width (its rows' stride)."""
+    net: Any = densenet
+    odd: list[str] = []
+    c = 0
+    for name, module in net.features.named_children():
+        if name.startswith("denseblock"):
+            layers = list(module.values())
+            total = c + sum(layer.conv2.out_channels for layer in layers)
+            if total % 16:
+                odd.append(f"{name}.buffer={total}")
+            for i, layer in enumerate(layers, 1):
+                for attr, value in (("in", layer.conv1.in_channels), ("bottleneck", layer.conv1.out_channels),
+                                    ("growth", layer.conv2.out_channels)):  # fmt: skip
+                    if value % 16:
+                        odd.append(f"{name}.denselayer{i}.{attr}={value}")
+            c = total
+        elif hasattr(module, "out_channels"):  # conv0
+            c = module.out_channels
+        elif name.startswith("transition"):
+            c = module.conv.out_channels
+    return odd
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:

@@ -7,6 +7,7 @@ before Triton is imported, so in a child process); on a GPU they run compiled (t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -276,7 +277,9 @@ def test_fused_and_pool_first_rewrites_give_torchvisions_outputs(options: dict[s
         assert rewritten.fused57_w2.shape == (9 * 128, 32)
 
 
-def test_a_channel_pruned_densenet_through_the_fused_mids_rewrite_gives_its_own_outputs() -> None:
+def test_a_channel_pruned_densenet_through_the_fused_mids_rewrite_gives_its_own_outputs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The pruned fused-mids variant's network: each layer's growth and bottleneck width are
     Torch-Pruning's (multiples of 8, not 32 and 128), the block buffers and the shared bottleneck
     sized from them; the rewrite (PyTorch's arithmetic for the kernels on a CPU) matches the pruned
@@ -293,7 +296,18 @@ def test_a_channel_pruned_densenet_through_the_fused_mids_rewrite_gives_its_own_
     assert all(m.conv1.out_channels % 8 == 0 and m.conv2.out_channels % 8 == 0 for m in layers)
     net = pruned.to(memory_format=torch.channels_last)
     options = {"fused": True, "fused_conv": True, "shared_bottleneck": True, "pool_first": True}
-    rewritten = BlockBufferDenseNet(net, **options).eval()
+    with caplog.at_level(logging.WARNING, logger="optimize.rewrites"):
+        rewritten = BlockBufferDenseNet(net, **options).eval()
+    # Multiples of 8 are not 16: the kernels run, slowly (0.54x on the H100), and the rewrite says so.
+    from optimize.rewrites import unaligned_channels
+
+    odd = unaligned_channels(net)
+    assert "denseblock2.buffer=280" in odd and "denseblock1.denselayer1.bottleneck=88" in odd
+    assert f"fused kernels on {len(odd)} channel counts not divisible by 16" in caplog.text
+
+    with torch.no_grad():
+        by16 = channel_prune(torchvision.models.densenet121(weights=None).eval(), 0.3, round_to=16)
+    assert unaligned_channels(by16) == [] and unaligned_channels(torchvision.models.densenet121()) == []
     x = torch.randn(1, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(rewritten(x), net(x), atol=2e-5, rtol=1e-5)
