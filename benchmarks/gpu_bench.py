@@ -88,6 +88,13 @@ PRUNED_PAIRS = {
 }
 
 
+def pruned_pairs() -> list[tuple[str, str, str]]:
+    """(pruned slug, its base's slug, key suffix) for every pair of ``PRUNED_PAIRS``."""
+    from optimize import registry
+
+    return [(pr, str(registry.get(pr).base), suffix) for pr, suffix in PRUNED_PAIRS.items()]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default="gpu-bench", help="record name (file name part)")
@@ -279,10 +286,7 @@ def target_checks(metrics: dict[str, Any], done: list[str], batch_sizes: list[in
     # Each pruned variant against its own unpruned base, served the same way (registry ``base``):
     # from the paired rounds when they ran (both loaded, timed alternately), else from the two
     # variants' own timings, one after the other.
-    from optimize import registry
-
-    for pr, suffix in PRUNED_PAIRS.items():
-        base = registry.get(pr).base
+    for pr, base, suffix in pruned_pairs():
         if 32 not in batch_sizes or f"{pr}_b32_img_s" not in metrics or f"{base}_b32_img_s" not in metrics:
             continue
         ratio = round(metrics[f"{pr}_b32_img_s"] / metrics[f"{base}_b32_img_s"], 3)
@@ -307,10 +311,7 @@ def paired_rounds(
 
     import torch
 
-    from optimize import registry
-
-    for pr, suffix in PRUNED_PAIRS.items():
-        base = registry.get(pr).base
+    for pr, base, suffix in pruned_pairs():
         if pr not in runners or base not in runners:
             continue
         for b in batch_sizes:
@@ -361,10 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     ref_logits = reference_logits(reference, images, device)
     done: list[str] = []
     # Runners the paired rounds time (a pruned variant and its base, both in this run) stay loaded.
-    from optimize import registry
-
-    paired = {s for pr in PRUNED_PAIRS if pr in slugs and registry.get(pr).base in slugs
-              for s in (pr, registry.get(pr).base)} if args.pair_rounds > 0 else set()  # fmt: skip
+    paired = {s for pr, base, _ in pruned_pairs() if pr in slugs and base in slugs
+              for s in (pr, base)} if args.pair_rounds > 0 else set()  # fmt: skip
     runners: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         ctx = {

@@ -37,9 +37,9 @@ from optimize import kernels  # noqa: E402  (after the path set-up)
 from optimize.kernels import Config  # noqa: E402
 
 # DenseNet-121: (height = width, input channels, layers) per dense block; growth 32, bottleneck 128.
-# ``--network pruned-30`` sets the channel-pruned variant's (``densenet121-pruned-channels-30-aoti-
-# dynamic-fused-mids``: Torch-Pruning at 30 % in multiples of 16 left every layer 16 new channels
-# and an 80-channel bottleneck, and the blocks 64, 80, 176 and 352 input channels).
+# ``--network pruned-30`` sets the channel-pruned variant's (``densenet121-pruned-channels-30-fused-mids``:
+# Torch-Pruning at 30 % in multiples of 16 left every layer 16 new channels and an 80-channel
+# bottleneck, and the blocks 64, 80, 176 and 352 input channels).
 NETWORKS = {
     "densenet121": (((56, 64, 6), (28, 128, 12), (14, 256, 24), (7, 512, 16)), 32, 128),
     "pruned-30": (((56, 64, 6), (28, 80, 12), (14, 176, 24), (7, 352, 16)), 16, 80),

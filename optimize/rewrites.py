@@ -158,26 +158,22 @@ class BlockBufferDenseNet(nn.Module):
 def unaligned_channels(densenet: nn.Module) -> list[str]:
     """The channel counts the fused kernels index by that are not multiples of 16, as
     ``module.attribute=value``: each layer's input width (the block buffer's slice it reads), its
-    bottleneck and its growth, and each block buffer's width (its rows' stride)."""
+    bottleneck and its growth, and each block buffer's width (its rows' stride: the last layer's
+    input and growth together)."""
     net: Any = densenet
     odd: list[str] = []
-    c = 0
-    for name, module in net.features.named_children():
-        if name.startswith("denseblock"):
-            layers = list(module.values())
-            total = c + sum(layer.conv2.out_channels for layer in layers)
-            if total % 16:
-                odd.append(f"{name}.buffer={total}")
-            for i, layer in enumerate(layers, 1):
-                for attr, value in (("in", layer.conv1.in_channels), ("bottleneck", layer.conv1.out_channels),
-                                    ("growth", layer.conv2.out_channels)):  # fmt: skip
-                    if value % 16:
-                        odd.append(f"{name}.denselayer{i}.{attr}={value}")
-            c = total
-        elif hasattr(module, "out_channels"):  # conv0
-            c = module.out_channels
-        elif name.startswith("transition"):
-            c = module.conv.out_channels
+    for name, block in net.features.named_children():
+        if not name.startswith("denseblock"):
+            continue
+        layers = list(block.values())
+        total = layers[-1].conv1.in_channels + layers[-1].conv2.out_channels
+        if total % 16:
+            odd.append(f"{name}.buffer={total}")
+        for i, layer in enumerate(layers, 1):
+            for attr, value in (("in", layer.conv1.in_channels), ("bottleneck", layer.conv1.out_channels),
+                                ("growth", layer.conv2.out_channels)):  # fmt: skip
+                if value % 16:
+                    odd.append(f"{name}.denselayer{i}.{attr}={value}")
     return odd
 
 
