@@ -170,3 +170,54 @@ def test_a_request_run_inline_on_the_loop_thread_matches_the_device_thread(tmp_p
     threaded, n_threaded = asyncio.run(serve(None))
     assert n_inline == 3 and n_threaded == 0
     assert torch.equal(inline, threaded)
+
+
+def test_decode_workers_on_cuda_hand_over_crops_through_cuda_ipc(tmp_path: Path) -> None:
+    """Two nvJPEG worker processes decode shares of a batch into their CUDA-IPC rings: the device
+    process's concatenated crops are those of its own decode, and the server serves through them."""
+    from model_server.decoders import DecodeWorkers
+    from model_server.preprocess import decode_jpegs, gpu_resize_crop_many
+
+    cuda = torch.device("cuda")
+    jpegs = _jpegs() * 4
+    encoded = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+
+    def local(part: list[torch.Tensor]) -> torch.Tensor:
+        return gpu_resize_crop_many(decode_jpegs(part, cuda))
+
+    pool = DecodeWorkers(2, cuda, max_batch=32, min_images=4)
+    try:
+        assert pool.wait_ready(120) == 2, pool.stats()
+        want = local(encoded)
+        for _ in range(5):  # every ring slot comes round again
+            got = pool.decode(encoded, local)
+            assert got is not None and got.device.type == "cuda" and torch.equal(got, want)
+        assert all(n > 0 for n in pool.stats()["worker_images"]), pool.stats()
+        with pytest.raises(RuntimeError):
+            pool.decode([*encoded[:-1], torch.frombuffer(bytearray(b"\xff\xd8\xff" + b"\0" * 100), dtype=torch.uint8)],
+                        local)  # fmt: skip
+        got = pool.decode(encoded, local)
+        assert got is not None and torch.equal(got, want)
+    finally:
+        pool.close()
+
+    import re
+    import time
+
+    build_artifacts(tmp_path, "densenet121-eager-fp32")
+    srv = start_server(tmp_path / "densenet121-eager-fp32", tmp_path / "log", "--device", "cuda",
+                       "--decode_workers", "2", "--decode_workers_min_images", "2")  # fmt: skip
+    try:
+        body = {"instances": [{"image": {"b64": base64.b64encode(j).decode()}} for j in jpegs[:8]]}
+        by_workers, deadline = 0.0, time.monotonic() + 120
+        while by_workers == 0 and time.monotonic() < deadline:  # the workers join after ready
+            r = requests.post(srv.url + "/v1/models/densenet121:predict", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            assert len(r.json()["predictions"]) == 8
+            metrics = requests.get(srv.url + "/metrics", timeout=10).text
+            found = re.search(r'densenet_decoded_images_total\{decoder="workers"\} ([0-9.e+]+)', metrics)
+            by_workers = float(found.group(1)) if found else 0.0
+            time.sleep(0.2)
+        assert by_workers > 0, "no batch was shared with the decode workers"
+    finally:
+        stop_server(srv)
