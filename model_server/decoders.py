@@ -118,8 +118,6 @@ class DecodeWorkers:
             raise ValueError(f"max_batch and min_images must be >= 1, got {max_batch} and {min_images}")
         import torch.multiprocessing as tmp
 
-        if device.type == "cuda" and device.index is None:  # the workers' set_device needs the index
-            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.max_batch = max_batch
         self.min_images = min_images
