@@ -378,70 +378,6 @@ def processes(device: torch.device, counts: list[int], size: str, n: int, window
     return metrics
 
 
-def workers(
-    device: torch.device, counts: list[int], size: str, n: int, window_s: float, load_arm: str | None
-) -> dict[str, Any]:
-    """The server's decode stage with ``k`` decode worker processes (``--decode_workers``), for each ``k``
-    in ``counts`` (0: the device process alone): ``DevicePipeline.prepare`` of batches of ``n`` one-photo
-    requests, over and over for ``window_s``, each batch waited for, beside ``load_arm`` (the model
-    running meanwhile, as in the server) unless None."""
-    from model_server.decoders import DecodeWorkers
-    from model_server.pipeline import JpegBatch
-
-    jpegs = [p.jpeg for p in photo_set(size)]
-    requests = [JpegBatch([jpegs[i % len(jpegs)]], buffer=bytearray(jpegs[i % len(jpegs)])) for i in range(n)]
-    sample = _jpeg_engine_sampler(device)
-    metrics: dict[str, Any] = {"workers_size": size, "workers_batch": n, "workers_window_s": window_s,
-                               "workers_load": load_arm or "none"}  # fmt: skip
-    load = ModelLoad(device, load_arm) if load_arm is not None else None
-    for k in counts:
-        print(f"  workers: {k} decode worker(s), batch {n} {size}", file=sys.stderr, flush=True)
-        pool = DecodeWorkers(k, device, max_batch=n, min_images=1) if k else None
-        try:
-            if pool is not None and pool.wait_ready(300) != k:
-                raise RuntimeError(f"decode workers did not start: {pool.stats()}")
-            pipeline = _pipeline(device, n)
-            pipeline.decoders = pool
-
-            def prepare(pipeline: Any = pipeline) -> None:
-                staged = pipeline.prepare(requests)
-                if staged.ready is not None:
-                    staged.ready.synchronize()
-
-            for _ in range(3):
-                prepare()
-            util: list[float] = []
-            with load if load is not None else contextlib.nullcontext():
-                t0 = last = time.perf_counter()
-                c0, batches = time.process_time(), 0
-                while time.perf_counter() - t0 < window_s:
-                    prepare()
-                    batches += 1
-                    if sample is not None and time.perf_counter() - last >= 0.1:
-                        last = time.perf_counter()
-                        u = sample()
-                        if u is not None:
-                            util.append(u)
-                secs, cpu = time.perf_counter() - t0, time.process_time() - c0
-            metrics[f"workers{k}_img_s"] = round(batches * n / secs, 1)
-            metrics[f"workers{k}_batch_ms"] = round(1000 * secs / batches, 3)
-            metrics[f"workers{k}_device_process_cpu_per_img_ms"] = round(1000 * cpu / (batches * n), 4)
-            if pool is not None:
-                metrics[f"workers{k}_images_here_pct"] = round(
-                    100 * pool.local_images / max(1, pool.local_images + sum(pool.stats()["worker_images"])), 1
-                )
-            if util:
-                metrics[f"workers{k}_jpeg_engine_util_pct"] = round(statistics.median(util), 1)
-            if load is not None:
-                metrics[f"workers{k}_model_replays_per_s"] = load.replays_per_s
-            base = metrics.get("workers0_img_s")
-            metrics[f"workers{k}_vs_0"] = round(metrics[f"workers{k}_img_s"] / base, 3) if base else None
-        finally:
-            if pool is not None:
-                pool.close()
-    return metrics
-
-
 def bench(device: torch.device, sizes: list[str], batch_sizes: list[int], reps: int) -> dict[str, Any]:
     pipeline = _pipeline(device, max(batch_sizes))
     load = ModelLoad(device) if device.type == "cuda" else None
@@ -504,15 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the sweep: the decoder's ceiling, K processes each decoding --contention-batch photos of "
         "--contention-size at once for --window-s (aggregate photos/s, JPEG-engine utilisation from NVML)",
     )  # fmt: skip
-    p.add_argument(
-        "--workers", default=None, metavar="K1,K2",
-        help="instead of the sweep: the server's decode stage (prepare) on batches of --contention-batch photos of "
-        "--contention-size with K decode worker processes each (0: the device process alone), for --window-s, "
-        "beside --vary-load (photos/s, JPEG-engine utilisation)",
-    )  # fmt: skip
-    p.add_argument(
-        "--window-s", type=float, default=5.0, help="with --processes or --workers: seconds each count runs, default 5"
-    )
+    p.add_argument("--window-s", type=float, default=5.0, help="with --processes: seconds each count runs, default 5")
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     given = sys.argv[1:] if argv is None else argv
     args = p.parse_args(given)
@@ -547,25 +475,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--processes must be comma-separated integers, got {args.processes!r}")
         if not counts or min(counts) < 1 or args.window_s <= 0:
             p.error(f"--processes must be positive and --window-s > 0, got {args.processes!r}, {args.window_s}")
-    pools: list[int] = []
-    if args.workers:
-        try:
-            pools = [int(k) for k in args.workers.split(",")]
-        except ValueError:
-            p.error(f"--workers must be comma-separated integers, got {args.workers!r}")
-        if not pools or min(pools) < 0 or args.window_s <= 0:
-            p.error(f"--workers must be >= 0 and --window-s > 0, got {args.workers!r}, {args.window_s}")
-        if args.vary_load not in (*LOAD_ARMS, "none"):
-            p.error(f"--vary-load: unknown arm {args.vary_load!r}; valid: {', '.join(LOAD_ARMS)}, none")
     args.name = args.name or (
-        "decode-contention" if arms else "decode-vary" if vary else "decode-processes" if counts
-        else "decode-workers" if pools else "decode"
-    )  # fmt: skip
-    if pools:
-        load_arm = args.vary_load if args.vary_load != "none" and device.type == "cuda" else None
-        print(f"decode_bench on {device}: decode workers {pools}", file=sys.stderr, flush=True)
-        metrics = workers(device, pools, args.contention_size, args.contention_batch, args.window_s, load_arm)
-    elif counts:
+        "decode-contention" if arms else "decode-vary" if vary else "decode-processes" if counts else "decode"
+    )
+    if counts:
         print(f"decode_bench on {device}: {counts} decoding processes", file=sys.stderr, flush=True)
         metrics = processes(device, counts, args.contention_size, args.contention_batch, args.window_s)
     elif vary:

@@ -34,7 +34,6 @@ Never import kserve here: Locust runs in subprocesses, the server in another.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import gzip
 import json
@@ -156,15 +155,9 @@ def gpu_mem_of(pid: int) -> float | None:
 
         pynvml.nvmlInit()
         h = pynvml.nvmlDeviceGetHandleByIndex(0)
-        tree = {pid}  # with its children: decode workers (--decode_workers) have CUDA contexts of their own
-        with contextlib.suppress(Exception):
-            import psutil
-
-            tree |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
-        used = [float(p.usedGpuMemory) for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h)
-                if p.pid in tree and p.usedGpuMemory]  # fmt: skip
-        if used:
-            return round(sum(used) / 2**20, 1)
+        for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
+            if p.pid == pid and p.usedGpuMemory:
+                return round(float(p.usedGpuMemory) / 2**20, 1)
         return round(float(pynvml.nvmlDeviceGetMemoryInfo(h).used) / 2**20, 1)  # pid not visible (containers)
     except Exception:
         return None

@@ -84,17 +84,6 @@ def _parser() -> argparse.ArgumentParser:
         "tiny JPEG, so nvJPEG's batched decoder always sees one size (default 0: one call per batch)",
     )  # fmt: skip
     p.add_argument(
-        "--decode_workers", type=int, default=int(_env("DECODE_WORKERS", str(d.decode_workers))),
-        help="JPEG decode worker processes beside the device process, each with its own CUDA context and nvJPEG "
-        "decoder (one decoder per process is what limits requests of many JPEGs); ready does not wait for them "
-        "(default 0: the device process decodes alone; ignored without GPU decoding)",
-    )  # fmt: skip
-    p.add_argument(
-        "--decode_workers_min_images", type=int,
-        default=int(_env("DECODE_WORKERS_MIN_IMAGES", str(d.decode_workers_min_images))),
-        help="batches with fewer JPEGs are decoded by the device process alone (default: %(default)s)",
-    )  # fmt: skip
-    p.add_argument(
         "--max_inflight_requests", type=int, default=int(_env("MAX_INFLIGHT_REQUESTS", "0")),
         help="HTTP inference requests handled at once (bodies in memory); more get 503 + Retry-After before "
         "their body is read (default 0: max_queue_images + 2 * max_batch_size)",
@@ -252,8 +241,6 @@ def main(argv: list[str] | None = None) -> int:
         cpu_decode_share=args.cpu_decode_share,
         model_stream=args.model_stream,
         decode_batch=args.decode_batch,
-        decode_workers=args.decode_workers,
-        decode_workers_min_images=args.decode_workers_min_images,
         inline_idle_ms=args.inline_idle_ms,
     )
     if args.inline_idle_ms < 0:
@@ -262,10 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_batch < 0:
         print(f"error: --decode_batch must be >= 0 (0: one nvJPEG call per batch), got {args.decode_batch}",
               file=sys.stderr)  # fmt: skip
-        return 2
-    if args.decode_workers < 0 or args.decode_workers_min_images < 1:
-        print(f"error: --decode_workers must be >= 0 (0: none) and --decode_workers_min_images >= 1, got "
-              f"{args.decode_workers} and {args.decode_workers_min_images}", file=sys.stderr)  # fmt: skip
         return 2
     if args.frontends < 1:
         print(f"error: --frontends must be >= 1, got {args.frontends}", file=sys.stderr)

@@ -48,11 +48,6 @@ class ServingConfig:
     #: JPEGs, the last padded with a tiny one, so nvJPEG sees one batch size; 0 (default): one call
     #: per batch, whatever its size (32 served 0.89x on the H100).
     decode_batch: int = 0
-    #: Decode worker processes (``--decode_workers``): each its own CUDA context and nvJPEG decoder,
-    #: decoding a share of every batch of at least ``decode_workers_min_images`` JPEGs beside the
-    #: device process (``model_server.decoders``); 0 (default): the device process decodes alone.
-    decode_workers: int = 0
-    decode_workers_min_images: int = 16
     #: A request that finds the device idle (nothing queued or running) for at least this many ms runs
     #: at once on the device process's event loop thread, not via the batch worker and the device
     #: thread (two thread wake-ups and a few loop turns fewer at low load); 0: never.

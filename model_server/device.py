@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from model_server.artifact import read_labels, read_manifest
 from model_server.batcher import DynamicBatcher
 from model_server.config import ServingConfig
-from model_server.decoders import DecodeWorkers
 from model_server.pipeline import DevicePipeline
 from model_server.profiler import ProfileCapture
 from model_server.runtimes import Runner, load_runner, resolve_device
@@ -40,8 +38,6 @@ class LoadedModel:
     #: JPEGs go to the device worker for nvJPEG (CUDA device and ``gpu_decode`` on).
     gpu_decode: bool
     load_seconds: float
-    #: Decode worker processes (``--decode_workers``), None without.
-    decoders: DecodeWorkers | None = None
 
     def max_batch(self) -> int:
         """Largest device batch (the artifact's and the flag's minimum)."""
@@ -49,8 +45,6 @@ class LoadedModel:
 
     def stop(self) -> None:
         self.batcher.close()
-        if self.decoders is not None:
-            self.decoders.close()
 
 
 def load_model(artifact_dir: Path, config: ServingConfig, *, early: EarlyStart | None = None) -> LoadedModel:
@@ -68,28 +62,6 @@ def load_model(artifact_dir: Path, config: ServingConfig, *, early: EarlyStart |
     t0 = time.perf_counter()
     manifest = read_manifest(artifact_dir)
     device = resolve_device(config.device)
-    decoders = None
-    if config.decode_workers > 0 and config.gpu_decode and device.type == "cuda":
-        # Spawned first: they import torch and warm their decoders while the model loads; ready does not wait.
-        decoders = DecodeWorkers(config.decode_workers, device, config.max_batch_size,
-                                 min_images=config.decode_workers_min_images)  # fmt: skip
-    try:
-        return _load(manifest, artifact_dir, device, config, early, decoders, t0)
-    except BaseException:
-        if decoders is not None:
-            decoders.close()
-        raise
-
-
-def _load(
-    manifest: dict[str, Any],
-    artifact_dir: Path,
-    device: torch.device,
-    config: ServingConfig,
-    early: EarlyStart | None,
-    decoders: DecodeWorkers | None,
-    t0: float,
-) -> LoadedModel:
     runner = load_runner(manifest, artifact_dir, device)
     t_loaded = time.perf_counter()
     max_batch = min(config.max_batch_size, runner.max_batch)
@@ -105,9 +77,7 @@ def _load(
         early.join()
     t_warm = time.perf_counter()
     profiler = ProfileCapture(Path(config.profile_dir), device)
-    pipeline = DevicePipeline(
-        runner, profiler, model_stream=config.model_stream, decode_batch=config.decode_batch, decoders=decoders
-    )
+    pipeline = DevicePipeline(runner, profiler, model_stream=config.model_stream, decode_batch=config.decode_batch)
     gpu_decode = config.gpu_decode and device.type == "cuda"
     if gpu_decode:
         pipeline.warm_up()
@@ -129,7 +99,7 @@ def _load(
         "loaded %s (%s, %s) on %s, warmed batches %s in %.2fs",
         manifest["slug"], manifest["runtime"], manifest["precision"], device, runner.buckets, load_seconds,
     )  # fmt: skip
-    return LoadedModel(manifest, labels, runner, batcher, profiler, gpu_decode, load_seconds, decoders)
+    return LoadedModel(manifest, labels, runner, batcher, profiler, gpu_decode, load_seconds)
 
 
 def profile_op(profiler: ProfileCapture | None, op: dict[str, Any]) -> dict[str, Any]:

@@ -46,11 +46,6 @@ DEVICE_SECONDS = Histogram(
 )
 BATCH_SIZE = Histogram("densenet_batch_size", "Images per device batch", buckets=_BATCH)
 IMAGES = Counter("densenet_images_total", "Images classified")
-DECODED_IMAGES = Counter(
-    "densenet_decoded_images_total",
-    "JPEGs of batches shared with decode workers (--decode_workers), by who decoded them",
-    ["decoder"],
-)
 REJECTED = Counter("densenet_requests_rejected_total", "Requests refused", ["reason"])
 QUEUE_DEPTH = Gauge("densenet_queue_images", "Images waiting in the batch queue")
 GPU_MEMORY = Gauge("densenet_gpu_memory_used_bytes", "GPU memory used on the serving device (NVML)")
@@ -171,7 +166,7 @@ class _Off:
 #: The metrics written on the request path; ``--metrics false`` and the toggle signals replace them by no-ops.
 REQUEST_PATH = (
     "REQUEST_SECONDS", "QUEUE_WAIT_SECONDS", "PREPROCESS_SECONDS", "H2D_SECONDS", "GPU_DECODE_SECONDS",
-    "DEVICE_SECONDS", "BATCH_SIZE", "IMAGES", "REJECTED", "QUEUE_DEPTH", "DECODED_IMAGES",
+    "DEVICE_SECONDS", "BATCH_SIZE", "IMAGES", "REJECTED", "QUEUE_DEPTH",
 )  # fmt: skip
 #: ``kill -USR1 <server pid>`` pauses the request-path metrics, ``kill -USR2`` resumes them, in every
 #: process of the server (the device process forwards both to its front ends). For measuring what

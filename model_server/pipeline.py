@@ -27,7 +27,6 @@ import torch
 from model_server import BadInput
 from model_server import metrics as m
 from model_server.config import MODEL_STREAMS
-from model_server.decoders import DecodeWorkers
 from model_server.images import JpegBatch, Payload
 from model_server.preprocess import decode_jpegs, gpu_resize_crop_many, normalize, resize_crop_pixels, warm_up_jpeg
 from model_server.profiler import ProfileCapture
@@ -84,15 +83,12 @@ class DevicePipeline:
         *,
         model_stream: str = "side",
         decode_batch: int = 0,
-        decoders: DecodeWorkers | None = None,
     ) -> None:
         if model_stream not in MODEL_STREAMS:
             raise ValueError(f"model_stream must be one of {', '.join(MODEL_STREAMS)}, got {model_stream!r}")
         if decode_batch < 0:
             raise ValueError(f"decode_batch must be >= 0, got {decode_batch}")
         self.decode_batch = decode_batch
-        #: Worker processes decoding shares of large batches (``--decode_workers``); None: this process alone.
-        self.decoders = decoders
         self.runner = runner
         self.device = runner.device
         self.profiler = profiler
@@ -274,12 +270,11 @@ class DevicePipeline:
         counts = [len(b) for b in batches if isinstance(b, JpegBatch)]
         encoded = [t for b in batches if isinstance(b, JpegBatch) for t in b.encoded()]
         try:
-            crops = self.decoders.decode(encoded, self._decode_here) if self.decoders is not None else None
-            if crops is None:
-                crops = self._decode_here(encoded)
+            images = decode_jpegs(encoded, self.device, call_size=self.decode_batch)
         except RuntimeError:
-            crops = None  # one bad stream fails the batched call: retry each request alone
-        if crops is not None:
+            images = None  # one bad stream fails the batched call: retry each request alone
+        if images is not None:
+            crops = gpu_resize_crop_many(images)
             for i, part in zip(jpeg_idx, torch.split(crops, counts), strict=True):
                 staged.parts[i] = part
             if len(jpeg_idx) == staged.n:
@@ -288,14 +283,11 @@ class DevicePipeline:
         start = 0
         for i, n in zip(jpeg_idx, counts, strict=True):
             try:
-                staged.parts[i] = self._decode_here(encoded[start : start + n])
+                mine = decode_jpegs(encoded[start : start + n], self.device, call_size=self.decode_batch)
+                staged.parts[i] = gpu_resize_crop_many(mine)
             except RuntimeError as e:
                 staged.failed[i] = _undecodable(e)
             start += n
-
-    def _decode_here(self, encoded: list[torch.Tensor]) -> torch.Tensor:
-        """Decode JPEGs in this process (one nvJPEG call on CUDA) and resize/crop them: uint8 ``[n,3,224,224]``."""
-        return gpu_resize_crop_many(decode_jpegs(encoded, self.device, call_size=self.decode_batch))
 
     def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """One batch tensor on the device: host parts go through a pinned buffer and a non-blocking copy."""

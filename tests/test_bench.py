@@ -167,25 +167,6 @@ def test_decode_bench_measures_decoding_processes_at_once(tmp_path: Path) -> Non
     assert bad.returncode == 2 and "--processes must be positive" in bad.stderr, bad.stderr
 
 
-def test_decode_bench_measures_the_decode_stage_with_decode_workers(tmp_path: Path) -> None:
-    """--workers: the server's prepare stage alone and with K decode worker processes (real spawned
-    workers; on a CPU they decode with torchvision into shared memory), photos per second each."""
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/decode_bench.py", "--device", "cpu", "--workers", "0,1",
-         "--contention-batch", "4", "--window-s", "0.5", "--results-dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    m = json.loads(next(tmp_path.glob("*-decode-workers.json")).read_text())["metrics"]
-    assert m["workers_batch"] == 4 and m["workers_load"] == "none" and m["workers0_vs_0"] == 1.0
-    for k in (0, 1):
-        assert m[f"workers{k}_img_s"] > 0 and m[f"workers{k}_batch_ms"] > 0
-    assert 0 < m["workers1_images_here_pct"] < 100  # the batch was shared
-    bad = subprocess.run([sys.executable, "benchmarks/decode_bench.py", "--workers", "-1"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert bad.returncode == 2 and "--workers must be >= 0" in bad.stderr, bad.stderr
-
-
 def test_request_anatomy_takes_one_request_apart(artifacts_dir: Path, tmp_path: Path) -> None:
     """benchmarks/request_anatomy.py on the CPU: the whole call, the runner alone, each step, and the
     profiler's heaviest ops (the GPU-busy figures need CUDA)."""
