@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from model_server import ServerError
 from model_server.config import EVENT_LOOPS, MODEL_STREAMS, ServingConfig
-from model_server.tuning import EarlyStart
+from model_server.tuning import EarlyStart, start_before_torch
 
 if TYPE_CHECKING:
     from model_server.frontend import FrontEnds
@@ -170,7 +170,7 @@ def warm_decoder_timed(device: Any, took: dict[str, float]) -> None:
                  time.perf_counter() - process_start())  # fmt: skip
 
 
-def _start_device_early(device: str, *, warm_decoder: bool) -> EarlyStart:
+def _start_device_early(device: str, *, warm_decoder: bool, before: dict[str, float] | None = None) -> EarlyStart:
     """Create the CUDA context, then load cuDNN and cuBLAS and, on a thread of its own beside them,
     initialise nvJPEG and the crop kernels (0.5 and 0.9 s on the H100 host), in threads while this
     one imports KServe or reads the weights: all of it runs in the driver and the libraries, mostly
@@ -195,8 +195,9 @@ def _start_device_early(device: str, *, warm_decoder: bool) -> EarlyStart:
                 warm_device_libraries(dev)
                 # Where process start to ready goes (the floor pays the context only).
                 log.info("early device start: %.2fs after process start; CUDA context %.2fs, then cuDNN/cuBLAS "
-                         "%.2fs (nvJPEG warming beside them)", t0 - process_start(), t_context - t0,
-                         time.perf_counter() - t_context)  # fmt: skip
+                         "%.2fs (nvJPEG warming beside them); before torch: %s", t0 - process_start(), t_context - t0,
+                         time.perf_counter() - t_context,
+                         ", ".join(f"{k} {v:.2f}s" for k, v in (before or {}).items()) or "nothing")  # fmt: skip
         except Exception as e:  # load() reports device problems with a proper message
             log.debug("early CUDA initialisation failed: %s", e)
 
@@ -262,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_inflight": args.max_inflight_requests or config.max_queue_images + 2 * config.max_batch_size,
         "event_loop": args.event_loop,
     }  # fmt: skip
+    # The CUDA driver and context, in a thread beside the front ends' spawn and torch's import.
+    args.before_torch = {}
+    start_before_torch(config.device, took=args.before_torch)
     if args.frontends > 1:
         from model_server.frontend import FrontEnds, enable_multiprocess_metrics
 
@@ -275,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 def _serve_device(args: argparse.Namespace, config: ServingConfig, fronts: FrontEnds) -> int:
     """The device process of ``--frontends N``: loads and warms the model, then serves the front ends.
     It never imports KServe, FastAPI or grpc (about 2 s of start-up it would spend before the load)."""
-    early = _start_device_early(config.device, warm_decoder=config.gpu_decode)
+    early = _start_device_early(config.device, warm_decoder=config.gpu_decode, before=args.before_torch)
     from model_server import metrics
     from model_server.device import load_model
     from model_server.tuning import freeze_so_far
@@ -308,7 +312,7 @@ def _serve_single(args: argparse.Namespace, config: ServingConfig, spec: dict[st
     overlaps the parts of the load that release the GIL (file reads, the CUDA driver, torch's kernels)."""
     import concurrent.futures
 
-    early = _start_device_early(config.device, warm_decoder=config.gpu_decode)
+    early = _start_device_early(config.device, warm_decoder=config.gpu_decode, before=args.before_torch)
     from model_server import metrics
     from model_server.device import load_model
 

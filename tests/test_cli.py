@@ -89,3 +89,61 @@ def test_an_unknown_event_loop_is_refused_naming_the_choices() -> None:
 
     with pytest.raises(ValueError, match="event loop must be one of auto, uvloop, asyncio, got 'trio'"):
         install_event_loop("trio")
+
+
+@pytest.mark.parametrize(
+    ("device", "ordinal"), [("cpu", None), ("auto", 0), ("cuda", 0), ("cuda:3", 3), ("gpu", None), ("cuda:x", None)]
+)
+def test_the_device_flag_names_a_cuda_ordinal(device: str, ordinal: int | None) -> None:
+    from model_server.tuning import device_ordinal
+
+    assert device_ordinal(device) == ordinal
+
+
+class _FakeDriver:
+    """Stands in for libcuda: records each call, answers ``codes[name]`` (CUDA_SUCCESS = 0 otherwise)."""
+
+    def __init__(self, codes: dict[str, int] | None = None) -> None:
+        self.calls: list[tuple[str, tuple[object, ...]]] = []
+        self.codes = codes or {}
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        def call(*args: object) -> int:
+            self.calls.append((name, args))
+            return self.codes.get(name, 0)
+
+        return call
+
+
+def test_before_torch_the_driver_retains_the_devices_primary_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    from model_server import tuning
+
+    fake = _FakeDriver()
+    opened: list[str] = []
+    monkeypatch.setattr(tuning.ctypes, "CDLL", lambda name: opened.append(name) or fake)
+    took: dict[str, float] = {}
+    thread = tuning.start_before_torch("cuda:1", took=took)
+    assert thread is not None
+    thread.join(30)
+    assert opened == ["libcuda.so.1"]
+    assert [name for name, _ in fake.calls] == ["cuInit", "cuDeviceGet", "cuDevicePrimaryCtxRetain"]
+    assert fake.calls[1][1][1] == 1, "the device's ordinal, from --device cuda:1"
+    assert set(took) == {"driver"}
+
+
+@pytest.mark.parametrize("failing", ["cuInit", "cuDeviceGet", "cuDevicePrimaryCtxRetain", "no library"])
+def test_before_torch_stops_quietly_without_a_driver_or_a_gpu(monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    from model_server import tuning
+
+    def cdll(name: str) -> _FakeDriver:
+        if failing == "no library":
+            raise OSError(f"{name}: cannot open shared object file")
+        return _FakeDriver({failing: 100})  # CUDA_ERROR_NO_DEVICE
+
+    monkeypatch.setattr(tuning.ctypes, "CDLL", cdll)
+    took: dict[str, float] = {}
+    thread = tuning.start_before_torch("auto", took=took)
+    assert thread is not None
+    thread.join(30)
+    assert took == {}, "nothing done: torch decides later, and its own calls report errors"
+    assert tuning.start_before_torch("cpu", took=took) is None
