@@ -540,6 +540,7 @@ def _build_cuda(out: Path, slug: str, options: dict[str, object] | None = None) 
         "densenet121-aoti-fp16-cl-dynamic-fused",
         "densenet121-aoti-fp16-cl-dynamic-fused-mids",
         "densenet121-pruned-channels-30-aoti-dynamic",
+        "densenet121-pruned-channels-30-fused-mids",
     ],
 )
 def test_aoti_variant_on_cuda_serves_without_compiling(tmp_path: Path, slug: str) -> None:
