@@ -263,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_inflight": args.max_inflight_requests or config.max_queue_images + 2 * config.max_batch_size,
         "event_loop": args.event_loop,
     }  # fmt: skip
-    # The CUDA driver and context, in a thread beside the front ends' spawn and torch's import.
+    # The CUDA driver, the context and nvJPEG's start-up, in a thread beside the front ends' spawn and torch's import.
     args.before_torch = {}
-    start_before_torch(config.device, took=args.before_torch)
+    start_before_torch(config.device, gpu_decode=config.gpu_decode, took=args.before_torch)
     if args.frontends > 1:
         from model_server.frontend import FrontEnds, enable_multiprocess_metrics
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
+import importlib.util
 import logging
 import threading
 import time
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,12 @@ class EarlyStart:
 
 #: The CUDA driver library (the driver's own, not the toolkit's: present wherever a GPU is usable).
 CUDA_DRIVER_LIB = "libcuda.so.1"
+#: nvJPEG where torchvision's image library does not bring its own (``torchvision.libs/libnvjpeg*``).
+NVJPEG_LIBS = ("libnvjpeg.so.13", "libnvjpeg.so.12")
+#: ``nvjpegBackend_t``: the hardware decoder (A100, H100), else the default.
+NVJPEG_BACKEND_HARDWARE, NVJPEG_BACKEND_DEFAULT = 3, 0
+#: What start_before_torch made and keeps for the process's life (a context handle, an nvJPEG handle).
+_KEPT: list[object] = []
 
 
 def device_ordinal(device: str) -> int | None:
@@ -46,15 +54,30 @@ def device_ordinal(device: str) -> int | None:
     return None  # not a device the predictor accepts; load_model says so
 
 
-def start_before_torch(device: str, *, took: dict[str, float]) -> threading.Thread | None:
-    """Start the CUDA driver and retain the device's primary context through the driver library, in a
-    daemon thread, before the device process imports torch (3-5 s on the H100 host, the floor's first
-    step too): torch's first CUDA call then finds the context created (``CUDA context`` in the start-up
-    log: 0.27-0.34 s on the H100 host before, 0.03 s after). None for the CPU.
+def nvjpeg_candidates() -> list[str]:
+    """nvJPEG libraries to try, torchvision's own first (found without importing torchvision): the
+    handle made there must be in the same library the decode later uses, for its start-up to count."""
+    spec = importlib.util.find_spec("torchvision")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    bundled = sorted(str(p) for r in roots for p in Path(r).parent.joinpath("torchvision.libs").glob("libnvjpeg*.so*"))
+    return [*bundled, *NVJPEG_LIBS]
 
-    The driver calls release the GIL. It fails silently: without a driver or a GPU (a CPU machine) it
-    stops there, torch decides, and torch's own calls report errors. ``took["driver"]`` gets its
-    seconds when the context is there.
+
+def start_before_torch(device: str, *, gpu_decode: bool, took: dict[str, float]) -> threading.Thread | None:
+    """Start, in a daemon thread, before the device process imports torch (3-5 s on the H100 host, the
+    floor's first step too), the device-side start-up that needs no torch (None for the CPU):
+
+    - the CUDA driver and the device's primary context, through the driver library: torch's first CUDA
+      call then finds the context made (``CUDA context`` in the start-up log: 0.27-0.34 s on the H100
+      host before, 0.03 s after);
+    - with GPU decoding, an nvJPEG handle (hardware backend) in the nvJPEG library torchvision's decode
+      uses: nvJPEG's one-time start-up in the process is then done, and the decoder's first decode took
+      0.18-0.22 s instead of 0.64-0.65 s on the H100 host (``benchmarks`` record of session 15). The
+      handle is kept (never destroyed) for the process's life.
+
+    The driver and nvJPEG calls release the GIL. Each step fails silently: without a driver, a GPU or
+    nvJPEG (a CPU machine) it stops there, torch decides, and torch's own calls report errors.
+    ``took`` gets the seconds of each step done (``driver``, ``nvjpeg``).
     """
     ordinal = device_ordinal(device)
     if ordinal is None:
@@ -68,16 +91,41 @@ def start_before_torch(device: str, *, took: dict[str, float]) -> threading.Thre
             if lib.cuInit(0) != 0 or lib.cuDeviceGet(ctypes.byref(dev), ordinal) != 0:
                 return
             # Retained for the process's life: torch's runtime uses this same primary context.
-            if lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) != 0:
+            if lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) != 0 or lib.cuCtxSetCurrent(ctx) != 0:
                 return
         except (OSError, AttributeError) as e:  # no driver library here
             log.debug("early CUDA driver start skipped: %s", e)
             return
-        took["driver"] = time.perf_counter() - t0
+        _KEPT.append(ctx)
+        t1 = time.perf_counter()
+        took["driver"] = t1 - t0
+        if gpu_decode and _create_nvjpeg_handle():
+            took["nvjpeg"] = time.perf_counter() - t1
 
-    thread = threading.Thread(target=run, name="cuda-driver", daemon=True)
+    thread = threading.Thread(target=run, name="before-torch", daemon=True)
     thread.start()
     return thread
+
+
+def _create_nvjpeg_handle() -> bool:
+    """An nvJPEG handle and decode state in the first loadable candidate library (kept); False if none."""
+    for name in nvjpeg_candidates():
+        try:
+            nvjpeg = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        handle, state = ctypes.c_void_p(), ctypes.c_void_p()
+        try:
+            ok = any(nvjpeg.nvjpegCreateEx(backend, None, None, 0, ctypes.byref(handle)) == 0
+                     for backend in (NVJPEG_BACKEND_HARDWARE, NVJPEG_BACKEND_DEFAULT))  # fmt: skip
+            if ok and nvjpeg.nvjpegJpegStateCreate(handle, ctypes.byref(state)) == 0:
+                _KEPT.extend([nvjpeg, handle, state])
+                return True
+        except AttributeError:  # not nvJPEG after all
+            continue
+        log.debug("nvJPEG handle not created in %s", name)
+        return False
+    return False
 
 
 def freeze_so_far() -> None:

@@ -115,35 +115,75 @@ class _FakeDriver:
         return call
 
 
-def test_before_torch_the_driver_retains_the_devices_primary_context(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_before_torch_the_driver_retains_the_context_then_nvjpeg_starts_in_torchvisions_library(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from model_server import tuning
 
-    fake = _FakeDriver()
+    driver, nvjpeg = _FakeDriver(), _FakeDriver()
     opened: list[str] = []
-    monkeypatch.setattr(tuning.ctypes, "CDLL", lambda name: opened.append(name) or fake)
+
+    def cdll(name: str, mode: int = 0) -> _FakeDriver:
+        opened.append(name)
+        return driver if name == "libcuda.so.1" else nvjpeg
+
+    monkeypatch.setattr(tuning.ctypes, "CDLL", cdll)
     took: dict[str, float] = {}
-    thread = tuning.start_before_torch("cuda:1", took=took)
+    thread = tuning.start_before_torch("cuda:1", gpu_decode=True, took=took)
     assert thread is not None
     thread.join(30)
-    assert opened == ["libcuda.so.1"]
-    assert [name for name, _ in fake.calls] == ["cuInit", "cuDeviceGet", "cuDevicePrimaryCtxRetain"]
-    assert fake.calls[1][1][1] == 1, "the device's ordinal, from --device cuda:1"
-    assert set(took) == {"driver"}
+    assert [name for name, _ in driver.calls] == [
+        "cuInit",
+        "cuDeviceGet",
+        "cuDevicePrimaryCtxRetain",
+        "cuCtxSetCurrent",
+    ]
+    assert driver.calls[1][1][1] == 1, "the device's ordinal, from --device cuda:1"
+    # nvJPEG from the library torchvision's image ops load (its wheel's own copy here), hardware backend first
+    assert opened == ["libcuda.so.1", tuning.nvjpeg_candidates()[0]]
+    assert [name for name, _ in nvjpeg.calls] == ["nvjpegCreateEx", "nvjpegJpegStateCreate"]
+    assert nvjpeg.calls[0][1][0] == tuning.NVJPEG_BACKEND_HARDWARE
+    assert set(took) == {"driver", "nvjpeg"}
 
 
-@pytest.mark.parametrize("failing", ["cuInit", "cuDeviceGet", "cuDevicePrimaryCtxRetain", "no library"])
+def test_before_torch_falls_back_to_nvjpegs_default_backend_and_skips_it_without_gpu_decode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from model_server import tuning
+
+    nvjpeg = _FakeDriver({"nvjpegCreateEx": 0})
+    codes = iter([5, 0])  # NVJPEG_STATUS_ARCH_MISMATCH for the hardware backend, then success
+    nvjpeg.__dict__["nvjpegCreateEx"] = lambda *args: nvjpeg.calls.append(("nvjpegCreateEx", args)) or next(codes)
+    monkeypatch.setattr(tuning.ctypes, "CDLL", lambda name, mode=0: _FakeDriver() if name == "libcuda.so.1" else nvjpeg)
+    took: dict[str, float] = {}
+    thread = tuning.start_before_torch("auto", gpu_decode=True, took=took)
+    assert thread is not None
+    thread.join(30)
+    backends = [args[0] for name, args in nvjpeg.calls if name == "nvjpegCreateEx"]
+    assert backends == [tuning.NVJPEG_BACKEND_HARDWARE, tuning.NVJPEG_BACKEND_DEFAULT] and "nvjpeg" in took
+    nvjpeg.calls.clear()
+    took.clear()
+    thread = tuning.start_before_torch("auto", gpu_decode=False, took=took)
+    assert thread is not None
+    thread.join(30)
+    assert not nvjpeg.calls and set(took) == {"driver"}
+
+
+@pytest.mark.parametrize(
+    "failing", ["cuInit", "cuDeviceGet", "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent", "no library"]
+)
 def test_before_torch_stops_quietly_without_a_driver_or_a_gpu(monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
     from model_server import tuning
 
-    def cdll(name: str) -> _FakeDriver:
+    def cdll(name: str, mode: int = 0) -> _FakeDriver:
         if failing == "no library":
             raise OSError(f"{name}: cannot open shared object file")
         return _FakeDriver({failing: 100})  # CUDA_ERROR_NO_DEVICE
 
     monkeypatch.setattr(tuning.ctypes, "CDLL", cdll)
     took: dict[str, float] = {}
-    thread = tuning.start_before_torch("auto", took=took)
+    thread = tuning.start_before_torch("auto", gpu_decode=True, took=took)
     assert thread is not None
     thread.join(30)
     assert took == {}, "nothing done: torch decides later, and its own calls report errors"
-    assert tuning.start_before_torch("cpu", took=took) is None
+    assert tuning.start_before_torch("cpu", gpu_decode=True, took=took) is None
