@@ -71,9 +71,9 @@ def start_before_torch(device: str, *, gpu_decode: bool, took: dict[str, float])
       call then finds the context made (``CUDA context`` in the start-up log: 0.27-0.34 s on the H100
       host before, 0.03 s after);
     - with GPU decoding, an nvJPEG handle (hardware backend) in the nvJPEG library torchvision's decode
-      uses: nvJPEG's one-time start-up in the process is then done, and the decoder's first decode took
-      0.18-0.22 s instead of 0.64-0.65 s on the H100 host (``benchmarks`` record of session 15). The
-      handle is kept (never destroyed) for the process's life.
+      uses: nvJPEG's one-time start-up in the process is then done, and the decoder's warm-up took
+      0.30 s instead of 0.78-0.98 s on the H100 host (the ``*-s15-server.log`` files next to the
+      records). The handle is kept (never destroyed) for the process's life.
 
     The driver and nvJPEG calls release the GIL. Each step fails silently: without a driver, a GPU or
     nvJPEG (a CPU machine) it stops there, torch decides, and torch's own calls report errors.
