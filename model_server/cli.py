@@ -173,10 +173,11 @@ def warm_decoder_timed(device: Any, took: dict[str, float]) -> None:
 def _start_device_early(device: str, *, warm_decoder: bool, before: dict[str, float] | None = None) -> EarlyStart:
     """Create the CUDA context (or find it made: :func:`~model_server.tuning.start_before_torch`), then
     load cuDNN and cuBLAS and, on a thread of its own beside them, initialise nvJPEG and the crop
-    kernels (0.5 and 0.9 s on the H100 host), in threads while this one imports KServe or reads the weights: all of it runs in the driver and the libraries, mostly
-    without the GIL. ``load_model`` joins the libraries before its first warm-up and captures the
-    CUDA graphs while nvJPEG may still be warming (the capture only forbids its own thread's unsafe
-    calls); it joins the decoder before the pipeline's warm-up. Errors surface later, in ``load_model``."""
+    kernels (0.5 and 0.9 s on the H100 host), in threads while this one imports KServe or reads the
+    weights: all of it runs in the driver and the libraries, mostly without the GIL. ``load_model``
+    joins the libraries before its first warm-up and captures the CUDA graphs while nvJPEG may still
+    be warming (the capture only forbids its own thread's unsafe calls); it joins the decoder before
+    the pipeline's warm-up. Errors surface later, in ``load_model``."""
     import torch
 
     def init() -> None:
