@@ -17,7 +17,8 @@ JSON in the meta, JSON back.
 The device process is one Python process for every front end, so its per-request Python
 is the serving ceiling (it was GIL-bound at ~2,400 req/s on an H100 host). Both ends are
 therefore :class:`asyncio.BufferedProtocol` s rather than streams: the kernel receives
-into one buffer that is parsed in place, every complete frame of a read at once; a
+into one buffer that is parsed in place, every complete frame of a read at once (a request body
+of ``_DIRECT_BYTES`` or more is received into a buffer of its own instead, no copy); a
 request goes to the batcher without a task of its own (``submit_nowait``) and is answered
 from its future's done-callback; and the frames written in one loop turn leave in one
 ``write`` (one answer per request of a batch would otherwise be one syscall each).
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import functools
 import itertools
 import json
@@ -79,6 +81,10 @@ _GONE = "the device process is gone; retry on another replica"
 _CHUNK = 2**20
 _MIN_READ = 256 * 1024
 _KEEP_BYTES = 8 * 2**20
+# A request body at least this large is received straight into a buffer of its own once its header
+# and meta are in: no copy out of the read buffer, which the event loop's thread made holding the GIL
+# (a third of the device process's CPU per 32-JPEG request, benchmarks/ipc_bench.py --images 32).
+_DIRECT_BYTES = 256 * 1024
 # Answers queued in user space, per front end, before the device process stops reading
 # that front end's requests (a front end that does not read its answers gets no new work
 # in); about 1,000 single-image answers, far above what one batch writes at once.
@@ -166,6 +172,19 @@ def decode_request(kind: int, n: int, meta: bytes, body: bytes | bytearray) -> P
     return t if t.dtype == torch.uint8 else t.float()
 
 
+@dataclasses.dataclass(slots=True)
+class _DirectBody:
+    """A request whose header and meta are parsed and whose large body is being read into ``body``."""
+
+    req_id: int
+    kind: int
+    n: int
+    timeout_s: float
+    meta: bytes
+    body: bytearray
+    filled: int
+
+
 class _Framed(asyncio.BufferedProtocol):
     """Frames both ways on one stream: reads parsed in place, writes of one loop turn sent together."""
 
@@ -243,6 +262,7 @@ class _DeviceConnection(_Framed):
         self.server = server
         self.inflight: set[asyncio.Future[torch.Tensor]] = set()
         self._eof = False
+        self._direct: _DirectBody | None = None  # a large body being received into its own buffer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -254,8 +274,26 @@ class _DeviceConnection(_Framed):
         return REQ.size
 
     def _frame_size(self, at: int) -> int:
+        """Bytes of the frame at ``at`` that must be in the read buffer: all of it, or, for a body of at
+        least ``_DIRECT_BYTES``, the header and meta (the body then goes to a buffer of its own)."""
         fields = REQ.unpack_from(self._buf, at)
-        return int(REQ.size + fields[4] + fields[5])
+        return int(REQ.size + fields[4] + (fields[5] if fields[5] < _DIRECT_BYTES else 0))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        direct = self._direct
+        if direct is not None:
+            return memoryview(direct.body)[direct.filled :]
+        return super().get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        direct = self._direct
+        if direct is None:
+            super().buffer_updated(nbytes)
+            return
+        direct.filled += nbytes
+        if direct.filled == len(direct.body):
+            self._direct = None
+            self._dispatch(direct.req_id, direct.kind, direct.n, direct.timeout_s, direct.meta, direct.body)
 
     def _parse(self, view: memoryview, pos: int, end: int) -> int:
         size = REQ.size
@@ -264,17 +302,27 @@ class _DeviceConnection(_Framed):
             body_at = pos + size + meta_len
             stop = body_at + body_len
             if stop > end:
+                if body_len >= _DIRECT_BYTES and body_at <= end:
+                    # The rest of a large body is read straight into its own buffer (get_buffer).
+                    body = bytearray(body_len)
+                    body[: end - body_at] = view[body_at:end]
+                    meta = bytes(view[pos + size : body_at])
+                    self._direct = _DirectBody(req_id, kind, n, timeout_s, meta, body, end - body_at)
+                    return end
                 break
             meta = bytes(view[pos + size : body_at])
             # The body becomes a bytearray at once (one copy out of the read buffer): torch.frombuffer
             # wants it writable, for a tensor and for the JPEGs the decode stage reads in place.
             body = bytearray(view[body_at:stop])
             pos = stop
-            if kind == KIND_CONTROL:
-                self.send(*self.server.control_answer(req_id, meta))
-            else:
-                self._request(req_id, kind, n, timeout_s, meta, body)
+            self._dispatch(req_id, kind, n, timeout_s, meta, body)
         return pos
+
+    def _dispatch(self, req_id: int, kind: int, n: int, timeout_s: float, meta: bytes, body: bytearray) -> None:
+        if kind == KIND_CONTROL:
+            self.send(*self.server.control_answer(req_id, meta))
+        else:
+            self._request(req_id, kind, n, timeout_s, meta, body)
 
     def _request(self, req_id: int, kind: int, n: int, timeout_s: float, meta: bytes, body: bytes | bytearray) -> None:
         try:

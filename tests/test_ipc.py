@@ -167,8 +167,8 @@ def test_a_frame_split_across_reads_and_a_frame_larger_than_the_buffer() -> None
             req_id, status, n, data = await read_response(reader)
             assert (req_id, status, n) == (1, OK, 2)
             assert logits(n, data)[:, 0].tolist() == [300.0, 5000.0]
-            # A 3 MB image between two small frames, the lot in one write: the receive buffer
-            # (256 KiB) grows for it, and the frame after it is still found.
+            # A 3 MB image between two small frames, the lot in one write: its body is read into a
+            # buffer of its own (test below), and the frame after it is still found.
             writer.write(
                 encode_request(2, JpegBatch([b"s" * 7]), 5.0)
                 + encode_request(3, JpegBatch([b"L" * 3_000_000]), 5.0)
@@ -381,3 +381,81 @@ def test_a_decoded_jpeg_frame_hands_nvjpeg_views_of_one_buffer() -> None:
 def test_a_jpeg_frame_whose_lengths_do_not_match_its_body_is_refused() -> None:
     with pytest.raises(BadInput, match="add up to 7 bytes"):
         decode_request(KIND_JPEG, 2, struct.pack("<2I", 3, 4), bytearray(b"abcdefgh"))
+
+
+def test_a_large_body_is_read_into_its_own_buffer_byte_for_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body of at least ``_DIRECT_BYTES`` goes straight from the socket into a buffer of its own once
+    its header and meta are parsed (no copy out of the read buffer); whatever the cuts between reads,
+    every byte arrives in order and the frames around it are still found."""
+    import random
+
+    from model_server import ipc
+
+    direct: list[int] = []
+
+    class Counted(ipc._DirectBody):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            direct.append(len(self.body))
+
+    monkeypatch.setattr(ipc, "_DirectBody", Counted)
+
+    class Recording(Device):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: dict[int, list[bytes]] = {}
+
+        def __call__(self, payloads: list[Any]) -> list[torch.Tensor | Exception]:
+            for p in payloads:
+                if isinstance(p, JpegBatch):
+                    images = [bytes(t.numpy()) for t in p.encoded()]
+                    self.seen[len(images)] = images
+            return super().__call__(payloads)
+
+    rng = random.Random(0)
+    images = [rng.randbytes(91_000) for _ in range(32)]  # a 32-JPEG request of VGA photos: 2.9 MB
+    exact = [rng.randbytes(ipc._DIRECT_BYTES // 2)] * 2  # a body of exactly the threshold
+    pixels = torch.randint(0, 255, (2, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8)  # 301 KB, a tensor body
+    device = Recording()
+
+    async def main() -> None:
+        async with device_server(device, max_batch=64) as server:
+            reader, writer = await asyncio.open_unix_connection(server.path)
+            big = encode_request(1, JpegBatch(images), 5.0)
+            body_at = REQ.size + 4 * len(images)
+            pieces = [
+                big[: REQ.size],  # the header alone
+                big[REQ.size : body_at + 100],  # the meta and the body's first bytes
+                big[body_at + 100 : 1_500_000],
+                big[1_500_000:]
+                + encode_request(2, JpegBatch([b"s" * 7]), 5.0)
+                + encode_request(3, pixels, 5.0)
+                + encode_request(4, JpegBatch([b"t" * 9]), 5.0),
+            ]
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.02)  # each piece its own read
+            ex = encode_request(5, JpegBatch(exact), 5.0)
+            writer.write(ex[: REQ.size + 8])  # header and meta: the body starts in the next read
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write(ex[REQ.size + 8 :])
+            got = {}
+            for _ in range(5):
+                req_id, status, n, data = await read_response(reader)
+                assert status == OK, data
+                got[req_id] = logits(n, data)[:, 0].tolist()
+            assert (
+                got[1] == [91_000.0] * 32
+                and got[2] == [7.0]
+                and got[4] == [9.0]
+                and got[5] == [float(ipc._DIRECT_BYTES // 2)] * 2
+            )
+            assert got[3] == pixels.reshape(2, -1)[:, 0].float().tolist()
+            writer.close()
+
+    run(main())
+    assert device.seen[32] == images and device.seen[2] == exact, "every byte, in order"
+    assert sorted(direct) == sorted([len(big_body) for big_body in (b"".join(images), pixels.numpy().tobytes(),
+                                                                     b"".join(exact))])  # fmt: skip
