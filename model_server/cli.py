@@ -265,22 +265,24 @@ def main(argv: list[str] | None = None) -> int:
         "event_loop": args.event_loop,
     }  # fmt: skip
     # The CUDA driver, the context and nvJPEG's start-up, in a thread beside the front ends' spawn and torch's import.
-    args.before_torch = {}
-    start_before_torch(config.device, gpu_decode=config.gpu_decode, took=args.before_torch)
+    before_torch: dict[str, float] = {}
+    start_before_torch(config.device, gpu_decode=config.gpu_decode, took=before_torch)
     if args.frontends > 1:
         from model_server.frontend import FrontEnds, enable_multiprocess_metrics
 
         enable_multiprocess_metrics()  # before prometheus_client is first imported, here and in the front ends
         # Spawned before this process imports torch: they import torch and KServe while it loads the model.
         fronts = FrontEnds(args.frontends, spec)
-        return _serve_device(args, config, fronts)
-    return _serve_single(args, config, spec)
+        return _serve_device(args, config, fronts, before_torch)
+    return _serve_single(args, config, spec, before_torch)
 
 
-def _serve_device(args: argparse.Namespace, config: ServingConfig, fronts: FrontEnds) -> int:
+def _serve_device(
+    args: argparse.Namespace, config: ServingConfig, fronts: FrontEnds, before_torch: dict[str, float]
+) -> int:
     """The device process of ``--frontends N``: loads and warms the model, then serves the front ends.
     It never imports KServe, FastAPI or grpc (about 2 s of start-up it would spend before the load)."""
-    early = _start_device_early(config.device, warm_decoder=config.gpu_decode, before=args.before_torch)
+    early = _start_device_early(config.device, warm_decoder=config.gpu_decode, before=before_torch)
     from model_server import metrics
     from model_server.device import load_model
     from model_server.tuning import freeze_so_far
@@ -308,12 +310,14 @@ def _serve_device(args: argparse.Namespace, config: ServingConfig, fronts: Front
         model.stop()
 
 
-def _serve_single(args: argparse.Namespace, config: ServingConfig, spec: dict[str, Any]) -> int:
+def _serve_single(
+    args: argparse.Namespace, config: ServingConfig, spec: dict[str, Any], before_torch: dict[str, float]
+) -> int:
     """One process: the model loads and warms in a thread while this one imports KServe, which so
     overlaps the parts of the load that release the GIL (file reads, the CUDA driver, torch's kernels)."""
     import concurrent.futures
 
-    early = _start_device_early(config.device, warm_decoder=config.gpu_decode, before=args.before_torch)
+    early = _start_device_early(config.device, warm_decoder=config.gpu_decode, before=before_torch)
     from model_server import metrics
     from model_server.device import load_model
 

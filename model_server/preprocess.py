@@ -9,16 +9,15 @@ the bytes and the same code serves images and raw UINT8 tensors.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import io
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from model_server.images import decode_and_crop as _decode_and_crop_array
+from model_server.tuning import torchvision_dirs
 from optimize.registry import CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_SIZE
 
 log = logging.getLogger(__name__)
@@ -118,9 +117,7 @@ def image_ops() -> Any | None:
     TorchScript). The decode needs only the op library, which links nvJPEG itself.
     """
     try:
-        spec = importlib.util.find_spec("torchvision")  # locates the package without running it
-        roots = list(spec.submodule_search_locations or []) if spec is not None else []
-        lib = next((Path(r, n) for r in roots for n in _IMAGE_LIBS if Path(r, n).is_file()), None)
+        lib = next((d / n for d in torchvision_dirs() for n in _IMAGE_LIBS if (d / n).is_file()), None)
         if lib is None:
             return None
         # torchvision's own import (an eager runner's) later loads the same file: a no-op then.

@@ -54,12 +54,19 @@ def device_ordinal(device: str) -> int | None:
     return None  # not a device the predictor accepts; load_model says so
 
 
-def nvjpeg_candidates() -> list[str]:
-    """nvJPEG libraries to try, torchvision's own first (found without importing torchvision): the
-    handle made there must be in the same library the decode later uses, for its start-up to count."""
+def torchvision_dirs() -> list[Path]:
+    """torchvision's package folders, located without importing it (``import torchvision`` pulls in
+    its models and ``torch._dynamo``); empty where it is not installed."""
     spec = importlib.util.find_spec("torchvision")
-    roots = list(spec.submodule_search_locations or []) if spec is not None else []
-    bundled = sorted(str(p) for r in roots for p in Path(r).parent.joinpath("torchvision.libs").glob("libnvjpeg*.so*"))
+    return [Path(r) for r in (spec.submodule_search_locations or [])] if spec is not None else []
+
+
+def nvjpeg_candidates() -> list[str]:
+    """nvJPEG libraries to try, torchvision's own first (its wheel's ``torchvision.libs``): the handle
+    made there must be in the same library the decode later uses, for its start-up to count."""
+    bundled = sorted(
+        str(p) for d in torchvision_dirs() for p in d.parent.joinpath("torchvision.libs").glob("libnvjpeg*.so*")
+    )
     return [*bundled, *NVJPEG_LIBS]
 
 
