@@ -156,9 +156,10 @@ def time_configs(key: str, configs: dict[str, Config], block: Any, widest: Any, 
 
 
 def time_conv_block(b: int, block: int, configs: dict[str, Config], reps: int,
-                    metrics: dict[str, Any]) -> list[str]:  # fmt: skip
+                    metrics: dict[str, Any], tapwise: bool = False) -> list[str]:  # fmt: skip
     """Time one dense block's 3x3 convolutions at batch ``b``: cuDNN (alone, then with the copy into the
-    buffer), then the Triton kernel in each configuration; metrics go into ``metrics``."""
+    buffer), then the Triton kernel in each configuration (``tapwise``: also tap by tap where it would
+    step through rows of taps, as ``<config>-tapwise``); metrics go into ``metrics``."""
     hw, c0, n = BLOCKS[block]
     dev = torch.device("cuda")
     buf = torch.zeros(b, c0 + GROWTH * n, hw, hw, device=dev, dtype=torch.float16)
@@ -188,15 +189,21 @@ def time_conv_block(b: int, block: int, configs: dict[str, Config], reps: int,
         line.append(f"{name} {ms:.3f}")
     ws = kernels.split_workspace(dev, kernels.split_target(tuple(configs.values())))
 
-    def triton_conv(cfg: Config) -> None:
+    def triton_conv(cfg: Config, taps: bool | None = None) -> None:
         for lay in layers:
-            kernels.launch_conv3x3(buf, lay["x"], lay["w"], lay["c"], *cfg, workspace=ws)
+            kernels.launch_conv3x3(buf, lay["x"], lay["w"], lay["c"], *cfg, workspace=ws, taps=taps)
 
-    def widest(cfg: Config) -> torch.Tensor:
-        kernels.launch_conv3x3(buf, last["x"], last["w"], last["c"], *cfg, workspace=ws)
+    def widest(cfg: Config, taps: bool | None = None) -> torch.Tensor:
+        kernels.launch_conv3x3(buf, last["x"], last["w"], last["c"], *cfg, workspace=ws, taps=taps)
         return buf[:, last["c"] : last["c"] + GROWTH].clone()
 
-    return line + time_configs(key, configs, triton_conv, widest, ref, reps, metrics)
+    line += time_configs(key, configs, triton_conv, widest, ref, reps, metrics)
+    # The same configurations tap by tap, where rows of taps (the default there) apply: the A/B in one run.
+    rows = {f"{name}-tapwise": cfg for name, cfg in configs.items() if kernels.row_taps(last["x"], cfg[1])}
+    if tapwise and rows:
+        line += time_configs(key, rows, lambda cfg: triton_conv(cfg, False), lambda cfg: widest(cfg, False), ref,
+                             reps, metrics)  # fmt: skip
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--network", default="densenet121", choices=tuple(NETWORKS),
                    help="the channel counts timed (default densenet121)")  # fmt: skip
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms (conv3x3)")
+    p.add_argument(
+        "--tapwise",
+        action="store_true",
+        help="conv3x3: also time configurations tap by tap where they step through rows of taps",
+    )
     p.add_argument("--reps", type=int, default=30, help="graph replays per measurement (default 30)")
     p.add_argument("--name", default="kernels", help="record name (file name part)")
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
@@ -230,13 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     metrics: dict[str, Any] = {"kernel": args.kernel, "cudnn_benchmark": args.cudnn_benchmark, "network": args.network}
-    timer = time_conv_block if args.kernel == "conv3x3" else time_block
     for b in batch_sizes:
         for block in range(len(BLOCKS)):
-            print(", ".join(timer(b, block, configs, args.reps, metrics)), file=sys.stderr, flush=True)
+            if args.kernel == "conv3x3":
+                line = time_conv_block(b, block, configs, args.reps, metrics, args.tapwise)
+            else:
+                line = time_block(b, block, configs, args.reps, metrics)
+            print(", ".join(line), file=sys.stderr, flush=True)
+    names = [*configs, *(f"{n}-tapwise" for n in configs)]
     for b in batch_sizes:
         for block in range(1, len(BLOCKS) + 1):
-            timed = {n: metrics[f"block{block}_b{b}_{n}_ms"] for n in configs if f"block{block}_b{b}_{n}_ms" in metrics}
+            timed = {n: metrics[f"block{block}_b{b}_{n}_ms"] for n in names if f"block{block}_b{b}_{n}_ms" in metrics}
 
             if timed:
                 best = min(timed, key=lambda n: timed[n])

@@ -264,6 +264,7 @@ if triton is not None:
     def _conv3x3(
         x_ptr, w_ptr, out_ptr, ws_ptr, cnt_ptr, M, H, W, C0, stride_xm, stride_om, SPLIT, CIN: tl.constexpr,
         COUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        ROW_TAPS: tl.constexpr = False,
     ):  # fmt: skip
         # An implicit GEMM: rows are output pixels, columns output channels, and the reduction runs
         # over 9 taps x CIN input channels (weights as [9 * CIN, COUT], tap-major). A tap's rows are
@@ -271,30 +272,42 @@ if triton is not None:
         # outside the image (padding 1). The result goes straight into the block buffer's channels
         # C0 .. C0 + COUT (``out`` rows ``stride_om`` apart): no copy afterwards. SPLIT programs
         # share a tile, each a range of the reduction, as in ``_bn_relu_gemm``.
+        # ROW_TAPS (``x`` exactly CIN channels wide): a row of taps (dw = -1, 0, 1) is one span of
+        # 3 * CIN contiguous values of ``x``, as are its weights' rows, so the reduction steps through
+        # 3 spans instead of 9 taps; with CIN not a multiple of BLOCK_K (a pruned layer's 80 channels)
+        # that is fewer, fuller steps (12 of 64 channels instead of 18, a quarter of them empty).
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         hw = rm % (H * W)
         h = hw // W
         w = hw % W
-        steps: tl.constexpr = (CIN + BLOCK_K - 1) // BLOCK_K
-        split = tl.minimum(SPLIT, tl.cdiv(9 * steps, MIN_STEPS))
+        SPAN: tl.constexpr = 3 * CIN if ROW_TAPS else CIN
+        GROUPS: tl.constexpr = 3 if ROW_TAPS else 9
+        steps: tl.constexpr = (SPAN + BLOCK_K - 1) // BLOCK_K
+        split = tl.minimum(SPLIT, tl.cdiv(GROUPS * steps, MIN_STEPS))
         if tl.program_id(2) >= split:
             return
-        per = tl.cdiv(9 * steps, split)
+        per = tl.cdiv(GROUPS * steps, split)
         start = tl.program_id(2) * per
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for i in range(start, tl.minimum(9 * steps, start + per)):
-            tap = i // steps
-            kk = (i % steps) * BLOCK_K + rk
-            dh = tap // 3 - 1
-            dw = tap % 3 - 1
-            ok = (rm < M) & (h + dh >= 0) & (h + dh < H) & (w + dw >= 0) & (w + dw < W)
-            src = rm + dh * W + dw
-            a = tl.load(x_ptr + src[:, None] * stride_xm + kk[None, :], mask=ok[:, None] & (kk[None, :] < CIN),
-                        other=0.0)  # fmt: skip
-            b = tl.load(w_ptr + (tap * CIN + kk)[:, None] * COUT + rn[None, :],
-                        mask=(kk[:, None] < CIN) & (rn[None, :] < COUT), other=0.0)  # fmt: skip
+        for i in range(start, tl.minimum(GROUPS * steps, start + per)):
+            g = i // steps
+            kk = (i % steps) * BLOCK_K + rk  # within the tap's (or row's) span
+            if ROW_TAPS:
+                dh = g - 1
+                dw = kk // CIN - 1
+                ww = w[:, None] + dw[None, :]
+                ok = ((rm < M) & (h + dh >= 0) & (h + dh < H))[:, None] & (ww >= 0) & (ww < W)
+                rows = x_ptr + (rm + dh * W - 1)[:, None] * CIN  # the row's first tap (dw = -1)
+            else:
+                dh = g // 3 - 1
+                dw = g % 3 - 1
+                ok = ((rm < M) & (h + dh >= 0) & (h + dh < H) & (w + dw >= 0) & (w + dw < W))[:, None]
+                rows = x_ptr + (rm + dh * W + dw)[:, None] * stride_xm
+            a = tl.load(rows + kk[None, :], mask=ok & (kk[None, :] < SPAN), other=0.0)
+            b = tl.load(w_ptr + (g * SPAN + kk)[:, None] * COUT + rn[None, :],
+                        mask=(kk[:, None] < SPAN) & (rn[None, :] < COUT), other=0.0)  # fmt: skip
             acc = tl.dot(a, b, acc)
         mask = (rm[:, None] < M) & (rn[None, :] < COUT)
         dst = out_ptr + C0 + rm[:, None] * stride_om + rn[None, :]
@@ -307,10 +320,16 @@ if triton is not None:
     def launch_conv3x3(
         buf: torch.Tensor, x: torch.Tensor, w: torch.Tensor, c: int, block_m: int = 64, block_k: int = 64,
         warps: int = 4, stages: int = 3, split_target: int = 0,
-        workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
+        workspace: tuple[torch.Tensor, torch.Tensor] | None = None, taps: bool | None = None,
     ) -> None:  # fmt: skip
         """``buf[:, c : c + cout] = conv2d(x, w, padding=1)`` by the Triton kernel; ``x`` and ``buf``
-        channels-last, ``w`` as ``conv3x3_weight`` lays it out ([9 * cin, cout])."""
+        channels-last, ``w`` as ``conv3x3_weight`` lays it out ([9 * cin, cout]). ``taps``: step
+        through rows of taps or not (``row_taps``; default: as ``row_taps`` says; True where it
+        does not apply is an error)."""
+        if taps is None:
+            taps = row_taps(x, block_k)
+        elif taps and x.stride(3) != x.shape[1]:
+            raise ValueError(f"rows of taps need x exactly {x.shape[1]} channels wide, got rows {x.stride(3)} apart")
         n, cin, h, wd = x.shape
         cout = w.shape[1]
         m = n * h * wd
@@ -319,7 +338,7 @@ if triton is not None:
         ws, cnt = workspace if workspace is not None else (buf, buf)  # unused when split is 1
         _wrap(_conv3x3)[(triton.cdiv(m, block_m), 1, split)](
             x, w, buf, ws, cnt, m, h, wd, c, x.stride(3), buf.stride(3), split, CIN=cin, COUT=cout, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+            BLOCK_N=block_n, BLOCK_K=block_k, ROW_TAPS=taps, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     @torch.library.triton_op("densenet::conv3x3_into", mutates_args=("buf", "ws", "cnt"))
@@ -458,6 +477,14 @@ def conv3x3_into(
         return
     ws, cnt, split_target = _workspace_args(workspace, config, buf.device)
     torch.ops.densenet.conv3x3_into(buf, x, w, c, ws, cnt, *config[:4], split_target)
+
+
+def row_taps(x: torch.Tensor, block_k: int) -> bool:
+    """Whether the 3x3 kernel steps through ``x`` a row of taps at a time (``_conv3x3``'s
+    ``ROW_TAPS``): where ``x`` is exactly its channels wide (a row of taps is then contiguous) and
+    that takes fewer steps of ``block_k`` channels than tap by tap (channels not a multiple of it)."""
+    cin = x.shape[1]
+    return bool(x.stride(3) == cin and 3 * -(-3 * cin // block_k) < 9 * -(-cin // block_k))
 
 
 def write_channels(buf: torch.Tensor, y: torch.Tensor, c: int) -> None:

@@ -87,8 +87,13 @@ _INTERPRETED = textwrap.dedent(
         (1, 128, 32, (5, 7), 64, (16, 64, 4, 3, 64)),
         (2, 40, 24, (3, 3), 8, (16, 32, 4, 3, 20)),
         (2, 88, 16, (5, 7), 152, (64, 64, 4, 3, 0)),  # a pruned layer: 88 in, 16 out
+        (2, 80, 16, (4, 6), 32, (16, 64, 4, 3, 40)),  # 80 in: rows of taps (12 steps, not 18), split
+        (1, 40, 24, (3, 5), 8, (16, 32, 4, 3, 0)),  # x a channel slice of a wider tensor: tap by tap
     ]):
         x, weight = _conv_operands(n, cin, cout, hw, torch.float32)
+        if i == 6:
+            x = torch.cat([x, torch.randn_like(x)], 1)[:, :cin]  # rows 2 * cin apart
+        out[f"taps{i}"] = kernels.row_taps(x, cfg[1])
         buf = torch.zeros(n, c + cout + 8, *hw).contiguous(memory_format=torch.channels_last)
         kernels.launch_conv3x3(buf, x, kernels.conv3x3_weight(weight), c, *cfg, workspace=ws)
         ref = torch.nn.functional.conv2d(x, weight, padding=1)
@@ -116,9 +121,11 @@ def test_triton_kernels_match_the_reference_under_the_interpreter() -> None:
     assert out["write"] == [0.0, 0.0, 0.0]
     assert out["no_workspace"] < 1e-4, out
     assert out["workspace"] == 0, out  # split-K leaves its counters zero for the next call
-    for i in range(5):
+    for i in range(7):
         diff, scale, before, after = out[f"conv{i}"]
         assert scale > 0.5 and diff < 1e-4 * scale and before == after == 0.0, out
+    # Rows of taps where x is exactly its channels wide and that takes fewer steps of the tile's channels.
+    assert [out[f"taps{i}"] for i in range(7)] == [False, True, False, True, True, True, False], out
 
 
 def test_ops_run_on_the_cpu_and_refuse_a_buffer_that_is_not_channels_last() -> None:
@@ -360,6 +367,17 @@ def test_triton_kernels_compiled_on_a_gpu_match_the_reference() -> None:
             torch.testing.assert_close(buf[:, 288:320], ref, atol=2e-2, rtol=1e-2, msg=f"{n} {cfg}")
             assert torch.equal(buf[:, :288], o["buf"][:, :288]) and torch.equal(buf[:, 320:], o["buf"][:, 320:])
             assert not ws[1].any()
+        # A pruned layer's 80 channels in, 16 out: rows of taps (the default there) and tap by tap.
+        x, weight = (t.cuda() for t in _conv_operands(n, 80, 16, (14, 14), torch.float16))
+        ref = torch.nn.functional.conv2d(x, weight, padding=1)
+        for cfg in ((64, 64, 4, 3, 96), (64, 128, 4, 3, 132), (128, 128, 8, 3, 0), (64, 32, 4, 3, 264)):
+            ws = kernels.split_workspace(torch.device("cuda"), 264)
+            for taps in (None, False):
+                buf = o["buf"].clone()
+                kernels.launch_conv3x3(buf, x, kernels.conv3x3_weight(weight), 96, *cfg, workspace=ws, taps=taps)
+                torch.testing.assert_close(buf[:, 96:112], ref, atol=2e-2, rtol=1e-2, msg=f"{n} {cfg} {taps}")
+                assert torch.equal(buf[:, :96], o["buf"][:, :96]) and torch.equal(buf[:, 112:], o["buf"][:, 112:])
+                assert ws is not None and not ws[1].any()
 
 
 def test_runner_turns_cudnn_benchmark_on_only_on_cuda_and_only_when_asked() -> None:
