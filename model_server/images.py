@@ -176,11 +176,9 @@ def gpu_decodable(data: bytes, *, max_pixels: int, max_bytes: int) -> bool:
 class CpuDecodeShare:
     """Which GPU-decodable requests the CPU decodes anyway (``--cpu_decode_share``).
 
-    A credit counter spreads ``share`` of the images evenly over requests; a request goes to the
-    CPU pool only where its ``threads`` have room for all its images, or where the pool is idle (a
-    request of more images than threads, such as 32 JPEGs, then has the pool to itself), so the
-    share cannot build a queue behind itself: otherwise the GPU takes it. ``decoding`` is kept by
-    the caller.
+    A credit counter spreads ``share`` of the images evenly over requests; a request never goes
+    to a CPU pool whose ``threads`` all have a decode running or queued (the GPU takes it then),
+    so the share cannot build a queue behind itself. ``decoding`` is kept by the caller.
     """
 
     def __init__(self, share: float, *, threads: int) -> None:
@@ -196,7 +194,7 @@ class CpuDecodeShare:
         if self.share <= 0.0:
             return False
         self._credit = min(self._credit + self.share * n, float(max(n, 1)))  # no unbounded banking
-        if self._credit < n or (self.decoding and self.decoding + n > self.threads):
+        if self._credit < n or self.decoding + n > self.threads:
             return False
         self._credit -= n
         return True
