@@ -322,6 +322,38 @@ def test_a_channel_pruned_densenet_through_the_fused_mids_rewrite_gives_its_own_
     assert rewritten.fused57_w2.shape == (9 * layers[-1].conv1.out_channels, layers[-1].conv2.out_channels)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_pruned_network_through_the_triton_kernels_on_a_gpu_gives_its_own_outputs() -> None:
+    """The pruned fused-mids variant's network and tiles (its registry options), the Triton kernels
+    launched on the GPU (rows of taps in every 3x3 convolution: 80 channels), against the pruned
+    network's own forward in FP16 channels-last, at batch 2 and 32."""
+    import torchvision
+
+    from optimize import registry
+    from optimize.techniques.aoti import kernel_configs
+    from optimize.techniques.pruning import channel_prune
+
+    options = registry.get("densenet121-pruned-channels-30-fused-mids").options
+    torch.manual_seed(0)
+    with torch.no_grad():
+        pruned = channel_prune(torchvision.models.densenet121(weights=None).eval(), 0.3, round_to=16).eval()
+    net = pruned.cuda().half().to(memory_format=torch.channels_last)
+    mids = {m.conv1.out_channels for m in net.modules() if type(m).__name__ == "_DenseLayer"}
+    assert mids == {80}
+    mid = kernels.empty_channels_last(2, 80, 7, 7, dtype=torch.float16, device=torch.device("cuda"))
+    assert all(kernels.row_taps(mid, c[1]) for c in kernel_configs(options)["conv_configs"])
+    assert all(options.get(k) for k in ("block_buffer", "fused_bottleneck", "pool_first", "fused_conv",
+                                        "shared_bottleneck"))  # fmt: skip
+    rewritten = BlockBufferDenseNet(net, fused=True, fused_conv=True, shared_bottleneck=True, pool_first=True,
+                                    **kernel_configs(options)).eval()  # fmt: skip
+    for n in (2, 32):
+        x = torch.randn(n, 3, 224, 224, device="cuda").half().contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            got, ref = rewritten(x).float(), net(x).float()
+        scale = float(ref.abs().max())
+        assert scale > 0 and float((got - ref).abs().max()) < 0.02 * scale, (n, float((got - ref).abs().max()), scale)
+
+
 def test_fused_conv_and_shared_bottleneck_need_the_fused_layer_kernel() -> None:
     import torchvision
 
