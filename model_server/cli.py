@@ -84,11 +84,6 @@ def _parser() -> argparse.ArgumentParser:
         "tiny JPEG, so nvJPEG's batched decoder always sees one size (default 0: one call per batch)",
     )  # fmt: skip
     p.add_argument(
-        "--cpu_decode_threads", type=int, default=int(_env("CPU_DECODE_THREADS", str(d.cpu_decode_threads))),
-        help="CPU threads in the device process decoding a share of each batch's JPEGs beside nvJPEG, the share "
-        "balanced by their measured speeds (default 0: nvJPEG decodes all)",
-    )  # fmt: skip
-    p.add_argument(
         "--max_inflight_requests", type=int, default=int(_env("MAX_INFLIGHT_REQUESTS", "0")),
         help="HTTP inference requests handled at once (bodies in memory); more get 503 + Retry-After before "
         "their body is read (default 0: max_queue_images + 2 * max_batch_size)",
@@ -248,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
         cpu_decode_share=args.cpu_decode_share,
         model_stream=args.model_stream,
         decode_batch=args.decode_batch,
-        cpu_decode_threads=args.cpu_decode_threads,
         inline_idle_ms=args.inline_idle_ms,
     )
     if args.inline_idle_ms < 0:
@@ -257,9 +251,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_batch < 0:
         print(f"error: --decode_batch must be >= 0 (0: one nvJPEG call per batch), got {args.decode_batch}",
               file=sys.stderr)  # fmt: skip
-        return 2
-    if args.cpu_decode_threads < 0:
-        print(f"error: --cpu_decode_threads must be >= 0 (0: off), got {args.cpu_decode_threads}", file=sys.stderr)
         return 2
     if args.frontends < 1:
         print(f"error: --frontends must be >= 1, got {args.frontends}", file=sys.stderr)

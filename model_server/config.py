@@ -48,10 +48,6 @@ class ServingConfig:
     #: JPEGs, the last padded with a tiny one, so nvJPEG sees one batch size; 0 (default): one call
     #: per batch, whatever its size (32 served 0.89x on the H100).
     decode_batch: int = 0
-    #: CPU threads of the device process that decode a share of every batch's JPEGs (libjpeg-turbo
-    #: through torchvision, the GIL released) while nvJPEG decodes the rest; the share follows both
-    #: measured speeds so the two finish together (``--cpu_decode_threads``). 0 (default): off.
-    cpu_decode_threads: int = 0
     #: A request that finds the device idle (nothing queued or running) for at least this many ms runs
     #: at once on the device process's event loop thread, not via the batch worker and the device
     #: thread (two thread wake-ups and a few loop turns fewer at low load); 0: never.

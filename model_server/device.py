@@ -77,8 +77,7 @@ def load_model(artifact_dir: Path, config: ServingConfig, *, early: EarlyStart |
         early.join()
     t_warm = time.perf_counter()
     profiler = ProfileCapture(Path(config.profile_dir), device)
-    pipeline = DevicePipeline(runner, profiler, model_stream=config.model_stream, decode_batch=config.decode_batch,
-                              cpu_decode_threads=config.cpu_decode_threads)  # fmt: skip
+    pipeline = DevicePipeline(runner, profiler, model_stream=config.model_stream, decode_batch=config.decode_batch)
     gpu_decode = config.gpu_decode and device.type == "cuda"
     if gpu_decode:
         pipeline.warm_up()

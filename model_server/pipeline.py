@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
@@ -63,68 +62,6 @@ class CropGraph:
 
 _R = TypeVar("_R")
 
-#: Weight of the newest batch in the decode speed estimates (exponential moving averages).
-SPEED_WEIGHT = 0.2
-
-
-class CpuDecoders:
-    """CPU threads that decode a share of each batch's JPEGs while nvJPEG decodes the rest
-    (``--cpu_decode_threads``): torchvision's libjpeg-turbo decoder, which releases the GIL.
-
-    nvJPEG decodes a batch in one call behind one lock per process, so one process's GPU decoding
-    has a ceiling (about 14k VGA JPEGs/s beside the model on an H100) below what the model can run;
-    the host's idle cores add to it. The share follows the measured speeds, seconds per image for
-    the nvJPEG call and for one thread, so both parts take about as long: a CPU slowed by other work
-    gets fewer images, and at least one image a batch keeps its speed measured.
-    """
-
-    def __init__(self, threads: int, *, pin: bool = True) -> None:
-        if threads < 0:
-            raise ValueError(f"cpu_decode_threads must be >= 0, got {threads}")
-        self.threads = threads
-        self.pin = pin  # decoded images in pinned memory, for a non-blocking upload (needs CUDA)
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cpu-decode") if threads else None
-        self.gpu_s: float | None = None  # seconds per image of the nvJPEG call
-        self.cpu_s: float | None = None  # seconds per image on one thread (its own wall time)
-
-    def count(self, n: int) -> int:
-        """How many of a batch's ``n`` JPEGs go to the CPU threads (0 when off or for one image)."""
-        if self._pool is None or n < 2:
-            return 0
-        if self.gpu_s is None or self.cpu_s is None:
-            return min(self.threads, n // 2)  # first batches: measure both
-        share = self.gpu_s / (self.gpu_s + self.cpu_s / self.threads)  # equal times: k*cpu/T = (n-k)*gpu
-        return min(n - 1, max(1, int(n * share)))
-
-    def submit(self, encoded: list[torch.Tensor]) -> list[Future[tuple[torch.Tensor, float]]]:
-        """Start decoding ``encoded`` (1-D uint8 CPU tensors) on the threads."""
-        assert self._pool is not None
-        return [self._pool.submit(self._decode_one, t) for t in encoded]
-
-    def _decode_one(self, data: torch.Tensor) -> tuple[torch.Tensor, float]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        t0 = time.perf_counter()
-        image = decode_jpeg(data, mode=ImageReadMode.RGB)
-        if self.pin:
-            image = image.pin_memory()
-        return image, time.perf_counter() - t0
-
-    def observe(self, gpu_images: int, gpu_s: float, cpu_seconds: list[float]) -> None:
-        """Fold one batch's timings into the speed estimates."""
-        if gpu_images:
-            self.gpu_s = _average(self.gpu_s, gpu_s / gpu_images)
-        if cpu_seconds:
-            self.cpu_s = _average(self.cpu_s, sum(cpu_seconds) / len(cpu_seconds))
-
-    def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _average(old: float | None, new: float) -> float:
-    return new if old is None else (1.0 - SPEED_WEIGHT) * old + SPEED_WEIGHT * new
-
 
 def _undecodable(e: RuntimeError) -> BadInput:
     """What a request whose JPEG nvJPEG refused gets (it fails alone)."""
@@ -146,7 +83,6 @@ class DevicePipeline:
         *,
         model_stream: str = "side",
         decode_batch: int = 0,
-        cpu_decode_threads: int = 0,
     ) -> None:
         if model_stream not in MODEL_STREAMS:
             raise ValueError(f"model_stream must be one of {', '.join(MODEL_STREAMS)}, got {model_stream!r}")
@@ -155,8 +91,6 @@ class DevicePipeline:
         self.decode_batch = decode_batch
         self.runner = runner
         self.device = runner.device
-        # CPU threads beside nvJPEG: only where nvJPEG decodes (a CPU device decodes everything there).
-        self.cpu_decoders = CpuDecoders(cpu_decode_threads if self.device.type == "cuda" else 0)
         self.profiler = profiler
         self._pinned: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         cuda = self.device.type == "cuda"
@@ -335,7 +269,10 @@ class DevicePipeline:
         batches = [payloads[i] for i in jpeg_idx]
         counts = [len(b) for b in batches if isinstance(b, JpegBatch)]
         encoded = [t for b in batches if isinstance(b, JpegBatch) for t in b.encoded()]
-        images = self._decode_split(encoded)  # None: one bad stream failed a call, retry each request alone
+        try:
+            images = decode_jpegs(encoded, self.device, call_size=self.decode_batch)
+        except RuntimeError:
+            images = None  # one bad stream fails the batched call: retry each request alone
         if images is not None:
             crops = gpu_resize_crop_many(images)
             for i, part in zip(jpeg_idx, torch.split(crops, counts), strict=True):
@@ -351,34 +288,6 @@ class DevicePipeline:
             except RuntimeError as e:
                 staged.failed[i] = _undecodable(e)
             start += n
-
-    def _decode_split(self, encoded: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """Every JPEG decoded onto the device, in order: the last ``CpuDecoders.count`` of them on the
-        CPU threads (uploaded from pinned memory on the current stream) while nvJPEG decodes the rest;
-        None when either refused a stream."""
-        k = self.cpu_decoders.count(len(encoded))
-        futures = self.cpu_decoders.submit(encoded[len(encoded) - k :]) if k else []
-        t0 = time.perf_counter()
-        try:
-            images = decode_jpegs(encoded[: len(encoded) - k], self.device, call_size=self.decode_batch)
-        except RuntimeError:
-            images = None
-        gpu_s = time.perf_counter() - t0
-        if not futures:
-            return images
-        gpu_images = len(encoded) - k if images is not None else 0  # a failed call's time says nothing
-        cpu_seconds = []
-        for f in futures:
-            try:
-                image, seconds = f.result()
-            except RuntimeError:
-                images = None
-                continue
-            cpu_seconds.append(seconds)
-            if images is not None:
-                images.append(image.to(self.device, non_blocking=True))
-        self.cpu_decoders.observe(gpu_images, gpu_s, cpu_seconds)
-        return images
 
     def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """One batch tensor on the device: host parts go through a pinned buffer and a non-blocking copy."""

@@ -17,7 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
         ("--gil_switch_interval_ms", "-1", "--gil_switch_interval_ms must be >= 0, got -1.0"),
         ("--max_batch_size", "0", "--max_batch_size must be >= 1, got 0"),
         ("--cpu_decode_share", "1.5", "--cpu_decode_share must be from 0 to 1, got 1.5"),
-        ("--cpu_decode_threads", "-1", "--cpu_decode_threads must be >= 0 (0: off), got -1"),
         ("--frontends", "0", "--frontends must be >= 1, got 0"),
         ("--decode_batch", "-1", "--decode_batch must be >= 0 (0: one nvJPEG call per batch), got -1"),
         ("--event_loop", "trio", "argument --event_loop: invalid choice: 'trio'"),

@@ -45,32 +45,6 @@ def test_nvjpeg_pipeline_matches_pil_crops(tmp_path: Path) -> None:
     assert (got - cpu).abs().max() < 0.1
 
 
-def test_cpu_decode_threads_beside_nvjpeg_give_the_same_logits(tmp_path: Path) -> None:
-    """``--cpu_decode_threads``: a share of each batch decoded by libjpeg-turbo on CPU threads,
-    uploaded from pinned memory, resized with nvJPEG's images: the logits nvJPEG alone gives (the two
-    decoders round differently), a corrupt JPEG failing only its own request."""
-    from model_server.artifact import read_manifest
-    from model_server.pipeline import DevicePipeline, JpegBatch
-    from model_server.runtimes import load_runner
-
-    build_artifacts(tmp_path, "densenet121-eager-fp32")
-    d = tmp_path / "densenet121-eager-fp32"
-    runner = load_runner(read_manifest(d), d, torch.device("cuda"))
-    jpegs = _jpegs()
-    alone = DevicePipeline(runner)([JpegBatch(jpegs)])[0]
-    split = DevicePipeline(runner, cpu_decode_threads=2)
-    for _ in range(3):  # the first batch measures both speeds, the next ones use them
-        got = split([JpegBatch(jpegs[:2]), JpegBatch(jpegs[2:])])
-        both = torch.cat(got)  # type: ignore[arg-type]
-        assert (both.argmax(1) == alone.argmax(1)).all() and (both - alone).abs().max() < 0.1
-    assert split.cpu_decoders.gpu_s is not None and split.cpu_decoders.cpu_s is not None
-    got = split([JpegBatch(jpegs[:2]), JpegBatch([b"\xff\xd8\xff" + b"\0" * 100]), JpegBatch(jpegs[2:])])
-    assert isinstance(got[1], Exception)
-    both = torch.cat([got[0], got[2]])  # type: ignore[list-item]
-    assert (both.argmax(1) == alone.argmax(1)).all() and (both - alone).abs().max() < 0.1
-    split.cpu_decoders.shutdown()
-
-
 def test_graphs_captured_beside_the_decoder_warm_up_match_eager(tmp_path: Path) -> None:
     """The CUDA graphs are captured while another thread warms nvJPEG (thread-local capture mode):
     every bucket must be captured and replay what the model computes without a graph."""

@@ -61,50 +61,6 @@ def test_prepare_decodes_all_requests_together_and_execute_splits_them_back(runn
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
 
 
-def test_cpu_decoders_take_the_share_that_balances_both_measured_speeds() -> None:
-    from model_server.pipeline import CpuDecoders
-
-    off = CpuDecoders(0)
-    assert off.count(128) == 0
-    helpers = CpuDecoders(4, pin=False)
-    assert helpers.count(1) == 0  # one image: nvJPEG alone
-    assert helpers.count(128) == 4  # nothing measured yet: one image a thread
-    helpers.observe(124, 124 * 1e-4, [1.2e-3] * 4)  # nvJPEG 0.1 ms an image, a thread 1.2 ms
-    # Equal times: k * 1.2 ms / 4 threads = (128 - k) * 0.1 ms, so k = 128 / 4 = 32.
-    assert helpers.count(128) == 32
-    helpers.observe(96, 96 * 1e-4, [12e-3] * 32)  # the CPU got ten times slower (other work)
-    assert 1 <= helpers.count(128) < 32
-    slow = CpuDecoders(2, pin=False)
-    slow.observe(100, 100 * 1e-4, [1.0])  # a very slow CPU still gets one image: its speed stays measured
-    assert slow.count(128) == 1
-    with pytest.raises(ValueError, match="cpu_decode_threads must be >= 0"):
-        CpuDecoders(-1)
-    helpers.shutdown()
-
-
-def test_a_batch_split_between_the_cpu_threads_and_the_decoder_keeps_its_order(runner) -> None:  # type: ignore[no-untyped-def]
-    """``_decode_split`` with the CPU threads on (here both parts decode on the CPU: the split,
-    the order, the error handling and the measurements are what is tested; nvJPEG: tests/test_gpu.py)."""
-    from model_server.pipeline import CpuDecoders, DevicePipeline, JpegBatch
-
-    pipeline = DevicePipeline(runner)
-    assert pipeline.cpu_decoders.count(8) == 0  # no CUDA device: the option does nothing
-    pipeline.cpu_decoders = CpuDecoders(2, pin=False)
-    jpegs = [_jpeg(64 + 8 * i, 48, (20 * i, 90, 160)) for i in range(6)]
-    encoded = JpegBatch(jpegs).encoded()
-    whole = pipeline._decode_split(encoded)
-    assert whole is not None and [t.shape for t in whole] == [(3, 48, 64 + 8 * i) for i in range(6)]
-    alone = DevicePipeline(runner)._decode_split(encoded)
-    assert alone is not None and all(torch.equal(a, b) for a, b in zip(whole, alone, strict=True))
-    assert pipeline.cpu_decoders.gpu_s is not None and pipeline.cpu_decoders.cpu_s is not None
-    corrupt = torch.frombuffer(bytearray(b"\xff\xd8\xff" + b"\0" * 100), dtype=torch.uint8)
-    for bad in ([corrupt, *encoded[1:]], [*encoded[:-1], corrupt]):  # in nvJPEG's part, then in the CPU's
-        assert pipeline._decode_split(bad) is None  # the caller retries each request alone
-    staged = pipeline.prepare([JpegBatch(jpegs[:3]), JpegBatch([b"\xff\xd8\xff" + b"\0" * 100]), JpegBatch(jpegs[3:])])
-    assert set(staged.failed) == {1} and [staged.parts[i].shape[0] for i in (0, 2)] == [3, 3]
-    pipeline.cpu_decoders.shutdown()
-
-
 def test_a_batch_of_jpeg_requests_is_one_tensor_in_request_order(runner) -> None:  # type: ignore[no-untyped-def]
     from model_server.pipeline import DevicePipeline, JpegBatch
 
