@@ -5,7 +5,9 @@ library call it replaces.
 ``--kernel layer`` (default): the fused norm + ReLU + 1x1 convolution + norm + ReLU kernel against
 a plain cuBLAS matrix multiply of the same shape (which does not even normalise its input).
 ``--kernel conv3x3``: the 3x3 convolution writing into the block buffer against cuDNN's
-convolution alone (``cudnn_conv``) and followed by the copy into the buffer it needs (``cudnn_conv_copy``).
+convolution alone (``cudnn_conv``) and followed by the copy into the buffer it needs (``cudnn_conv_copy``);
+``--tapwise`` also times each configuration that steps through rows of taps (``kernels.row_taps``)
+tap by tap, as ``<config>-tapwise``.
 
 Each measurement replays a CUDA graph of one whole dense block's kernels (every layer's shape, in
 order, reading a block buffer of the real width), so launch costs are the graph's, as in a served
@@ -198,9 +200,8 @@ def time_conv_block(b: int, block: int, configs: dict[str, Config], reps: int,
         return buf[:, last["c"] : last["c"] + GROWTH].clone()
 
     line += time_configs(key, configs, triton_conv, widest, ref, reps, metrics)
-    # The same configurations tap by tap, where rows of taps (the default there) apply: the A/B in one run.
-    rows = {f"{name}-tapwise": cfg for name, cfg in configs.items() if kernels.row_taps(last["x"], cfg[1])}
-    if tapwise and rows:
+    if tapwise:  # the same configurations tap by tap where rows of taps (their default) apply: the A/B in one run
+        rows = {f"{name}-tapwise": cfg for name, cfg in configs.items() if kernels.row_taps(last["x"], cfg[1])}
         line += time_configs(key, rows, lambda cfg: triton_conv(cfg, False), lambda cfg: widest(cfg, False), ref,
                              reps, metrics)  # fmt: skip
     return line

@@ -275,7 +275,7 @@ if triton is not None:
         # ROW_TAPS (``x`` exactly CIN channels wide): a row of taps (dw = -1, 0, 1) is one span of
         # 3 * CIN contiguous values of ``x``, as are its weights' rows, so the reduction steps through
         # 3 spans instead of 9 taps; with CIN not a multiple of BLOCK_K (a pruned layer's 80 channels)
-        # that is fewer, fuller steps (12 of 64 channels instead of 18, a quarter of them empty).
+        # that is fewer, fuller steps (80 channels: 12 steps of 64 instead of 18, 9 of those a quarter full).
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
