@@ -650,6 +650,7 @@ def summarize_arm(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out["p50_exact_ms_median"] = round(statistics.median(out["p50_exact_ms"]), 3)
     out["server"] = [r.get("server", {}) for r in runs]
     out["frontend_connections"] = [r.get("frontend_connections", []) for r in runs]
+    out["startup_log"] = [r.get("startup_log", []) for r in runs]  # each run's start-up timing lines
     return out
 
 
@@ -847,10 +848,34 @@ def toggle_line(users: int, result: Mapping[str, Any]) -> str:
     )
 
 
+#: Server log lines that time the start-up (the CLI's and the device process's own reports).
+STARTUP_MARKERS = ("early device start", "early nvJPEG", "start-up:", "loaded and warm", "listening: all")
+
+
+def startup_lines(log: Path, limit: int = 12) -> list[str]:
+    """The start-up timing lines of a server log (what a compared arm's ready time is made of)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return []
+    return [line.strip() for line in text.splitlines() if any(m in line for m in STARTUP_MARKERS)][:limit]
+
+
+def keep_server_log(log: Path, name: str) -> Path | None:
+    """A copy of a server log under ``$OUT`` (its last 200 kB) as ``<name>-server.log``; None without ``$OUT``."""
+    out = os.environ.get("OUT")
+    if not out or not log.exists():
+        return None
+    dest = Path(out, f"{name}-server.log")
+    dest.write_text(log.read_text(errors="replace")[-200_000:])
+    return dest
+
+
 def run_arm(
     args: argparse.Namespace, server_args: list[str], users: int, photo: Any, work: Path, tag: str
 ) -> dict[str, Any]:
-    """One repetition of one arm on a fresh server: start, wait for ready, one warm request, Locust, stop."""
+    """One repetition of one arm on a fresh server: start, wait for ready, one warm request, Locust, stop.
+    The arm's start-up timing lines go into its run, and its whole log to ``$OUT`` where that is set."""
     server = Server(
         args.model_dir,
         args.device,
@@ -867,7 +892,9 @@ def run_arm(
         run = run_locust(server.url, args.user, users, procs, args.duration, size, images, work, tag)
     finally:
         server.stop()
+        keep_server_log(server.log, f"{args.name or 'serve-' + Path(args.model_dir).name}-{tag}")
     run["ready_s"] = round(ready_s, 3)
+    run["startup_log"] = startup_lines(server.log)
     return run
 
 
@@ -1267,7 +1294,7 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(record, indent=2) + "\n")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], path.name).write_text(path.read_text())
-        Path(os.environ["OUT"], f"{name}-server.log").write_text(server.log.read_text()[-200_000:])
+        keep_server_log(server.log, name)
     bulky = ("runs", "server_metrics_excerpt", "compare", "metrics_toggle")
     print(json.dumps({k: v for k, v in metrics.items() if k not in bulky}, indent=1))
     if "compare" in metrics:

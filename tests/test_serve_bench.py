@@ -229,8 +229,14 @@ def test_single_and_compare_phases_on_the_cpu(artifacts_dir: Path, tmp_path: Pat
         "--name",
         "cpu-compare",
     ]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    kept = tmp_path / "out"  # $OUT: where a lent machine's files come back from
+    kept.mkdir()
+    env = {**os.environ, "OUT": str(kept)}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    # Every server's log is kept: the single-image one and each compared arm's run.
+    logs = {p.name for p in kept.glob("*-server.log")}
+    assert {"cpu-compare-server.log", "cpu-compare-cmp-base-1-server.log", "cpu-compare-cmp-x-1-server.log"} <= logs
     (path,) = tmp_path.glob("*-cpu-compare.json")
     record = json.loads(path.read_text())
     assert record["phases"] == ["single", "metrics-toggle", "compare"]
@@ -263,6 +269,7 @@ def test_single_and_compare_phases_on_the_cpu(artifacts_dir: Path, tmp_path: Pat
         assert len(arm["img_s"]) == len(arm["p50_ms"]) == len(arm["p99_ms"]) == len(arm["server"]) == 1
         assert arm["img_s_median"] == arm["img_s"][0] > 0 and arm["failures"] == [0]
         assert arm["p50_exact_ms_median"] == arm["p50_exact_ms"][0] > 0
+        assert len(arm["startup_log"]) == 1 and isinstance(arm["startup_log"][0], list)
     assert compare["arms"]["base"]["server"][0]["device_mean_ms"] > 0  # the breakdown of the run, from /metrics
     # Mid-run connection split per server process (empty where the host does not list sockets).
     for split in (s for arm in compare["arms"].values() for s in arm["frontend_connections"]):
@@ -369,3 +376,23 @@ def test_exact_percentiles_take_the_rank_locust_takes() -> None:
     assert sb.exact_percentiles(times) == {"p50_exact_ms": 11.25, "p99_exact_ms": 20.25, "exact_samples": 20}
     assert sb.exact_percentiles([3.0]) == {"p50_exact_ms": 3.0, "p99_exact_ms": 3.0, "exact_samples": 1}
     assert sb.exact_percentiles([]) == {}
+
+
+def test_a_compared_arms_start_up_lines_and_log_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "server-cmp-x-1.log"
+    log.write_text(
+        "2026-11-24 21:33:41,028 INFO model_server.cli: early nvJPEG + crop warm-up 0.41s, done 4.88s after process start\n"
+        "2026-11-24 21:33:41,300 INFO model_server.frontend: request 1 served\n"
+        "2026-11-24 21:33:41,408 INFO model_server.device: start-up: weights loaded 0.08s, buckets warmed 0.69s\n"
+        "2026-11-24 21:33:41,408 INFO model_server.cli: device process: loaded and warm 5.26s after process start\n"
+    )
+    lines = sb.startup_lines(log)
+    assert len(lines) == 3 and "loaded and warm 5.26s" in lines[-1] and all("request 1" not in x for x in lines)
+    assert sb.startup_lines(tmp_path / "missing.log") == []
+    monkeypatch.delenv("OUT", raising=False)
+    assert sb.keep_server_log(log, "serve-x-cmp-x-1") is None  # nowhere to keep it
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("OUT", str(out))
+    kept = sb.keep_server_log(log, "serve-x-cmp-x-1")
+    assert kept == out / "serve-x-cmp-x-1-server.log" and kept.read_text() == log.read_text()
