@@ -1,0 +1,204 @@
+"""nvJPEG's hardware JPEG decoder called directly (ctypes), for the decode stage's batches.
+
+torchvision's batched GPU decode (``torch.ops.image.decode_jpegs_cuda``) does, per call, for every
+image: a header read, a CUDA tensor allocated on its own, three plane views, a second header parse
+and a support check; then one ``nvjpegDecodeBatched`` and a wait for its stream. On the H100 host
+that call took 10.3 ms for 128 VGA JPEGs beside a running model, where the hardware decode with a
+header read per image took 7.6 ms (a probe on the H100 host; ``decode_bench.py --jpeg-decoders``
+compares the two decode stages, README session 17). :class:`HardwareDecoder`
+makes the same nvJPEG calls (same library, same hardware backend, the same pixels: compared
+exactly on the GPU) with one output tensor per image size instead of one per image, on the
+caller's stream, without waiting for it: ``nvjpegDecodeBatched`` with the hardware backend returns
+once the engines are done (measured: the stream had 0.2 ms left), and whatever reads the images is
+queued behind it on that stream.
+
+The library is torchvision's own copy (``torchvision.libs``), else a system one; the handle and
+decode state are the ones :func:`model_server.tuning.start_before_torch` made before torch was
+imported, when there are (nvJPEG's one-time start-up is paid there). Streams the hardware does not
+take (progressive JPEGs, some subsamplings: ``nvjpegDecodeBatchedSupported``) are left to the
+caller, which decodes them with torchvision. :func:`hardware_decoder` returns None where there is
+no library or no hardware decoder (before the A100: ``NVJPEG_STATUS_ARCH_MISMATCH``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from typing import Any
+
+import torch
+
+from model_server import tuning
+
+log = logging.getLogger(__name__)
+
+#: ``nvjpegOutputFormat_t``: planar R, G, B (what torchvision asks for in RGB mode).
+OUTPUT_RGB = 3
+#: ``nvjpegStatus_t`` of a GPU without the hardware decoder.
+STATUS_ARCH_MISMATCH = 7
+_MAX_COMPONENT = 4
+
+
+class _Image(ctypes.Structure):
+    """``nvjpegImage_t``: one pointer and one pitch per output plane."""
+
+    _fields_ = [("channel", ctypes.c_void_p * _MAX_COMPONENT), ("pitch", ctypes.c_size_t * _MAX_COMPONENT)]
+
+
+class NvJpegError(RuntimeError):
+    """An nvJPEG call failed (``status``: its ``nvjpegStatus_t``). A RuntimeError, as torchvision's
+    decoder raises: the decode stage then retries each request alone, so a bad JPEG fails only its own."""
+
+    def __init__(self, call: str, status: int) -> None:
+        super().__init__(f"{call} failed with nvjpegStatus {status}")
+        self.status = status
+
+
+def _bind(lib: Any) -> None:
+    """Argument and return types of the calls used here (on the library object, once)."""
+    p, i, u, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint, ctypes.c_size_t
+    ip = ctypes.POINTER(ctypes.c_int)
+    signatures: dict[str, list[Any]] = {
+        "nvjpegCreateEx": [i, p, p, u, ctypes.POINTER(p)],
+        "nvjpegJpegStateCreate": [p, ctypes.POINTER(p)],
+        "nvjpegJpegStreamCreate": [p, ctypes.POINTER(p)],
+        "nvjpegGetImageInfo": [p, p, sz, ip, ip, ip, ip],
+        "nvjpegJpegStreamParseHeader": [p, p, sz, p],
+        "nvjpegDecodeBatchedSupported": [p, p, ip],
+        "nvjpegDecodeBatchedInitialize": [p, p, i, i, i],
+        "nvjpegDecodeBatched": [p, p, ctypes.POINTER(p), ctypes.POINTER(sz), ctypes.POINTER(_Image), p],
+    }
+    for name, args in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+
+
+def _check(call: str, status: int) -> None:
+    if status != 0:
+        raise NvJpegError(call, status)
+
+
+#: A decoded size group: the indices (into the call's list) of the images of one size, and their
+#: pixels, ``[k, 3, H, W]`` uint8 on the device in that order.
+Group = tuple[list[int], torch.Tensor]
+
+
+class HardwareDecoder:
+    """One nvJPEG handle with the hardware backend, its decode state and a parsed-stream object on
+    ``device``; calls are serialised by a lock (one decode state)."""
+
+    def __init__(self, device: torch.device, early: tuning.EarlyNvJpeg | None = None) -> None:
+        self.device = device
+        self.lock = threading.Lock()
+        if early is not None:
+            self.lib, self.handle, self.state = early.lib, early.handle, early.state
+        else:
+            lib = ctypes.CDLL(_library_path())
+            handle, state = ctypes.c_void_p(), ctypes.c_void_p()
+            _check("nvjpegCreateEx(hardware)", lib.nvjpegCreateEx(tuning.NVJPEG_BACKEND_HARDWARE, None, None, 0,
+                                                                  ctypes.byref(handle)))  # fmt: skip
+            self.lib, self.handle, self.state = lib, handle, state
+        _bind(self.lib)
+        if early is None:
+            _check("nvjpegJpegStateCreate", self.lib.nvjpegJpegStateCreate(self.handle, ctypes.byref(self.state)))
+        self.parsed = ctypes.c_void_p()
+        _check("nvjpegJpegStreamCreate", self.lib.nvjpegJpegStreamCreate(self.handle, ctypes.byref(self.parsed)))
+
+    def decode(self, encoded: list[torch.Tensor]) -> tuple[list[Group], list[int]]:
+        """Decode JPEG byte tensors (1-D uint8, on the CPU) to RGB on the device, on the current
+        stream: the size groups the hardware decoded, and the indices of the images it does not
+        take (for another decoder). Whatever the caller queues on its stream after this reads
+        finished pixels; the caller may free ``encoded`` once this returns.
+
+        Raises:
+            NvJpegError: an image's header could not be read, or the batched decode failed.
+        """
+        lib, handle = self.lib, self.handle
+        channels, sub, supported = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        widths, heights = (ctypes.c_int * _MAX_COMPONENT)(), (ctypes.c_int * _MAX_COMPONENT)()
+        sizes: dict[tuple[int, int], list[int]] = {}
+        rest: list[int] = []
+        with self.lock:
+            for i, data in enumerate(encoded):
+                ptr, n = data.data_ptr(), data.numel()
+                status = lib.nvjpegGetImageInfo(handle, ptr, n, ctypes.byref(channels), ctypes.byref(sub),
+                                                widths, heights)  # fmt: skip
+                _check(f"nvjpegGetImageInfo (image {i})", status)
+                _check(f"nvjpegJpegStreamParseHeader (image {i})",
+                       lib.nvjpegJpegStreamParseHeader(handle, ptr, n, self.parsed))  # fmt: skip
+                _check("nvjpegDecodeBatchedSupported",
+                       lib.nvjpegDecodeBatchedSupported(handle, self.parsed, ctypes.byref(supported)))  # fmt: skip
+                if supported.value != 0:  # 0: the hardware takes it
+                    rest.append(i)
+                else:
+                    sizes.setdefault((heights[0], widths[0]), []).append(i)
+            if not sizes:
+                return [], rest
+            groups: list[Group] = []
+            k = sum(len(idx) for idx in sizes.values())
+            images = (_Image * k)()
+            order: list[int] = []
+            j = 0
+            for (h, w), idx in sizes.items():
+                pixels = torch.empty((len(idx), 3, h, w), dtype=torch.uint8, device=self.device)
+                base, plane = pixels.data_ptr(), h * w
+                for m in range(len(idx)):
+                    for c in range(3):
+                        images[j].channel[c] = base + (3 * m + c) * plane
+                        images[j].pitch[c] = w
+                    j += 1
+                order += idx
+                groups.append((idx, pixels))
+            data_ptrs = (ctypes.c_void_p * k)(*[encoded[i].data_ptr() for i in order])
+            lengths = (ctypes.c_size_t * k)(*[encoded[i].numel() for i in order])
+            stream = ctypes.c_void_p(torch.cuda.current_stream(self.device).cuda_stream)
+            _check("nvjpegDecodeBatchedInitialize",
+                   lib.nvjpegDecodeBatchedInitialize(handle, self.state, k, 1, OUTPUT_RGB))  # fmt: skip
+            _check("nvjpegDecodeBatched",
+                   lib.nvjpegDecodeBatched(handle, self.state, data_ptrs, lengths, images, stream))  # fmt: skip
+        return groups, rest
+
+
+def _library_path() -> str:
+    """The nvJPEG library torchvision's decoder uses (its wheel's copy), else the system's."""
+    for name in tuning.nvjpeg_candidates():
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return name
+    raise OSError(f"no nvJPEG library among {', '.join(tuning.nvjpeg_candidates())}")
+
+
+_DECODERS: dict[int, HardwareDecoder | None] = {}
+_DECODERS_LOCK = threading.Lock()
+
+
+def hardware_decoder(device: torch.device) -> HardwareDecoder | None:
+    """The process's hardware decoder on ``device`` (made once; on the handle made before torch when
+    that is the hardware backend on this device), or None where it cannot be: a CPU device, no
+    nvJPEG library, or a GPU without the hardware JPEG decoder (torchvision decodes then)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _DECODERS_LOCK:
+        if index in _DECODERS:
+            return _DECODERS[index]
+        early = tuning.early_nvjpeg()
+        if early is not None and (early.backend != tuning.NVJPEG_BACKEND_HARDWARE or early.ordinal != index):
+            early = None
+        decoder: HardwareDecoder | None = None
+        try:
+            with torch.cuda.device(index):
+                decoder = HardwareDecoder(torch.device("cuda", index), early)
+        except NvJpegError as e:
+            why = "no hardware JPEG decoder on this GPU" if e.status == STATUS_ARCH_MISMATCH else str(e)
+            log.warning("nvJPEG hardware decoder unavailable (%s): torchvision's decoder decodes", why)
+        except (OSError, AttributeError) as e:  # no library, or an old one without these calls
+            log.warning("nvJPEG hardware decoder unavailable (%s): torchvision's decoder decodes", e)
+        _DECODERS[index] = decoder
+        return decoder
+
+
+__all__ = ["Group", "HardwareDecoder", "NvJpegError", "hardware_decoder"]
