@@ -27,6 +27,7 @@ import logging
 import threading
 from typing import Any
 
+import numpy as np
 import torch
 
 from model_server import tuning
@@ -91,16 +92,20 @@ class HardwareDecoder:
     def __init__(self, device: torch.device, early: tuning.EarlyNvJpeg | None = None) -> None:
         self.device = device
         self.lock = threading.Lock()
-        if early is not None:
-            self.lib, self.handle, self.state = early.lib, early.handle, early.state
-        else:
-            lib = ctypes.CDLL(_library_path())
-            handle, state = ctypes.c_void_p(), ctypes.c_void_p()
-            _check("nvjpegCreateEx(hardware)", lib.nvjpegCreateEx(tuning.NVJPEG_BACKEND_HARDWARE, None, None, 0,
-                                                                  ctypes.byref(handle)))  # fmt: skip
-            self.lib, self.handle, self.state = lib, handle, state
+        path = early.path if early is not None else _library_path()
+        # Two views of one library: through ``lib`` (CDLL) a call releases the GIL, for the batched decode
+        # (milliseconds); through ``quick`` (PyDLL) it keeps it, for the per-image header calls (about a
+        # microsecond each), which would otherwise give the GIL up and wait for it back twice per call:
+        # in the server, beside its other threads, that cost more than the decode saved (README, session 17).
+        self.lib, self.quick = ctypes.CDLL(path), ctypes.PyDLL(path)
         _bind(self.lib)
-        if early is None:
+        _bind(self.quick)
+        if early is not None:
+            self.handle, self.state = early.handle, early.state
+        else:
+            self.handle, self.state = ctypes.c_void_p(), ctypes.c_void_p()
+            _check("nvjpegCreateEx(hardware)", self.lib.nvjpegCreateEx(tuning.NVJPEG_BACKEND_HARDWARE, None, None, 0,
+                                                                       ctypes.byref(self.handle)))  # fmt: skip
             _check("nvjpegJpegStateCreate", self.lib.nvjpegJpegStateCreate(self.handle, ctypes.byref(self.state)))
         self.parsed = ctypes.c_void_p()
         _check("nvjpegJpegStreamCreate", self.lib.nvjpegJpegStreamCreate(self.handle, ctypes.byref(self.parsed)))
@@ -114,7 +119,7 @@ class HardwareDecoder:
         Raises:
             NvJpegError: an image's header could not be read, or the batched decode failed.
         """
-        lib, handle = self.lib, self.handle
+        quick, handle = self.quick, self.handle
         channels, sub, supported = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
         widths, heights = (ctypes.c_int * _MAX_COMPONENT)(), (ctypes.c_int * _MAX_COMPONENT)()
         sizes: dict[tuple[int, int], list[int]] = {}
@@ -122,13 +127,13 @@ class HardwareDecoder:
         with self.lock:
             for i, data in enumerate(encoded):
                 ptr, n = data.data_ptr(), data.numel()
-                status = lib.nvjpegGetImageInfo(handle, ptr, n, ctypes.byref(channels), ctypes.byref(sub),
-                                                widths, heights)  # fmt: skip
+                status = quick.nvjpegGetImageInfo(handle, ptr, n, ctypes.byref(channels), ctypes.byref(sub),
+                                                  widths, heights)  # fmt: skip
                 _check(f"nvjpegGetImageInfo (image {i})", status)
                 _check(f"nvjpegJpegStreamParseHeader (image {i})",
-                       lib.nvjpegJpegStreamParseHeader(handle, ptr, n, self.parsed))  # fmt: skip
+                       quick.nvjpegJpegStreamParseHeader(handle, ptr, n, self.parsed))  # fmt: skip
                 _check("nvjpegDecodeBatchedSupported",
-                       lib.nvjpegDecodeBatchedSupported(handle, self.parsed, ctypes.byref(supported)))  # fmt: skip
+                       quick.nvjpegDecodeBatchedSupported(handle, self.parsed, ctypes.byref(supported)))  # fmt: skip
                 if supported.value != 0:  # 0: the hardware takes it
                     rest.append(i)
                 else:
@@ -136,27 +141,27 @@ class HardwareDecoder:
             if not sizes:
                 return [], rest
             groups: list[Group] = []
-            k = sum(len(idx) for idx in sizes.values())
-            images = (_Image * k)()
+            # The nvjpegImage_t array as rows of 8 words (4 plane pointers, 4 pitches), filled by numpy.
+            rows: list[np.ndarray] = []
             order: list[int] = []
-            j = 0
             for (h, w), idx in sizes.items():
                 pixels = torch.empty((len(idx), 3, h, w), dtype=torch.uint8, device=self.device)
-                base, plane = pixels.data_ptr(), h * w
-                for m in range(len(idx)):
-                    for c in range(3):
-                        images[j].channel[c] = base + (3 * m + c) * plane
-                        images[j].pitch[c] = w
-                    j += 1
+                planes = pixels.data_ptr() + h * w * np.arange(3 * len(idx), dtype=np.uint64).reshape(-1, 3)
+                part = np.zeros((len(idx), 2 * _MAX_COMPONENT), dtype=np.uint64)
+                part[:, :3], part[:, _MAX_COMPONENT : _MAX_COMPONENT + 3] = planes, w
+                rows.append(part)
                 order += idx
                 groups.append((idx, pixels))
+            k = len(order)
+            table = np.ascontiguousarray(np.concatenate(rows) if len(rows) > 1 else rows[0])
+            images = (_Image * k).from_buffer(table.data)
             data_ptrs = (ctypes.c_void_p * k)(*[encoded[i].data_ptr() for i in order])
             lengths = (ctypes.c_size_t * k)(*[encoded[i].numel() for i in order])
             stream = ctypes.c_void_p(torch.cuda.current_stream(self.device).cuda_stream)
             _check("nvjpegDecodeBatchedInitialize",
-                   lib.nvjpegDecodeBatchedInitialize(handle, self.state, k, 1, OUTPUT_RGB))  # fmt: skip
+                   self.lib.nvjpegDecodeBatchedInitialize(handle, self.state, k, 1, OUTPUT_RGB))  # fmt: skip
             _check("nvjpegDecodeBatched",
-                   lib.nvjpegDecodeBatched(handle, self.state, data_ptrs, lengths, images, stream))  # fmt: skip
+                   self.lib.nvjpegDecodeBatched(handle, self.state, data_ptrs, lengths, images, stream))  # fmt: skip
         return groups, rest
 
 

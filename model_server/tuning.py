@@ -49,6 +49,7 @@ class EarlyNvJpeg:
     life), for the device's decoder to use (:mod:`model_server.nvjpeg`)."""
 
     lib: ctypes.CDLL
+    path: str
     handle: ctypes.c_void_p
     state: ctypes.c_void_p
     backend: int  # NVJPEG_BACKEND_HARDWARE or NVJPEG_BACKEND_DEFAULT
@@ -148,7 +149,7 @@ def _create_nvjpeg_handle(ordinal: int) -> bool:
                             if nvjpeg.nvjpegCreateEx(b, None, None, 0, ctypes.byref(handle)) == 0), None)  # fmt: skip
             if backend is not None and nvjpeg.nvjpegJpegStateCreate(handle, ctypes.byref(state)) == 0:
                 _KEPT.extend([nvjpeg, handle, state])
-                _EARLY_NVJPEG.append(EarlyNvJpeg(nvjpeg, handle, state, backend, ordinal))
+                _EARLY_NVJPEG.append(EarlyNvJpeg(nvjpeg, name, handle, state, backend, ordinal))
                 return True
         except AttributeError:  # not nvJPEG after all
             continue
