@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: ``nvjpegOutputFormat_t``: planar R, G, B (what torchvision asks for in RGB mode).
 OUTPUT_RGB = 3
+#: The baseline JPEG's start-of-frame marker (what :func:`model_server.images.gpu_frame` reports).
+SOF_BASELINE = 0xC0
 #: ``nvjpegStatus_t`` of a GPU without the hardware decoder.
 STATUS_ARCH_MISMATCH = 7
 _MAX_COMPONENT = 4
@@ -53,6 +55,7 @@ class NvJpegError(RuntimeError):
 
     def __init__(self, call: str, status: int) -> None:
         super().__init__(f"{call} failed with nvjpegStatus {status}")
+        self.call = call
         self.status = status
 
 
@@ -107,61 +110,84 @@ class HardwareDecoder:
             _check("nvjpegCreateEx(hardware)", self.lib.nvjpegCreateEx(tuning.NVJPEG_BACKEND_HARDWARE, None, None, 0,
                                                                        ctypes.byref(self.handle)))  # fmt: skip
             _check("nvjpegJpegStateCreate", self.lib.nvjpegJpegStateCreate(self.handle, ctypes.byref(self.state)))
+        #: Whether the hardware takes a baseline JPEG, by (channels, nvjpegChromaSubsampling_t).
+        self._supported: dict[tuple[int, int], bool] = {}
         self.parsed = ctypes.c_void_p()
         _check("nvjpegJpegStreamCreate", self.lib.nvjpegJpegStreamCreate(self.handle, ctypes.byref(self.parsed)))
 
-    def decode(self, encoded: list[torch.Tensor]) -> tuple[list[Group], list[int]]:
+    def decode(self, encoded: list[torch.Tensor], frames: bytes | None = None) -> tuple[list[Group], list[int]]:
         """Decode JPEG byte tensors (1-D uint8, on the CPU) to RGB on the device, on the current
         stream: the size groups the hardware decoded, and the indices of the images it does not
         take (for another decoder). Whatever the caller queues on its stream after this reads
         finished pixels; the caller may free ``encoded`` once this returns.
 
+        ``frames``: each image's start-of-frame marker as the front end read it (0: not known). For
+        a baseline image (0xC0), whether the hardware takes it is asked once per kind of image
+        (channels and chroma subsampling, from nvJPEG's own header read) and remembered; for any
+        other, per image. Should the batched decode still refuse, it is retried asking per image.
+
         Raises:
             NvJpegError: an image's header could not be read, or the batched decode failed.
         """
+        with self.lock:
+            try:
+                return self._decode(encoded, frames)
+            except NvJpegError as e:
+                if frames is None or not e.call.startswith("nvjpegDecodeBatched"):
+                    raise
+                log.warning("nvJPEG refused a batch decoded on remembered answers (%s): asking per image", e)
+                return self._decode(encoded, None)
+
+    def _decode(self, encoded: list[torch.Tensor], frames: bytes | None) -> tuple[list[Group], list[int]]:
         quick, handle = self.quick, self.handle
         channels, sub, supported = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
         widths, heights = (ctypes.c_int * _MAX_COMPONENT)(), (ctypes.c_int * _MAX_COMPONENT)()
         sizes: dict[tuple[int, int], list[int]] = {}
         rest: list[int] = []
-        with self.lock:
-            for i, data in enumerate(encoded):
-                ptr, n = data.data_ptr(), data.numel()
-                status = quick.nvjpegGetImageInfo(handle, ptr, n, ctypes.byref(channels), ctypes.byref(sub),
-                                                  widths, heights)  # fmt: skip
-                _check(f"nvjpegGetImageInfo (image {i})", status)
+        known = self._supported
+        for i, data in enumerate(encoded):
+            ptr, n = data.data_ptr(), data.numel()
+            status = quick.nvjpegGetImageInfo(handle, ptr, n, ctypes.byref(channels), ctypes.byref(sub),
+                                              widths, heights)  # fmt: skip
+            _check(f"nvjpegGetImageInfo (image {i})", status)
+            kind = (channels.value, sub.value) if frames is not None and frames[i] == SOF_BASELINE else None
+            takes = known.get(kind) if kind is not None else None
+            if takes is None:
                 _check(f"nvjpegJpegStreamParseHeader (image {i})",
                        quick.nvjpegJpegStreamParseHeader(handle, ptr, n, self.parsed))  # fmt: skip
                 _check("nvjpegDecodeBatchedSupported",
                        quick.nvjpegDecodeBatchedSupported(handle, self.parsed, ctypes.byref(supported)))  # fmt: skip
-                if supported.value != 0:  # 0: the hardware takes it
-                    rest.append(i)
-                else:
-                    sizes.setdefault((heights[0], widths[0]), []).append(i)
-            if not sizes:
-                return [], rest
-            groups: list[Group] = []
-            # The nvjpegImage_t array as rows of 8 words (4 plane pointers, 4 pitches), filled by numpy.
-            rows: list[np.ndarray] = []
-            order: list[int] = []
-            for (h, w), idx in sizes.items():
-                pixels = torch.empty((len(idx), 3, h, w), dtype=torch.uint8, device=self.device)
-                planes = pixels.data_ptr() + h * w * np.arange(3 * len(idx), dtype=np.uint64).reshape(-1, 3)
-                part = np.zeros((len(idx), 2 * _MAX_COMPONENT), dtype=np.uint64)
-                part[:, :3], part[:, _MAX_COMPONENT : _MAX_COMPONENT + 3] = planes, w
-                rows.append(part)
-                order += idx
-                groups.append((idx, pixels))
-            k = len(order)
-            table = np.ascontiguousarray(np.concatenate(rows) if len(rows) > 1 else rows[0])
-            images = (_Image * k).from_buffer(table.data)
-            data_ptrs = (ctypes.c_void_p * k)(*[encoded[i].data_ptr() for i in order])
-            lengths = (ctypes.c_size_t * k)(*[encoded[i].numel() for i in order])
-            stream = ctypes.c_void_p(torch.cuda.current_stream(self.device).cuda_stream)
-            _check("nvjpegDecodeBatchedInitialize",
-                   self.lib.nvjpegDecodeBatchedInitialize(handle, self.state, k, 1, OUTPUT_RGB))  # fmt: skip
-            _check("nvjpegDecodeBatched",
-                   self.lib.nvjpegDecodeBatched(handle, self.state, data_ptrs, lengths, images, stream))  # fmt: skip
+                takes = supported.value == 0  # 0: the hardware takes it
+                if kind is not None:
+                    known[kind] = takes
+            if takes:
+                sizes.setdefault((heights[0], widths[0]), []).append(i)
+            else:
+                rest.append(i)
+        if not sizes:
+            return [], rest
+        groups: list[Group] = []
+        # The nvjpegImage_t array as rows of 8 words (4 plane pointers, 4 pitches), filled by numpy.
+        rows: list[np.ndarray] = []
+        order: list[int] = []
+        for (h, w), idx in sizes.items():
+            pixels = torch.empty((len(idx), 3, h, w), dtype=torch.uint8, device=self.device)
+            planes = pixels.data_ptr() + h * w * np.arange(3 * len(idx), dtype=np.uint64).reshape(-1, 3)
+            part = np.zeros((len(idx), 2 * _MAX_COMPONENT), dtype=np.uint64)
+            part[:, :3], part[:, _MAX_COMPONENT : _MAX_COMPONENT + 3] = planes, w
+            rows.append(part)
+            order += idx
+            groups.append((idx, pixels))
+        k = len(order)
+        table = np.ascontiguousarray(np.concatenate(rows) if len(rows) > 1 else rows[0])
+        images = (_Image * k).from_buffer(table.data)
+        data_ptrs = (ctypes.c_void_p * k)(*[encoded[i].data_ptr() for i in order])
+        lengths = (ctypes.c_size_t * k)(*[encoded[i].numel() for i in order])
+        stream = ctypes.c_void_p(torch.cuda.current_stream(self.device).cuda_stream)
+        _check("nvjpegDecodeBatchedInitialize",
+               self.lib.nvjpegDecodeBatchedInitialize(handle, self.state, k, 1, OUTPUT_RGB))  # fmt: skip
+        _check("nvjpegDecodeBatched",
+               self.lib.nvjpegDecodeBatched(handle, self.state, data_ptrs, lengths, images, stream))  # fmt: skip
         return groups, rest
 
 

@@ -137,7 +137,7 @@ class DevicePipeline:
         through the runner's input and model graphs."""
         t0 = time.perf_counter()
         try:
-            ((_, pixels),) = self._decode_groups(batch.encoded())
+            ((_, pixels),) = self._decode_groups(batch.encoded(), batch.frames)
         except RuntimeError as e:
             return [_undecodable(e)]
         image = pixels[0]
@@ -281,8 +281,10 @@ class DevicePipeline:
         batches = [payloads[i] for i in jpeg_idx]
         counts = [len(b) for b in batches if isinstance(b, JpegBatch)]
         encoded = [t for b in batches if isinstance(b, JpegBatch) for t in b.encoded()]
+        known = [b.frames if b.frames is not None else bytes(len(b)) for b in batches if isinstance(b, JpegBatch)]
+        frames = b"".join(known)
         try:
-            groups = self._decode_groups(encoded)
+            groups = self._decode_groups(encoded, frames)
         except RuntimeError:
             groups = None  # one bad stream fails the batched call: retry each request alone
         if groups is not None:
@@ -295,13 +297,16 @@ class DevicePipeline:
         start = 0
         for i, n in zip(jpeg_idx, counts, strict=True):
             try:
-                staged.parts[i] = resize_crop_groups(self._decode_groups(encoded[start : start + n]), n)
+                staged.parts[i] = resize_crop_groups(self._decode_groups(encoded[start : start + n],
+                                                                         frames[start : start + n]), n)  # fmt: skip
             except RuntimeError as e:
                 staged.failed[i] = _undecodable(e)
             start += n
 
-    def _decode_groups(self, encoded: list[torch.Tensor]) -> list[SizeGroup]:
-        return decode_jpeg_groups(encoded, self.device, call_size=self.decode_batch, decoder=self.jpeg_decoder)
+    def _decode_groups(self, encoded: list[torch.Tensor], frames: bytes | None) -> list[SizeGroup]:
+        return decode_jpeg_groups(
+            encoded, self.device, call_size=self.decode_batch, decoder=self.jpeg_decoder, frames=frames
+        )
 
     def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """One batch tensor on the device: host parts go through a pinned buffer and a non-blocking copy."""

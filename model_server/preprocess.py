@@ -181,7 +181,12 @@ def decode_jpegs(encoded: list[torch.Tensor], device: torch.device, *, call_size
 
 
 def decode_jpeg_groups(
-    encoded: list[torch.Tensor], device: torch.device, *, call_size: int = 0, decoder: str = "nvjpeg"
+    encoded: list[torch.Tensor],
+    device: torch.device,
+    *,
+    call_size: int = 0,
+    decoder: str = "nvjpeg",
+    frames: bytes | None = None,
 ) -> list[SizeGroup]:
     """Decode JPEG byte tensors (uint8, on the CPU) to RGB on ``device``, as size groups.
 
@@ -189,6 +194,7 @@ def decode_jpeg_groups(
     called directly (:mod:`model_server.nvjpeg`), writes each size's images into one tensor; the
     JPEGs it does not take, and every JPEG where there is no hardware decoder, go through
     :func:`decode_jpegs` (torchvision's decoder), as they all do with ``decoder="torchvision"``.
+    ``frames``: each JPEG's start-of-frame marker, when known (:attr:`~model_server.images.JpegBatch.frames`).
 
     Raises:
         RuntimeError: a decoder refused a stream (the whole call fails).
@@ -196,7 +202,7 @@ def decode_jpeg_groups(
     if device.type == "cuda" and decoder == "nvjpeg" and call_size <= 0:
         hardware = hardware_decoder(device)
         if hardware is not None:
-            found, rest = hardware.decode(encoded)
+            found, rest = hardware.decode(encoded, frames)
             groups: list[SizeGroup] = list(found)
             if rest:
                 others = decode_jpegs([encoded[i] for i in rest], device)

@@ -228,6 +228,17 @@ def test_hardware_decoder_decodes_what_torchvision_does() -> None:
     for idx, pixels in both:
         for j, i in enumerate(idx):
             assert torch.equal(pixels[j], reference[i])
+    # With the front end's start-of-frame markers: the hardware is asked once per kind of baseline image.
+    frames = bytes([0xC0] * len(jpegs) + [0xC2] + [0xC0] * len(jpegs))
+    told, rest = decoder.decode(encoded, frames)
+    assert rest == [len(jpegs)] and decoder._supported and all(decoder._supported.values())
+    for idx, pixels in told:
+        assert all(torch.equal(pixels[j], reference[i]) for j, i in enumerate(idx))
+    # A marker that lies (the progressive JPEG said to be baseline): still torchvision's pixels for every image.
+    lied, rest = decoder.decode(encoded, bytes([0xC0] * len(encoded)))
+    assert sorted([*rest, *(i for idx, _ in lied for i in idx)]) == list(range(len(encoded)))
+    for idx, pixels in lied:
+        assert all(torch.equal(pixels[j], reference[i]) for j, i in enumerate(idx)), "a lie must not corrupt"
     corrupt = torch.frombuffer(bytearray(b"\xff\xd8\xff" + b"\0" * 100), dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="nvjpegStatus"):
         decoder.decode([encoded[0], corrupt])
