@@ -400,13 +400,15 @@ def threads(
     times, every other round in reverse order, medians reported. Each thread keeps two prepared
     batches in flight, as the batcher does, and waits for the older. Keys: ``<decoder>_t<k>_...``,
     and ``..._vs_first``: against the first decoder's first thread count."""
-    from model_server.images import JpegBatch
+    from model_server.images import JpegBatch, jpeg_frame
 
     pipelines = {d: _pipeline(device, n, jpeg_decoder=d) for d in decoders}
     jpegs = [p.jpeg for p in photo_set(size)]
     photos = (jpegs * (n // len(jpegs) + 1))[:n]
-    requests = [JpegBatch(photos[i : i + per_request], buffer=bytearray(b"".join(photos[i : i + per_request])))
-                for i in range(0, n, per_request)]  # fmt: skip
+    # Each with its start-of-frame markers, as a front end sends them (JpegBatch.frames).
+    parts = [photos[i : i + per_request] for i in range(0, n, per_request)]
+    markers = [bytes((jpeg_frame(j) or (0,))[0] for j in part) for part in parts]
+    requests = [JpegBatch(p, buffer=bytearray(b"".join(p)), frames=m) for p, m in zip(parts, markers, strict=True)]
     sample = _jpeg_engine_sampler(device)
     load = ModelLoad(device, arm) if arm else None
 
