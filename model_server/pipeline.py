@@ -26,16 +26,9 @@ import torch
 
 from model_server import BadInput
 from model_server import metrics as m
-from model_server.config import JPEG_DECODERS, MODEL_STREAMS
+from model_server.config import MODEL_STREAMS
 from model_server.images import JpegBatch, Payload
-from model_server.preprocess import (
-    SizeGroup,
-    decode_jpeg_groups,
-    normalize,
-    resize_crop_groups,
-    resize_crop_pixels,
-    warm_up_jpeg,
-)
+from model_server.preprocess import decode_jpegs, gpu_resize_crop_many, normalize, resize_crop_pixels, warm_up_jpeg
 from model_server.profiler import ProfileCapture
 from model_server.runtimes import Runner
 
@@ -90,16 +83,12 @@ class DevicePipeline:
         *,
         model_stream: str = "side",
         decode_batch: int = 0,
-        jpeg_decoder: str = "nvjpeg",
     ) -> None:
         if model_stream not in MODEL_STREAMS:
             raise ValueError(f"model_stream must be one of {', '.join(MODEL_STREAMS)}, got {model_stream!r}")
         if decode_batch < 0:
             raise ValueError(f"decode_batch must be >= 0, got {decode_batch}")
-        if jpeg_decoder not in JPEG_DECODERS:
-            raise ValueError(f"jpeg_decoder must be one of {', '.join(JPEG_DECODERS)}, got {jpeg_decoder!r}")
         self.decode_batch = decode_batch
-        self.jpeg_decoder = jpeg_decoder
         self.runner = runner
         self.device = runner.device
         self.profiler = profiler
@@ -137,10 +126,9 @@ class DevicePipeline:
         through the runner's input and model graphs."""
         t0 = time.perf_counter()
         try:
-            ((_, pixels),) = self._decode_groups(batch.encoded(), batch.frames)
+            (image,) = decode_jpegs(batch.encoded(), self.device, call_size=self.decode_batch)
         except RuntimeError as e:
             return [_undecodable(e)]
-        image = pixels[0]
         graph = self._crop_graph(image, rows)
         if graph is None:
             rows.copy_(resize_crop_pixels(image.unsqueeze(0)))
@@ -281,14 +269,12 @@ class DevicePipeline:
         batches = [payloads[i] for i in jpeg_idx]
         counts = [len(b) for b in batches if isinstance(b, JpegBatch)]
         encoded = [t for b in batches if isinstance(b, JpegBatch) for t in b.encoded()]
-        known = [b.frames if b.frames is not None else bytes(len(b)) for b in batches if isinstance(b, JpegBatch)]
-        frames = b"".join(known)
         try:
-            groups = self._decode_groups(encoded, frames)
+            images = decode_jpegs(encoded, self.device, call_size=self.decode_batch)
         except RuntimeError:
-            groups = None  # one bad stream fails the batched call: retry each request alone
-        if groups is not None:
-            crops = resize_crop_groups(groups, len(encoded))
+            images = None  # one bad stream fails the batched call: retry each request alone
+        if images is not None:
+            crops = gpu_resize_crop_many(images)
             for i, part in zip(jpeg_idx, torch.split(crops, counts), strict=True):
                 staged.parts[i] = part
             if len(jpeg_idx) == staged.n:
@@ -297,16 +283,11 @@ class DevicePipeline:
         start = 0
         for i, n in zip(jpeg_idx, counts, strict=True):
             try:
-                staged.parts[i] = resize_crop_groups(self._decode_groups(encoded[start : start + n],
-                                                                         frames[start : start + n]), n)  # fmt: skip
+                mine = decode_jpegs(encoded[start : start + n], self.device, call_size=self.decode_batch)
+                staged.parts[i] = gpu_resize_crop_many(mine)
             except RuntimeError as e:
                 staged.failed[i] = _undecodable(e)
             start += n
-
-    def _decode_groups(self, encoded: list[torch.Tensor], frames: bytes | None) -> list[SizeGroup]:
-        return decode_jpeg_groups(
-            encoded, self.device, call_size=self.decode_batch, decoder=self.jpeg_decoder, frames=frames
-        )
 
     def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """One batch tensor on the device: host parts go through a pinned buffer and a non-blocking copy."""
