@@ -190,14 +190,3 @@ def warm_gpu_decoder(device: torch.device) -> torch.Tensor:
         # Its own stream only: the early warm-up may run beside a CUDA-graph capture.
         torch.cuda.current_stream(device).synchronize()
     return crops
-
-
-def decode_batch_gpu(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
-    """Decode JPEGs with nvJPEG in one batched call and resize/crop them on ``device``.
-
-    Raises:
-        RuntimeError: nvJPEG refused the batch (the caller falls back to the CPU path,
-            which names the offending image).
-    """
-    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    return list(gpu_resize_crop_many(decode_jpegs(encoded, device)))
