@@ -137,6 +137,37 @@ def test_best_concurrency_falls_back_to_the_top_level() -> None:
     assert sb.load_users({"e2e_single_best_users": 64}, [1, 64, 128], 32) == 32
 
 
+def test_batched_figures_are_medians_of_the_rounds_at_the_best_concurrency() -> None:
+    one = sb.batched_summary([{"img_s": 900.04, "p99_ms": 70}], 16)
+    assert one == {"e2e_batched_img_s": 900.0, "e2e_batched_p99_ms": 70, "e2e_batched_users": 16}
+    three = sb.batched_summary([{"img_s": 1000.0, "p99_ms": 60}, {"img_s": 800.0, "p99_ms": 90},
+                                {"img_s": 1200.0, "p99_ms": 70}], 8)  # fmt: skip
+    assert three["e2e_batched_img_s"] == 1000.0 and three["e2e_batched_p99_ms"] == 70
+    assert three["e2e_batched_rounds_img_s"] == [1000.0, 800.0, 1200.0]
+    assert three["e2e_batched_spread_pct"] == pytest.approx(40.0) and three["e2e_batched_users"] == 8
+
+
+def test_batched_rounds_on_the_cpu(artifacts_dir: Path, tmp_path: Path) -> None:
+    """A real batched run in two rounds: the sweep's run at the best concurrency and one more, the
+    headline their median, every round kept."""
+    cmd = [
+        sys.executable, "benchmarks/serve_bench.py", "--model-dir", str(artifacts_dir / "densenet121-eager-fp32"),
+        "--device", "cpu", "--phases", "batched", "--batched-concurrency", "1", "--batch-images", "2",
+        "--batched-rounds", "2", "--duration", "2", "--processes", "1", "--sizes", "vga",
+        "--server-args", "--max_batch_size 2 --max_delay_ms 1 --log_level WARNING",
+        "--results-dir", str(tmp_path), "--name", "cpu-rounds",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    metrics = json.loads(next(tmp_path.glob("*-cpu-rounds.json")).read_text())["metrics"]
+    rounds = metrics["e2e_batched_rounds_img_s"]
+    assert len(rounds) == 2 and min(rounds) > 0 and metrics["e2e_batched_users"] == 1
+    assert rounds[0] == round(metrics["batched_runs"]["c1"]["img_s"], 1) and len(metrics["batched_rounds"]) == 1
+    assert metrics["e2e_batched_img_s"] == pytest.approx(sum(rounds) / 2, abs=0.1)
+    assert metrics["e2e_batched_spread_pct"] >= 0 and metrics["failures_total"] == 0
+    assert "batched c=1 round 2:" in out.stderr
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -149,6 +180,7 @@ def test_best_concurrency_falls_back_to_the_top_level() -> None:
         ["--compare", "no-equals-sign"],
         ["--phases", "single", "--trace-batches", "5"],  # a trace is taken in the cpu-roles run only
         ["--server-root", "/"],  # no model_server package there
+        ["--batched-rounds", "0"],
     ],
 )
 def test_unusable_flags_exit_2_before_any_work(
