@@ -494,8 +494,9 @@ def batched_summary(rounds: Sequence[Mapping[str, Any]], users: int) -> dict[str
     rounds (one run: its own figures), each round's throughput and, from two rounds, their spread.
 
     Back-to-back single runs on one H100 host differed 1.23x where an interleaved compare of the same
-    two servers read 1.007x (README, session 17): connections split differently over the front ends
-    each run, among others. Rounds put a median and a spread on the headline figure."""
+    two servers read 1.007x (README, session 17); the cause is not known (each run opens connections of
+    its own, which the kernel spreads over the front ends differently, is one candidate). Rounds put a
+    median and a spread on the headline figure."""
     out: dict[str, Any] = {
         "e2e_batched_img_s": round(statistics.median(r["img_s"] for r in rounds), 1),
         "e2e_batched_p99_ms": statistics.median(r["p99_ms"] for r in rounds),
