@@ -328,7 +328,7 @@ if triton is not None:
         does not apply is an error)."""
         if taps is None:
             taps = row_taps(x, block_k)
-        elif taps and x.stride(3) != x.shape[1]:
+        elif taps and not _channels_dense(x):
             raise ValueError(f"rows of taps need x exactly {x.shape[1]} channels wide, got rows {x.stride(3)} apart")
         n, cin, h, wd = x.shape
         cout = w.shape[1]
@@ -479,12 +479,18 @@ def conv3x3_into(
     torch.ops.densenet.conv3x3_into(buf, x, w, c, ws, cnt, *config[:4], split_target)
 
 
+def _channels_dense(x: torch.Tensor) -> bool:
+    """Whether ``x`` (channels-last) is exactly its channels wide: neighbouring pixels' channels are then
+    one contiguous span, and so is a row of 3x3 taps."""
+    return bool(x.stride(3) == x.shape[1])
+
+
 def row_taps(x: torch.Tensor, block_k: int) -> bool:
     """Whether the 3x3 kernel steps through ``x`` a row of taps at a time (``_conv3x3``'s
-    ``ROW_TAPS``): where ``x`` is exactly its channels wide (a row of taps is then contiguous) and
-    that takes fewer steps of ``block_k`` channels than tap by tap (channels not a multiple of it)."""
+    ``ROW_TAPS``): where ``x`` is exactly its channels wide (:func:`_channels_dense`) and that takes
+    fewer steps of ``block_k`` channels than tap by tap (channels not a multiple of it)."""
     cin = x.shape[1]
-    return bool(x.stride(3) == cin and 3 * -(-3 * cin // block_k) < 9 * -(-cin // block_k))
+    return _channels_dense(x) and 3 * -(-3 * cin // block_k) < 9 * -(-cin // block_k)
 
 
 def write_channels(buf: torch.Tensor, y: torch.Tensor, c: int) -> None:
