@@ -1,0 +1,284 @@
+"""Probe: do nvJPEG hardware decoders in CUDA contexts of their own, in one process, overlap?
+
+Session 14 found that hardware decoders sharing the process's (primary) context do not overlap
+(2 decoders 0.78x one), while decoders in separate *processes* did (4 processes 2.1x, the JPEG
+engines 100 % busy), but a second process's context time-slices the GPU with the model's (session
+15). This probe asks whether the engines' parallelism can be had inside the device process: each
+decoder thread makes a context of its own current (``cuCtxCreate``), creates its nvJPEG handle
+(hardware backend) there and decodes batches of VGA JPEGs into memory of that context, with no
+kernel of its own; optionally it copies each batch to a buffer of the primary context
+(``cuMemcpyPeerAsync``, copy engine). Measured: JPEGs/s of all decoders together, alone and beside
+a model replaying a CUDA graph in the primary context, and that model's replays/s (time-slicing
+would show there); NVML's JPEG-engine utilisation.
+
+    python benchmarks/nvjpeg_context_probe.py --window-s 3 --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+from loadtest._payloads import photo_set  # noqa: E402
+from model_server import tuning  # noqa: E402
+
+OUTPUT_YUV, OUTPUT_RGB = 1, 3
+
+
+class _Image(ctypes.Structure):
+    _fields_ = [("channel", ctypes.c_void_p * 4), ("pitch", ctypes.c_size_t * 4)]
+
+
+def _cuda() -> Any:
+    cu = ctypes.CDLL(tuning.CUDA_DRIVER_LIB)
+    for name in ("cuCtxSetCurrent", "cuCtxGetCurrent", "cuMemAlloc_v2", "cuStreamCreate",
+                 "cuStreamSynchronize", "cuMemcpyPeerAsync", "cuCtxPopCurrent_v2", "cuDeviceGet"):  # fmt: skip
+        getattr(cu, name).restype = ctypes.c_int
+    return cu
+
+
+def _nvjpeg() -> Any:
+    for name in tuning.nvjpeg_candidates():
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        p, i, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+        lib.nvjpegCreateEx.argtypes = [i, p, p, ctypes.c_uint, ctypes.POINTER(p)]
+        lib.nvjpegJpegStateCreate.argtypes = [p, ctypes.POINTER(p)]
+        lib.nvjpegDecodeBatchedInitialize.argtypes = [p, p, i, i, i]
+        lib.nvjpegDecodeBatched.argtypes = [p, p, ctypes.POINTER(p), ctypes.POINTER(sz), ctypes.POINTER(_Image), p]
+        return lib
+    raise OSError("no nvJPEG library")
+
+
+def _ok(what: str, status: int) -> None:
+    if status != 0:
+        raise RuntimeError(f"{what} failed: {status}")
+
+
+class Decoder:
+    """One hardware nvJPEG decoder on a thread of its own; ``own_context``: in a context made for it."""
+
+    def __init__(self, cu: Any, nj: Any, jpegs: list[bytes], sizes: list[tuple[int, int]], *, own_context: bool,
+                 fmt: int, copy_to: torch.Tensor | None, primary: ctypes.c_void_p) -> None:  # fmt: skip
+        self.cu, self.nj, self.fmt = cu, nj, fmt
+        self.own_context, self.copy_to, self.primary = own_context, copy_to, primary
+        self.jpegs, self.sizes = jpegs, sizes
+        self.batches = 0
+        self.error: str | None = None
+        self.ready = threading.Event()
+        self.go = threading.Event()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.ready.wait()
+        if self.error:
+            raise RuntimeError(self.error)
+
+    def _setup(self) -> None:
+        cu, nj = self.cu, self.nj
+        self.ctx = ctypes.c_void_p()
+        if self.own_context:
+            dev = ctypes.c_int()
+            _ok("cuDeviceGet", cu.cuDeviceGet(ctypes.byref(dev), 0))
+            # made current on this thread; CUDA 13's cuCtxCreate is _v4 (a params pointer first)
+            if hasattr(cu, "cuCtxCreate_v2"):
+                _ok("cuCtxCreate_v2", cu.cuCtxCreate_v2(ctypes.byref(self.ctx), 0, dev))
+            else:
+                _ok("cuCtxCreate_v4", cu.cuCtxCreate_v4(ctypes.byref(self.ctx), None, 0, dev))
+        else:
+            self.ctx = self.primary
+            _ok("cuCtxSetCurrent", cu.cuCtxSetCurrent(self.primary))
+        self.handle, self.state = ctypes.c_void_p(), ctypes.c_void_p()
+        _ok("nvjpegCreateEx", nj.nvjpegCreateEx(3, None, None, 0, ctypes.byref(self.handle)))  # 3: hardware
+        _ok("nvjpegJpegStateCreate", nj.nvjpegJpegStateCreate(self.handle, ctypes.byref(self.state)))
+        self.stream = ctypes.c_void_p()
+        _ok("cuStreamCreate", cu.cuStreamCreate(ctypes.byref(self.stream), 1))  # non-blocking
+        n = len(self.jpegs)
+        total = sum(3 * h * w for h, w in self.sizes)
+        self.out = ctypes.c_uint64()
+        _ok("cuMemAlloc", cu.cuMemAlloc_v2(ctypes.byref(self.out), ctypes.c_size_t(total)))
+        self.table = (_Image * n)()
+        at = self.out.value
+        for j, (h, w) in enumerate(self.sizes):
+            for c in range(3):
+                self.table[j].channel[c] = at + c * h * w
+                self.table[j].pitch[c] = w
+            at += 3 * h * w
+        self.total = total
+        self.bufs = [ctypes.create_string_buffer(b, len(b)) for b in self.jpegs]
+        self.ptrs = (ctypes.c_void_p * n)(*[ctypes.addressof(b) for b in self.bufs])
+        self.lens = (ctypes.c_size_t * n)(*[len(b) for b in self.jpegs])
+
+    def _once(self) -> None:
+        nj, n = self.nj, len(self.jpegs)
+        _ok("init", nj.nvjpegDecodeBatchedInitialize(self.handle, self.state, n, 1, self.fmt))
+        _ok("decode", nj.nvjpegDecodeBatched(self.handle, self.state, self.ptrs, self.lens, self.table, self.stream))
+        if self.copy_to is not None:
+            _ok("copy", self.cu.cuMemcpyPeerAsync(ctypes.c_uint64(self.copy_to.data_ptr()), self.primary,
+                                                  self.out, self.ctx, ctypes.c_size_t(self.total),
+                                                  self.stream))  # fmt: skip
+        _ok("sync", self.cu.cuStreamSynchronize(self.stream))
+
+    def _run(self) -> None:
+        try:
+            self._setup()
+            self._once()
+        except Exception as e:  # reported to the main thread
+            self.error = f"{type(e).__name__}: {e}"
+            self.ready.set()
+            return
+        self.ready.set()
+        while True:
+            self.go.wait()
+            if self.stop.is_set():
+                return
+            try:
+                while self.go.is_set():
+                    self._once()
+                    self.batches += 1
+            except Exception as e:
+                self.error = f"{type(e).__name__}: {e}"
+                self.go.clear()
+
+
+def _engine_sampler() -> Any:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        pynvml.nvmlDeviceGetJpgUtilization(h)
+        return lambda: float(pynvml.nvmlDeviceGetJpgUtilization(h)[0])
+    except Exception:
+        return None
+
+
+def run_arm(decoders: list[Decoder], window_s: float, model: Any | None, sample: Any) -> dict[str, Any]:
+    for d in decoders:
+        d.batches = 0
+    util: list[float] = []
+    t0 = time.perf_counter()
+    if model is not None:
+        model.__enter__()
+    for d in decoders:
+        d.go.set()
+    while time.perf_counter() - t0 < window_s:
+        time.sleep(0.25)
+        if sample is not None:
+            util.append(sample())
+    for d in decoders:
+        d.go.clear()
+    elapsed = time.perf_counter() - t0
+    if model is not None:
+        model.__exit__(None, None, None)
+    time.sleep(0.1)
+    n = len(decoders[0].jpegs) if decoders else 0
+    res: dict[str, Any] = {
+        "jpegs_per_s": round(sum(d.batches for d in decoders) * n / elapsed, 1),
+        "per_decoder_batches": [d.batches for d in decoders],
+        "errors": [d.error for d in decoders if d.error],
+    }
+    if util:
+        res["jpeg_engine_util_median"] = statistics.median(util)
+    if model is not None:
+        res["model_replays_per_s"] = model.replays_per_s
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--window-s", type=float, default=3.0)
+    ap.add_argument("--counts", default="1,2,3,4")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    import io
+
+    from decode_bench import ModelLoad
+    from PIL import Image
+
+    dev = torch.device("cuda", 0)
+    torch.zeros(1, device=dev)
+    cu = _cuda()
+    nj = _nvjpeg()
+    primary = ctypes.c_void_p()
+    _ok("cuCtxGetCurrent", cu.cuCtxGetCurrent(ctypes.byref(primary)))
+    photos = [p.jpeg for p in photo_set("vga")]
+    jpegs = (photos * (args.batch // len(photos) + 1))[: args.batch]
+    sizes = []
+    for b in jpegs:
+        with Image.open(io.BytesIO(b)) as im:
+            sizes.append((im.height, im.width))
+    total = sum(3 * h * w for h, w in sizes)
+    counts = [int(c) for c in args.counts.split(",")]
+    sample = _engine_sampler()
+    model = ModelLoad(dev, "side-graph")
+    out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__, "batch": args.batch,
+                           "window_s": args.window_s, "arms": {}}  # fmt: skip
+    arms = out["arms"]
+
+    def log(name: str, res: dict[str, Any]) -> None:
+        arms[name] = res
+        print(name, json.dumps(res), flush=True)
+
+    model.__enter__()
+    time.sleep(args.window_s)
+    model.__exit__(None, None, None)
+    log("model_alone", {"model_replays_per_s": model.replays_per_s})
+    made: dict[tuple[bool, int, bool], list[Decoder]] = {}
+
+    def decoders(own: bool, k: int, fmt: int = OUTPUT_RGB, copy: bool = False) -> list[Decoder]:
+        key = (own, fmt, copy)
+        pool = made.setdefault(key, [])
+        while len(pool) < k:
+            dst = torch.empty(total, dtype=torch.uint8, device=dev) if copy else None
+            pool.append(Decoder(cu, nj, jpegs, sizes, own_context=own, fmt=fmt, copy_to=dst, primary=primary))
+        return pool[:k]
+
+    for own in (False, True):
+        for k in counts:
+            if not own and k > 2:
+                continue
+            tag = "own" if own else "shared"
+            log(f"{tag}_ctx_x{k}_alone", run_arm(decoders(own, k), args.window_s, None, sample))
+            log(f"{tag}_ctx_x{k}_beside_model", run_arm(decoders(own, k), args.window_s, model, sample))
+    for k in counts:
+        log(f"own_ctx_x{k}_yuv_beside_model", run_arm(decoders(True, k, OUTPUT_YUV), args.window_s, model, sample))
+        log(f"own_ctx_x{k}_copy_beside_model",
+            run_arm(decoders(True, k, OUTPUT_RGB, True), args.window_s, model, sample))  # fmt: skip
+    # the mix the server would run: its own decoder in the primary context plus K own-context ones
+    for k in counts[:3]:
+        mix = decoders(False, 1) + decoders(True, k, OUTPUT_RGB, True)
+        log(f"shared_x1_plus_own_x{k}_copy_beside_model", run_arm(mix, args.window_s, model, sample))
+    model.__enter__()
+    time.sleep(args.window_s)
+    model.__exit__(None, None, None)
+    log("model_alone_again", {"model_replays_per_s": model.replays_per_s})
+    for pool in made.values():
+        for d in pool:
+            d.stop.set()
+            d.go.set()
+    text = json.dumps(out, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
