@@ -6,8 +6,7 @@ them to a single device thread. A batch leaves as soon as the device has a free 
 while the device is busy, arrivals accumulate into the next batch, so batches grow with
 load and a lone request never waits (``max_delay`` adds an optional wait when the device
 is idle). Two batches may be in flight, so forming the next one overlaps running the
-current one; with ``prepare_threads`` > 1, that many batches are prepared at once (one more
-in flight each). A full queue refuses new work at once (:class:`Overloaded`) instead of
+current one. A full queue refuses new work at once (:class:`Overloaded`) instead of
 growing without bound, and a request whose deadline has passed is dropped before it
 reaches the device.
 """
@@ -54,11 +53,8 @@ class DynamicBatcher:
         max_batch_size: most images in one device batch.
         max_delay_s: longest the first request of a batch waits for company.
         max_queue_images: most images waiting; more are refused with :class:`Overloaded`.
-        prepare_threads: threads running ``prepare`` (default 1). With 2, one batch's Python-side
-            work (building its list of JPEGs, the crop's launches) overlaps the other's nvJPEG call,
-            which releases the GIL; torchvision's decoder still runs one call at a time.
-        max_inflight_batches: batches handed to the stage threads at once (default
-            ``prepare_threads + 1``: each prepare thread has one while the device runs another).
+        max_inflight_batches: batches handed to the device thread at once (2 overlaps
+            forming the next batch with running the current one).
         inline_after_idle_s: when set, a request that finds nothing queued or running and the
             device idle for at least this long runs at once, ``alone``, on the event loop's own
             thread, inside :meth:`submit_nowait`: at low load nothing else needs the loop
@@ -77,15 +73,12 @@ class DynamicBatcher:
         max_batch_size: int,
         max_delay_s: float,
         max_queue_images: int,
-        prepare_threads: int = 1,
-        max_inflight_batches: int | None = None,
+        max_inflight_batches: int = 2,
         inline_after_idle_s: float | None = None,
         inline_ok: Callable[[], bool] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_images < max_batch_size:
             raise ValueError("need max_batch_size >= 1 and max_queue_images >= max_batch_size")
-        if prepare_threads < 1:
-            raise ValueError(f"prepare_threads must be >= 1, got {prepare_threads}")
         self.run = run
         self.prepare = prepare
         self.alone = alone
@@ -96,13 +89,10 @@ class DynamicBatcher:
         self._queued_images = 0
         self._wakeup: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._max_inflight = max_inflight_batches if max_inflight_batches is not None else prepare_threads + 1
-        self.prepare_threads = prepare_threads
+        self._max_inflight = max_inflight_batches
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
         self._prepare_executor = (
-            concurrent.futures.ThreadPoolExecutor(max_workers=prepare_threads, thread_name_prefix="prepare")
-            if prepare
-            else None
+            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") if prepare else None
         )
         self._worker: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Future[None]] = set()

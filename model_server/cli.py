@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model_server import ServerError
-from model_server.config import EVENT_LOOPS, JPEG_DECODERS, MAX_PREPARE_THREADS, MODEL_STREAMS, ServingConfig
+from model_server.config import EVENT_LOOPS, MODEL_STREAMS, ServingConfig
 from model_server.tuning import EarlyStart, start_before_torch
 
 if TYPE_CHECKING:
@@ -84,17 +84,6 @@ def _parser() -> argparse.ArgumentParser:
         "tiny JPEG, so nvJPEG's batched decoder always sees one size (default 0: one call per batch)",
     )  # fmt: skip
     p.add_argument(
-        "--jpeg_decoder", default=_env("JPEG_DECODER", d.jpeg_decoder), choices=JPEG_DECODERS,
-        help="GPU JPEG decoder: nvjpeg (the hardware decoder called directly, one tensor per image size; "
-        "torchvision's decoder for JPEGs it does not take) or torchvision (its batched decode for all) "
-        "(default: %(default)s)",
-    )  # fmt: skip
-    p.add_argument(
-        "--prepare_threads", type=int, default=int(_env("PREPARE_THREADS", str(d.prepare_threads))),
-        help="threads decoding and cropping batches on the GPU (default %(default)s); with 2, one batch's Python "
-        "work overlaps the other's nvJPEG call, for loads the decode stage limits (many JPEGs per request)",
-    )  # fmt: skip
-    p.add_argument(
         "--max_inflight_requests", type=int, default=int(_env("MAX_INFLIGHT_REQUESTS", "0")),
         help="HTTP inference requests handled at once (bodies in memory); more get 503 + Retry-After before "
         "their body is read (default 0: max_queue_images + 2 * max_batch_size)",
@@ -156,7 +145,7 @@ def process_start() -> float:
         return time.perf_counter()
 
 
-def warm_decoder_timed(device: Any, took: dict[str, float], decoder: str = "nvjpeg", decoders: int = 1) -> None:
+def warm_decoder_timed(device: Any, took: dict[str, float]) -> None:
     """nvJPEG and the crop kernels warmed on ``device`` (an early-start thread), its seconds in ``took``.
 
     On a CUDA device it runs on a stream of its own and waits for that stream only: a device-wide
@@ -170,9 +159,9 @@ def warm_decoder_timed(device: Any, took: dict[str, float], decoder: str = "nvjp
     try:
         if isinstance(device, torch.device) and device.type == "cuda":
             with torch.cuda.stream(torch.cuda.Stream(device)):  # type: ignore[no-untyped-call]
-                warm_gpu_decoder(device, decoder, decoders)
+                warm_gpu_decoder(device)
         else:
-            warm_gpu_decoder(device, decoder, decoders)
+            warm_gpu_decoder(device)
     except Exception as e:  # the server's own warm-up decodes again and reports a failure properly
         log.debug("early nvJPEG warm-up failed: %s", e)
     took["decoder"] = time.perf_counter() - t0
@@ -181,14 +170,7 @@ def warm_decoder_timed(device: Any, took: dict[str, float], decoder: str = "nvjp
                  time.perf_counter() - process_start())  # fmt: skip
 
 
-def _start_device_early(
-    device: str,
-    *,
-    warm_decoder: bool,
-    before: dict[str, float] | None = None,
-    jpeg_decoder: str = "nvjpeg",
-    decoders: int = 1,
-) -> EarlyStart:
+def _start_device_early(device: str, *, warm_decoder: bool, before: dict[str, float] | None = None) -> EarlyStart:
     """Create the CUDA context (or find it made: :func:`~model_server.tuning.start_before_torch`), then
     load cuDNN and cuBLAS and, on a thread of its own beside them, initialise nvJPEG and the crop
     kernels (0.5 and 0.9 s on the H100 host), in threads while this one imports KServe or reads the
@@ -206,9 +188,7 @@ def _start_device_early(
                 torch.zeros(1, device=dev)
                 t_context = time.perf_counter()
                 if warm_decoder:  # beside the libraries: on the H100 host 0.9 s and 0.5 s, one after the other before
-                    decoder = threading.Thread(
-                        target=warm_decoder_timed, args=(dev, {}, jpeg_decoder, decoders), name="nvjpeg-init"
-                    )
+                    decoder = threading.Thread(target=warm_decoder_timed, args=(dev, {}), name="nvjpeg-init")
                     decoder.start()
                     early.decoder = decoder
                 from model_server.runtimes import warm_device_libraries
@@ -263,8 +243,6 @@ def main(argv: list[str] | None = None) -> int:
         cpu_decode_share=args.cpu_decode_share,
         model_stream=args.model_stream,
         decode_batch=args.decode_batch,
-        prepare_threads=args.prepare_threads,
-        jpeg_decoder=args.jpeg_decoder,
         inline_idle_ms=args.inline_idle_ms,
     )
     if args.inline_idle_ms < 0:
@@ -272,10 +250,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.decode_batch < 0:
         print(f"error: --decode_batch must be >= 0 (0: one nvJPEG call per batch), got {args.decode_batch}",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    if not 1 <= args.prepare_threads <= MAX_PREPARE_THREADS:
-        print(f"error: --prepare_threads must be from 1 to {MAX_PREPARE_THREADS}, got {args.prepare_threads}",
               file=sys.stderr)  # fmt: skip
         return 2
     if args.frontends < 1:
@@ -308,13 +282,7 @@ def _serve_device(
 ) -> int:
     """The device process of ``--frontends N``: loads and warms the model, then serves the front ends.
     It never imports KServe, FastAPI or grpc (about 2 s of start-up it would spend before the load)."""
-    early = _start_device_early(
-        config.device,
-        warm_decoder=config.gpu_decode,
-        before=before_torch,
-        jpeg_decoder=config.jpeg_decoder,
-        decoders=config.prepare_threads,
-    )
+    early = _start_device_early(config.device, warm_decoder=config.gpu_decode, before=before_torch)
     from model_server import metrics
     from model_server.device import load_model
     from model_server.tuning import freeze_so_far
@@ -349,13 +317,7 @@ def _serve_single(
     overlaps the parts of the load that release the GIL (file reads, the CUDA driver, torch's kernels)."""
     import concurrent.futures
 
-    early = _start_device_early(
-        config.device,
-        warm_decoder=config.gpu_decode,
-        before=before_torch,
-        jpeg_decoder=config.jpeg_decoder,
-        decoders=config.prepare_threads,
-    )
+    early = _start_device_early(config.device, warm_decoder=config.gpu_decode, before=before_torch)
     from model_server import metrics
     from model_server.device import load_model
 

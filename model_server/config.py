@@ -10,14 +10,8 @@ import tempfile
 
 # Here, not in preprocess (which imports torch and PIL): the CLI parses its flags, and starts the
 # front-end processes of --frontends N, before the device process spends seconds importing torch.
-#: Most ``--prepare_threads``: torchvision's decoder runs one nvJPEG call at a time, so beyond
-#: one thread in the call and one doing the Python around it, more only hold more batches in memory.
-MAX_PREPARE_THREADS = 4
 #: Where the device process runs the model's batches (``--model_stream``).
 MODEL_STREAMS = ("default", "side")
-#: JPEG decoders of the GPU decode stage (``--jpeg_decoder``): nvJPEG's hardware decoder called
-#: directly (torchvision's for what it does not take), or torchvision's batched decode for all.
-JPEG_DECODERS = ("nvjpeg", "torchvision")
 #: Event loops of the HTTP front ends and the device process (``--event_loop``).
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 #: 12 MP photos are normal; 50 MP is the default ceiling (a decompression bomb is far above it).
@@ -54,11 +48,6 @@ class ServingConfig:
     #: JPEGs, the last padded with a tiny one, so nvJPEG sees one batch size; 0 (default): one call
     #: per batch, whatever its size (32 served 0.89x on the H100).
     decode_batch: int = 0
-    #: Threads preparing batches (``--prepare_threads``): nvJPEG decode, resize and crop. With 2, one
-    #: batch's Python-side work overlaps the other's nvJPEG call (torchvision runs one call at a time).
-    prepare_threads: int = 1
-    #: One of JPEG_DECODERS (``--jpeg_decoder``).
-    jpeg_decoder: str = "nvjpeg"
     #: A request that finds the device idle (nothing queued or running) for at least this many ms runs
     #: at once on the device process's event loop thread, not via the batch worker and the device
     #: thread (two thread wake-ups and a few loop turns fewer at low load); 0: never.

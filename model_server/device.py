@@ -77,8 +77,7 @@ def load_model(artifact_dir: Path, config: ServingConfig, *, early: EarlyStart |
         early.join()
     t_warm = time.perf_counter()
     profiler = ProfileCapture(Path(config.profile_dir), device)
-    pipeline = DevicePipeline(runner, profiler, model_stream=config.model_stream, decode_batch=config.decode_batch,
-                              jpeg_decoder=config.jpeg_decoder, decoders=config.prepare_threads)  # fmt: skip
+    pipeline = DevicePipeline(runner, profiler, model_stream=config.model_stream, decode_batch=config.decode_batch)
     gpu_decode = config.gpu_decode and device.type == "cuda"
     if gpu_decode:
         pipeline.warm_up()
@@ -92,7 +91,6 @@ def load_model(artifact_dir: Path, config: ServingConfig, *, early: EarlyStart |
         max_batch_size=max_batch,
         max_delay_s=config.max_delay_ms / 1000.0,
         max_queue_images=max(config.max_queue_images, max_batch),
-        prepare_threads=config.prepare_threads,
         inline_after_idle_s=config.inline_idle_ms / 1000.0 if two_stage and config.inline_idle_ms > 0 else None,
         inline_ok=lambda: not profiler.active,  # a capture's batches stay on the device thread it starts on
     )

@@ -9,8 +9,7 @@ the kernel, never pickled objects. At 3,000 VGA JPEGs/s that is ~100 MB/s, a few
 of one core.
 
 Request frame: header ``<QBHfIQ`` (id, kind, n images, timeout s, meta bytes, body bytes),
-then meta (kind 0: n uint32 JPEG lengths, then n start-of-frame marker bytes if the front end read
-them; kind 1: one dtype code byte), then the body.
+then meta (kind 0: n uint32 JPEG lengths; kind 1: one dtype code byte), then the body.
 Response frame: header ``<QBHI`` (id, status, n, payload bytes), then float32 logits
 ``[n,1000]`` or a UTF-8 error message. Kind 2 is a control request (profiler captures):
 JSON in the meta, JSON back.
@@ -137,8 +136,6 @@ def request_parts(req_id: int, payload: Payload, timeout_s: float) -> list[Buffe
     if isinstance(payload, JpegBatch):
         images = payload.images
         meta = struct.pack(f"<{len(images)}I", *map(len, images))
-        if payload.frames is not None and len(payload.frames) == len(images):
-            meta += payload.frames
         head = REQ.pack(req_id, KIND_JPEG, len(images), timeout_s, len(meta), sum(map(len, images)))
         return [head + meta, *images]
     # A numpy array from a front end; a tensor where a caller has torch (tests, benchmarks).
@@ -155,12 +152,9 @@ def encode_request(req_id: int, payload: Payload, timeout_s: float) -> bytes:
 def decode_request(kind: int, n: int, meta: bytes, body: bytes | bytearray) -> Payload:
     if kind == KIND_JPEG:
         buffer = body if isinstance(body, bytearray) else bytearray(body)
-        if len(meta) not in (4 * n, 5 * n):
-            raise BadInput(f"a frame of {n} JPEGs carries {len(meta)} bytes of meta; expected {4 * n} or {5 * n}")
-        frames = meta[4 * n :] or None
         if n == 1:
-            return JpegBatch([buffer], buffer=buffer, frames=frames)
-        lengths = struct.unpack(f"<{n}I", meta[: 4 * n])
+            return JpegBatch([buffer], buffer=buffer)
+        lengths = struct.unpack(f"<{n}I", meta)
         if sum(lengths) != len(body):
             raise BadInput(f"JPEG lengths add up to {sum(lengths)} bytes, the frame carries {len(body)}")
         # Views, not copies: the decode stage makes one tensor of the whole (writable) body.
@@ -169,7 +163,7 @@ def decode_request(kind: int, n: int, meta: bytes, body: bytes | bytearray) -> P
         for length in lengths:
             images.append(view[start : start + length])
             start += length
-        return JpegBatch(images, buffer=buffer, frames=frames)
+        return JpegBatch(images, buffer=buffer)
     import torch  # the device side: loaded already
 
     dtype = _DTYPES[meta[0]]

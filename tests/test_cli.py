@@ -21,9 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
         ("--decode_batch", "-1", "--decode_batch must be >= 0 (0: one nvJPEG call per batch), got -1"),
         ("--event_loop", "trio", "argument --event_loop: invalid choice: 'trio'"),
         ("--inline_idle_ms", "-2", "--inline_idle_ms must be >= 0 (0: never), got -2"),
-        ("--jpeg_decoder", "pil", "argument --jpeg_decoder: invalid choice: 'pil'"),
-        ("--prepare_threads", "0", "--prepare_threads must be from 1 to 4, got 0"),
-        ("--prepare_threads", "5", "--prepare_threads must be from 1 to 4, got 5"),
     ],
 )
 def test_a_bad_value_exits_2_naming_it(tmp_path: Path, flag: str, value: str, message: str) -> None:

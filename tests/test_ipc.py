@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import itertools
 import logging
 import os
@@ -24,7 +23,6 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from model_server import BadInput, DeadlineExceeded, Overloaded, ServerError
 from model_server.batcher import DynamicBatcher
@@ -461,28 +459,3 @@ def test_a_large_body_is_read_into_its_own_buffer_byte_for_byte(monkeypatch: pyt
     assert device.seen[32] == images and device.seen[2] == exact, "every byte, in order"
     assert sorted(direct) == sorted([len(big_body) for big_body in (b"".join(images), pixels.numpy().tobytes(),
                                                                      b"".join(exact))])  # fmt: skip
-
-
-def test_a_jpeg_frame_carries_each_images_start_of_frame_marker_when_known() -> None:
-    """The front end's start-of-frame markers (JpegBatch.frames) cross the IPC after the lengths, and a
-    frame without them still decodes (frames None); a meta of any other size is refused as bad input."""
-    from model_server.images import gpu_frame
-
-    baseline, progressive = io.BytesIO(), io.BytesIO()
-    Image.new("RGB", (64, 48), (1, 2, 3)).save(baseline, format="JPEG")
-    Image.new("RGB", (64, 48), (1, 2, 3)).save(progressive, format="JPEG", progressive=True)
-    png = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(png, format="PNG")
-    limits = {"max_pixels": 10**6, "max_bytes": 10**6}
-    assert gpu_frame(baseline.getvalue(), **limits) == 0xC0 and gpu_frame(progressive.getvalue(), **limits) == 0xC2
-    assert gpu_frame(png.getvalue(), **limits) is None
-    assert gpu_frame(baseline.getvalue(), max_pixels=100, max_bytes=10**6) is None
-    for images, frames in (([b"a" * 5, b"bb"], b"\xc0\xc2"), ([b"one"], b"\xc0"), ([b"x", b"yy"], None)):
-        frame = encode_request(7, JpegBatch(images, frames=frames), 5.0)
-        _, kind, n, _, meta_len, body_len = REQ.unpack_from(frame)
-        meta = frame[REQ.size : REQ.size + meta_len]
-        got = decode_request(kind, n, meta, bytearray(frame[REQ.size + meta_len :]))
-        assert isinstance(got, JpegBatch) and got.frames == frames
-        assert [bytes(i) for i in got.images] == images and body_len == sum(map(len, images))
-    with pytest.raises(BadInput, match="a frame of 2 JPEGs carries 9 bytes of meta; expected 8 or 10"):
-        decode_request(KIND_JPEG, 2, b"\0" * 9, bytearray(b"abc"))

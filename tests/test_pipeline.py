@@ -118,52 +118,6 @@ def test_batcher_prepares_the_next_batch_on_its_own_thread_and_fuses_a_lone_one(
     assert all(thread.startswith("device") for stage, thread, _ in calls if stage == "run")
 
 
-def test_batcher_prepares_two_batches_at_once_with_two_prepare_threads() -> None:
-    """``prepare_threads=2``: while one batch holds the device, the next two are prepared at the same
-    time (each prepare waits at a barrier for the other: one prepare thread would time it out), and
-    every request still gets its own rows; one prepare thread keeps them one after the other."""
-    from model_server.batcher import DynamicBatcher
-
-    def serve(prepare_threads: int) -> tuple[list[object], set[str]]:
-        hold = threading.Event()
-        meet = threading.Barrier(2, timeout=2)
-        names: set[str] = set()
-
-        def prepare(payloads: list[int]) -> list[int]:
-            names.add(threading.current_thread().name)
-            meet.wait()  # BrokenBarrierError (the batch fails) unless another prepare runs meanwhile
-            return [p * 10 for p in payloads]
-
-        def run(staged: list[int]) -> list[torch.Tensor | Exception]:
-            if staged == [1]:  # the lone first batch, fused on the device thread (no prepare)
-                assert hold.wait(10)
-            return [torch.tensor([float(s)]) for s in staged]
-
-        async def main() -> list[object]:
-            batcher = DynamicBatcher(run, prepare=prepare, alone=run, prepare_threads=prepare_threads,
-                                     max_batch_size=2, max_delay_s=0.0, max_queue_images=64)  # fmt: skip
-            try:
-                first = asyncio.ensure_future(batcher.submit(1, 1))
-                await asyncio.sleep(0.1)  # on the device, held
-                rest = [asyncio.ensure_future(batcher.submit(i, 1)) for i in (2, 3, 4, 5)]
-                await asyncio.sleep(0.3)  # two batches of two: prepared beside the held one
-                hold.set()
-                return await asyncio.gather(first, *rest, return_exceptions=True)
-            finally:
-                batcher.close()
-
-        return asyncio.run(main()), names
-
-    out, names = serve(2)
-    assert [float(o) for o in out] == [1.0, 20.0, 30.0, 40.0, 50.0]  # type: ignore[arg-type]
-    assert len(names) == 2 and all(n.startswith("prepare") for n in names)
-    out, names = serve(1)
-    assert isinstance(out[1], threading.BrokenBarrierError) and len(names) == 1
-    with pytest.raises(ValueError, match="prepare_threads must be >= 1, got 0"):
-        DynamicBatcher(lambda p: p, prepare=lambda p: p, prepare_threads=0, max_batch_size=2, max_delay_s=0.0,
-                       max_queue_images=4)  # fmt: skip
-
-
 def test_pipeline_on_a_file_it_cannot_decode_keeps_the_rest(runner, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from model_server.pipeline import DevicePipeline, JpegBatch
 
@@ -186,46 +140,6 @@ def test_resize_in_chunks_matches_one_pass(monkeypatch: pytest.MonkeyPatch) -> N
     chunked = pre.gpu_resize_crop_many(images)
     assert chunked.shape == (5, 3, 224, 224)
     assert torch.equal(one_pass, chunked)
-
-
-def test_size_groups_stacked_or_apart_crop_the_same_in_batch_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """resize_crop_groups takes a size group as one ``[k,3,H,W]`` tensor (what nvJPEG's hardware decoder
-    writes) or as its images apart (torchvision's): same crops, put back in batch order, chunked or not."""
-    import model_server.preprocess as pre
-
-    torch.manual_seed(0)
-    images = [torch.randint(0, 256, (3, 300, 400) if i % 3 else (3, 480, 320), dtype=torch.uint8) for i in range(7)]
-    apart = pre.group_by_size(images)
-    assert [idx for idx, _ in apart] == [[0, 3, 6], [1, 2, 4, 5]]
-    stacked = [(idx, torch.stack(list(pixels))) for idx, pixels in apart]
-    expected = torch.cat([pre.resize_crop_pixels(img[None]).to(torch.uint8) for img in images])
-    assert torch.equal(pre.resize_crop_groups(apart, 7), expected)
-    assert torch.equal(pre.resize_crop_groups(stacked, 7), expected)
-    assert torch.equal(pre.gpu_resize_crop_many(images), expected)
-    monkeypatch.setattr(pre, "RESIZE_CHUNK_PIXELS", 2 * 480 * 320)  # chunks of two
-    assert torch.equal(pre.resize_crop_groups(stacked, 7), expected)
-
-
-def test_decode_jpeg_groups_without_a_gpu_decodes_with_torchvision(runner) -> None:  # type: ignore[no-untyped-def]
-    """No CUDA device here: no hardware decoder, and decode_jpeg_groups groups torchvision's images by size
-    whichever decoder is asked for; a pipeline refuses an unknown decoder."""
-    from model_server.nvjpeg import hardware_decoders
-    from model_server.pipeline import DevicePipeline
-    from model_server.preprocess import decode_jpeg_groups, decode_jpegs
-    from model_server.tuning import early_nvjpeg
-
-    cpu = torch.device("cpu")
-    assert hardware_decoders(cpu) is None and early_nvjpeg() is None
-    jpegs = [_jpeg(320, 240, (1, 2, 3)), _jpeg(200, 100, (9, 9, 9)), _jpeg(320, 240, (200, 100, 0))]
-    encoded = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
-    reference = decode_jpegs(encoded, cpu)
-    for decoder in ("nvjpeg", "torchvision"):
-        groups = decode_jpeg_groups(encoded, cpu, decoder=decoder)
-        assert [idx for idx, _ in groups] == [[0, 2], [1]]
-        for idx, pixels in groups:
-            assert all(torch.equal(pixels[j], reference[i]) for j, i in enumerate(idx))
-    with pytest.raises(ValueError, match="jpeg_decoder must be one of nvjpeg, torchvision, got 'pil'"):
-        DevicePipeline(runner, jpeg_decoder="pil")
 
 
 @pytest.mark.parametrize(("share", "to_cpu"), [(0.0, 0), (0.25, 2), (0.5, 4), (1.0, 8)])
