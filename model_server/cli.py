@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model_server import ServerError
-from model_server.config import EVENT_LOOPS, MODEL_STREAMS, ServingConfig
+from model_server.config import DEFAULT_BODY_POOL_MB, EVENT_LOOPS, MODEL_STREAMS, ServingConfig
 from model_server.tuning import EarlyStart, start_before_torch
 
 if TYPE_CHECKING:
@@ -127,6 +127,11 @@ def _parser() -> argparse.ArgumentParser:
         "--event_loop", default=_env("EVENT_LOOP", "auto"), choices=EVENT_LOOPS,
         help="event loop of the front ends and the device process: uvloop, asyncio, or auto (default: uvloop "
         "when installed). KServe accepts its own --event_loop but serves on asyncio whatever it says",
+    )  # fmt: skip
+    p.add_argument(
+        "--ipc_body_pool_mb", type=int, default=int(_env("IPC_BODY_POOL_MB", str(DEFAULT_BODY_POOL_MB))),
+        help="with --frontends N: MB of large request bodies' buffers (many JPEGs per request) the device process "
+        "keeps to reuse instead of allocating and zero-filling one per request (default %(default)s; 0: off)",
     )  # fmt: skip
     p.add_argument("--log_level", default=_env("LOG_LEVEL", "INFO"))
     return p
@@ -255,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.frontends < 1:
         print(f"error: --frontends must be >= 1, got {args.frontends}", file=sys.stderr)
         return 2
+    if args.ipc_body_pool_mb < 0:
+        print(f"error: --ipc_body_pool_mb must be >= 0 (0: off), got {args.ipc_body_pool_mb}", file=sys.stderr)
+        return 2
     spec = {
         "model_name": args.model_name, "model_dir": args.model_dir, "config": config,
         "http_port": args.http_port, "grpc_port": args.grpc_port, "max_body_bytes": args.max_body_bytes,
@@ -303,7 +311,9 @@ def _serve_device(
     sampler = metrics.ResourceSampler(gpu_index=_gpu_index(model.runner))
     sampler.start()
     try:
-        code: int = fronts.serve(model, grace_period_s=args.grace_period_s, event_loop=args.event_loop)
+        code: int = fronts.serve(
+            model, grace_period_s=args.grace_period_s, event_loop=args.event_loop, body_pool_mb=args.ipc_body_pool_mb
+        )
         return code
     finally:
         sampler.stop()

@@ -10,6 +10,8 @@ import tempfile
 
 # Here, not in preprocess (which imports torch and PIL): the CLI parses its flags, and starts the
 # front-end processes of --frontends N, before the device process spends seconds importing torch.
+#: MB of large request bodies' buffers the device process keeps for reuse (``--ipc_body_pool_mb``).
+DEFAULT_BODY_POOL_MB = 256
 #: Where the device process runs the model's batches (``--model_stream``).
 MODEL_STREAMS = ("default", "side")
 #: Event loops of the HTTP front ends and the device process (``--event_loop``).

@@ -381,11 +381,15 @@ class FrontEnds:
         except OSError:
             pass
 
-    def serve(self, model: LoadedModel, *, grace_period_s: float, event_loop: str = "auto") -> int:
+    def serve(
+        self, model: LoadedModel, *, grace_period_s: float, event_loop: str = "auto", body_pool_mb: int = 0
+    ) -> int:
         """Serve the loaded ``model``'s device side to the front ends until SIGTERM, then drain.
 
         ``event_loop`` (``--event_loop``) is the loop that reads the front ends' frames and answers
         them; :func:`~model_server.config.install_event_loop` says what each choice means.
+        ``body_pool_mb`` (``--ipc_body_pool_mb``): MB of large request bodies' buffers kept for reuse
+        (:class:`~model_server.ipc.BodyPool`; 0: a fresh buffer per request).
         """
         import json
 
@@ -402,7 +406,12 @@ class FrontEnds:
         procs = self.procs
 
         async def run() -> int:
-            device = DeviceServer(model.batcher, self.ipc_path, control=lambda op: profile_op(model.profiler, op))
+            device = DeviceServer(
+                model.batcher,
+                self.ipc_path,
+                control=lambda op: profile_op(model.profiler, op),
+                body_pool_bytes=body_pool_mb * 2**20,
+            )
             await device.start()  # creates the socket: the front ends' signal to finish loading
             settle_after_startup()
             log.info("device process %d serving %d front ends on %s", os.getpid(), len(procs), self.ipc_path)

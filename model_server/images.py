@@ -205,12 +205,12 @@ class JpegBatch:
     """A request's JPEGs, checked (size, pixels, mode) but not yet decoded.
 
     ``buffer``, when set, is the images back to back in one writable buffer (what the IPC
-    frame delivered): the decode stage then makes one tensor of it and splits it into views
-    instead of copying every image into a bytearray of its own.
+    frame delivered: a bytearray, or a view of a reused one): the decode stage then makes one
+    tensor of it and splits it into views instead of copying every image into a bytearray of its own.
     """
 
     images: Sequence[bytes | bytearray | memoryview]
-    buffer: bytearray | None = None
+    buffer: bytearray | memoryview | None = None
 
     def __len__(self) -> int:
         return len(self.images)

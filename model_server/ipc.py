@@ -41,7 +41,9 @@ import itertools
 import json
 import logging
 import struct
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -149,9 +151,11 @@ def encode_request(req_id: int, payload: Payload, timeout_s: float) -> bytes:
     return b"".join(request_parts(req_id, payload, timeout_s))
 
 
-def decode_request(kind: int, n: int, meta: bytes, body: bytes | bytearray) -> Payload:
+def decode_request(kind: int, n: int, meta: bytes, body: Buffer) -> Payload:
+    """A request frame's payload; ``body`` is used in place when writable (a bytearray, or a
+    writable memoryview such as :class:`BodyPool` hands out), else copied once."""
     if kind == KIND_JPEG:
-        buffer = body if isinstance(body, bytearray) else bytearray(body)
+        buffer = _writable(body)
         if n == 1:
             return JpegBatch([buffer], buffer=buffer)
         lengths = struct.unpack(f"<{n}I", meta)
@@ -167,9 +171,16 @@ def decode_request(kind: int, n: int, meta: bytes, body: bytes | bytearray) -> P
     import torch  # the device side: loaded already
 
     dtype = _DTYPES[meta[0]]
-    writable = body if isinstance(body, bytearray) else bytearray(body)
+    writable = _writable(body)
     t = torch.from_numpy(np.frombuffer(writable, dtype=dtype).reshape(n, 3, CROP_SIZE, CROP_SIZE))
     return t if t.dtype == torch.uint8 else t.float()
+
+
+def _writable(body: Buffer) -> bytearray | memoryview:
+    """``body`` itself when writable (what torch.frombuffer needs), else a copy."""
+    if isinstance(body, bytearray) or (isinstance(body, memoryview) and not body.readonly):
+        return body
+    return bytearray(body)
 
 
 @dataclasses.dataclass(slots=True)
@@ -181,8 +192,60 @@ class _DirectBody:
     n: int
     timeout_s: float
     meta: bytes
-    body: bytearray
+    body: memoryview | bytearray
     filled: int
+
+
+class BodyPool:
+    """Buffers of large request bodies, reused once every view of a body is gone.
+
+    A 32-JPEG request's body (about 1.5 MB of VGA JPEGs) was a fresh ``bytearray`` each: allocated
+    and zero-filled on the event loop's thread, holding the GIL, before the socket filled it. py-spy
+    on the H100 host (16 users x 32 JPEGs, README session 18) found that line holding the GIL 12 %
+    of the time, about 0.4 ms per request, while the decode stage's thread needs the GIL between its
+    nvJPEG calls. :meth:`take` hands out a writable view of exactly the asked size on a buffer of the
+    next multiple of ``STEP`` bytes, reused when one is free (nothing to allocate or fill); when the
+    last view of it dies (the request answered and the decode stage done with its JPEGs), the buffer
+    goes back to the pool, up to ``max_bytes`` of them kept (0: no pool, a fresh buffer each time).
+    """
+
+    STEP = 256 * 1024
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max(0, max_bytes)
+        self._free: dict[int, list[bytearray]] = {}
+        self._kept = 0
+        self._lock = threading.Lock()  # views die on the decode and device threads too
+        self.reused = 0
+
+    def take(self, n: int) -> memoryview | bytearray:
+        """A writable buffer of exactly ``n`` bytes (its contents undefined)."""
+        if self.max_bytes == 0:
+            return bytearray(n)
+        size = -(-n // self.STEP) * self.STEP
+        with self._lock:
+            free = self._free.get(size)
+            buf = free.pop() if free else None
+            if buf is not None:
+                self._kept -= size
+                self.reused += 1
+        if buf is None:
+            buf = bytearray(size)
+        view = memoryview(buf)[:n]
+        weakref.finalize(view, self._give_back, buf)
+        return view
+
+    def _give_back(self, buf: bytearray) -> None:
+        size = len(buf)
+        with self._lock:
+            if self._kept + size <= self.max_bytes:
+                self._free.setdefault(size, []).append(buf)
+                self._kept += size
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of free buffers held for reuse."""
+        return self._kept
 
 
 class _Framed(asyncio.BufferedProtocol):
@@ -304,7 +367,7 @@ class _DeviceConnection(_Framed):
             if stop > end:
                 if body_len >= _DIRECT_BYTES and body_at <= end:
                     # The rest of a large body is read straight into its own buffer (get_buffer).
-                    body = bytearray(body_len)
+                    body = self.server.bodies.take(body_len)
                     body[: end - body_at] = view[body_at:end]
                     meta = bytes(view[pos + size : body_at])
                     self._direct = _DirectBody(req_id, kind, n, timeout_s, meta, body, end - body_at)
@@ -318,13 +381,13 @@ class _DeviceConnection(_Framed):
             self._dispatch(req_id, kind, n, timeout_s, meta, body)
         return pos
 
-    def _dispatch(self, req_id: int, kind: int, n: int, timeout_s: float, meta: bytes, body: bytearray) -> None:
+    def _dispatch(self, req_id: int, kind: int, n: int, timeout_s: float, meta: bytes, body: Buffer) -> None:
         if kind == KIND_CONTROL:
             self.send(*self.server.control_answer(req_id, meta))
         else:
             self._request(req_id, kind, n, timeout_s, meta, body)
 
-    def _request(self, req_id: int, kind: int, n: int, timeout_s: float, meta: bytes, body: bytes | bytearray) -> None:
+    def _request(self, req_id: int, kind: int, n: int, timeout_s: float, meta: bytes, body: Buffer) -> None:
         try:
             payload = decode_request(kind, n, meta, body)
             fut = self.server.batcher.submit_nowait(payload, n, deadline=time.monotonic() + timeout_s)
@@ -393,11 +456,17 @@ class DeviceServer:
     """Runs in the device process: reads request frames from every front end into one batcher."""
 
     def __init__(
-        self, batcher: DynamicBatcher, path: str, control: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        self,
+        batcher: DynamicBatcher,
+        path: str,
+        control: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        *,
+        body_pool_bytes: int = 0,
     ) -> None:
         self.batcher = batcher
         self.path = path
         self.control = control
+        self.bodies = BodyPool(body_pool_bytes)
         self._server: asyncio.base_events.Server | None = None
         self.connections = 0
 

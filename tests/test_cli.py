@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("--decode_batch", "-1", "--decode_batch must be >= 0 (0: one nvJPEG call per batch), got -1"),
         ("--event_loop", "trio", "argument --event_loop: invalid choice: 'trio'"),
         ("--inline_idle_ms", "-2", "--inline_idle_ms must be >= 0 (0: never), got -2"),
+        ("--ipc_body_pool_mb", "-1", "--ipc_body_pool_mb must be >= 0 (0: off), got -1"),
     ],
 )
 def test_a_bad_value_exits_2_naming_it(tmp_path: Path, flag: str, value: str, message: str) -> None:

@@ -90,11 +90,14 @@ async def device_server(
     control: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     max_batch: int = 8,
     max_queue: int = 256,
+    body_pool_bytes: int = 0,
 ) -> AsyncIterator[DeviceServer]:
     device = device or Device()
     folder = tempfile.mkdtemp(prefix="ipc-test-")  # short: a Unix socket path holds ~100 bytes
     batcher = DynamicBatcher(device, max_batch_size=max_batch, max_delay_s=0.0, max_queue_images=max_queue)
-    server = DeviceServer(batcher, os.path.join(folder, "device.sock"), control=control)
+    server = DeviceServer(
+        batcher, os.path.join(folder, "device.sock"), control=control, body_pool_bytes=body_pool_bytes
+    )
     await server.start()
     try:
         yield server
@@ -378,15 +381,47 @@ def test_a_decoded_jpeg_frame_hands_nvjpeg_views_of_one_buffer() -> None:
     assert tensors[0][0].item() == 0
 
 
+def test_the_body_pool_reuses_a_buffer_only_once_every_view_of_it_is_gone() -> None:
+    """BodyPool: a writable view of exactly the size asked, on a buffer rounded up to its step; the
+    buffer is handed out again only after the view and every tensor made from it are gone; no more
+    than ``max_bytes`` are kept; 0 gives a fresh bytearray each time."""
+    from model_server.ipc import BodyPool
+
+    pool = BodyPool(2 * BodyPool.STEP)
+    a = pool.take(300_000)
+    assert isinstance(a, memoryview) and len(a) == 300_000 and not a.readonly and a.obj is not None
+    base = a.obj
+    assert len(base) == 2 * BodyPool.STEP  # type: ignore[arg-type]
+    a[:3] = b"abc"
+    parts = torch.split(torch.frombuffer(a, dtype=torch.uint8), [100_000, 200_000])  # as the decode stage does
+    del a
+    b = pool.take(300_000)
+    assert b.obj is not base and pool.reused == 0, "a tensor still reads the first buffer"  # type: ignore[union-attr]
+    assert bytes(parts[0][:3].numpy()) == b"abc"
+    del parts
+    assert pool.kept_bytes == 2 * BodyPool.STEP
+    c = pool.take(400_000)  # same step: the first buffer again, nothing allocated
+    assert c.obj is base and pool.reused == 1 and pool.kept_bytes == 0  # type: ignore[union-attr]
+    d = pool.take(10)
+    del b, c, d  # 2 + 2 + 1 steps come back; 2 fit
+    assert pool.kept_bytes <= 2 * BodyPool.STEP
+    off = BodyPool(0)
+    fresh = off.take(1000)
+    assert isinstance(fresh, bytearray) and len(fresh) == 1000
+
+
 def test_a_jpeg_frame_whose_lengths_do_not_match_its_body_is_refused() -> None:
     with pytest.raises(BadInput, match="add up to 7 bytes"):
         decode_request(KIND_JPEG, 2, struct.pack("<2I", 3, 4), bytearray(b"abcdefgh"))
 
 
-def test_a_large_body_is_read_into_its_own_buffer_byte_for_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("pool_mb", [0, 64])
+def test_a_large_body_is_read_into_its_own_buffer_byte_for_byte(monkeypatch: pytest.MonkeyPatch, pool_mb: int) -> None:
     """A body of at least ``_DIRECT_BYTES`` goes straight from the socket into a buffer of its own once
     its header and meta are parsed (no copy out of the read buffer); whatever the cuts between reads,
-    every byte arrives in order and the frames around it are still found."""
+    every byte arrives in order and the frames around it are still found. With a body pool
+    (``--ipc_body_pool_mb``), the buffers come back once answered and the same request sent again
+    is read into a reused one, every byte right again."""
     import random
 
     from model_server import ipc
@@ -418,8 +453,10 @@ def test_a_large_body_is_read_into_its_own_buffer_byte_for_byte(monkeypatch: pyt
     pixels = torch.randint(0, 255, (2, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8)  # 301 KB, a tensor body
     device = Recording()
 
+    reused: list[int] = []
+
     async def main() -> None:
-        async with device_server(device, max_batch=64) as server:
+        async with device_server(device, max_batch=64, body_pool_bytes=pool_mb * 2**20) as server:
             reader, writer = await asyncio.open_unix_connection(server.path)
             big = encode_request(1, JpegBatch(images), 5.0)
             body_at = REQ.size + 4 * len(images)
@@ -453,9 +490,22 @@ def test_a_large_body_is_read_into_its_own_buffer_byte_for_byte(monkeypatch: pyt
                 and got[5] == [float(ipc._DIRECT_BYTES // 2)] * 2
             )
             assert got[3] == pixels.reshape(2, -1)[:, 0].float().tolist()
+            assert device.seen[32] == images and device.seen[2] == exact, "every byte, in order"
+            device.seen.clear()
+            kept = server.bodies.kept_bytes
+            writer.write(big[:1_000_000])  # the same request again, its body cut across reads
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write(big[1_000_000:])
+            req_id, status, n, data = await read_response(reader)
+            assert (req_id, status) == (1, OK) and logits(n, data)[:, 0].tolist() == [91_000.0] * 32
+            assert device.seen[32] == images, "a reused buffer holds the new body, every byte"
+            reused.append(server.bodies.reused)
+            if pool_mb:
+                assert kept >= len(big) - body_at, "the answered requests' buffers came back to the pool"
             writer.close()
 
     run(main())
-    assert device.seen[32] == images and device.seen[2] == exact, "every byte, in order"
+    assert reused == [1 if pool_mb else 0]
     assert sorted(direct) == sorted([len(big_body) for big_body in (b"".join(images), pixels.numpy().tobytes(),
-                                                                     b"".join(exact))])  # fmt: skip
+                                                                     b"".join(exact), b"".join(images))])  # fmt: skip
