@@ -127,7 +127,7 @@ def _serve(path: str, opts: dict[str, Any]) -> None:
             max_delay_s=0.0,
             max_queue_images=opts["max_queue"],
         )
-        server = DeviceServer(batcher, path, control=control)
+        server = DeviceServer(batcher, path, control=control, body_pool_bytes=opts["body_pool_mb"] * 2**20)
         await server.start()
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -321,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         "--malloc-tuning", choices=("true", "false"), default="true",
         help="ipc.retain_freed_memory() in the device process, as the server does (default true)",
     )  # fmt: skip
+    p.add_argument(
+        "--body-pool-mb", type=int, default=config.DEFAULT_BODY_POOL_MB,
+        help=f"the device process's --ipc_body_pool_mb (default {config.DEFAULT_BODY_POOL_MB}, the server's; 0: off)",
+    )  # fmt: skip
     p.add_argument("--warmup-s", type=float, default=2.0, help="seconds before measuring, default 2")
     p.add_argument("--seconds", type=float, default=10.0, help="seconds measured, default 10")
     p.add_argument(
@@ -333,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = {k: v for k, v in vars(args).items()}
     opts["metrics"] = args.metrics == "true"
     opts["malloc_tuning"] = args.malloc_tuning == "true"
+    if args.body_pool_mb < 0:
+        p.error(f"--body-pool-mb must be >= 0 (0: off), got {args.body_pool_mb}")
     opts["two_stage"] = args.two_stage == "true"
     print(json.dumps(bench(opts)))
     return 0
