@@ -151,11 +151,13 @@ def bench(opts: dict[str, Any]) -> dict[str, Any]:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(work)
     if opts["metrics"]:
         enable_multiprocess_metrics()
+    from model_server.config import DEFAULT_BODY_POOL_MB
+
     ctx = multiprocessing.get_context("spawn")
     device_opts = {
         "metrics": opts["metrics"], "malloc_tuning": True, "switch_interval_ms": 0.0, "device_ms": opts["device_ms"],
         "prepare_ms": 0.0, "gil_ops": 0, "two_stage": False, "max_batch": 64, "max_queue": 1024, "profile": "",
-        "event_loop": opts["event_loop"],
+        "event_loop": opts["event_loop"], "body_pool_mb": DEFAULT_BODY_POOL_MB,
     }  # fmt: skip
     (work / "device.json").write_text(json.dumps({"gpu_decode": True, "max_batch": 64}))
     device = ctx.Process(target=_serve, args=(ipc_path, device_opts), name="device")
