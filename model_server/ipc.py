@@ -199,7 +199,7 @@ class _DirectBody:
 class BodyPool:
     """Buffers of large request bodies, reused once every view of a body is gone.
 
-    A 32-JPEG request's body (about 1.5 MB of VGA JPEGs) was a fresh ``bytearray`` each: allocated
+    A 32-JPEG request's body (1–3 MB of VGA JPEGs) was a fresh ``bytearray`` each: allocated
     and zero-filled on the event loop's thread, holding the GIL, before the socket filled it. py-spy
     on the H100 host (16 users x 32 JPEGs, README session 18) found that line holding the GIL 12 %
     of the time, about 0.4 ms per request, while the decode stage's thread needs the GIL between its
