@@ -25,6 +25,7 @@ parts only (torchvision decodes on the CPU), which is what the tests use.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import statistics
 import sys
@@ -42,6 +43,7 @@ import torch  # noqa: E402
 from records import write_record  # noqa: E402
 
 from loadtest._payloads import photo_set  # noqa: E402
+from model_server.config import JPEG_DECODERS  # noqa: E402
 from model_server.preprocess import decode_and_crop, decode_jpegs, gpu_resize_crop_many  # noqa: E402
 from model_server.runtimes import Runner  # noqa: E402
 
@@ -180,11 +182,13 @@ class _NoModel(Runner):
         return x
 
 
-def _pipeline(device: torch.device, max_batch: int, decode_batch: int = 0) -> Any:
+def _pipeline(device: torch.device, max_batch: int, decode_batch: int = 0, jpeg_decoder: str = "torchvision") -> Any:
+    """The server's decode pipeline without a model; torchvision's decoder unless told (the records
+    before session 17 measured it)."""
     from model_server.pipeline import DevicePipeline
 
     runner = _NoModel({"slug": "none", "precision": "fp32", "input": {"max_batch": max_batch}}, device)
-    return DevicePipeline(runner, decode_batch=decode_batch)
+    return DevicePipeline(runner, decode_batch=decode_batch, jpeg_decoder=jpeg_decoder)
 
 
 def _stage_parts(pipeline: Any, jpegs: list[bytes], n: int) -> dict[str, Callable[[], object]]:
@@ -378,6 +382,105 @@ def processes(device: torch.device, counts: list[int], size: str, n: int, window
     return metrics
 
 
+def threads(
+    device: torch.device,
+    counts: list[int],
+    size: str,
+    n: int,
+    per_request: int,
+    window_s: float,
+    arm: str | None,
+    decoders: list[str],
+    rounds: int = 1,
+) -> dict[str, Any]:
+    """The server's prepare stage (``DevicePipeline.prepare``) with each JPEG decoder in ``decoders``
+    (``--jpeg_decoder``) from ``k`` threads at once (the server prepares on one) for each ``k`` in
+    ``counts``: batches of ``n`` photos in requests of ``per_request`` (one JPEG buffer each, as the
+    IPC delivers them), each for ``window_s``, beside the model load ``arm`` (None: idle); ``rounds``
+    times, every other round in reverse order, medians reported. Each thread keeps two prepared
+    batches in flight, as the batcher does, and waits for the older. Keys: ``<decoder>_t<k>_...``,
+    and ``..._vs_first``: against the first decoder's first thread count."""
+    from model_server.images import JpegBatch, jpeg_frame
+
+    pipelines = {d: _pipeline(device, n, jpeg_decoder=d) for d in decoders}
+    jpegs = [p.jpeg for p in photo_set(size)]
+    photos = (jpegs * (n // len(jpegs) + 1))[:n]
+    # Each with its start-of-frame markers, as a front end sends them (JpegBatch.frames).
+    parts = [photos[i : i + per_request] for i in range(0, n, per_request)]
+    markers = [bytes((jpeg_frame(j) or (0,))[0] for j in part) for part in parts]
+    requests = [JpegBatch(p, buffer=bytearray(b"".join(p)), frames=m) for p, m in zip(parts, markers, strict=True)]
+    sample = _jpeg_engine_sampler(device)
+    load = ModelLoad(device, arm) if arm else None
+
+    def wait(staged: Any) -> None:
+        if staged.ready is not None:
+            staged.ready.synchronize()
+
+    def work(pipeline: Any, stop: threading.Event, done: list[int]) -> None:
+        pending: collections.deque[Any] = collections.deque()
+        while not stop.is_set():
+            pending.append(pipeline.prepare(requests))
+            if len(pending) > 2:
+                wait(pending.popleft())
+            done.append(n)
+        for staged in pending:
+            wait(staged)
+
+    def window(pipeline: Any, k: int) -> dict[str, float]:
+        with load if load is not None else contextlib.nullcontext():
+            stop = threading.Event()
+            done: list[list[int]] = [[] for _ in range(k)]
+            workers = [threading.Thread(target=work, args=(pipeline, stop, done[i]), daemon=True) for i in range(k)]
+            t0, c0 = time.perf_counter(), time.process_time()
+            for w in workers:
+                w.start()
+            util: list[float] = []
+            while time.perf_counter() - t0 < window_s:
+                time.sleep(0.1)
+                u = sample() if sample is not None else None
+                if u is not None:
+                    util.append(u)
+            stop.set()
+            for w in workers:
+                w.join()
+            secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+        photos_done = sum(sum(d) for d in done)
+        got = {"img_s": photos_done / secs, "process_cpu_per_img_ms": 1000 * cpu / max(photos_done, 1)}
+        if util:
+            got["jpeg_engine_util_pct"] = statistics.median(util)
+        if load is not None:
+            got["model_replays_per_s"] = load.replays_per_s
+        return got
+
+    from model_server.preprocess import warm_gpu_decoder
+
+    for d, pipeline in pipelines.items():
+        if device.type == "cuda":
+            warm_gpu_decoder(device, d)
+        wait(pipeline.prepare(requests))  # nvJPEG's buffers and the crop's kernels, before any window
+    arms = [(d, k) for d in decoders for k in counts]
+    seen: dict[str, list[dict[str, float]]] = {f"{d}_t{k}": [] for d, k in arms}
+    for r in range(rounds):
+        for d, k in arms if r % 2 == 0 else arms[::-1]:
+            print(
+                f"  threads: round {r + 1}/{rounds}, {d} decoder, {k} x batch {n} {size}", file=sys.stderr, flush=True
+            )
+            seen[f"{d}_t{k}"].append(window(pipelines[d], k))
+            print(f"    {d}_t{k}: {seen[f'{d}_t{k}'][-1]}", file=sys.stderr, flush=True)
+    metrics: dict[str, Any] = {"threads_size": size, "threads_batch": n, "threads_request_images": per_request,
+                               "threads_window_s": window_s, "threads_load": arm or "none", "threads_rounds": rounds,
+                               "threads_decoders": decoders}  # fmt: skip
+    first = next(iter(seen))
+    for label, runs in seen.items():
+        for key in runs[0]:
+            metrics[f"{label}_{key}"] = round(statistics.median(r[key] for r in runs), 4 if "ms" in key else 1)
+        metrics[f"{label}_img_s_rounds"] = [round(r["img_s"], 1) for r in runs]
+        # Ratios within each round, then their median (the rounds share a machine, not always its state).
+        ratios = [a["img_s"] / b["img_s"] for a, b in zip(runs, seen[first], strict=True)]
+        metrics[f"{label}_vs_first"] = round(statistics.median(ratios), 3)
+    return metrics
+
+
 def bench(device: torch.device, sizes: list[str], batch_sizes: list[int], reps: int) -> dict[str, Any]:
     pipeline = _pipeline(device, max(batch_sizes))
     load = ModelLoad(device) if device.type == "cuda" else None
@@ -429,7 +532,9 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the sweep: per-photo decode cost of batches whose size varies in LO..HI (as under load) "
         "against a fixed size, idle and beside --vary-load",
     )
-    p.add_argument("--vary-load", default="side-graph", help="model-load arm for --vary-batch (CUDA), or 'none'")
+    p.add_argument(
+        "--vary-load", default="side-graph", help="model-load arm for --vary-batch and --threads (CUDA), or 'none'"
+    )
     p.add_argument(
         "--call-size", type=int, default=0,
         help="with --vary-batch: also prepare the varying batches in nvJPEG calls of exactly this many photos "
@@ -440,7 +545,22 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the sweep: the decoder's ceiling, K processes each decoding --contention-batch photos of "
         "--contention-size at once for --window-s (aggregate photos/s, JPEG-engine utilisation from NVML)",
     )  # fmt: skip
-    p.add_argument("--window-s", type=float, default=5.0, help="with --processes: seconds each count runs, default 5")
+    p.add_argument(
+        "--threads", default=None, metavar="K1,K2",
+        help="instead of the sweep: the server's prepare stage from K threads at once (the server uses one), "
+        "batches of --contention-batch photos of --contention-size in requests of --request-images, for --window-s, "
+        "beside --vary-load",
+    )  # fmt: skip
+    p.add_argument("--request-images", type=int, default=32, help="with --threads: JPEGs per request, default 32")
+    p.add_argument(
+        "--jpeg-decoders", default="nvjpeg",
+        help=f"with --threads: the server's JPEG decoders to time, comma-separated among {','.join(JPEG_DECODERS)} "
+        "(default nvjpeg)",
+    )  # fmt: skip
+    p.add_argument("--rounds", type=int, default=1, help="with --threads: rounds over every arm, default 1")
+    p.add_argument(
+        "--window-s", type=float, default=5.0, help="with --processes or --threads: seconds each count runs, default 5"
+    )
     p.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     given = sys.argv[1:] if argv is None else argv
     args = p.parse_args(given)
@@ -475,10 +595,34 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--processes must be comma-separated integers, got {args.processes!r}")
         if not counts or min(counts) < 1 or args.window_s <= 0:
             p.error(f"--processes must be positive and --window-s > 0, got {args.processes!r}, {args.window_s}")
+    thread_counts: list[int] = []
+    if args.threads:
+        try:
+            thread_counts = [int(k) for k in args.threads.split(",")]
+        except ValueError:
+            p.error(f"--threads must be comma-separated integers, got {args.threads!r}")
+        if not thread_counts or min(thread_counts) < 1 or args.window_s <= 0 or args.request_images < 1:
+            p.error(f"--threads and --request-images must be positive and --window-s > 0, got {args.threads!r}, "
+                    f"{args.request_images}, {args.window_s}")  # fmt: skip
+        if args.vary_load not in (*LOAD_ARMS, "none"):
+            p.error(f"--vary-load: unknown arm {args.vary_load!r}; valid: {', '.join(LOAD_ARMS)}, none")
+        if args.vary_load != "none" and device.type != "cuda":
+            p.error("--threads beside a model load needs a CUDA device (--vary-load none runs idle)")
+        decoders = args.jpeg_decoders.split(",")
+        bad_decoder = next((d for d in decoders if d not in JPEG_DECODERS), None)
+        if bad_decoder is not None or args.rounds < 1:
+            p.error(f"--jpeg-decoders must name some of {', '.join(JPEG_DECODERS)} and --rounds be >= 1, got "
+                    f"{args.jpeg_decoders!r}, {args.rounds}")  # fmt: skip
     args.name = args.name or (
-        "decode-contention" if arms else "decode-vary" if vary else "decode-processes" if counts else "decode"
-    )
-    if counts:
+        "decode-contention" if arms else "decode-vary" if vary else "decode-processes" if counts
+        else "decode-threads" if thread_counts else "decode"
+    )  # fmt: skip
+    if thread_counts:
+        print(f"decode_bench on {device}: prepare from {thread_counts} threads", file=sys.stderr, flush=True)
+        load = args.vary_load if args.vary_load != "none" else None
+        metrics = threads(device, thread_counts, args.contention_size, args.contention_batch, args.request_images,
+                          args.window_s, load, decoders, args.rounds)  # fmt: skip
+    elif counts:
         print(f"decode_bench on {device}: {counts} decoding processes", file=sys.stderr, flush=True)
         metrics = processes(device, counts, args.contention_size, args.contention_batch, args.window_s)
     elif vary:

@@ -12,6 +12,10 @@ a model replaying a CUDA graph in the primary context, and that model's replays/
 would show there); NVML's JPEG-engine utilisation.
 
     python benchmarks/nvjpeg_context_probe.py --window-s 3 --out result.json
+
+``--set pinned`` asks instead whether nvJPEG decodes faster from page-locked bitstreams: the
+process's context only, one and two direct decoders and torchvision's op (what the server calls),
+each with the JPEGs in pageable and in pinned memory, alone and beside the model.
 """
 
 from __future__ import annotations
@@ -74,8 +78,9 @@ class Decoder:
     """One hardware nvJPEG decoder on a thread of its own; ``own_context``: in a context made for it."""
 
     def __init__(self, cu: Any, nj: Any, jpegs: list[bytes], sizes: list[tuple[int, int]], *, own_context: bool,
-                 fmt: int, copy_to: torch.Tensor | None, primary: ctypes.c_void_p) -> None:  # fmt: skip
-        self.cu, self.nj, self.fmt = cu, nj, fmt
+                 fmt: int, copy_to: torch.Tensor | None, primary: ctypes.c_void_p,
+                 pinned: bool = False) -> None:  # fmt: skip
+        self.cu, self.nj, self.fmt, self.pinned = cu, nj, fmt, pinned
         self.own_context, self.copy_to, self.primary = own_context, copy_to, primary
         self.jpegs, self.sizes = jpegs, sizes
         self.batches = 0
@@ -120,8 +125,12 @@ class Decoder:
                 self.table[j].pitch[c] = w
             at += 3 * h * w
         self.total = total
-        self.bufs = [ctypes.create_string_buffer(b, len(b)) for b in self.jpegs]
-        self.ptrs = (ctypes.c_void_p * n)(*[ctypes.addressof(b) for b in self.bufs])
+        if self.pinned:  # the bitstreams in page-locked memory: nvJPEG's copies of them need no staging
+            self.host = pinned_bitstreams(self.jpegs)
+            self.ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in self.host])
+        else:
+            self.bufs = [ctypes.create_string_buffer(b, len(b)) for b in self.jpegs]
+            self.ptrs = (ctypes.c_void_p * n)(*[ctypes.addressof(b) for b in self.bufs])
         self.lens = (ctypes.c_size_t * n)(*[len(b) for b in self.jpegs])
 
     def _once(self) -> None:
@@ -156,6 +165,58 @@ class Decoder:
                 self.go.clear()
 
 
+def pinned_bitstreams(jpegs: list[bytes]) -> list[torch.Tensor]:
+    """The JPEGs back to back in one page-locked buffer, one uint8 view each."""
+    buf = torch.empty(sum(len(b) for b in jpegs), dtype=torch.uint8, pin_memory=True)
+    views, at = [], 0
+    for b in jpegs:
+        view = buf[at : at + len(b)]
+        view.copy_(torch.frombuffer(bytearray(b), dtype=torch.uint8))
+        views.append(view)
+        at += len(b)
+    return views
+
+
+class TorchvisionDecoder:
+    """torchvision's batched nvJPEG op on a thread and a side stream of its own, with the bitstreams
+    in pageable (``torch.frombuffer``) or page-locked memory; the same go/stop API as :class:`Decoder`."""
+
+    def __init__(self, device: torch.device, jpegs: list[bytes], *, pinned: bool) -> None:
+        from model_server.preprocess import READ_MODE_RGB, image_ops
+
+        self.ops, self.mode, self.device = image_ops(), READ_MODE_RGB, device
+        if self.ops is None:
+            raise RuntimeError("torchvision's image ops did not load")
+        self.encoded = pinned_bitstreams(jpegs) if pinned else [torch.frombuffer(bytearray(b), dtype=torch.uint8)
+                                                                for b in jpegs]  # fmt: skip
+        self.jpegs = jpegs
+        self.stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        self.batches = 0
+        self.error: str | None = None
+        self.go, self.stop = threading.Event(), threading.Event()
+        self._once()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _once(self) -> None:
+        with torch.cuda.stream(self.stream):
+            self.ops.decode_jpegs_cuda(self.encoded, self.mode, self.device)
+        self.stream.synchronize()  # type: ignore[no-untyped-call]
+
+    def _run(self) -> None:
+        while True:
+            self.go.wait()
+            if self.stop.is_set():
+                return
+            try:
+                while self.go.is_set():
+                    self._once()
+                    self.batches += 1
+            except Exception as e:
+                self.error = f"{type(e).__name__}: {e}"
+                self.go.clear()
+
+
 def _engine_sampler() -> Any:
     try:
         import pynvml
@@ -168,7 +229,7 @@ def _engine_sampler() -> Any:
         return None
 
 
-def run_arm(decoders: list[Decoder], window_s: float, model: Any | None, sample: Any) -> dict[str, Any]:
+def run_arm(decoders: list[Any], window_s: float, model: Any | None, sample: Any) -> dict[str, Any]:
     for d in decoders:
         d.batches = 0
     util: list[float] = []
@@ -206,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window-s", type=float, default=3.0)
     ap.add_argument("--counts", default="1,2,3,4")
     ap.add_argument("--out", default="")
+    ap.add_argument("--set", dest="arm_set", choices=("contexts", "pinned"), default="contexts",
+                    help="contexts: decoders in contexts of their own (session 18); pinned: the process's "
+                         "context only, the bitstreams in pageable vs page-locked memory, direct and "
+                         "through torchvision's op (session 19)")  # fmt: skip
     args = ap.parse_args(argv)
     import io
 
@@ -250,19 +315,37 @@ def main(argv: list[str] | None = None) -> int:
             pool.append(Decoder(cu, nj, jpegs, sizes, own_context=own, fmt=fmt, copy_to=dst, primary=primary))
         return pool[:k]
 
-    for own in (False, True):
+    if args.arm_set == "pinned":
+        for k in counts[:2]:
+            for pinned in (False, True):
+                tag = f"shared_x{k}_{'pinned' if pinned else 'pageable'}"
+                ds = [Decoder(cu, nj, jpegs, sizes, own_context=False, fmt=OUTPUT_RGB, copy_to=None, primary=primary,
+                              pinned=pinned) for _ in range(k)]  # fmt: skip
+                log(f"{tag}_alone", run_arm(ds, args.window_s, None, sample))
+                log(f"{tag}_beside_model", run_arm(ds, args.window_s, model, sample))
+                for d in ds:
+                    d.stop.set()
+                    d.go.set()
+        for pinned in (False, True):
+            tv = TorchvisionDecoder(dev, jpegs, pinned=pinned)
+            tag = f"torchvision_{'pinned' if pinned else 'pageable'}"
+            log(f"{tag}_alone", run_arm([tv], args.window_s, None, sample))
+            log(f"{tag}_beside_model", run_arm([tv], args.window_s, model, sample))
+            tv.stop.set()
+            tv.go.set()
+    for own in (False, True) if args.arm_set == "contexts" else ():
         for k in counts:
             if not own and k > 2:
                 continue
             tag = "own" if own else "shared"
             log(f"{tag}_ctx_x{k}_alone", run_arm(decoders(own, k), args.window_s, None, sample))
             log(f"{tag}_ctx_x{k}_beside_model", run_arm(decoders(own, k), args.window_s, model, sample))
-    for k in counts:
+    for k in counts if args.arm_set == "contexts" else []:
         log(f"own_ctx_x{k}_yuv_beside_model", run_arm(decoders(True, k, OUTPUT_YUV), args.window_s, model, sample))
         log(f"own_ctx_x{k}_copy_beside_model",
             run_arm(decoders(True, k, OUTPUT_RGB, True), args.window_s, model, sample))  # fmt: skip
     # the mix the server would run: its own decoder in the primary context plus K own-context ones
-    for k in counts[:3]:
+    for k in counts[:3] if args.arm_set == "contexts" else []:
         mix = decoders(False, 1) + decoders(True, k, OUTPUT_RGB, True)
         log(f"shared_x1_plus_own_x{k}_copy_beside_model", run_arm(mix, args.window_s, model, sample))
     model.__enter__()

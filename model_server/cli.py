@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model_server import ServerError
-from model_server.config import DEFAULT_BODY_POOL_MB, EVENT_LOOPS, MODEL_STREAMS, ServingConfig
+from model_server.config import (
+    DEFAULT_BODY_POOL_MB,
+    EVENT_LOOPS,
+    JPEG_DECODERS,
+    MODEL_STREAMS,
+    ServingConfig,
+)
 from model_server.tuning import EarlyStart, start_before_torch
 
 if TYPE_CHECKING:
@@ -84,6 +90,18 @@ def _parser() -> argparse.ArgumentParser:
         "tiny JPEG, so nvJPEG's batched decoder always sees one size (default 0: one call per batch)",
     )  # fmt: skip
     p.add_argument(
+        "--jpeg_decoder", default=_env("JPEG_DECODER", d.jpeg_decoder), choices=JPEG_DECODERS,
+        help="GPU JPEG decoder: nvjpeg (the hardware decoder called directly, one tensor per image size; "
+        "torchvision's decoder for JPEGs it does not take) or torchvision (its batched decode for all) "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ipc_pinned_bodies", default=_env("IPC_PINNED_BODIES", "true"), choices=("true", "false"),
+        help="with --frontends N: the reused buffers of large request bodies are page-locked where nvJPEG's "
+        "hardware decoder reads their JPEGs (--jpeg_decoder nvjpeg on a GPU that has one), so its copies "
+        "to the device need no staging (default: true)",
+    )  # fmt: skip
+    p.add_argument(
         "--max_inflight_requests", type=int, default=int(_env("MAX_INFLIGHT_REQUESTS", "0")),
         help="HTTP inference requests handled at once (bodies in memory); more get 503 + Retry-After before "
         "their body is read (default 0: max_queue_images + 2 * max_batch_size)",
@@ -150,7 +168,7 @@ def process_start() -> float:
         return time.perf_counter()
 
 
-def warm_decoder_timed(device: Any, took: dict[str, float]) -> None:
+def warm_decoder_timed(device: Any, took: dict[str, float], decoder: str = "nvjpeg") -> None:
     """nvJPEG and the crop kernels warmed on ``device`` (an early-start thread), its seconds in ``took``.
 
     On a CUDA device it runs on a stream of its own and waits for that stream only: a device-wide
@@ -164,9 +182,9 @@ def warm_decoder_timed(device: Any, took: dict[str, float]) -> None:
     try:
         if isinstance(device, torch.device) and device.type == "cuda":
             with torch.cuda.stream(torch.cuda.Stream(device)):  # type: ignore[no-untyped-call]
-                warm_gpu_decoder(device)
+                warm_gpu_decoder(device, decoder)
         else:
-            warm_gpu_decoder(device)
+            warm_gpu_decoder(device, decoder)
     except Exception as e:  # the server's own warm-up decodes again and reports a failure properly
         log.debug("early nvJPEG warm-up failed: %s", e)
     took["decoder"] = time.perf_counter() - t0
@@ -175,7 +193,13 @@ def warm_decoder_timed(device: Any, took: dict[str, float]) -> None:
                  time.perf_counter() - process_start())  # fmt: skip
 
 
-def _start_device_early(device: str, *, warm_decoder: bool, before: dict[str, float] | None = None) -> EarlyStart:
+def _start_device_early(
+    device: str,
+    *,
+    warm_decoder: bool,
+    before: dict[str, float] | None = None,
+    jpeg_decoder: str = "nvjpeg",
+) -> EarlyStart:
     """Create the CUDA context (or find it made: :func:`~model_server.tuning.start_before_torch`), then
     load cuDNN and cuBLAS and, on a thread of its own beside them, initialise nvJPEG and the crop
     kernels (0.5 and 0.9 s on the H100 host), in threads while this one imports KServe or reads the
@@ -193,7 +217,9 @@ def _start_device_early(device: str, *, warm_decoder: bool, before: dict[str, fl
                 torch.zeros(1, device=dev)
                 t_context = time.perf_counter()
                 if warm_decoder:  # beside the libraries: on the H100 host 0.9 s and 0.5 s, one after the other before
-                    decoder = threading.Thread(target=warm_decoder_timed, args=(dev, {}), name="nvjpeg-init")
+                    decoder = threading.Thread(
+                        target=warm_decoder_timed, args=(dev, {}, jpeg_decoder), name="nvjpeg-init"
+                    )
                     decoder.start()
                     early.decoder = decoder
                 from model_server.runtimes import warm_device_libraries
@@ -248,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu_decode_share=args.cpu_decode_share,
         model_stream=args.model_stream,
         decode_batch=args.decode_batch,
+        jpeg_decoder=args.jpeg_decoder,
+        pinned_bodies=args.ipc_pinned_bodies == "true",
         inline_idle_ms=args.inline_idle_ms,
     )
     if args.inline_idle_ms < 0:
@@ -290,7 +318,12 @@ def _serve_device(
 ) -> int:
     """The device process of ``--frontends N``: loads and warms the model, then serves the front ends.
     It never imports KServe, FastAPI or grpc (about 2 s of start-up it would spend before the load)."""
-    early = _start_device_early(config.device, warm_decoder=config.gpu_decode, before=before_torch)
+    early = _start_device_early(
+        config.device,
+        warm_decoder=config.gpu_decode,
+        before=before_torch,
+        jpeg_decoder=config.jpeg_decoder,
+    )
     from model_server import metrics
     from model_server.device import load_model
     from model_server.tuning import freeze_so_far
@@ -327,7 +360,12 @@ def _serve_single(
     overlaps the parts of the load that release the GIL (file reads, the CUDA driver, torch's kernels)."""
     import concurrent.futures
 
-    early = _start_device_early(config.device, warm_decoder=config.gpu_decode, before=before_torch)
+    early = _start_device_early(
+        config.device,
+        warm_decoder=config.gpu_decode,
+        before=before_torch,
+        jpeg_decoder=config.jpeg_decoder,
+    )
     from model_server import metrics
     from model_server.device import load_model
 

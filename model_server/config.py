@@ -14,6 +14,9 @@ import tempfile
 DEFAULT_BODY_POOL_MB = 256
 #: Where the device process runs the model's batches (``--model_stream``).
 MODEL_STREAMS = ("default", "side")
+#: JPEG decoders of the GPU decode stage (``--jpeg_decoder``): nvJPEG's hardware decoder called
+#: directly (torchvision's for what it does not take), or torchvision's batched decode for all.
+JPEG_DECODERS = ("nvjpeg", "torchvision")
 #: Event loops of the HTTP front ends and the device process (``--event_loop``).
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 #: 12 MP photos are normal; 50 MP is the default ceiling (a decompression bomb is far above it).
@@ -50,6 +53,11 @@ class ServingConfig:
     #: JPEGs, the last padded with a tiny one, so nvJPEG sees one batch size; 0 (default): one call
     #: per batch, whatever its size (32 served 0.89x on the H100).
     decode_batch: int = 0
+    #: One of JPEG_DECODERS (``--jpeg_decoder``).
+    jpeg_decoder: str = "nvjpeg"
+    #: With ``--frontends N``, the reused buffers of large request bodies (``--ipc_body_pool_mb``) are
+    #: page-locked where nvJPEG's hardware decoder reads their JPEGs (``--ipc_pinned_bodies``).
+    pinned_bodies: bool = True
     #: A request that finds the device idle (nothing queued or running) for at least this many ms runs
     #: at once on the device process's event loop thread, not via the batch worker and the device
     #: thread (two thread wake-ups and a few loop turns fewer at low load); 0: never.

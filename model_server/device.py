@@ -18,6 +18,7 @@ import numpy as np
 from model_server.artifact import read_labels, read_manifest
 from model_server.batcher import DynamicBatcher
 from model_server.config import ServingConfig
+from model_server.nvjpeg import hardware_decoder
 from model_server.pipeline import DevicePipeline
 from model_server.profiler import ProfileCapture
 from model_server.runtimes import Runner, load_runner, resolve_device
@@ -38,6 +39,9 @@ class LoadedModel:
     #: JPEGs go to the device worker for nvJPEG (CUDA device and ``gpu_decode`` on).
     gpu_decode: bool
     load_seconds: float
+    #: Request bodies belong in page-locked memory: nvJPEG's hardware decoder reads their JPEGs in place
+    #: (``gpu_decode``, ``--jpeg_decoder nvjpeg`` with a hardware decoder, ``--ipc_pinned_bodies true``).
+    pinned_bodies: bool = False
 
     def max_batch(self) -> int:
         """Largest device batch (the artifact's and the flag's minimum)."""
@@ -77,7 +81,8 @@ def load_model(artifact_dir: Path, config: ServingConfig, *, early: EarlyStart |
         early.join()
     t_warm = time.perf_counter()
     profiler = ProfileCapture(Path(config.profile_dir), device)
-    pipeline = DevicePipeline(runner, profiler, model_stream=config.model_stream, decode_batch=config.decode_batch)
+    pipeline = DevicePipeline(runner, profiler, model_stream=config.model_stream, decode_batch=config.decode_batch,
+                              jpeg_decoder=config.jpeg_decoder)  # fmt: skip
     gpu_decode = config.gpu_decode and device.type == "cuda"
     if gpu_decode:
         pipeline.warm_up()
@@ -99,7 +104,9 @@ def load_model(artifact_dir: Path, config: ServingConfig, *, early: EarlyStart |
         "loaded %s (%s, %s) on %s, warmed batches %s in %.2fs",
         manifest["slug"], manifest["runtime"], manifest["precision"], device, runner.buckets, load_seconds,
     )  # fmt: skip
-    return LoadedModel(manifest, labels, runner, batcher, profiler, gpu_decode, load_seconds)
+    direct = gpu_decode and config.jpeg_decoder == "nvjpeg" and hardware_decoder(device) is not None
+    pinned = direct and config.pinned_bodies
+    return LoadedModel(manifest, labels, runner, batcher, profiler, gpu_decode, load_seconds, pinned)
 
 
 def profile_op(profiler: ProfileCapture | None, op: dict[str, Any]) -> dict[str, Any]:

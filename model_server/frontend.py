@@ -389,13 +389,15 @@ class FrontEnds:
         ``event_loop`` (``--event_loop``) is the loop that reads the front ends' frames and answers
         them; :func:`~model_server.config.install_event_loop` says what each choice means.
         ``body_pool_mb`` (``--ipc_body_pool_mb``): MB of large request bodies' buffers kept for reuse
-        (:class:`~model_server.ipc.BodyPool`; 0: a fresh buffer per request).
+        (:class:`~model_server.ipc.BodyPool`; 0: a fresh buffer per request), page-locked when
+        ``model.pinned_bodies``.
         """
         import json
 
         from model_server.config import install_event_loop
         from model_server.device import profile_op
         from model_server.ipc import DeviceServer, retain_freed_memory
+        from model_server.nvjpeg import pinned_bytes
         from model_server.tuning import settle_after_startup
 
         retain_freed_memory()  # a payload allocated and freed per request: no page faults per request
@@ -411,6 +413,7 @@ class FrontEnds:
                 self.ipc_path,
                 control=lambda op: profile_op(model.profiler, op),
                 body_pool_bytes=body_pool_mb * 2**20,
+                body_alloc=pinned_bytes if model.pinned_bodies else None,
             )
             await device.start()  # creates the socket: the front ends' signal to finish loading
             settle_after_startup()

@@ -152,25 +152,34 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
     return None
 
 
-def gpu_decodable(data: bytes, *, max_pixels: int, max_bytes: int) -> bool:
-    """Whether nvJPEG should take this image: a baseline/progressive JPEG, RGB or grayscale, within the limits.
+def gpu_frame(data: bytes, *, max_pixels: int, max_bytes: int) -> int | None:
+    """The start-of-frame marker (0xC0 baseline, 0xC1 extended, 0xC2 progressive) of an image nvJPEG
+    should take: a Huffman-coded JPEG, RGB or grayscale, within the limits; None for any other.
 
     Only the frame header is read (:func:`jpeg_frame`), so the pixel limit is enforced before
     any GPU memory is spent. Anything else (CMYK, lossless or arithmetic-coded JPEG, PNG,
     corrupt headers) goes to :func:`decode_and_crop`, which decodes it or raises the precise error.
+    The marker travels with the JPEG (:attr:`JpegBatch.frames`): the device's hardware decoder then
+    asks nvJPEG whether it takes a baseline JPEG once per kind of image, not once per image.
     """
     if len(data) > max_bytes:
-        return False
+        return None
     frame = jpeg_frame(data)
     if frame is None:
-        return False
+        return None
     sof, w, h, components = frame
-    return (
+    ok = (
         sof in _SOF_NVJPEG
         and components in (1, 3)
         and 0 < w * h <= max_pixels
         and max(w, h) <= MAX_ASPECT_RATIO * min(w, h)
     )
+    return sof if ok else None
+
+
+def gpu_decodable(data: bytes, *, max_pixels: int, max_bytes: int) -> bool:
+    """Whether nvJPEG should take this image (:func:`gpu_frame`)."""
+    return gpu_frame(data, max_pixels=max_pixels, max_bytes=max_bytes) is not None
 
 
 class CpuDecodeShare:
@@ -207,10 +216,13 @@ class JpegBatch:
     ``buffer``, when set, is the images back to back in one writable buffer (what the IPC
     frame delivered: a bytearray, or a view of a reused one): the decode stage then makes one
     tensor of it and splits it into views instead of copying every image into a bytearray of its own.
+    ``frames``, when set, holds each image's start-of-frame marker as the front end read it
+    (:func:`gpu_frame`; 0: not known).
     """
 
     images: Sequence[bytes | bytearray | memoryview]
     buffer: bytearray | memoryview | None = None
+    frames: bytes | None = None
 
     def __len__(self) -> int:
         return len(self.images)

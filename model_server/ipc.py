@@ -9,7 +9,8 @@ the kernel, never pickled objects. At 3,000 VGA JPEGs/s that is ~100 MB/s, a few
 of one core.
 
 Request frame: header ``<QBHfIQ`` (id, kind, n images, timeout s, meta bytes, body bytes),
-then meta (kind 0: n uint32 JPEG lengths; kind 1: one dtype code byte), then the body.
+then meta (kind 0: n uint32 JPEG lengths, then n start-of-frame marker bytes if the front end read
+them; kind 1: one dtype code byte), then the body.
 Response frame: header ``<QBHI`` (id, status, n, payload bytes), then float32 logits
 ``[n,1000]`` or a UTF-8 error message. Kind 2 is a control request (profiler captures):
 JSON in the meta, JSON back.
@@ -138,6 +139,8 @@ def request_parts(req_id: int, payload: Payload, timeout_s: float) -> list[Buffe
     if isinstance(payload, JpegBatch):
         images = payload.images
         meta = struct.pack(f"<{len(images)}I", *map(len, images))
+        if payload.frames is not None and len(payload.frames) == len(images):
+            meta += payload.frames
         head = REQ.pack(req_id, KIND_JPEG, len(images), timeout_s, len(meta), sum(map(len, images)))
         return [head + meta, *images]
     # A numpy array from a front end; a tensor where a caller has torch (tests, benchmarks).
@@ -156,9 +159,12 @@ def decode_request(kind: int, n: int, meta: bytes, body: Buffer) -> Payload:
     writable memoryview such as :class:`BodyPool` hands out), else copied once."""
     if kind == KIND_JPEG:
         buffer = _writable(body)
+        if len(meta) not in (4 * n, 5 * n):
+            raise BadInput(f"a frame of {n} JPEGs carries {len(meta)} bytes of meta; expected {4 * n} or {5 * n}")
+        frames = meta[4 * n :] or None
         if n == 1:
-            return JpegBatch([buffer], buffer=buffer)
-        lengths = struct.unpack(f"<{n}I", meta)
+            return JpegBatch([buffer], buffer=buffer, frames=frames)
+        lengths = struct.unpack(f"<{n}I", meta[: 4 * n])
         if sum(lengths) != len(body):
             raise BadInput(f"JPEG lengths add up to {sum(lengths)} bytes, the frame carries {len(body)}")
         # Views, not copies: the decode stage makes one tensor of the whole (writable) body.
@@ -167,7 +173,7 @@ def decode_request(kind: int, n: int, meta: bytes, body: Buffer) -> Payload:
         for length in lengths:
             images.append(view[start : start + length])
             start += length
-        return JpegBatch(images, buffer=buffer)
+        return JpegBatch(images, buffer=buffer, frames=frames)
     import torch  # the device side: loaded already
 
     dtype = _DTYPES[meta[0]]
@@ -207,13 +213,18 @@ class BodyPool:
     next multiple of ``STEP`` bytes, reused when one is free (nothing to allocate or fill); when the
     last view of it dies (the request answered and the decode stage done with its JPEGs), the buffer
     goes back to the pool, up to ``max_bytes`` of them kept (0: no pool, a fresh buffer each time).
+
+    ``alloc(size)`` makes a new buffer (default ``bytearray``): the device process passes
+    :func:`model_server.nvjpeg.pinned_bytes` where nvJPEG's hardware decoder reads the JPEGs in place,
+    so they sit in page-locked memory its copies to the device need not stage (README, session 19).
     """
 
     STEP = 256 * 1024
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, alloc: Callable[[int], Any] | None = None) -> None:
         self.max_bytes = max(0, max_bytes)
-        self._free: dict[int, list[bytearray]] = {}
+        self._alloc: Callable[[int], Any] = alloc if alloc is not None else bytearray
+        self._free: dict[int, list[Any]] = {}
         self._kept = 0
         self._lock = threading.Lock()  # views die on the decode and device threads too
         self.reused = 0
@@ -230,12 +241,12 @@ class BodyPool:
                 self._kept -= size
                 self.reused += 1
         if buf is None:
-            buf = bytearray(size)
+            buf = self._alloc(size)
         view = memoryview(buf)[:n]
         weakref.finalize(view, self._give_back, buf)
         return view
 
-    def _give_back(self, buf: bytearray) -> None:
+    def _give_back(self, buf: Any) -> None:
         size = len(buf)
         with self._lock:
             if self._kept + size <= self.max_bytes:
@@ -462,11 +473,12 @@ class DeviceServer:
         control: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         *,
         body_pool_bytes: int = 0,
+        body_alloc: Callable[[int], Any] | None = None,
     ) -> None:
         self.batcher = batcher
         self.path = path
         self.control = control
-        self.bodies = BodyPool(body_pool_bytes)
+        self.bodies = BodyPool(body_pool_bytes, body_alloc)
         self._server: asyncio.base_events.Server | None = None
         self.connections = 0
 

@@ -41,6 +41,16 @@ H2D_SECONDS = Histogram(
 GPU_DECODE_SECONDS = Histogram(
     "densenet_gpu_decode_seconds", "nvJPEG decode, resize and crop of one batch's JPEGs on the GPU", buckets=_SECONDS
 )
+NVJPEG_HEADERS_SECONDS = Histogram(
+    "densenet_nvjpeg_headers_seconds",
+    "Part of densenet_gpu_decode_seconds: nvJPEG's hardware decoder reading one batch's JPEG headers (host)",
+    buckets=_SECONDS,
+)
+NVJPEG_DECODE_SECONDS = Histogram(
+    "densenet_nvjpeg_decode_seconds",
+    "Part of densenet_gpu_decode_seconds: nvJPEG's batched hardware decode call of one batch, returned",
+    buckets=_SECONDS,
+)
 DEVICE_SECONDS = Histogram(
     "densenet_device_seconds", "Model compute of one batch, device synchronised", buckets=_SECONDS
 )
@@ -166,7 +176,8 @@ class _Off:
 #: The metrics written on the request path; ``--metrics false`` and the toggle signals replace them by no-ops.
 REQUEST_PATH = (
     "REQUEST_SECONDS", "QUEUE_WAIT_SECONDS", "PREPROCESS_SECONDS", "H2D_SECONDS", "GPU_DECODE_SECONDS",
-    "DEVICE_SECONDS", "BATCH_SIZE", "IMAGES", "REJECTED", "QUEUE_DEPTH",
+    "NVJPEG_HEADERS_SECONDS", "NVJPEG_DECODE_SECONDS", "DEVICE_SECONDS", "BATCH_SIZE", "IMAGES", "REJECTED",
+    "QUEUE_DEPTH",
 )  # fmt: skip
 #: ``kill -USR1 <server pid>`` pauses the request-path metrics, ``kill -USR2`` resumes them, in every
 #: process of the server (the device process forwards both to its front ends). For measuring what

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -26,9 +27,18 @@ import torch
 
 from model_server import BadInput
 from model_server import metrics as m
-from model_server.config import MODEL_STREAMS
+from model_server.config import JPEG_DECODERS, MODEL_STREAMS
 from model_server.images import JpegBatch, Payload
-from model_server.preprocess import decode_jpegs, gpu_resize_crop_many, normalize, resize_crop_pixels, warm_up_jpeg
+from model_server.nvjpeg import hardware_decoder
+from model_server.preprocess import (
+    SizeGroup,
+    decode_jpeg_groups,
+    normalize,
+    resize_crop_groups,
+    resize_crop_pixels,
+    warm_gpu_decoder,
+    warm_up_jpeg,
+)
 from model_server.profiler import ProfileCapture
 from model_server.runtimes import Runner
 
@@ -73,7 +83,9 @@ class DevicePipeline:
 
     Two stages, so the server can run them on two threads: :meth:`prepare` decodes and crops the
     JPEGs of batch k+1 on a CUDA stream of its own while :meth:`execute` runs batch k on the
-    device's stream; an event orders the two. Calling the pipeline runs both in turn.
+    device's stream; an event orders the two. Calling the pipeline runs both in turn. Several
+    threads may prepare at once (``decode_bench.py --threads``; the server prepares on one): each has
+    a side stream of its own.
     """
 
     def __init__(
@@ -83,18 +95,23 @@ class DevicePipeline:
         *,
         model_stream: str = "side",
         decode_batch: int = 0,
+        jpeg_decoder: str = "nvjpeg",
     ) -> None:
         if model_stream not in MODEL_STREAMS:
             raise ValueError(f"model_stream must be one of {', '.join(MODEL_STREAMS)}, got {model_stream!r}")
         if decode_batch < 0:
             raise ValueError(f"decode_batch must be >= 0, got {decode_batch}")
+        if jpeg_decoder not in JPEG_DECODERS:
+            raise ValueError(f"jpeg_decoder must be one of {', '.join(JPEG_DECODERS)}, got {jpeg_decoder!r}")
         self.decode_batch = decode_batch
+        self.jpeg_decoder = jpeg_decoder
         self.runner = runner
         self.device = runner.device
         self.profiler = profiler
         self._pinned: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         cuda = self.device.type == "cuda"
-        self._stream = torch.cuda.Stream(self.device) if cuda else None  # type: ignore[no-untyped-call]
+        self._cuda = cuda
+        self._streams = threading.local()  # each preparing thread's side stream
         # "side": batches run on a non-blocking stream of their own instead of the legacy default
         # stream, which every synchronous copy or allocation elsewhere in the process waits for.
         self._model_stream = torch.cuda.Stream(self.device) if cuda and model_stream == "side" else None  # type: ignore[no-untyped-call]
@@ -126,9 +143,10 @@ class DevicePipeline:
         through the runner's input and model graphs."""
         t0 = time.perf_counter()
         try:
-            (image,) = decode_jpegs(batch.encoded(), self.device, call_size=self.decode_batch)
+            ((_, pixels),) = self._decode_groups(batch.encoded(), batch.frames)
         except RuntimeError as e:
             return [_undecodable(e)]
+        image = pixels[0]
         graph = self._crop_graph(image, rows)
         if graph is None:
             rows.copy_(resize_crop_pixels(image.unsqueeze(0)))
@@ -200,15 +218,25 @@ class DevicePipeline:
         if not jpeg_idx:
             return staged
         t0 = time.perf_counter()
-        if self._stream is None or not side_stream:
+        if not self._cuda or not side_stream:
             self._decode(staged, payloads, jpeg_idx)
         else:
-            with torch.cuda.stream(self._stream):
+            stream = self._side_stream()
+            with torch.cuda.stream(stream):
                 self._decode(staged, payloads, jpeg_idx)
             staged.ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            staged.ready.record(self._stream)
+            staged.ready.record(stream)
         m.later(m.GPU_DECODE_SECONDS.observe, time.perf_counter() - t0)
         return staged
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        """The calling thread's side stream (made on its first batch): two threads preparing at once
+        on one stream would each wait for the other's work queued there."""
+        stream: torch.cuda.Stream | None = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+            self._streams.stream = stream
+        return stream
 
     def execute(self, staged: Staged) -> list[torch.Tensor | Exception]:
         """Run a prepared batch on the device; one result (logits ``[n,1000]``) or exception per payload."""
@@ -269,12 +297,14 @@ class DevicePipeline:
         batches = [payloads[i] for i in jpeg_idx]
         counts = [len(b) for b in batches if isinstance(b, JpegBatch)]
         encoded = [t for b in batches if isinstance(b, JpegBatch) for t in b.encoded()]
+        known = [b.frames if b.frames is not None else bytes(len(b)) for b in batches if isinstance(b, JpegBatch)]
+        frames = b"".join(known)
         try:
-            images = decode_jpegs(encoded, self.device, call_size=self.decode_batch)
+            groups = self._decode_groups(encoded, frames)
         except RuntimeError:
-            images = None  # one bad stream fails the batched call: retry each request alone
-        if images is not None:
-            crops = gpu_resize_crop_many(images)
+            groups = None  # one bad stream fails the batched call: retry each request alone
+        if groups is not None:
+            crops = resize_crop_groups(groups, len(encoded))
             for i, part in zip(jpeg_idx, torch.split(crops, counts), strict=True):
                 staged.parts[i] = part
             if len(jpeg_idx) == staged.n:
@@ -283,11 +313,16 @@ class DevicePipeline:
         start = 0
         for i, n in zip(jpeg_idx, counts, strict=True):
             try:
-                mine = decode_jpegs(encoded[start : start + n], self.device, call_size=self.decode_batch)
-                staged.parts[i] = gpu_resize_crop_many(mine)
+                staged.parts[i] = resize_crop_groups(self._decode_groups(encoded[start : start + n],
+                                                                         frames[start : start + n]), n)  # fmt: skip
             except RuntimeError as e:
                 staged.failed[i] = _undecodable(e)
             start += n
+
+    def _decode_groups(self, encoded: list[torch.Tensor], frames: bytes | None) -> list[SizeGroup]:
+        return decode_jpeg_groups(
+            encoded, self.device, call_size=self.decode_batch, decoder=self.jpeg_decoder, frames=frames
+        )
 
     def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """One batch tensor on the device: host parts go through a pinned buffer and a non-blocking copy."""
@@ -320,6 +355,9 @@ class DevicePipeline:
         """Initialise nvJPEG and the resize kernels so the first request pays nothing."""
         if self.device.type != "cuda":
             return
+        hardware = hardware_decoder(self.device) if self.jpeg_decoder == "nvjpeg" else None
+        if hardware is not None and hardware.calls == 0:  # the early thread's warm-up did not run, or failed
+            warm_gpu_decoder(self.device, self.jpeg_decoder)
         jpeg = warm_up_jpeg()
         # nvJPEG's buffers for large photos were grown by the early thread's 12 MP decode (warm_gpu_decoder).
         for n in sorted({1, min(8, self.runner.max_batch)}):

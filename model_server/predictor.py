@@ -20,7 +20,7 @@ from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, In
 from model_server import BadInput, DeadlineExceeded, Overloaded, PayloadTooLarge, ServerError
 from model_server import metrics as m
 from model_server.config import ServingConfig
-from model_server.images import CpuDecodeShare, JpegBatch, Payload, decode_and_crop, gpu_decodable, payload_size
+from model_server.images import CpuDecodeShare, JpegBatch, Payload, decode_and_crop, gpu_frame, payload_size
 from optimize.registry import CROP_SIZE, NUM_CLASSES
 
 if TYPE_CHECKING:
@@ -264,13 +264,14 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
         """
         t0 = time.perf_counter()
         cfg = self.config
-        if (
-            self._gpu_decode
-            and all(gpu_decodable(d, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_image_bytes) for d in images)
-            and not self._cpu_share.take(len(images))
-        ):
+        frames = (
+            [gpu_frame(d, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_image_bytes) for d in images]
+            if self._gpu_decode
+            else [None]
+        )
+        if all(f is not None for f in frames) and not self._cpu_share.take(len(images)):
             m.later(m.PREPROCESS_SECONDS.observe, time.perf_counter() - t0)
-            return JpegBatch(images)
+            return JpegBatch(images, frames=bytes(f or 0 for f in frames))
         loop = asyncio.get_running_loop()
 
         def one(data: bytes) -> np.ndarray:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from model_server.images import decode_and_crop as _decode_and_crop_array
+from model_server.nvjpeg import HardwareDecoder, hardware_decoder
 from model_server.tuning import torchvision_dirs
 from optimize.registry import CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_SIZE
 
@@ -47,24 +48,41 @@ def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 RESIZE_CHUNK_PIXELS = 48_000_000
 
 
-def gpu_resize_crop_many(images: list[torch.Tensor]) -> torch.Tensor:
-    """``Resize(256)`` + ``CenterCrop(224)`` of decoded images, one interpolation per distinct size."""
-    out: list[torch.Tensor | None] = [None] * len(images)
+#: A batch's decoded images of one size: their indices in the batch, and their pixels, ``[k,3,H,W]``
+#: uint8 on the device (nvJPEG's hardware decoder writes them so) or the ``k`` images ``[3,H,W]`` apart.
+SizeGroup = tuple[list[int], "torch.Tensor | list[torch.Tensor]"]
+
+
+def group_by_size(images: list[torch.Tensor]) -> list[SizeGroup]:
+    """Decoded images ``[3,H,W]`` as size groups (first appearance first), the images left apart."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, img in enumerate(images):
         groups.setdefault(tuple(img.shape), []).append(i)
-    for shape, idx in groups.items():
-        _, h, w = shape
+    return [(idx, [images[i] for i in idx]) for idx in groups.values()]
+
+
+def gpu_resize_crop_many(images: list[torch.Tensor]) -> torch.Tensor:
+    """``Resize(256)`` + ``CenterCrop(224)`` of decoded images, one interpolation per distinct size."""
+    return resize_crop_groups(group_by_size(images), len(images))
+
+
+def resize_crop_groups(groups: list[SizeGroup], n: int) -> torch.Tensor:
+    """``Resize(256)`` + ``CenterCrop(224)`` of a batch's ``n`` decoded images given as size groups:
+    one interpolation per group, the crops ``[n,3,224,224]`` uint8 in batch order."""
+    out: list[torch.Tensor | None] = [None] * n
+    for idx, pixels in groups:
+        h, w = pixels[0].shape[-2:]
         # The float copy the interpolation needs is 12 bytes per pixel: resize a size group in chunks of
         # at most RESIZE_CHUNK_PIXELS (a batch of 128 12-MP photos would otherwise take 18 GB at once).
         step = max(1, RESIZE_CHUNK_PIXELS // (h * w))
         chunks = []
         for k in range(0, len(idx), step):
-            chunk = [images[i] for i in idx[k : k + step]]
-            x = chunk[0].unsqueeze(0) if len(chunk) == 1 else torch.stack(chunk)  # one op fewer alone
-            chunks.append(resize_crop_pixels(x).to(torch.uint8))
+            part = pixels[k : k + step]
+            if isinstance(part, list):  # images apart: one op fewer alone
+                part = part[0].unsqueeze(0) if len(part) == 1 else torch.stack(part)
+            chunks.append(resize_crop_pixels(part).to(torch.uint8))
         crops = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        if len(groups) == 1:
+        if len(groups) == 1 and idx == list(range(n)):
             return crops  # one size (the common case under load): already in order
         for j, i in enumerate(idx):
             out[i] = crops[j]
@@ -162,6 +180,39 @@ def decode_jpegs(encoded: list[torch.Tensor], device: torch.device, *, call_size
     return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
 
 
+def decode_jpeg_groups(
+    encoded: list[torch.Tensor],
+    device: torch.device,
+    *,
+    call_size: int = 0,
+    decoder: str = "nvjpeg",
+    frames: bytes | None = None,
+    using: HardwareDecoder | None = None,
+) -> list[SizeGroup]:
+    """Decode JPEG byte tensors (uint8, on the CPU) to RGB on ``device``, as size groups.
+
+    On a CUDA device with ``decoder="nvjpeg"`` (and no ``call_size``) nvJPEG's hardware decoder,
+    called directly (:mod:`model_server.nvjpeg`), writes each size's images into one tensor; the
+    JPEGs it does not take, and every JPEG where there is no hardware decoder, go through
+    :func:`decode_jpegs` (torchvision's decoder), as they all do with ``decoder="torchvision"``.
+    ``frames``: each JPEG's start-of-frame marker, when known (:attr:`~model_server.images.JpegBatch.frames`).
+    ``using``: the hardware decoder to call; default: the device's (:func:`~model_server.nvjpeg.hardware_decoder`).
+
+    Raises:
+        RuntimeError: a decoder refused a stream (the whole call fails).
+    """
+    if device.type == "cuda" and decoder == "nvjpeg" and call_size <= 0:
+        hardware = using if using is not None else hardware_decoder(device)
+        if hardware is not None:
+            found, rest = hardware.decode(encoded, frames)
+            groups: list[SizeGroup] = list(found)
+            if rest:
+                others = decode_jpegs([encoded[i] for i in rest], device)
+                groups += [([rest[j] for j in idx], pixels) for idx, pixels in group_by_size(others)]
+            return groups
+    return group_by_size(decode_jpegs(encoded, device, call_size=call_size))
+
+
 @functools.cache
 def padding_jpeg() -> torch.Tensor:
     """The smallest baseline JPEG (one 16x16 MCU), as a byte tensor: filler for fixed-size nvJPEG calls."""
@@ -176,17 +227,17 @@ def warm_up_jpeg(size: tuple[int, int] = (320, 240)) -> bytes:
     return buf.getvalue()
 
 
-def warm_gpu_decoder(device: torch.device) -> torch.Tensor:
+def warm_gpu_decoder(device: torch.device, decoder: str = "nvjpeg") -> torch.Tensor:
     """Initialise nvJPEG (handles, buffers, the hardware decoder) and the crop kernels on ``device``
     with a small JPEG at batch 1 and 8 and one 12 MP JPEG, so neither the warm-up nor a request pays
-    for it; returns the crops of the batch of 8."""
+    for it; returns the crops of the batch of 8. ``decoder`` as in :func:`decode_jpeg_groups`."""
     data = torch.frombuffer(bytearray(warm_up_jpeg()), dtype=torch.uint8)
     crops = torch.empty(0)
     for n in (1, 8):
-        crops = gpu_resize_crop_many(decode_jpegs([data] * n, device))
+        crops = resize_crop_groups(decode_jpeg_groups([data] * n, device, decoder=decoder), n)
     if device.type == "cuda":
         large = torch.frombuffer(bytearray(warm_up_jpeg(WARM_UP_LARGE)), dtype=torch.uint8)
-        gpu_resize_crop_many(decode_jpegs([large], device))
+        resize_crop_groups(decode_jpeg_groups([large], device, decoder=decoder), 1)
         # Its own stream only: the early warm-up may run beside a CUDA-graph capture.
         torch.cuda.current_stream(device).synchronize()
     return crops

@@ -43,6 +43,27 @@ NVJPEG_BACKEND_HARDWARE, NVJPEG_BACKEND_DEFAULT = 3, 0
 _KEPT: list[object] = []
 
 
+@dataclasses.dataclass
+class EarlyNvJpeg:
+    """The nvJPEG handle and decode state :func:`start_before_torch` made (kept for the process's
+    life), for the device's decoder to use (:mod:`model_server.nvjpeg`)."""
+
+    lib: ctypes.CDLL
+    path: str
+    handle: ctypes.c_void_p
+    state: ctypes.c_void_p
+    backend: int  # NVJPEG_BACKEND_HARDWARE or NVJPEG_BACKEND_DEFAULT
+    ordinal: int  # the CUDA device it was made on
+
+
+_EARLY_NVJPEG: list[EarlyNvJpeg] = []
+
+
+def early_nvjpeg() -> EarlyNvJpeg | None:
+    """What :func:`start_before_torch` made for nvJPEG, once made; None before that, or without it."""
+    return _EARLY_NVJPEG[0] if _EARLY_NVJPEG else None
+
+
 def device_ordinal(device: str) -> int | None:
     """The CUDA device number a ``--device`` value names (``auto`` and ``cuda``: 0), None for the CPU."""
     if device == "cpu":
@@ -106,7 +127,7 @@ def start_before_torch(device: str, *, gpu_decode: bool, took: dict[str, float])
         _KEPT.append(ctx)
         t1 = time.perf_counter()
         took["driver"] = t1 - t0
-        if gpu_decode and _create_nvjpeg_handle():
+        if gpu_decode and _create_nvjpeg_handle(ordinal):
             took["nvjpeg"] = time.perf_counter() - t1
 
     thread = threading.Thread(target=run, name="before-torch", daemon=True)
@@ -114,8 +135,9 @@ def start_before_torch(device: str, *, gpu_decode: bool, took: dict[str, float])
     return thread
 
 
-def _create_nvjpeg_handle() -> bool:
-    """An nvJPEG handle and decode state in the first loadable candidate library (kept); False if none."""
+def _create_nvjpeg_handle(ordinal: int) -> bool:
+    """An nvJPEG handle and decode state in the first loadable candidate library, made on device
+    ``ordinal``'s context (kept, and offered by :func:`early_nvjpeg`); False if none."""
     for name in nvjpeg_candidates():
         try:
             nvjpeg = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
@@ -123,10 +145,11 @@ def _create_nvjpeg_handle() -> bool:
             continue
         handle, state = ctypes.c_void_p(), ctypes.c_void_p()
         try:
-            ok = any(nvjpeg.nvjpegCreateEx(backend, None, None, 0, ctypes.byref(handle)) == 0
-                     for backend in (NVJPEG_BACKEND_HARDWARE, NVJPEG_BACKEND_DEFAULT))  # fmt: skip
-            if ok and nvjpeg.nvjpegJpegStateCreate(handle, ctypes.byref(state)) == 0:
+            backend = next((b for b in (NVJPEG_BACKEND_HARDWARE, NVJPEG_BACKEND_DEFAULT)
+                            if nvjpeg.nvjpegCreateEx(b, None, None, 0, ctypes.byref(handle)) == 0), None)  # fmt: skip
+            if backend is not None and nvjpeg.nvjpegJpegStateCreate(handle, ctypes.byref(state)) == 0:
                 _KEPT.extend([nvjpeg, handle, state])
+                _EARLY_NVJPEG.append(EarlyNvJpeg(nvjpeg, name, handle, state, backend, ordinal))
                 return True
         except AttributeError:  # not nvJPEG after all
             continue

@@ -167,6 +167,40 @@ def test_decode_bench_measures_decoding_processes_at_once(tmp_path: Path) -> Non
     assert bad.returncode == 2 and "--processes must be positive" in bad.stderr, bad.stderr
 
 
+def test_decode_bench_times_the_prepare_stage_from_several_threads(tmp_path: Path) -> None:
+    """--threads: the server's prepare stage from K threads at once (as K prepare threads would) with each
+    --jpeg-decoders decoder, in alternating rounds, idle on a CPU (torchvision decodes there whatever
+    the decoder; the model load and NVML's JPEG-engine load need a GPU)."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/decode_bench.py", "--device", "cpu", "--threads", "1,2", "--vary-load", "none",
+         "--jpeg-decoders", "nvjpeg,torchvision", "--rounds", "2", "--contention-batch", "4", "--request-images", "2",
+         "--window-s", "0.3", "--results-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads(next(tmp_path.glob("*-decode-threads.json")).read_text())["metrics"]
+    assert (m["threads_batch"], m["threads_request_images"], m["threads_load"]) == (4, 2, "none")
+    assert m["threads_decoders"] == ["nvjpeg", "torchvision"] and m["threads_rounds"] == 2
+    assert m["nvjpeg_t1_vs_first"] == 1.0
+    for label in ("nvjpeg_t1", "nvjpeg_t2", "torchvision_t1", "torchvision_t2"):
+        assert len(m[f"{label}_img_s_rounds"]) == 2 and min(m[f"{label}_img_s_rounds"]) > 0
+        assert m[f"{label}_process_cpu_per_img_ms"] > 0 and m[f"{label}_vs_first"] > 0
+        lo, hi = sorted(m[f"{label}_img_s_rounds"])
+        assert lo - 0.1 <= m[f"{label}_img_s"] <= hi + 0.1  # the median of the rounds
+    for argv, message in (
+        (["--threads", "0"], "--threads and --request-images must be positive"),
+        (["--threads", "1", "--vary-load", "spin"], "--vary-load: unknown arm 'spin'"),
+        (["--device", "cpu", "--threads", "1"], "--threads beside a model load needs a CUDA device"),
+        (
+            ["--device", "cpu", "--threads", "1", "--vary-load", "none", "--jpeg-decoders", "pil"],
+            "--jpeg-decoders must name some of nvjpeg, torchvision",
+        ),
+    ):
+        bad = subprocess.run([sys.executable, "benchmarks/decode_bench.py", *argv], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+
+
 def test_request_anatomy_takes_one_request_apart(artifacts_dir: Path, tmp_path: Path) -> None:
     """benchmarks/request_anatomy.py on the CPU: the whole call, the runner alone, each step, and the
     profiler's heaviest ops (the GPU-busy figures need CUDA)."""

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("--event_loop", "trio", "argument --event_loop: invalid choice: 'trio'"),
         ("--inline_idle_ms", "-2", "--inline_idle_ms must be >= 0 (0: never), got -2"),
         ("--ipc_body_pool_mb", "-1", "--ipc_body_pool_mb must be >= 0 (0: off), got -1"),
+        ("--jpeg_decoder", "pil", "argument --jpeg_decoder: invalid choice: 'pil'"),
     ],
 )
 def test_a_bad_value_exits_2_naming_it(tmp_path: Path, flag: str, value: str, message: str) -> None:
@@ -129,6 +130,7 @@ def test_before_torch_the_driver_retains_the_context_then_nvjpeg_starts_in_torch
         return driver if name == "libcuda.so.1" else nvjpeg
 
     monkeypatch.setattr(tuning.ctypes, "CDLL", cdll)
+    monkeypatch.setattr(tuning, "_EARLY_NVJPEG", [])  # what it makes from the fakes stays in this test
     took: dict[str, float] = {}
     thread = tuning.start_before_torch("cuda:1", gpu_decode=True, took=took)
     assert thread is not None
@@ -156,6 +158,7 @@ def test_before_torch_falls_back_to_nvjpegs_default_backend_and_skips_it_without
     codes = iter([5, 0])  # NVJPEG_STATUS_ARCH_MISMATCH for the hardware backend, then success
     nvjpeg.__dict__["nvjpegCreateEx"] = lambda *args: nvjpeg.calls.append(("nvjpegCreateEx", args)) or next(codes)
     monkeypatch.setattr(tuning.ctypes, "CDLL", lambda name, mode=0: _FakeDriver() if name == "libcuda.so.1" else nvjpeg)
+    monkeypatch.setattr(tuning, "_EARLY_NVJPEG", [])  # what it makes from the fakes stays in this test
     took: dict[str, float] = {}
     thread = tuning.start_before_torch("auto", gpu_decode=True, took=took)
     assert thread is not None
@@ -182,6 +185,7 @@ def test_before_torch_stops_quietly_without_a_driver_or_a_gpu(monkeypatch: pytes
         return _FakeDriver({failing: 100})  # CUDA_ERROR_NO_DEVICE
 
     monkeypatch.setattr(tuning.ctypes, "CDLL", cdll)
+    monkeypatch.setattr(tuning, "_EARLY_NVJPEG", [])  # what it makes from the fakes stays in this test
     took: dict[str, float] = {}
     thread = tuning.start_before_torch("auto", gpu_decode=True, took=took)
     assert thread is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,7 @@ def test_server_on_cuda_serves_jpegs(tmp_path: Path) -> None:
         assert r.status_code == 200, r.text
         assert len(r.json()["predictions"]) == 4
         metrics = requests.get(srv.url + "/metrics", timeout=10).text
-        assert "densenet_gpu_decode_seconds_count" in metrics
+        assert "densenet_gpu_decode_seconds_count" in metrics and "densenet_nvjpeg_decode_seconds_count" in metrics
     finally:
         stop_server(srv)
 
@@ -170,3 +171,142 @@ def test_a_request_run_inline_on_the_loop_thread_matches_the_device_thread(tmp_p
     threaded, n_threaded = asyncio.run(serve(None))
     assert n_inline == 3 and n_threaded == 0
     assert torch.equal(inline, threaded)
+
+
+@pytest.mark.parametrize("jpeg_decoder", ["nvjpeg", "torchvision"])
+def test_two_prepare_threads_crop_what_one_does(tmp_path: Path, jpeg_decoder: str) -> None:
+    """DevicePipeline.prepare called from two threads at once (decode_bench --threads; each on a side
+    stream of its own; with nvJPEG's hardware decoder, both reading headers on their own and sharing
+    its one batched decode) stages the same crops as one call after another."""
+    import concurrent.futures
+
+    from model_server.artifact import read_manifest
+    from model_server.nvjpeg import hardware_decoder
+    from model_server.pipeline import DevicePipeline, JpegBatch
+    from model_server.runtimes import load_runner
+
+    build_artifacts(tmp_path, "densenet121-eager-fp32")
+    d = tmp_path / "densenet121-eager-fp32"
+    runner = load_runner(read_manifest(d), d, torch.device("cuda"))
+    pipeline = DevicePipeline(runner, jpeg_decoder=jpeg_decoder)
+    pipeline.warm_up()
+    jpegs = _jpegs()
+    batches = [[JpegBatch(jpegs[i:] + jpegs[:i])] * 8 for i in range(len(jpegs))]  # 8 requests each, rotated
+
+    def crops(batch: list[JpegBatch]) -> torch.Tensor:
+        staged = pipeline.prepare(batch)
+        assert staged.ready is not None and staged.whole is not None
+        staged.ready.synchronize()
+        return staged.whole.clone()
+
+    alone = [crops(b) for b in batches]
+    hardware = hardware_decoder(torch.device("cuda"))
+    assert hardware is not None and hardware.calls > 0, "warmed"
+    before = hardware.calls
+    with concurrent.futures.ThreadPoolExecutor(2) as threads:
+        together = list(threads.map(crops, batches * 4))
+    for i, got in enumerate(together):
+        assert torch.equal(got, alone[i % len(batches)]), f"batch {i} differs when prepared beside another"
+    used = hardware.calls - before
+    assert used == (len(batches) * 4 if jpeg_decoder == "nvjpeg" else 0), f"batched decodes: {used}"
+
+
+def test_hardware_decoder_decodes_what_torchvision_does() -> None:
+    """nvJPEG's hardware decoder called directly: the same pixels as torchvision's batched decode, one
+    tensor per image size (sizes mixed in one call), a progressive JPEG left to torchvision, a corrupt
+    one refused with a RuntimeError (the decode stage then retries each request alone)."""
+    from model_server.nvjpeg import hardware_decoder
+    from model_server.preprocess import decode_jpeg_groups, decode_jpegs
+
+    device = torch.device("cuda")
+    decoder = hardware_decoder(device)
+    assert decoder is not None, "the H100 has JPEG engines"
+    jpegs = _jpegs()
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpegs[0])).save(buf, format="JPEG", progressive=True)
+    encoded = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in [*jpegs, buf.getvalue(), *jpegs]]
+    reference = decode_jpegs(encoded, device)
+    groups, rest = decoder.decode(encoded)
+    assert rest == [len(jpegs)], "only the progressive JPEG is left over"
+    seen = sorted(i for idx, _ in groups for i in idx)
+    assert seen == [i for i in range(len(encoded)) if i != len(jpegs)]
+    for idx, pixels in groups:
+        assert pixels.shape[0] == len(idx) and len({tuple(reference[i].shape) for i in idx}) == 1
+        for j, i in enumerate(idx):
+            assert torch.equal(pixels[j], reference[i]), f"image {i} differs from torchvision's"
+    both = decode_jpeg_groups(encoded, device)
+    assert sorted(i for idx, _ in both for i in idx) == list(range(len(encoded)))
+    for idx, pixels in both:
+        for j, i in enumerate(idx):
+            assert torch.equal(pixels[j], reference[i])
+    # With the front end's start-of-frame markers: the hardware is asked once per kind of baseline image.
+    frames = bytes([0xC0] * len(jpegs) + [0xC2] + [0xC0] * len(jpegs))
+    told, rest = decoder.decode(encoded, frames)
+    assert rest == [len(jpegs)] and decoder._supported and all(decoder._supported.values())
+    for idx, pixels in told:
+        assert all(torch.equal(pixels[j], reference[i]) for j, i in enumerate(idx))
+    # A marker that lies (the progressive JPEG said to be baseline): still torchvision's pixels for every image.
+    lied, rest = decoder.decode(encoded, bytes([0xC0] * len(encoded)))
+    assert sorted([*rest, *(i for idx, _ in lied for i in idx)]) == list(range(len(encoded)))
+    for idx, pixels in lied:
+        assert all(torch.equal(pixels[j], reference[i]) for j, i in enumerate(idx)), "a lie must not corrupt"
+    corrupt = torch.frombuffer(bytearray(b"\xff\xd8\xff" + b"\0" * 100), dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="nvjpegStatus"):
+        decoder.decode([encoded[0], corrupt])
+    again, _ = decoder.decode(encoded[:1])  # still decodes after a refusal
+    assert torch.equal(again[0][1][0], reference[0])
+
+
+def test_jpegs_in_a_pinned_request_body_decode_to_the_same_pixels() -> None:
+    """``--ipc_pinned_bodies``: a 32-JPEG request body read into a page-locked BodyPool buffer
+    (nvjpeg.pinned_bytes) is what the decode stage's tensors view (pinned), and the hardware decoder
+    reads the same pixels from it as from pageable memory, the buffer reused for the next body."""
+    from model_server.ipc import KIND_JPEG, BodyPool, decode_request
+    from model_server.nvjpeg import hardware_decoder, pinned_bytes
+
+    device = torch.device("cuda")
+    decoder = hardware_decoder(device)
+    assert decoder is not None
+    jpegs = (_jpegs() * 8)[:32]
+    bodies = BodyPool(64 * 2**20, pinned_bytes)
+    reference = decoder.decode([torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs])[0]
+    for _ in range(2):
+        body = bodies.take(sum(map(len, jpegs)))
+        body[:] = b"".join(jpegs)
+        batch = decode_request(KIND_JPEG, len(jpegs), struct.pack(f"<{len(jpegs)}I", *map(len, jpegs)), body)
+        encoded = batch.encoded()
+        assert all(t.is_pinned() for t in encoded)
+        groups, rest = decoder.decode(encoded)
+        assert not rest and [idx for idx, _ in groups] == [idx for idx, _ in reference]
+        for (_, got), (_, want) in zip(groups, reference, strict=True):
+            assert torch.equal(got, want)
+        del body, batch, encoded
+    assert bodies.reused == 1
+
+
+def test_pipeline_crops_the_same_with_either_jpeg_decoder(tmp_path: Path) -> None:
+    """``--jpeg_decoder nvjpeg`` and ``torchvision`` stage the same crops (mixed sizes, several requests),
+    and a lone JPEG (the crop-graph path) gets the same logits."""
+    from model_server.artifact import read_manifest
+    from model_server.pipeline import DevicePipeline, JpegBatch
+    from model_server.runtimes import load_runner
+
+    build_artifacts(tmp_path, "densenet121-eager-fp32")
+    d = tmp_path / "densenet121-eager-fp32"
+    runner = load_runner(read_manifest(d), d, torch.device("cuda"))
+    jpegs = _jpegs()
+    requests = [JpegBatch(jpegs[:3]), JpegBatch(jpegs[1:]), JpegBatch(jpegs[::-1])]
+    staged = {}
+    for decoder in ("nvjpeg", "torchvision"):
+        pipeline = DevicePipeline(runner, jpeg_decoder=decoder)
+        got = pipeline.prepare(requests)
+        assert got.ready is not None and got.whole is not None
+        got.ready.synchronize()
+        lone = [pipeline([JpegBatch(jpegs[:1])])[0] for _ in range(3)]  # the third replays a crop graph
+        staged[decoder] = (got.whole.clone(), lone)
+    assert torch.equal(staged["nvjpeg"][0], staged["torchvision"][0])
+    for a, b in zip(staged["nvjpeg"][1], staged["torchvision"][1], strict=True):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="jpeg_decoder must be one of nvjpeg, torchvision, got 'pil'"):
+        DevicePipeline(runner, jpeg_decoder="pil")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model_server import BadInput, DeadlineExceeded, Overloaded, ServerError
 from model_server.batcher import DynamicBatcher
@@ -410,6 +412,28 @@ def test_the_body_pool_reuses_a_buffer_only_once_every_view_of_it_is_gone() -> N
     assert isinstance(fresh, bytearray) and len(fresh) == 1000
 
 
+def test_the_body_pool_makes_its_buffers_with_the_allocator_it_is_given() -> None:
+    """``alloc`` (the device process passes nvjpeg.pinned_bytes, page-locked): buffers of whole steps made
+    by it, handed out as writable views the decode stage's tensors read, reused like bytearrays."""
+    from model_server.ipc import BodyPool
+
+    made: list[int] = []
+
+    def alloc(size: int) -> np.ndarray:
+        made.append(size)
+        return np.zeros(size, dtype=np.uint8)
+
+    pool = BodyPool(4 * BodyPool.STEP, alloc)
+    a = pool.take(300_000)
+    assert isinstance(a, memoryview) and len(a) == 300_000 and not a.readonly and made == [2 * BodyPool.STEP]
+    a[:4] = b"jpeg"
+    assert bytes(torch.frombuffer(a, dtype=torch.uint8)[:4].numpy()) == b"jpeg"
+    base = a.obj
+    del a
+    b = pool.take(400_000)
+    assert b.obj is base and made == [2 * BodyPool.STEP] and pool.reused == 1
+
+
 def test_a_jpeg_frame_whose_lengths_do_not_match_its_body_is_refused() -> None:
     with pytest.raises(BadInput, match="add up to 7 bytes"):
         decode_request(KIND_JPEG, 2, struct.pack("<2I", 3, 4), bytearray(b"abcdefgh"))
@@ -509,3 +533,28 @@ def test_a_large_body_is_read_into_its_own_buffer_byte_for_byte(monkeypatch: pyt
     assert reused == [1 if pool_mb else 0]
     assert sorted(direct) == sorted([len(big_body) for big_body in (b"".join(images), pixels.numpy().tobytes(),
                                                                      b"".join(exact), b"".join(images))])  # fmt: skip
+
+
+def test_a_jpeg_frame_carries_each_images_start_of_frame_marker_when_known() -> None:
+    """The front end's start-of-frame markers (JpegBatch.frames) cross the IPC after the lengths, and a
+    frame without them still decodes (frames None); a meta of any other size is refused as bad input."""
+    from model_server.images import gpu_frame
+
+    baseline, progressive = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(baseline, format="JPEG")
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(progressive, format="JPEG", progressive=True)
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    limits = {"max_pixels": 10**6, "max_bytes": 10**6}
+    assert gpu_frame(baseline.getvalue(), **limits) == 0xC0 and gpu_frame(progressive.getvalue(), **limits) == 0xC2
+    assert gpu_frame(png.getvalue(), **limits) is None
+    assert gpu_frame(baseline.getvalue(), max_pixels=100, max_bytes=10**6) is None
+    for images, frames in (([b"a" * 5, b"bb"], b"\xc0\xc2"), ([b"one"], b"\xc0"), ([b"x", b"yy"], None)):
+        frame = encode_request(7, JpegBatch(images, frames=frames), 5.0)
+        _, kind, n, _, meta_len, body_len = REQ.unpack_from(frame)
+        meta = frame[REQ.size : REQ.size + meta_len]
+        got = decode_request(kind, n, meta, bytearray(frame[REQ.size + meta_len :]))
+        assert isinstance(got, JpegBatch) and got.frames == frames
+        assert [bytes(i) for i in got.images] == images and body_len == sum(map(len, images))
+    with pytest.raises(BadInput, match="a frame of 2 JPEGs carries 9 bytes of meta; expected 8 or 10"):
+        decode_request(KIND_JPEG, 2, b"\0" * 9, bytearray(b"abc"))

@@ -142,6 +142,46 @@ def test_resize_in_chunks_matches_one_pass(monkeypatch: pytest.MonkeyPatch) -> N
     assert torch.equal(one_pass, chunked)
 
 
+def test_size_groups_stacked_or_apart_crop_the_same_in_batch_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """resize_crop_groups takes a size group as one ``[k,3,H,W]`` tensor (what nvJPEG's hardware decoder
+    writes) or as its images apart (torchvision's): same crops, put back in batch order, chunked or not."""
+    import model_server.preprocess as pre
+
+    torch.manual_seed(0)
+    images = [torch.randint(0, 256, (3, 300, 400) if i % 3 else (3, 480, 320), dtype=torch.uint8) for i in range(7)]
+    apart = pre.group_by_size(images)
+    assert [idx for idx, _ in apart] == [[0, 3, 6], [1, 2, 4, 5]]
+    stacked = [(idx, torch.stack(list(pixels))) for idx, pixels in apart]
+    expected = torch.cat([pre.resize_crop_pixels(img[None]).to(torch.uint8) for img in images])
+    assert torch.equal(pre.resize_crop_groups(apart, 7), expected)
+    assert torch.equal(pre.resize_crop_groups(stacked, 7), expected)
+    assert torch.equal(pre.gpu_resize_crop_many(images), expected)
+    monkeypatch.setattr(pre, "RESIZE_CHUNK_PIXELS", 2 * 480 * 320)  # chunks of two
+    assert torch.equal(pre.resize_crop_groups(stacked, 7), expected)
+
+
+def test_decode_jpeg_groups_without_a_gpu_decodes_with_torchvision(runner) -> None:  # type: ignore[no-untyped-def]
+    """No CUDA device here: no hardware decoder, and decode_jpeg_groups groups torchvision's images by size
+    whichever decoder is asked for; a pipeline refuses an unknown decoder."""
+    from model_server.nvjpeg import hardware_decoder
+    from model_server.pipeline import DevicePipeline
+    from model_server.preprocess import decode_jpeg_groups, decode_jpegs
+    from model_server.tuning import early_nvjpeg
+
+    cpu = torch.device("cpu")
+    assert hardware_decoder(cpu) is None and early_nvjpeg() is None
+    jpegs = [_jpeg(320, 240, (1, 2, 3)), _jpeg(200, 100, (9, 9, 9)), _jpeg(320, 240, (200, 100, 0))]
+    encoded = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+    reference = decode_jpegs(encoded, cpu)
+    for decoder in ("nvjpeg", "torchvision"):
+        groups = decode_jpeg_groups(encoded, cpu, decoder=decoder)
+        assert [idx for idx, _ in groups] == [[0, 2], [1]]
+        for idx, pixels in groups:
+            assert all(torch.equal(pixels[j], reference[i]) for j, i in enumerate(idx))
+    with pytest.raises(ValueError, match="jpeg_decoder must be one of nvjpeg, torchvision, got 'pil'"):
+        DevicePipeline(runner, jpeg_decoder="pil")
+
+
 @pytest.mark.parametrize(("share", "to_cpu"), [(0.0, 0), (0.25, 2), (0.5, 4), (1.0, 8)])
 def test_cpu_decode_share_sends_that_share_of_requests_to_the_cpu(share: float, to_cpu: int) -> None:
     """--cpu_decode_share: of 8 one-image requests, ``share`` go to PIL, spread evenly; a pool with a
