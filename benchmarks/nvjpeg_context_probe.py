@@ -152,17 +152,23 @@ class Decoder:
             self.ready.set()
             return
         self.ready.set()
-        while True:
-            self.go.wait()
-            if self.stop.is_set():
-                return
-            try:
-                while self.go.is_set():
-                    self._once()
-                    self.batches += 1
-            except Exception as e:
-                self.error = f"{type(e).__name__}: {e}"
-                self.go.clear()
+        decode_until_stopped(self)
+
+
+def decode_until_stopped(d: Any) -> None:
+    """A decoder thread's loop: batch after batch (``d._once()``, counted) while ``d.go`` is set, until
+    ``d.stop``; an error is kept in ``d.error`` and pauses it."""
+    while True:
+        d.go.wait()
+        if d.stop.is_set():
+            return
+        try:
+            while d.go.is_set():
+                d._once()
+                d.batches += 1
+        except Exception as e:
+            d.error = f"{type(e).__name__}: {e}"
+            d.go.clear()
 
 
 def pinned_bitstreams(jpegs: list[bytes]) -> list[torch.Tensor]:
@@ -204,17 +210,7 @@ class TorchvisionDecoder:
         self.stream.synchronize()  # type: ignore[no-untyped-call]
 
     def _run(self) -> None:
-        while True:
-            self.go.wait()
-            if self.stop.is_set():
-                return
-            try:
-                while self.go.is_set():
-                    self._once()
-                    self.batches += 1
-            except Exception as e:
-                self.error = f"{type(e).__name__}: {e}"
-                self.go.clear()
+        decode_until_stopped(self)
 
 
 def _engine_sampler() -> Any:

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("--event_loop", "trio", "argument --event_loop: invalid choice: 'trio'"),
         ("--inline_idle_ms", "-2", "--inline_idle_ms must be >= 0 (0: never), got -2"),
         ("--ipc_body_pool_mb", "-1", "--ipc_body_pool_mb must be >= 0 (0: off), got -1"),
+        ("--ipc_pinned_bodies", "yes", "argument --ipc_pinned_bodies: invalid choice: 'yes'"),
         ("--jpeg_decoder", "pil", "argument --jpeg_decoder: invalid choice: 'pil'"),
     ],
 )
