@@ -241,10 +241,21 @@ class BodyPool:
                 self._kept -= size
                 self.reused += 1
         if buf is None:
-            buf = self._alloc(size)
+            buf = self._new(size)
         view = memoryview(buf)[:n]
         weakref.finalize(view, self._give_back, buf)
         return view
+
+    def _new(self, size: int) -> Any:
+        """A new buffer from ``alloc``; should it fail (page-locked memory can run out where pageable
+        does not), a ``bytearray``, and ``alloc`` is not tried again: the request is served anyway."""
+        if self._alloc is not bytearray:
+            try:
+                return self._alloc(size)
+            except (RuntimeError, MemoryError) as e:
+                log.warning("request body buffers: %s failed (%s); plain bytearrays from now on", self._alloc, e)
+                self._alloc = bytearray
+        return bytearray(size)
 
     def _give_back(self, buf: Any) -> None:
         size = len(buf)

@@ -434,6 +434,26 @@ def test_the_body_pool_makes_its_buffers_with_the_allocator_it_is_given() -> Non
     assert b.obj is base and made == [2 * BodyPool.STEP] and pool.reused == 1
 
 
+def test_a_body_pool_whose_allocator_fails_hands_out_bytearrays_instead(caplog: pytest.LogCaptureFixture) -> None:
+    """Page-locked memory can run out: the allocator's error is logged once, the request still gets a
+    writable buffer (a bytearray), and the allocator is not asked again."""
+    from model_server.ipc import BodyPool
+
+    calls: list[int] = []
+
+    def alloc(size: int) -> np.ndarray:
+        calls.append(size)
+        raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+
+    pool = BodyPool(4 * BodyPool.STEP, alloc)
+    with caplog.at_level(logging.WARNING, logger="model_server.ipc"):
+        a = pool.take(300_000)
+        b = pool.take(600_000)
+    assert isinstance(a.obj, bytearray) and isinstance(b.obj, bytearray) and not a.readonly  # type: ignore[union-attr]
+    assert calls == [2 * BodyPool.STEP], "not asked again after failing"
+    assert sum("plain bytearrays from now on" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_a_jpeg_frame_whose_lengths_do_not_match_its_body_is_refused() -> None:
     with pytest.raises(BadInput, match="add up to 7 bytes"):
         decode_request(KIND_JPEG, 2, struct.pack("<2I", 3, 4), bytearray(b"abcdefgh"))
