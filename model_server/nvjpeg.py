@@ -103,7 +103,7 @@ class HardwareDecoder:
     def __init__(self, device: torch.device, early: tuning.EarlyNvJpeg | None = None) -> None:
         self.device = device
         self.lock = threading.Lock()
-        self.calls = 0  # decode calls so far (a warm-up warms the decoders still at 0)
+        self.calls = 0  # batched decodes so far (the pipeline's warm-up decodes again only while 0)
         path = early.path if early is not None else _library_path()
         # Two views of one library: through ``lib`` (CDLL) a call releases the GIL, for the batched decode
         # (milliseconds); through ``quick`` (PyDLL) it keeps it, for the per-image header calls (about a
