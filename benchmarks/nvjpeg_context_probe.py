@@ -11,7 +11,7 @@ kernel of its own; optionally it copies each batch to a buffer of the primary co
 a model replaying a CUDA graph in the primary context, and that model's replays/s (time-slicing
 would show there); NVML's JPEG-engine utilisation.
 
-    python benchmarks/nvjpeg_context_probe.py --window-s 3 --out result.json
+    python benchmarks/nvjpeg_context_probe.py --window-s 3 --name nvjpeg-context-probe
 
 ``--set pinned`` asks instead whether nvJPEG decodes faster from page-locked bitstreams: the
 process's context only, one and two direct decoders and torchvision's op (what the server calls),
@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--window-s", type=float, default=3.0)
     ap.add_argument("--counts", default="1,2,3,4")
-    ap.add_argument("--out", default="")
+    ap.add_argument("--name", default="", help="the record's name (default: nvjpeg-<set>-probe)")
+    ap.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--set", dest="arm_set", choices=("contexts", "pinned"), default="contexts",
                     help="contexts: decoders in contexts of their own (session 18); pinned: the process's "
                          "context only, the bitstreams in pageable vs page-locked memory, direct and "
@@ -352,11 +353,32 @@ def main(argv: list[str] | None = None) -> int:
         for d in pool:
             d.stop.set()
             d.go.set()
-    text = json.dumps(out, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    from records import write_record
+
+    name = args.name or f"nvjpeg-{args.arm_set}-probe"
+    write_record(name, "benchmarks/nvjpeg_context_probe.py", sys.argv[1:] if argv is None else argv, dev,
+                 flat_metrics(out), args.results_dir)  # fmt: skip
     return 0
+
+
+#: An arm's figure, and the unit-suffixed name it gets in the record's metrics.
+_METRIC_NAMES = {
+    "jpegs_per_s": "jpegs_per_s",
+    "model_replays_per_s": "model_replays_per_s",
+    "jpeg_engine_util_median": "jpeg_engine_util_pct",
+    "per_decoder_batches": "decoder_batches",
+    "errors": "errors",
+}
+
+
+def flat_metrics(out: dict[str, Any]) -> dict[str, Any]:
+    """The probe's arms as a record's metrics: ``<arm>_<figure with its unit>``, plus the batch and window."""
+    metrics: dict[str, Any] = {"batch_images": out["batch"], "window_s": out["window_s"]}
+    for arm, res in out["arms"].items():
+        for key, value in res.items():
+            if key != "errors" or value:
+                metrics[f"{arm}_{_METRIC_NAMES[key]}"] = value
+    return metrics
 
 
 if __name__ == "__main__":

@@ -166,7 +166,8 @@ class HardwareDecoder:
             ptr, n = data.data_ptr(), data.numel()
             status = quick.nvjpegGetImageInfo(handle, ptr, n, ctypes.byref(channels), ctypes.byref(sub),
                                               widths, heights)  # fmt: skip
-            _check(f"nvjpegGetImageInfo (image {i})", status)
+            if status != 0:  # the message is made only then: this loop runs per image, on the decode stage's path
+                raise NvJpegError(f"nvjpegGetImageInfo (image {i})", status)
             kind = (channels.value, sub.value) if frames is not None and frames[i] == SOF_BASELINE else None
             takes = known.get(kind) if kind is not None else None
             if takes is None:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from model_server.images import decode_and_crop as _decode_and_crop_array
-from model_server.nvjpeg import HardwareDecoder, hardware_decoder
+from model_server.nvjpeg import hardware_decoder
 from model_server.tuning import torchvision_dirs
 from optimize.registry import CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_SIZE
 
@@ -187,7 +187,6 @@ def decode_jpeg_groups(
     call_size: int = 0,
     decoder: str = "nvjpeg",
     frames: bytes | None = None,
-    using: HardwareDecoder | None = None,
 ) -> list[SizeGroup]:
     """Decode JPEG byte tensors (uint8, on the CPU) to RGB on ``device``, as size groups.
 
@@ -196,13 +195,12 @@ def decode_jpeg_groups(
     JPEGs it does not take, and every JPEG where there is no hardware decoder, go through
     :func:`decode_jpegs` (torchvision's decoder), as they all do with ``decoder="torchvision"``.
     ``frames``: each JPEG's start-of-frame marker, when known (:attr:`~model_server.images.JpegBatch.frames`).
-    ``using``: the hardware decoder to call; default: the device's (:func:`~model_server.nvjpeg.hardware_decoder`).
 
     Raises:
         RuntimeError: a decoder refused a stream (the whole call fails).
     """
     if device.type == "cuda" and decoder == "nvjpeg" and call_size <= 0:
-        hardware = using if using is not None else hardware_decoder(device)
+        hardware = hardware_decoder(device)
         if hardware is not None:
             found, rest = hardware.decode(encoded, frames)
             groups: list[SizeGroup] = list(found)

@@ -405,3 +405,26 @@ def test_util_sampler_reports_cpu_for_a_window_shorter_than_one_interval() -> No
             pass
     assert len(s.cpu) == 1 and len(s.rss) == 1
     assert 0 < s.cpu[0] <= 100 and s.rss[0] > 50
+
+
+def test_nvjpeg_probe_arms_become_unit_suffixed_record_metrics() -> None:
+    """benchmarks/nvjpeg_context_probe.py (GPU only) writes its arms through records.write_record:
+    ``<arm>_<figure>`` with the unit in the name, the engine's utilisation as a percentage, an arm's
+    errors only when there were some."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import nvjpeg_context_probe
+
+    out = {"batch": 128, "window_s": 3.0, "arms": {
+        "model_alone": {"model_replays_per_s": 190.8},
+        "shared_x1_pinned_beside_model": {"jpegs_per_s": 22058.9, "per_decoder_batches": [552], "errors": [],
+                                          "jpeg_engine_util_median": 90.5, "model_replays_per_s": 184.4},
+        "own_ctx_x2_alone": {"jpegs_per_s": 0.0, "per_decoder_batches": [0, 0], "errors": ["RuntimeError: x"]},
+    }}  # fmt: skip
+    assert nvjpeg_context_probe.flat_metrics(out) == {
+        "batch_images": 128, "window_s": 3.0, "model_alone_model_replays_per_s": 190.8,
+        "shared_x1_pinned_beside_model_jpegs_per_s": 22058.9, "shared_x1_pinned_beside_model_decoder_batches": [552],
+        "shared_x1_pinned_beside_model_jpeg_engine_util_pct": 90.5,
+        "shared_x1_pinned_beside_model_model_replays_per_s": 184.4,
+        "own_ctx_x2_alone_jpegs_per_s": 0.0, "own_ctx_x2_alone_decoder_batches": [0, 0],
+        "own_ctx_x2_alone_errors": ["RuntimeError: x"],
+    }  # fmt: skip
