@@ -16,6 +16,11 @@ would show there); NVML's JPEG-engine utilisation.
 ``--set pinned`` asks instead whether nvJPEG decodes faster from page-locked bitstreams: the
 process's context only, one and two direct decoders and torchvision's op (what the server calls),
 each with the JPEGs in pageable and in pinned memory, alone and beside the model.
+
+``--set priority`` asks whether the decoders keep more of their speed beside the model when their
+CUDA stream has the GPU's highest priority (the model's stream has the lowest, the default): the
+direct decoder reading pinned bitstreams and torchvision's op, each on a normal and on a
+high-priority stream, alone and beside the model (``--decode_stream_priority`` of the server).
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ class _Image(ctypes.Structure):
 def _cuda() -> Any:
     cu = ctypes.CDLL(tuning.CUDA_DRIVER_LIB)
     for name in ("cuCtxSetCurrent", "cuCtxGetCurrent", "cuMemAlloc_v2", "cuStreamCreate",
-                 "cuStreamSynchronize", "cuMemcpyPeerAsync", "cuCtxPopCurrent_v2", "cuDeviceGet"):  # fmt: skip
+                 "cuStreamSynchronize", "cuMemcpyPeerAsync", "cuCtxPopCurrent_v2", "cuDeviceGet",
+                 "cuStreamCreateWithPriority", "cuCtxGetStreamPriorityRange"):  # fmt: skip
         getattr(cu, name).restype = ctypes.c_int
     return cu
 
@@ -79,8 +85,8 @@ class Decoder:
 
     def __init__(self, cu: Any, nj: Any, jpegs: list[bytes], sizes: list[tuple[int, int]], *, own_context: bool,
                  fmt: int, copy_to: torch.Tensor | None, primary: ctypes.c_void_p,
-                 pinned: bool = False) -> None:  # fmt: skip
-        self.cu, self.nj, self.fmt, self.pinned = cu, nj, fmt, pinned
+                 pinned: bool = False, high_priority: bool = False) -> None:  # fmt: skip
+        self.cu, self.nj, self.fmt, self.pinned, self.high_priority = cu, nj, fmt, pinned, high_priority
         self.own_context, self.copy_to, self.primary = own_context, copy_to, primary
         self.jpegs, self.sizes = jpegs, sizes
         self.batches = 0
@@ -112,7 +118,14 @@ class Decoder:
         _ok("nvjpegCreateEx", nj.nvjpegCreateEx(3, None, None, 0, ctypes.byref(self.handle)))  # 3: hardware
         _ok("nvjpegJpegStateCreate", nj.nvjpegJpegStateCreate(self.handle, ctypes.byref(self.state)))
         self.stream = ctypes.c_void_p()
-        _ok("cuStreamCreate", cu.cuStreamCreate(ctypes.byref(self.stream), 1))  # non-blocking
+        if self.high_priority:  # non-blocking, at the context's greatest (numerically lowest) priority
+            least, greatest = ctypes.c_int(), ctypes.c_int()
+            _ok("cuCtxGetStreamPriorityRange", cu.cuCtxGetStreamPriorityRange(ctypes.byref(least),
+                                                                              ctypes.byref(greatest)))  # fmt: skip
+            _ok("cuStreamCreateWithPriority", cu.cuStreamCreateWithPriority(ctypes.byref(self.stream), 1,
+                                                                            greatest.value))  # fmt: skip
+        else:
+            _ok("cuStreamCreate", cu.cuStreamCreate(ctypes.byref(self.stream), 1))  # non-blocking
         n = len(self.jpegs)
         total = sum(3 * h * w for h, w in self.sizes)
         self.out = ctypes.c_uint64()
@@ -187,7 +200,7 @@ class TorchvisionDecoder:
     """torchvision's batched nvJPEG op on a thread and a side stream of its own, with the bitstreams
     in pageable (``torch.frombuffer``) or page-locked memory; the same go/stop API as :class:`Decoder`."""
 
-    def __init__(self, device: torch.device, jpegs: list[bytes], *, pinned: bool) -> None:
+    def __init__(self, device: torch.device, jpegs: list[bytes], *, pinned: bool, high_priority: bool = False) -> None:
         from model_server.preprocess import READ_MODE_RGB, image_ops
 
         self.ops, self.mode, self.device = image_ops(), READ_MODE_RGB, device
@@ -196,7 +209,8 @@ class TorchvisionDecoder:
         self.encoded = pinned_bitstreams(jpegs) if pinned else [torch.frombuffer(bytearray(b), dtype=torch.uint8)
                                                                 for b in jpegs]  # fmt: skip
         self.jpegs = jpegs
-        self.stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        # torch maps -1000 to the GPU's highest priority (as the server's --decode_stream_priority high)
+        self.stream = torch.cuda.Stream(device, priority=-1000 if high_priority else 0)  # type: ignore[no-untyped-call]
         self.batches = 0
         self.error: str | None = None
         self.go, self.stop = threading.Event(), threading.Event()
@@ -264,10 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--counts", default="1,2,3,4")
     ap.add_argument("--name", default="", help="the record's name (default: nvjpeg-<set>-probe)")
     ap.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--set", dest="arm_set", choices=("contexts", "pinned"), default="contexts",
+    ap.add_argument("--set", dest="arm_set", choices=("contexts", "pinned", "priority"), default="contexts",
                     help="contexts: decoders in contexts of their own (session 18); pinned: the process's "
                          "context only, the bitstreams in pageable vs page-locked memory, direct and "
-                         "through torchvision's op (session 19)")  # fmt: skip
+                         "through torchvision's op (session 19); priority: the decoders' stream at normal "
+                         "vs the highest priority, beside the model (session 20)")  # fmt: skip
     args = ap.parse_args(argv)
     import io
 
@@ -328,6 +343,19 @@ def main(argv: list[str] | None = None) -> int:
             tag = f"torchvision_{'pinned' if pinned else 'pageable'}"
             log(f"{tag}_alone", run_arm([tv], args.window_s, None, sample))
             log(f"{tag}_beside_model", run_arm([tv], args.window_s, model, sample))
+            tv.stop.set()
+            tv.go.set()
+    if args.arm_set == "priority":
+        for high in (False, True):
+            tag = "high" if high else "normal"
+            d = Decoder(cu, nj, jpegs, sizes, own_context=False, fmt=OUTPUT_RGB, copy_to=None, primary=primary,
+                        pinned=True, high_priority=high)  # fmt: skip
+            log(f"direct_pinned_{tag}_alone", run_arm([d], args.window_s, None, sample))
+            log(f"direct_pinned_{tag}_beside_model", run_arm([d], args.window_s, model, sample))
+            d.stop.set()
+            d.go.set()
+            tv = TorchvisionDecoder(dev, jpegs, pinned=False, high_priority=high)
+            log(f"torchvision_{tag}_beside_model", run_arm([tv], args.window_s, model, sample))
             tv.stop.set()
             tv.go.set()
     for own in (False, True) if args.arm_set == "contexts" else ():

@@ -288,7 +288,17 @@ def one_request_ms(url: str, photo: Any, user: str = "V2BinaryBytesUser") -> flo
     return ms
 
 
-_HISTOGRAMS = ("request", "queue_wait", "preprocess", "gpu_decode", "nvjpeg_headers", "nvjpeg_decode", "h2d", "device")
+_HISTOGRAMS = (
+    "request",
+    "queue_wait",
+    "preprocess",
+    "gpu_decode",
+    "nvjpeg_headers",
+    "nvjpeg_early_headers",
+    "nvjpeg_decode",
+    "h2d",
+    "device",
+)
 
 
 def scrape_sums(url: str) -> dict[str, list[float]]:

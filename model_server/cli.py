@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from model_server import ServerError
 from model_server.config import (
+    DECODE_STREAM_PRIORITIES,
     DEFAULT_BODY_POOL_MB,
     EVENT_LOOPS,
     JPEG_DECODERS,
@@ -94,6 +95,18 @@ def _parser() -> argparse.ArgumentParser:
         help="GPU JPEG decoder: nvjpeg (the hardware decoder called directly, one tensor per image size; "
         "torchvision's decoder for JPEGs it does not take) or torchvision (its batched decode for all) "
         "(default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--nvjpeg_early_headers", default=_env("NVJPEG_EARLY_HEADERS", "true"), choices=("true", "false"),
+        help="with --frontends N and --jpeg_decoder nvjpeg: the device process reads a request's JPEG headers "
+        "(two or more JPEGs) as it arrives, on its event loop, while the decode stage is in the batched "
+        "call of the batch before, instead of on the decode stage's thread (default: true)",
+    )  # fmt: skip
+    p.add_argument(
+        "--decode_stream_priority", default=_env("DECODE_STREAM_PRIORITY", d.decode_stream_priority),
+        choices=DECODE_STREAM_PRIORITIES,
+        help="priority of the GPU decode stage's CUDA stream: high (the GPU's highest: the decoder's and crop's "
+        "kernels are scheduled ahead of the model's) or normal (the model's) (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
         "--ipc_pinned_bodies", default=_env("IPC_PINNED_BODIES", "true"), choices=("true", "false"),
@@ -275,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         model_stream=args.model_stream,
         decode_batch=args.decode_batch,
         jpeg_decoder=args.jpeg_decoder,
+        decode_stream_priority=args.decode_stream_priority,
+        early_headers=args.nvjpeg_early_headers == "true",
         pinned_bodies=args.ipc_pinned_bodies == "true",
         inline_idle_ms=args.inline_idle_ms,
     )

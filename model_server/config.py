@@ -17,6 +17,9 @@ MODEL_STREAMS = ("default", "side")
 #: JPEG decoders of the GPU decode stage (``--jpeg_decoder``): nvJPEG's hardware decoder called
 #: directly (torchvision's for what it does not take), or torchvision's batched decode for all.
 JPEG_DECODERS = ("nvjpeg", "torchvision")
+#: Priorities of the decode stage's CUDA stream (``--decode_stream_priority``): "high", the GPU's
+#: highest, so the decode's and crop's kernels are scheduled ahead of the model's; "normal", the model's.
+DECODE_STREAM_PRIORITIES = ("high", "normal")
 #: Event loops of the HTTP front ends and the device process (``--event_loop``).
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 #: 12 MP photos are normal; 50 MP is the default ceiling (a decompression bomb is far above it).
@@ -55,6 +58,11 @@ class ServingConfig:
     decode_batch: int = 0
     #: One of JPEG_DECODERS (``--jpeg_decoder``).
     jpeg_decoder: str = "nvjpeg"
+    #: With ``--frontends N``, the device process reads a request's JPEG headers as it arrives, beside
+    #: the decode stage's batched call, not on the decode stage's thread (``--nvjpeg_early_headers``).
+    early_headers: bool = True
+    #: One of DECODE_STREAM_PRIORITIES (``--decode_stream_priority``).
+    decode_stream_priority: str = "normal"
     #: With ``--frontends N``, the reused buffers of large request bodies (``--ipc_body_pool_mb``) are
     #: page-locked where nvJPEG's hardware decoder reads their JPEGs (``--ipc_pinned_bodies``).
     pinned_bodies: bool = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 from model_server.artifact import read_labels, read_manifest
 from model_server.batcher import DynamicBatcher
 from model_server.config import ServingConfig
+from model_server.images import Payload
 from model_server.nvjpeg import hardware_decoder
 from model_server.pipeline import DevicePipeline
 from model_server.profiler import ProfileCapture
@@ -42,6 +44,9 @@ class LoadedModel:
     #: Request bodies belong in page-locked memory: nvJPEG's hardware decoder reads their JPEGs in place
     #: (``gpu_decode``, ``--jpeg_decoder nvjpeg`` with a hardware decoder, ``--ipc_pinned_bodies true``).
     pinned_bodies: bool = False
+    #: Called with each request's payload as it reaches the device process, before the batcher: reads
+    #: its JPEG headers there (``--nvjpeg_early_headers``, with the hardware decoder); None: nothing.
+    admit: Callable[[Payload], None] | None = None
 
     def max_batch(self) -> int:
         """Largest device batch (the artifact's and the flag's minimum)."""
@@ -82,7 +87,9 @@ def load_model(artifact_dir: Path, config: ServingConfig, *, early: EarlyStart |
     t_warm = time.perf_counter()
     profiler = ProfileCapture(Path(config.profile_dir), device)
     pipeline = DevicePipeline(runner, profiler, model_stream=config.model_stream, decode_batch=config.decode_batch,
-                              jpeg_decoder=config.jpeg_decoder)  # fmt: skip
+                              jpeg_decoder=config.jpeg_decoder,
+                              decode_priority=config.decode_stream_priority,
+                              early_headers=config.early_headers)  # fmt: skip
     gpu_decode = config.gpu_decode and device.type == "cuda"
     if gpu_decode:
         pipeline.warm_up()
@@ -106,7 +113,8 @@ def load_model(artifact_dir: Path, config: ServingConfig, *, early: EarlyStart |
     )  # fmt: skip
     direct = gpu_decode and config.jpeg_decoder == "nvjpeg" and hardware_decoder(device) is not None
     pinned = direct and config.pinned_bodies
-    return LoadedModel(manifest, labels, runner, batcher, profiler, gpu_decode, load_seconds, pinned)
+    admit = pipeline.read_headers if direct and pipeline.early_headers else None
+    return LoadedModel(manifest, labels, runner, batcher, profiler, gpu_decode, load_seconds, pinned, admit)
 
 
 def profile_op(profiler: ProfileCapture | None, op: dict[str, Any]) -> dict[str, Any]:

@@ -414,6 +414,7 @@ class FrontEnds:
                 control=lambda op: profile_op(model.profiler, op),
                 body_pool_bytes=body_pool_mb * 2**20,
                 body_alloc=pinned_bytes if model.pinned_bodies else None,
+                admit=model.admit,
             )
             await device.start()  # creates the socket: the front ends' signal to finish loading
             settle_after_startup()

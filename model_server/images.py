@@ -26,6 +26,8 @@ from optimize.registry import CROP_SIZE, RESIZE_SIZE
 if TYPE_CHECKING:
     import torch
 
+    from model_server.nvjpeg import Headers
+
 #: Resizing the shorter side of a 1x5000 image to 256 would allocate gigabytes: refuse such shapes.
 MAX_ASPECT_RATIO = 64.0
 #: Photo formats only: PIL would otherwise also try EPS (Ghostscript), PSD, ICO, ... on hostile bytes.
@@ -218,11 +220,14 @@ class JpegBatch:
     tensor of it and splits it into views instead of copying every image into a bytearray of its own.
     ``frames``, when set, holds each image's start-of-frame marker as the front end read it
     (:func:`gpu_frame`; 0: not known).
+    ``headers``, when set, is what nvJPEG read of the images' headers when the request reached the
+    device process (``--nvjpeg_early_headers``), and where in ``buffer`` each image lies.
     """
 
     images: Sequence[bytes | bytearray | memoryview]
     buffer: bytearray | memoryview | None = None
     frames: bytes | None = None
+    headers: Headers | None = None
 
     def __len__(self) -> int:
         return len(self.images)

@@ -412,6 +412,8 @@ class _DeviceConnection(_Framed):
     def _request(self, req_id: int, kind: int, n: int, timeout_s: float, meta: bytes, body: Buffer) -> None:
         try:
             payload = decode_request(kind, n, meta, body)
+            if self.server.admit is not None:
+                self.server.admit(payload)
             fut = self.server.batcher.submit_nowait(payload, n, deadline=time.monotonic() + timeout_s)
         except Exception as e:
             self._fail(req_id, n, e)
@@ -485,8 +487,11 @@ class DeviceServer:
         *,
         body_pool_bytes: int = 0,
         body_alloc: Callable[[int], Any] | None = None,
+        admit: Callable[[Payload], None] | None = None,
     ) -> None:
         self.batcher = batcher
+        #: Called with each request's payload before it is queued (the device side's early header reads).
+        self.admit = admit
         self.path = path
         self.control = control
         self.bodies = BodyPool(body_pool_bytes, body_alloc)

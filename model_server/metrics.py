@@ -46,6 +46,11 @@ NVJPEG_HEADERS_SECONDS = Histogram(
     "Part of densenet_gpu_decode_seconds: nvJPEG's hardware decoder reading one batch's JPEG headers (host)",
     buckets=_SECONDS,
 )
+NVJPEG_EARLY_HEADERS_SECONDS = Histogram(
+    "densenet_nvjpeg_early_headers_seconds",
+    "nvJPEG reading one request's JPEG headers as it reaches the device process (--nvjpeg_early_headers)",
+    buckets=_SECONDS,
+)
 NVJPEG_DECODE_SECONDS = Histogram(
     "densenet_nvjpeg_decode_seconds",
     "Part of densenet_gpu_decode_seconds: nvJPEG's batched hardware decode call of one batch, returned",
@@ -176,8 +181,8 @@ class _Off:
 #: The metrics written on the request path; ``--metrics false`` and the toggle signals replace them by no-ops.
 REQUEST_PATH = (
     "REQUEST_SECONDS", "QUEUE_WAIT_SECONDS", "PREPROCESS_SECONDS", "H2D_SECONDS", "GPU_DECODE_SECONDS",
-    "NVJPEG_HEADERS_SECONDS", "NVJPEG_DECODE_SECONDS", "DEVICE_SECONDS", "BATCH_SIZE", "IMAGES", "REJECTED",
-    "QUEUE_DEPTH",
+    "NVJPEG_HEADERS_SECONDS", "NVJPEG_EARLY_HEADERS_SECONDS", "NVJPEG_DECODE_SECONDS", "DEVICE_SECONDS",
+    "BATCH_SIZE", "IMAGES", "REJECTED", "QUEUE_DEPTH",
 )  # fmt: skip
 #: ``kill -USR1 <server pid>`` pauses the request-path metrics, ``kill -USR2`` resumes them, in every
 #: process of the server (the device process forwards both to its front ends). For measuring what

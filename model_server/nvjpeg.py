@@ -23,6 +23,7 @@ no library or no hardware decoder (before the A100: ``NVJPEG_STATUS_ARCH_MISMATC
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import threading
 import time
@@ -42,6 +43,8 @@ OUTPUT_RGB = 3
 SOF_BASELINE = 0xC0
 #: ``nvjpegStatus_t`` of a GPU without the hardware decoder.
 STATUS_ARCH_MISMATCH = 7
+#: ``nvjpegBackend_t`` of the handle that reads headers on arrival (no decoding: the lightest there is).
+_READER_BACKEND = 0
 _MAX_COMPONENT = 4
 
 
@@ -85,6 +88,27 @@ def _check(call: str, status: int) -> None:
         raise NvJpegError(call, status)
 
 
+@dataclasses.dataclass
+class Headers:
+    """A request's JPEGs as nvJPEG read them when it arrived (:meth:`HardwareDecoder.read_headers`):
+    where each one lies in host memory, its length, and its header, so the decode stage reads nothing."""
+
+    #: Each JPEG's address (uint64), in a buffer its request holds for as long as it lives.
+    ptrs: np.ndarray
+    #: Each JPEG's length in bytes (uint64).
+    lengths: np.ndarray
+    #: ``[n, 4]`` int32: height, width, components and ``nvjpegChromaSubsampling_t`` of each JPEG.
+    info: np.ndarray
+
+    @staticmethod
+    def join(parts: list[Headers]) -> Headers:
+        """Several requests' headers as one batch's, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        return Headers(np.concatenate([h.ptrs for h in parts]), np.concatenate([h.lengths for h in parts]),
+                       np.concatenate([h.info for h in parts]))  # fmt: skip
+
+
 #: A decoded size group: the indices (into the call's list) of the images of one size, and their
 #: pixels, ``[k, 3, H, W]`` uint8 on the device in that order.
 Group = tuple[list[int], torch.Tensor]
@@ -122,6 +146,8 @@ class HardwareDecoder:
         #: Whether the hardware takes a baseline JPEG, by (channels, nvjpegChromaSubsampling_t).
         self._supported: dict[tuple[int, int], bool] = {}
         self._local = threading.local()  # each calling thread's parsed-stream object
+        self._reader: ctypes.c_void_p | None = None  # read_headers' handle (made on its first use)
+        self._reader_lock = threading.Lock()
 
     def _parsed(self) -> ctypes.c_void_p:
         """The calling thread's ``nvjpegJpegStream_t`` (made on its first use)."""
@@ -131,6 +157,37 @@ class HardwareDecoder:
             _check("nvjpegJpegStreamCreate", self.lib.nvjpegJpegStreamCreate(self.handle, ctypes.byref(parsed)))
             self._local.parsed = parsed
         return parsed
+
+    def read_headers(self, ptrs: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
+        """Each JPEG's header (``[n, 4]`` int32: height, width, components, subsampling), read by
+        ``nvjpegGetImageInfo`` with a handle of its own (the decoding handle and its lock are never
+        touched), the GIL held; None when any header cannot be read (the decode stage then reads them
+        itself and fails the request with nvJPEG's error). ``ptrs``/``lengths``: the JPEGs in host
+        memory (uint64). The device process calls this as each request arrives
+        (``--nvjpeg_early_headers``), on its event loop, while the decode stage is in a batched call."""
+        handle = self._reader_handle()
+        get = self.quick.nvjpegGetImageInfo
+        channels, sub = ctypes.c_int(), ctypes.c_int()
+        widths, heights = (ctypes.c_int * _MAX_COMPONENT)(), (ctypes.c_int * _MAX_COMPONENT)()
+        c_ref, s_ref = ctypes.byref(channels), ctypes.byref(sub)
+        rows: list[tuple[int, int, int, int]] = []
+        for ptr, n in zip(ptrs.tolist(), lengths.tolist(), strict=True):
+            if get(handle, ptr, n, c_ref, s_ref, widths, heights) != 0:
+                return None
+            rows.append((heights[0], widths[0], channels.value, sub.value))
+        return np.array(rows, dtype=np.int32).reshape(-1, 4)
+
+    def _reader_handle(self) -> ctypes.c_void_p:
+        reader = self._reader
+        if reader is None:
+            with self._reader_lock:
+                if self._reader is None:
+                    handle = ctypes.c_void_p()
+                    _check("nvjpegCreateEx(reader)",
+                           self.lib.nvjpegCreateEx(_READER_BACKEND, None, None, 0, ctypes.byref(handle)))  # fmt: skip
+                    self._reader = handle
+                reader = self._reader
+        return reader
 
     def decode(self, encoded: list[torch.Tensor], frames: bytes | None = None) -> tuple[list[Group], list[int]]:
         """Decode JPEG byte tensors (1-D uint8, on the CPU) to RGB on the device, on the current
@@ -146,24 +203,46 @@ class HardwareDecoder:
         Raises:
             NvJpegError: an image's header could not be read, or the batched decode failed.
         """
+        return self._retrying(lambda known: self._decode(encoded, known), frames)
+
+    def decode_headers(self, headers: Headers, frames: bytes | None = None) -> tuple[list[Group], list[int]]:
+        """As :meth:`decode`, for JPEGs whose headers were read when their requests arrived: no
+        header is read here, and the JPEGs are read where ``headers`` says they are."""
+        return self._retrying(lambda known: self._decode_read(headers, known), frames)
+
+    def _retrying(self, run: Any, frames: bytes | None) -> tuple[list[Group], list[int]]:
         try:
-            return self._decode(encoded, frames)
+            result: tuple[list[Group], list[int]] = run(frames)
+            return result
         except NvJpegError as e:
             if frames is None or not e.call.startswith("nvjpegDecodeBatched"):
                 raise
             log.warning("nvJPEG refused a batch decoded on remembered answers (%s): asking per image", e)
-            return self._decode(encoded, None)
+            result = run(None)
+            return result
+
+    def _takes(self, ptr: int, n: int, i: int) -> bool:
+        """Whether the hardware decodes this image (its header parsed on the calling thread's stream object)."""
+        quick, handle, parsed, supported = self.quick, self.handle, self._parsed(), ctypes.c_int()
+        _check(f"nvjpegJpegStreamParseHeader (image {i})", quick.nvjpegJpegStreamParseHeader(handle, ptr, n, parsed))
+        _check("nvjpegDecodeBatchedSupported",
+               quick.nvjpegDecodeBatchedSupported(handle, parsed, ctypes.byref(supported)))  # fmt: skip
+        return supported.value == 0  # 0: the hardware takes it
 
     def _decode(self, encoded: list[torch.Tensor], frames: bytes | None) -> tuple[list[Group], list[int]]:
         t0 = time.perf_counter()
-        quick, handle, parsed = self.quick, self.handle, self._parsed()
-        channels, sub, supported = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        quick, handle = self.quick, self.handle
+        channels, sub = ctypes.c_int(), ctypes.c_int()
         widths, heights = (ctypes.c_int * _MAX_COMPONENT)(), (ctypes.c_int * _MAX_COMPONENT)()
         sizes: dict[tuple[int, int], list[int]] = {}
         rest: list[int] = []
+        ptrs: list[int] = []
+        lengths: list[int] = []
         known = self._supported
         for i, data in enumerate(encoded):
             ptr, n = data.data_ptr(), data.numel()
+            ptrs.append(ptr)
+            lengths.append(n)
             status = quick.nvjpegGetImageInfo(handle, ptr, n, ctypes.byref(channels), ctypes.byref(sub),
                                               widths, heights)  # fmt: skip
             if status != 0:  # the message is made only then: this loop runs per image, on the decode stage's path
@@ -171,20 +250,41 @@ class HardwareDecoder:
             kind = (channels.value, sub.value) if frames is not None and frames[i] == SOF_BASELINE else None
             takes = known.get(kind) if kind is not None else None
             if takes is None:
-                _check(f"nvjpegJpegStreamParseHeader (image {i})",
-                       quick.nvjpegJpegStreamParseHeader(handle, ptr, n, parsed))  # fmt: skip
-                _check("nvjpegDecodeBatchedSupported",
-                       quick.nvjpegDecodeBatchedSupported(handle, parsed, ctypes.byref(supported)))  # fmt: skip
-                takes = supported.value == 0  # 0: the hardware takes it
+                takes = self._takes(ptr, n, i)
                 if kind is not None:
                     known[kind] = takes
             if takes:
                 sizes.setdefault((heights[0], widths[0]), []).append(i)
             else:
                 rest.append(i)
+        return self._decode_sizes(sizes, np.array(ptrs, dtype=np.uint64), np.array(lengths, dtype=np.uint64), t0), rest
+
+    def _decode_read(self, headers: Headers, frames: bytes | None) -> tuple[list[Group], list[int]]:
+        t0 = time.perf_counter()
+        sizes: dict[tuple[int, int], list[int]] = {}
+        rest: list[int] = []
+        known = self._supported
+        ptrs, lengths = headers.ptrs, headers.lengths
+        for i, (h, w, c, s) in enumerate(headers.info.tolist()):
+            kind = (c, s) if frames is not None and frames[i] == SOF_BASELINE else None
+            takes = known.get(kind) if kind is not None else None
+            if takes is None:
+                takes = self._takes(int(ptrs[i]), int(lengths[i]), i)
+                if kind is not None:
+                    known[kind] = takes
+            if takes:
+                sizes.setdefault((h, w), []).append(i)
+            else:
+                rest.append(i)
+        return self._decode_sizes(sizes, ptrs, lengths, t0), rest
+
+    def _decode_sizes(self, sizes: dict[tuple[int, int], list[int]], ptrs: np.ndarray, lengths: np.ndarray,
+                      t0: float) -> list[Group]:  # fmt: skip
+        """The batched decode of the images in ``sizes`` (indices by height and width), one output
+        tensor per size; ``ptrs``/``lengths``: every image's bytes (uint64, by index)."""
         if not sizes:
             m.later(m.NVJPEG_HEADERS_SECONDS.observe, time.perf_counter() - t0)
-            return [], rest
+            return []
         groups: list[Group] = []
         # The nvjpegImage_t array as rows of 8 words (4 plane pointers, 4 pitches), filled by numpy.
         rows: list[np.ndarray] = []
@@ -200,21 +300,25 @@ class HardwareDecoder:
         k = len(order)
         table = np.ascontiguousarray(np.concatenate(rows) if len(rows) > 1 else rows[0])
         images = (_Image * k).from_buffer(table.data)
-        data_ptrs = (ctypes.c_void_p * k)(*[encoded[i].data_ptr() for i in order])
-        lengths = (ctypes.c_size_t * k)(*[encoded[i].numel() for i in order])
+        picked = np.array(order, dtype=np.intp)
+        ptr_words = np.ascontiguousarray(ptrs[picked], dtype=np.uint64)
+        length_words = np.ascontiguousarray(lengths[picked], dtype=np.uint64)
+        data_ptrs = (ctypes.c_void_p * k).from_buffer(ptr_words.data)
+        lens = (ctypes.c_size_t * k).from_buffer(length_words.data)
         stream = ctypes.c_void_p(torch.cuda.current_stream(self.device).cuda_stream)
+        handle = self.handle
         t1 = time.perf_counter()
         with self.lock:  # the one decode state: one batched call at a time
             self.calls += 1
             _check("nvjpegDecodeBatchedInitialize",
                    self.lib.nvjpegDecodeBatchedInitialize(handle, self.state, k, 1, OUTPUT_RGB))  # fmt: skip
             _check("nvjpegDecodeBatched",
-                   self.lib.nvjpegDecodeBatched(handle, self.state, data_ptrs, lengths, images, stream))  # fmt: skip
+                   self.lib.nvjpegDecodeBatched(handle, self.state, data_ptrs, lens, images, stream))  # fmt: skip
         # Where the decode stage's time goes: the host's header reads and table (t0..t1), and the batched
         # call, which returns once the engines are done (t1..now: the wait for the lock and for the GIL back included).
         m.later(m.NVJPEG_HEADERS_SECONDS.observe, t1 - t0)
         m.later(m.NVJPEG_DECODE_SECONDS.observe, time.perf_counter() - t1)
-        return groups, rest
+        return groups
 
 
 def pinned_bytes(size: int) -> np.ndarray:
@@ -270,4 +374,4 @@ def _first_decoder(index: int) -> HardwareDecoder | None:
     return None
 
 
-__all__ = ["Group", "HardwareDecoder", "NvJpegError", "hardware_decoder", "pinned_bytes"]
+__all__ = ["Group", "HardwareDecoder", "Headers", "NvJpegError", "hardware_decoder", "pinned_bytes"]

@@ -23,13 +23,14 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from model_server import BadInput
 from model_server import metrics as m
-from model_server.config import JPEG_DECODERS, MODEL_STREAMS
+from model_server.config import DECODE_STREAM_PRIORITIES, JPEG_DECODERS, MODEL_STREAMS
 from model_server.images import JpegBatch, Payload
-from model_server.nvjpeg import hardware_decoder
+from model_server.nvjpeg import Headers, hardware_decoder
 from model_server.preprocess import (
     SizeGroup,
     decode_jpeg_groups,
@@ -96,6 +97,8 @@ class DevicePipeline:
         model_stream: str = "side",
         decode_batch: int = 0,
         jpeg_decoder: str = "nvjpeg",
+        decode_priority: str = "normal",
+        early_headers: bool = False,
     ) -> None:
         if model_stream not in MODEL_STREAMS:
             raise ValueError(f"model_stream must be one of {', '.join(MODEL_STREAMS)}, got {model_stream!r}")
@@ -103,7 +106,14 @@ class DevicePipeline:
             raise ValueError(f"decode_batch must be >= 0, got {decode_batch}")
         if jpeg_decoder not in JPEG_DECODERS:
             raise ValueError(f"jpeg_decoder must be one of {', '.join(JPEG_DECODERS)}, got {jpeg_decoder!r}")
+        if decode_priority not in DECODE_STREAM_PRIORITIES:
+            raise ValueError(f"decode_priority must be one of {', '.join(DECODE_STREAM_PRIORITIES)}, "
+                             f"got {decode_priority!r}")  # fmt: skip
         self.decode_batch = decode_batch
+        self.decode_priority = decode_priority
+        #: Whether :meth:`read_headers` reads a request's JPEG headers when it arrives (the hardware
+        #: decoder's, on a CUDA device with ``jpeg_decoder="nvjpeg"`` and one call per batch).
+        self.early_headers = early_headers and jpeg_decoder == "nvjpeg" and decode_batch == 0
         self.jpeg_decoder = jpeg_decoder
         self.runner = runner
         self.device = runner.device
@@ -143,7 +153,7 @@ class DevicePipeline:
         through the runner's input and model graphs."""
         t0 = time.perf_counter()
         try:
-            ((_, pixels),) = self._decode_groups(batch.encoded(), batch.frames)
+            ((_, pixels),) = self._decode_groups(batch.encoded, batch.frames, batch.headers)
         except RuntimeError as e:
             return [_undecodable(e)]
         image = pixels[0]
@@ -234,7 +244,9 @@ class DevicePipeline:
         on one stream would each wait for the other's work queued there."""
         stream: torch.cuda.Stream | None = getattr(self._streams, "stream", None)
         if stream is None:
-            stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+            # torch maps a priority beyond the GPU's range to its nearest: -1000 is the highest there is.
+            priority = -1000 if self.decode_priority == "high" else 0
+            stream = torch.cuda.Stream(self.device, priority=priority)  # type: ignore[no-untyped-call]
             self._streams.stream = stream
         return stream
 
@@ -292,37 +304,76 @@ class DevicePipeline:
             start += n
         return results
 
+    def read_headers(self, payload: Payload) -> None:
+        """For a request that has just reached the device process (``--nvjpeg_early_headers``): read its
+        JPEGs' headers with nvJPEG now, on the caller's thread (the device process's event loop), so the
+        decode stage, busy in the batched call of the batch before, does not read them on its own thread
+        (:attr:`JpegBatch.headers`). Only a JpegBatch whose images lie in one buffer (what the IPC frame
+        delivered) of two or more: a lone JPEG's header read is on its request's path wherever it runs
+        (about 10 us). Anything else, or a header nvJPEG cannot read, is left to the decode stage. Never raises.
+        """
+        if not self.early_headers or not isinstance(payload, JpegBatch) or payload.buffer is None or len(payload) < 2:
+            return
+        hardware = hardware_decoder(self.device)
+        if hardware is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            base = np.frombuffer(payload.buffer, dtype=np.uint8).ctypes.data
+            lengths = np.fromiter(map(len, payload.images), dtype=np.uint64, count=len(payload.images))
+            offsets = np.zeros(len(lengths), dtype=np.uint64)
+            np.cumsum(lengths[:-1], out=offsets[1:])
+            ptrs = offsets + np.uint64(base)
+            info = hardware.read_headers(ptrs, lengths)
+        except Exception:  # the decode stage reads them itself, and reports any error
+            log.debug("early JPEG header read failed", exc_info=True)
+            return
+        if info is not None:
+            payload.headers = Headers(ptrs, lengths, info)
+        m.later(m.NVJPEG_EARLY_HEADERS_SECONDS.observe, time.perf_counter() - t0)
+
     def _decode(self, staged: Staged, payloads: list[Payload], jpeg_idx: list[int]) -> None:
         """All JPEGs of all requests: one batched decode, one resize per distinct image size."""
-        batches = [payloads[i] for i in jpeg_idx]
-        counts = [len(b) for b in batches if isinstance(b, JpegBatch)]
-        encoded = [t for b in batches if isinstance(b, JpegBatch) for t in b.encoded()]
-        known = [b.frames if b.frames is not None else bytes(len(b)) for b in batches if isinstance(b, JpegBatch)]
-        frames = b"".join(known)
+        batches = [p for p in (payloads[i] for i in jpeg_idx) if isinstance(p, JpegBatch)]
+        counts = [len(b) for b in batches]
+        made: list[torch.Tensor] = []
+
+        def encoded() -> list[torch.Tensor]:  # tensors of the JPEGs, made only when a decoder needs them
+            if not made:
+                made.extend(t for b in batches for t in b.encoded())
+            return made
+
+        frames = b"".join(b.frames if b.frames is not None else bytes(len(b)) for b in batches)
+        read = [b.headers for b in batches]
+        headers = Headers.join([h for h in read if h is not None]) if all(h is not None for h in read) else None
+        total = sum(counts)
         try:
-            groups = self._decode_groups(encoded, frames)
+            groups = self._decode_groups(encoded, frames, headers)
         except RuntimeError:
             groups = None  # one bad stream fails the batched call: retry each request alone
         if groups is not None:
-            crops = resize_crop_groups(groups, len(encoded))
+            crops = resize_crop_groups(groups, total)
             for i, part in zip(jpeg_idx, torch.split(crops, counts), strict=True):
                 staged.parts[i] = part
             if len(jpeg_idx) == staged.n:
                 staged.whole = crops
             return
         start = 0
-        for i, n in zip(jpeg_idx, counts, strict=True):
+        for i, b, n in zip(jpeg_idx, batches, counts, strict=True):
             try:
-                staged.parts[i] = resize_crop_groups(self._decode_groups(encoded[start : start + n],
-                                                                         frames[start : start + n]), n)  # fmt: skip
+                mine = encoded()[start : start + n]
+                groups = self._decode_groups(lambda: mine, frames[start : start + n], b.headers)  # noqa: B023
+                staged.parts[i] = resize_crop_groups(groups, n)
             except RuntimeError as e:
                 staged.failed[i] = _undecodable(e)
             start += n
 
-    def _decode_groups(self, encoded: list[torch.Tensor], frames: bytes | None) -> list[SizeGroup]:
+    def _decode_groups(self, encoded: Callable[[], list[torch.Tensor]], frames: bytes | None,
+                       headers: Headers | None = None) -> list[SizeGroup]:  # fmt: skip
         return decode_jpeg_groups(
-            encoded, self.device, call_size=self.decode_batch, decoder=self.jpeg_decoder, frames=frames
-        )
+            encoded, self.device, call_size=self.decode_batch, decoder=self.jpeg_decoder, frames=frames,
+            headers=headers,
+        )  # fmt: skip
 
     def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """One batch tensor on the device: host parts go through a pinned buffer and a non-blocking copy."""
@@ -361,7 +412,12 @@ class DevicePipeline:
         jpeg = warm_up_jpeg()
         # nvJPEG's buffers for large photos were grown by the early thread's 12 MP decode (warm_gpu_decoder).
         for n in sorted({1, min(8, self.runner.max_batch)}):
-            result = self([JpegBatch([jpeg] * n)])
+            # as a request's JPEGs arrive over IPC: back to back in one buffer, headers read on arrival
+            body = bytearray(jpeg * n)
+            view = memoryview(body)
+            batch = JpegBatch([view[i * len(jpeg) : (i + 1) * len(jpeg)] for i in range(n)], buffer=body)
+            self.read_headers(batch)
+            result = self([batch])
             if isinstance(result[0], Exception):
                 raise result[0]
         torch.cuda.synchronize(self.device)

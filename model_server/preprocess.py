@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import io
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from PIL import Image
 
 from model_server.images import decode_and_crop as _decode_and_crop_array
-from model_server.nvjpeg import hardware_decoder
+from model_server.nvjpeg import Headers, hardware_decoder
 from model_server.tuning import torchvision_dirs
 from optimize.registry import CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_SIZE
 
@@ -181,12 +182,13 @@ def decode_jpegs(encoded: list[torch.Tensor], device: torch.device, *, call_size
 
 
 def decode_jpeg_groups(
-    encoded: list[torch.Tensor],
+    encoded: list[torch.Tensor] | Callable[[], list[torch.Tensor]],
     device: torch.device,
     *,
     call_size: int = 0,
     decoder: str = "nvjpeg",
     frames: bytes | None = None,
+    headers: Headers | None = None,
 ) -> list[SizeGroup]:
     """Decode JPEG byte tensors (uint8, on the CPU) to RGB on ``device``, as size groups.
 
@@ -195,20 +197,34 @@ def decode_jpeg_groups(
     JPEGs it does not take, and every JPEG where there is no hardware decoder, go through
     :func:`decode_jpegs` (torchvision's decoder), as they all do with ``decoder="torchvision"``.
     ``frames``: each JPEG's start-of-frame marker, when known (:attr:`~model_server.images.JpegBatch.frames`).
+    ``headers``: the JPEGs' headers as read when their requests arrived; the hardware decoder then
+    reads the JPEGs where they say, and ``encoded`` may be a function that makes the tensors, called
+    only when another decoder needs them.
 
     Raises:
         RuntimeError: a decoder refused a stream (the whole call fails).
     """
+    made: list[list[torch.Tensor]] = []
+
+    def tensors() -> list[torch.Tensor]:
+        if not made:
+            made.append(encoded() if callable(encoded) else encoded)
+        return made[0]
+
     if device.type == "cuda" and decoder == "nvjpeg" and call_size <= 0:
         hardware = hardware_decoder(device)
         if hardware is not None:
-            found, rest = hardware.decode(encoded, frames)
+            if headers is not None:
+                found, rest = hardware.decode_headers(headers, frames)
+            else:
+                found, rest = hardware.decode(tensors(), frames)
             groups: list[SizeGroup] = list(found)
             if rest:
-                others = decode_jpegs([encoded[i] for i in rest], device)
+                all_encoded = tensors()
+                others = decode_jpegs([all_encoded[i] for i in rest], device)
                 groups += [([rest[j] for j in idx], pixels) for idx, pixels in group_by_size(others)]
             return groups
-    return group_by_size(decode_jpegs(encoded, device, call_size=call_size))
+    return group_by_size(decode_jpegs(tensors(), device, call_size=call_size))
 
 
 @functools.cache

@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
         ("--ipc_body_pool_mb", "-1", "--ipc_body_pool_mb must be >= 0 (0: off), got -1"),
         ("--ipc_pinned_bodies", "yes", "argument --ipc_pinned_bodies: invalid choice: 'yes'"),
         ("--jpeg_decoder", "pil", "argument --jpeg_decoder: invalid choice: 'pil'"),
+        ("--nvjpeg_early_headers", "yes", "argument --nvjpeg_early_headers: invalid choice: 'yes'"),
+        ("--decode_stream_priority", "max", "argument --decode_stream_priority: invalid choice: 'max'"),
     ],
 )
 def test_a_bad_value_exits_2_naming_it(tmp_path: Path, flag: str, value: str, message: str) -> None:

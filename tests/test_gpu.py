@@ -310,3 +310,89 @@ def test_pipeline_crops_the_same_with_either_jpeg_decoder(tmp_path: Path) -> Non
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="jpeg_decoder must be one of nvjpeg, torchvision, got 'pil'"):
         DevicePipeline(runner, jpeg_decoder="pil")
+
+
+def _request_body(jpegs: list[bytes]) -> object:
+    """A request of these JPEGs as the device process gets it over IPC: back to back in one buffer."""
+    from model_server.ipc import KIND_JPEG, decode_request
+
+    meta = struct.pack(f"<{len(jpegs)}I", *map(len, jpegs))
+    return decode_request(KIND_JPEG, len(jpegs), meta, bytearray(b"".join(jpegs)))
+
+
+def test_headers_read_on_arrival_decode_the_same_pixels(tmp_path: Path) -> None:
+    """``--nvjpeg_early_headers``: headers read as a request arrives (read_headers) give the same pixels
+    as the decode stage reading them itself, a progressive JPEG still goes to torchvision, a corrupt
+    header leaves the request to the decode stage (which fails only that request), and a pipeline
+    with early headers stages exactly the crops of one without."""
+    from model_server.artifact import read_manifest
+    from model_server.nvjpeg import hardware_decoder
+    from model_server.pipeline import DevicePipeline, JpegBatch
+    from model_server.runtimes import load_runner
+
+    device = torch.device("cuda")
+    decoder = hardware_decoder(device)
+    assert decoder is not None
+    jpegs = _jpegs()
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpegs[0])).save(buf, format="JPEG", progressive=True)
+    mixed = [*jpegs, buf.getvalue(), *jpegs]
+    build_artifacts(tmp_path, "densenet121-eager-fp32")
+    d = tmp_path / "densenet121-eager-fp32"
+    runner = load_runner(read_manifest(d), d, device)
+    early = DevicePipeline(runner, early_headers=True)
+    late = DevicePipeline(runner, early_headers=False)
+    batch = _request_body(mixed)
+    assert isinstance(batch, JpegBatch)
+    early.read_headers(batch)
+    assert batch.headers is not None and batch.headers.info.shape == (len(mixed), 4)
+    for (h, w, _, _), jpeg in zip(batch.headers.info.tolist(), mixed, strict=True):
+        assert (w, h) == Image.open(io.BytesIO(jpeg)).size
+    encoded = batch.encoded()
+    want, want_rest = decoder.decode(encoded)
+    got, got_rest = decoder.decode_headers(batch.headers)
+    assert got_rest == want_rest == [len(jpegs)]
+    assert [idx for idx, _ in got] == [idx for idx, _ in want]
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    # Two requests, one read on arrival and one not, and a third with a corrupt JPEG: the same crops
+    # as without early reads, and only the corrupt request fails.
+    corrupt = b"\xff\xd8\xff" + b"\0" * 100
+    staged = []
+    for pipeline in (early, late):
+        requests = [_request_body(mixed), _request_body(jpegs[::-1]), _request_body([jpegs[0], corrupt])]
+        pipeline.read_headers(requests[0])
+        pipeline.read_headers(requests[2])
+        assert requests[2].headers is None  # nvJPEG could not read it: left to the decode stage
+        s = pipeline.prepare(requests)
+        assert s.ready is not None
+        s.ready.synchronize()
+        assert set(s.failed) == {2} and isinstance(s.failed[2], Exception)
+        staged.append((s.parts[0].clone(), s.parts[1].clone()))
+    for a, b in zip(*staged, strict=True):
+        assert torch.equal(a, b)
+    assert late.early_headers is False
+    late.read_headers(batch := _request_body(jpegs))
+    assert batch.headers is None
+
+
+def test_decode_stream_priority_high_is_the_gpus_highest(tmp_path: Path) -> None:
+    """``--decode_stream_priority high``: the decode stage's side stream has the GPU's greatest priority
+    (torch maps -1000 there), ``normal`` the default's; the crops are the same."""
+    from model_server.artifact import read_manifest
+    from model_server.pipeline import DevicePipeline, JpegBatch
+    from model_server.runtimes import load_runner
+
+    build_artifacts(tmp_path, "densenet121-eager-fp32")
+    d = tmp_path / "densenet121-eager-fp32"
+    runner = load_runner(read_manifest(d), d, torch.device("cuda"))
+    _, greatest = torch.cuda.Stream.priority_range()
+    crops = {}
+    for priority in ("high", "normal"):
+        pipeline = DevicePipeline(runner, decode_priority=priority)
+        s = pipeline.prepare([JpegBatch(_jpegs())])
+        assert s.ready is not None and s.whole is not None
+        s.ready.synchronize()
+        assert pipeline._side_stream().priority == (greatest if priority == "high" else 0)
+        crops[priority] = s.whole.clone()
+    assert torch.equal(crops["high"], crops["normal"])

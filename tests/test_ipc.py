@@ -93,12 +93,13 @@ async def device_server(
     max_batch: int = 8,
     max_queue: int = 256,
     body_pool_bytes: int = 0,
+    admit: Callable[[Any], None] | None = None,
 ) -> AsyncIterator[DeviceServer]:
     device = device or Device()
     folder = tempfile.mkdtemp(prefix="ipc-test-")  # short: a Unix socket path holds ~100 bytes
     batcher = DynamicBatcher(device, max_batch_size=max_batch, max_delay_s=0.0, max_queue_images=max_queue)
     server = DeviceServer(
-        batcher, os.path.join(folder, "device.sock"), control=control, body_pool_bytes=body_pool_bytes
+        batcher, os.path.join(folder, "device.sock"), control=control, body_pool_bytes=body_pool_bytes, admit=admit
     )
     await server.start()
     try:
@@ -578,3 +579,32 @@ def test_a_jpeg_frame_carries_each_images_start_of_frame_marker_when_known() -> 
         assert [bytes(i) for i in got.images] == images and body_len == sum(map(len, images))
     with pytest.raises(BadInput, match="a frame of 2 JPEGs carries 9 bytes of meta; expected 8 or 10"):
         decode_request(KIND_JPEG, 2, b"\0" * 9, bytearray(b"abc"))
+
+
+def test_admit_sees_each_request_before_the_batcher_does() -> None:
+    """``DeviceServer(admit=...)`` (the device process's early JPEG header reads) is called with each
+    request's payload, on the event loop, before the payload is queued: what it sets the device sees."""
+    seen: list[int] = []
+
+    def admit(payload: Any) -> None:
+        seen.append(len(payload))
+        if isinstance(payload, JpegBatch):
+            payload.frames = bytes([0xC0] * len(payload))  # a mark the device function can check
+
+    marked: list[bool] = []
+
+    class Marking(Device):
+        def __call__(self, payloads: list[Any]) -> list[torch.Tensor | Exception]:
+            marked.extend(isinstance(p, JpegBatch) and p.frames == bytes([0xC0] * len(p)) for p in payloads)
+            return super().__call__(payloads)
+
+    async def main() -> None:
+        async with device_server(Marking(), admit=admit) as server:
+            client = DeviceClient(server.path)
+            out = await client.infer(JpegBatch([b"x" * 10, b"y" * 20, b"z" * 5]), 5.0)
+            assert out.shape == (3, NUM_CLASSES) and (out[:, 0] == np.array([10, 20, 5])).all()
+            await client.infer(JpegBatch([b"w" * 7]), 5.0)
+            client.close()
+
+    run(main())
+    assert seen == [3, 1] and marked == [True, True]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import struct
 import subprocess
 import sys
 import textwrap
@@ -164,9 +165,10 @@ def test_decode_jpeg_groups_without_a_gpu_decodes_with_torchvision(runner) -> No
     """No CUDA device here: no hardware decoder, and decode_jpeg_groups groups torchvision's images by size
     whichever decoder is asked for; a pipeline refuses an unknown decoder."""
     from model_server.nvjpeg import hardware_decoder
-    from model_server.pipeline import DevicePipeline
+    from model_server.pipeline import DevicePipeline, JpegBatch
     from model_server.preprocess import decode_jpeg_groups, decode_jpegs
     from model_server.tuning import early_nvjpeg
+    from optimize.registry import CROP_SIZE
 
     cpu = torch.device("cpu")
     assert hardware_decoder(cpu) is None and early_nvjpeg() is None
@@ -178,8 +180,22 @@ def test_decode_jpeg_groups_without_a_gpu_decodes_with_torchvision(runner) -> No
         assert [idx for idx, _ in groups] == [[0, 2], [1]]
         for idx, pixels in groups:
             assert all(torch.equal(pixels[j], reference[i]) for j, i in enumerate(idx))
+        lazy = decode_jpeg_groups(lambda: encoded, cpu, decoder=decoder)  # tensors made only when needed
+        assert [idx for idx, _ in lazy] == [[0, 2], [1]]
     with pytest.raises(ValueError, match="jpeg_decoder must be one of nvjpeg, torchvision, got 'pil'"):
         DevicePipeline(runner, jpeg_decoder="pil")
+    with pytest.raises(ValueError, match="decode_priority must be one of high, normal, got 'urgent'"):
+        DevicePipeline(runner, decode_priority="urgent")
+    # No hardware decoder: early header reads leave a request to the decode stage, which decodes it.
+    from model_server.ipc import KIND_JPEG, decode_request
+
+    body = bytearray(b"".join(jpegs))
+    batch = decode_request(KIND_JPEG, len(jpegs), struct.pack(f"<{len(jpegs)}I", *map(len, jpegs)), body)
+    pipeline = DevicePipeline(runner, early_headers=True)
+    pipeline.read_headers(batch)
+    assert isinstance(batch, JpegBatch) and batch.headers is None
+    staged = pipeline.prepare([batch])
+    assert not staged.failed and staged.parts[0].shape == (3, 3, CROP_SIZE, CROP_SIZE)
 
 
 @pytest.mark.parametrize(("share", "to_cpu"), [(0.0, 0), (0.25, 2), (0.5, 4), (1.0, 8)])
