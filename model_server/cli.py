@@ -17,8 +17,11 @@ from model_server.config import (
     DEFAULT_BODY_POOL_MB,
     EVENT_LOOPS,
     JPEG_DECODERS,
+    MIN_QUEUE_IMAGES,
     MODEL_STREAMS,
+    QUEUE_BATCHES,
     ServingConfig,
+    queue_images,
 )
 from model_server.tuning import EarlyStart, start_before_torch
 
@@ -56,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max_batch_size", type=int, default=int(_env("MAX_BATCH_SIZE", str(d.max_batch_size))))
     p.add_argument("--max_delay_ms", type=float, default=float(_env("MAX_DELAY_MS", str(d.max_delay_ms))))
     p.add_argument(
-        "--max_queue_images", type=int, default=int(_env("MAX_QUEUE_IMAGES", str(d.max_queue_images))),
-        help="images allowed to wait for the device; beyond it requests get 503 + Retry-After",
+        "--max_queue_images", type=int, default=int(_env("MAX_QUEUE_IMAGES", "0")),
+        help="images allowed to wait for the device; beyond it requests get 503 + Retry-After (default 0: "
+        f"{QUEUE_BATCHES} x --max_batch_size, at least {MIN_QUEUE_IMAGES})",
     )  # fmt: skip
     p.add_argument("--max_request_images", type=int, default=int(_env("MAX_REQUEST_IMAGES", str(d.max_request_images))))
     p.add_argument("--max_body_bytes", type=int, default=int(_env("MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES))))
@@ -257,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model_dir:
         print("error: --model_dir (or DENSENET_MODEL_DIR) is required", file=sys.stderr)
         return 2
-    for name in ("max_batch_size", "max_queue_images", "max_request_images", "max_body_bytes", "max_image_pixels"):
+    if args.max_queue_images < 0:
+        print(f"error: --max_queue_images must be >= 0 (0: {QUEUE_BATCHES} x --max_batch_size, at least "
+              f"{MIN_QUEUE_IMAGES}), got {args.max_queue_images}", file=sys.stderr)  # fmt: skip
+        return 2
+    for name in ("max_batch_size", "max_request_images", "max_body_bytes", "max_image_pixels"):
         if getattr(args, name) < 1:
             print(f"error: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
@@ -279,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         max_batch_size=args.max_batch_size,
         max_delay_ms=args.max_delay_ms,
-        max_queue_images=args.max_queue_images,
+        max_queue_images=queue_images(args.max_queue_images, args.max_batch_size),
         max_request_images=args.max_request_images,
         max_image_pixels=args.max_image_pixels,
         request_timeout_s=args.request_timeout_s,

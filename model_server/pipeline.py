@@ -97,8 +97,8 @@ class DevicePipeline:
         model_stream: str = "side",
         decode_batch: int = 0,
         jpeg_decoder: str = "nvjpeg",
-        decode_priority: str = "normal",
-        early_headers: bool = False,
+        decode_priority: str = "high",
+        early_headers: bool = True,
     ) -> None:
         if model_stream not in MODEL_STREAMS:
             raise ValueError(f"model_stream must be one of {', '.join(MODEL_STREAMS)}, got {model_stream!r}")

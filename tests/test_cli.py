@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ("--gil_switch_interval_ms", "-1", "--gil_switch_interval_ms must be >= 0, got -1.0"),
         ("--max_batch_size", "0", "--max_batch_size must be >= 1, got 0"),
+        ("--max_queue_images", "-1", "--max_queue_images must be >= 0 (0: 8 x --max_batch_size, at least 256), got -1"),
         ("--cpu_decode_share", "1.5", "--cpu_decode_share must be from 0 to 1, got 1.5"),
         ("--frontends", "0", "--frontends must be >= 1, got 0"),
         ("--decode_batch", "-1", "--decode_batch must be >= 0 (0: one nvJPEG call per batch), got -1"),
@@ -195,3 +196,11 @@ def test_before_torch_stops_quietly_without_a_driver_or_a_gpu(monkeypatch: pytes
     thread.join(30)
     assert took == {}, "nothing done: torch decides later, and its own calls report errors"
     assert tuning.start_before_torch("cpu", gpu_decode=True, took=took) is None
+
+
+@pytest.mark.parametrize(("flag", "max_batch", "queue"), [(0, 32, 256), (0, 8, 256), (0, 128, 1024), (100, 128, 100)])
+def test_the_queue_holds_eight_batches_by_default(flag: int, max_batch: int, queue: int) -> None:
+    """``--max_queue_images 0`` (the default): 8 batches of --max_batch_size, at least 256 images; a value is kept."""
+    from model_server.config import queue_images
+
+    assert queue_images(flag, max_batch) == queue
