@@ -59,6 +59,7 @@ import requests  # noqa: E402
 import runtime_ab  # noqa: E402
 import torch  # noqa: E402
 import trace_summary  # noqa: E402
+from gpu_counters import GpuCounters  # noqa: E402
 
 FLOOR_SNIPPET = """
 import sys, torch
@@ -356,7 +357,8 @@ def run_locust(
         target=lambda: (time.sleep(duration / 2), split.extend(connection_split(port))), daemon=True
     )
     sampler.start()
-    subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=duration + 180)
+    with GpuCounters() as gpu:  # the window's clocks, power and engines (empty without NVML)
+        subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=duration + 180)
     sampler.join(timeout=10)
     server_side = breakdown(before, scrape_sums(url))
     totals = locust_totals(out, tag)
@@ -379,6 +381,7 @@ def run_locust(
         # Mid-run, the established connections each server process holds, most first: the kernel
         # hashes connections over the front ends' SO_REUSEPORT sockets, so the split varies by run.
         "frontend_connections": split,
+        **({"gpu": gpu.summary()} if gpu.samples else {}),
     }
 
 

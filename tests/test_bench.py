@@ -428,3 +428,57 @@ def test_nvjpeg_probe_arms_become_unit_suffixed_record_metrics() -> None:
         "own_ctx_x2_alone_jpegs_per_s": 0.0, "own_ctx_x2_alone_decoder_batches": [0, 0],
         "own_ctx_x2_alone_errors": ["RuntimeError: x"],
     }  # fmt: skip
+
+
+class _StandInNvml:
+    """pynvml's calls GpuCounters makes, answering fixed values (the video clock falling between
+    samples, the JPEG engines' utilisation unsupported), for the aggregation; the GPU runs use NVML."""
+
+    def __init__(self) -> None:
+        self.video = [1755, 1200]
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:
+        return f"gpu{index}"
+
+    def nvmlDeviceGetClockInfo(self, h: str, clock: int) -> int:
+        return 1980 if clock == 1 else self.video.pop(0)
+
+    def nvmlDeviceGetPowerUsage(self, h: str) -> int:
+        return 650_000
+
+    def nvmlDeviceGetTemperature(self, h: str, sensor: int) -> int:
+        return 61
+
+    def nvmlDeviceGetUtilizationRates(self, h: str) -> object:
+        return type("Util", (), {"gpu": 97})()
+
+    def nvmlDeviceGetJpgUtilization(self, h: str) -> tuple[int, int]:
+        raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h: str) -> int:
+        return 0x4 | 0x1000
+
+
+def test_gpu_counters_summarise_a_window_and_name_the_clock_reasons() -> None:
+    """benchmarks/gpu_counters.py: each counter's mean/min/max over the samples, a counter NVML does not
+    answer left out, the clock-event reason bits named (an unknown bit as hex); no NVML: an empty summary."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_counters import GpuCounters, reason_names
+
+    gpu = GpuCounters(nvml=_StandInNvml())
+    gpu.sample()
+    gpu.sample()
+    s = gpu.summary()
+    assert s["samples"] == 2
+    assert (s["video_clock_mhz_mean"], s["video_clock_mhz_min"], s["video_clock_mhz_max"]) == (1477.5, 1200, 1755)
+    assert s["sm_clock_mhz_mean"] == 1980 and s["power_w_max"] == 650.0 and s["temperature_c_max"] == 61
+    assert s["gpu_util_pct_mean"] == 97 and not any(k.startswith("jpeg_util") for k in s)
+    assert s["clock_event_reasons"] == ["sw_power_cap", "0x1000"]
+    assert reason_names(0x41) == ["gpu_idle", "hw_thermal_slowdown"] and reason_names(0) == []
+    none = GpuCounters(nvml=object())  # no nvmlInit: as on a machine without NVML
+    with none:
+        time.sleep(0.01)
+    assert none.summary() == {} and not none.samples
