@@ -165,15 +165,27 @@ class HardwareDecoder:
         itself and fails the request with nvJPEG's error). ``ptrs``/``lengths``: the JPEGs in host
         memory (uint64). The device process calls this as each request arrives
         (``--nvjpeg_early_headers``), on its event loop, while the decode stage is in a batched call."""
-        handle = self._reader_handle()
+        try:
+            return self._image_info(self._reader_handle(), ptrs, lengths)
+        except NvJpegError:
+            return None
+
+    def _image_info(self, handle: ctypes.c_void_p, ptrs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """``nvjpegGetImageInfo`` of each JPEG with ``handle``, the GIL held: ``[n, 4]`` int32 rows of
+        height, width, components and subsampling.
+
+        Raises:
+            NvJpegError: a header could not be read (naming the image).
+        """
         get = self.quick.nvjpegGetImageInfo
         channels, sub = ctypes.c_int(), ctypes.c_int()
         widths, heights = (ctypes.c_int * _MAX_COMPONENT)(), (ctypes.c_int * _MAX_COMPONENT)()
         c_ref, s_ref = ctypes.byref(channels), ctypes.byref(sub)
         rows: list[tuple[int, int, int, int]] = []
-        for ptr, n in zip(ptrs.tolist(), lengths.tolist(), strict=True):
-            if get(handle, ptr, n, c_ref, s_ref, widths, heights) != 0:
-                return None
+        for i, (ptr, n) in enumerate(zip(ptrs.tolist(), lengths.tolist(), strict=True)):
+            status = get(handle, ptr, n, c_ref, s_ref, widths, heights)
+            if status != 0:  # the message is made only then: this loop runs per image, on the decode stage's path
+                raise NvJpegError(f"nvjpegGetImageInfo (image {i})", status)
             rows.append((heights[0], widths[0], channels.value, sub.value))
         return np.array(rows, dtype=np.int32).reshape(-1, 4)
 
@@ -231,36 +243,15 @@ class HardwareDecoder:
 
     def _decode(self, encoded: list[torch.Tensor], frames: bytes | None) -> tuple[list[Group], list[int]]:
         t0 = time.perf_counter()
-        quick, handle = self.quick, self.handle
-        channels, sub = ctypes.c_int(), ctypes.c_int()
-        widths, heights = (ctypes.c_int * _MAX_COMPONENT)(), (ctypes.c_int * _MAX_COMPONENT)()
-        sizes: dict[tuple[int, int], list[int]] = {}
-        rest: list[int] = []
-        ptrs: list[int] = []
-        lengths: list[int] = []
-        known = self._supported
-        for i, data in enumerate(encoded):
-            ptr, n = data.data_ptr(), data.numel()
-            ptrs.append(ptr)
-            lengths.append(n)
-            status = quick.nvjpegGetImageInfo(handle, ptr, n, ctypes.byref(channels), ctypes.byref(sub),
-                                              widths, heights)  # fmt: skip
-            if status != 0:  # the message is made only then: this loop runs per image, on the decode stage's path
-                raise NvJpegError(f"nvjpegGetImageInfo (image {i})", status)
-            kind = (channels.value, sub.value) if frames is not None and frames[i] == SOF_BASELINE else None
-            takes = known.get(kind) if kind is not None else None
-            if takes is None:
-                takes = self._takes(ptr, n, i)
-                if kind is not None:
-                    known[kind] = takes
-            if takes:
-                sizes.setdefault((heights[0], widths[0]), []).append(i)
-            else:
-                rest.append(i)
-        return self._decode_sizes(sizes, np.array(ptrs, dtype=np.uint64), np.array(lengths, dtype=np.uint64), t0), rest
+        ptrs = np.array([t.data_ptr() for t in encoded], dtype=np.uint64)
+        lengths = np.array([t.numel() for t in encoded], dtype=np.uint64)
+        return self._decode_read(Headers(ptrs, lengths, self._image_info(self.handle, ptrs, lengths)), frames, t0)
 
-    def _decode_read(self, headers: Headers, frames: bytes | None) -> tuple[list[Group], list[int]]:
-        t0 = time.perf_counter()
+    def _decode_read(self, headers: Headers, frames: bytes | None,
+                     t0: float | None = None) -> tuple[list[Group], list[int]]:  # fmt: skip
+        """Which images the hardware takes (asked once per kind of baseline image), then their batched
+        decode by size; ``t0``: when the host work began (the header reads included), default now."""
+        t0 = time.perf_counter() if t0 is None else t0
         sizes: dict[tuple[int, int], list[int]] = {}
         rest: list[int] = []
         known = self._supported
