@@ -21,6 +21,11 @@ each with the JPEGs in pageable and in pinned memory, alone and beside the model
 CUDA stream has the GPU's highest priority (the model's stream has the lowest, the default): the
 direct decoder reading pinned bitstreams and torchvision's op, each on a normal and on a
 high-priority stream, alone and beside the model (``--decode_stream_priority`` of the server).
+
+``--set output`` asks how much of the batched call is nvJPEG's own colour conversion: the direct
+decoder (pinned bitstreams, high-priority stream) asked for planar RGB (what the server asks for),
+interleaved RGB and planar YUV (what the engines write, no conversion kernel of nvJPEG's on the
+stream), alone and beside the model.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import torch  # noqa: E402
 from loadtest._payloads import photo_set  # noqa: E402
 from model_server import tuning  # noqa: E402
 
-OUTPUT_YUV, OUTPUT_RGB = 1, 3
+OUTPUT_YUV, OUTPUT_RGB, OUTPUT_RGBI = 1, 3, 5
 
 
 class _Image(ctypes.Structure):
@@ -133,9 +138,12 @@ class Decoder:
         self.table = (_Image * n)()
         at = self.out.value
         for j, (h, w) in enumerate(self.sizes):
-            for c in range(3):
-                self.table[j].channel[c] = at + c * h * w
-                self.table[j].pitch[c] = w
+            if self.fmt == OUTPUT_RGBI:  # one interleaved plane
+                self.table[j].channel[0], self.table[j].pitch[0] = at, 3 * w
+            else:  # three planes (YUV's chroma ones need less, and get as much)
+                for c in range(3):
+                    self.table[j].channel[c] = at + c * h * w
+                    self.table[j].pitch[c] = w
             at += 3 * h * w
         self.total = total
         if self.pinned:  # the bitstreams in page-locked memory: nvJPEG's copies of them need no staging
@@ -278,11 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--counts", default="1,2,3,4")
     ap.add_argument("--name", default="", help="the record's name (default: nvjpeg-<set>-probe)")
     ap.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--set", dest="arm_set", choices=("contexts", "pinned", "priority"), default="contexts",
+    ap.add_argument("--set", dest="arm_set", choices=("contexts", "pinned", "priority", "output"), default="contexts",
                     help="contexts: decoders in contexts of their own (session 18); pinned: the process's "
                          "context only, the bitstreams in pageable vs page-locked memory, direct and "
                          "through torchvision's op (session 19); priority: the decoders' stream at normal "
-                         "vs the highest priority, beside the model (session 20)")  # fmt: skip
+                         "vs the highest priority, beside the model (session 20); output: planar RGB, interleaved "
+                         "RGB and planar YUV output (session 21)")  # fmt: skip
     args = ap.parse_args(argv)
     import io
 
@@ -358,6 +367,14 @@ def main(argv: list[str] | None = None) -> int:
             log(f"torchvision_{tag}_beside_model", run_arm([tv], args.window_s, model, sample))
             tv.stop.set()
             tv.go.set()
+    if args.arm_set == "output":
+        for label, fmt in (("rgb", OUTPUT_RGB), ("rgbi", OUTPUT_RGBI), ("yuv", OUTPUT_YUV)):
+            d = Decoder(cu, nj, jpegs, sizes, own_context=False, fmt=fmt, copy_to=None, primary=primary,
+                        pinned=True, high_priority=True)  # fmt: skip
+            log(f"direct_{label}_alone", run_arm([d], args.window_s, None, sample))
+            log(f"direct_{label}_beside_model", run_arm([d], args.window_s, model, sample))
+            d.stop.set()
+            d.go.set()
     for own in (False, True) if args.arm_set == "contexts" else ():
         for k in counts:
             if not own and k > 2:

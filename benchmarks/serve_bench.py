@@ -91,6 +91,38 @@ print("READY", how, flush=True)
 """
 
 
+#: CPUs the predictor's processes and Locust's run on (``--server-cpus``, ``--locust-cpus``); None: any.
+PLACEMENT: dict[str, set[int] | None] = {"server": None, "locust": None}
+
+
+def parse_cpus(text: str) -> set[int]:
+    """A Linux CPU list (``0-7,16-23``, as ``taskset -c`` takes) as a set of CPU numbers.
+
+    Raises:
+        ValueError: not such a list, or a CPU this process may not run on.
+    """
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi) if hi else int(lo)
+            if first < 0 or last < first:
+                raise ValueError
+            cpus.update(range(first, last + 1))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a CPU list (e.g. 0-7,16-23)") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        raise ValueError(f"{text!r} names CPUs this process may not run on (it may: {sorted(allowed)})")
+    return cpus
+
+
+def _pinned(role: str) -> Any:
+    """A ``preexec_fn`` putting the child (and what it starts) on ``PLACEMENT[role]``, or None."""
+    cpus = PLACEMENT[role]
+    return None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
+
+
 def ondevice(model_dir: Path, device: torch.device, max_batch: int, iters: int) -> dict[str, float]:
     """The variant's own throughput at ``max_batch`` and latency at batch 1, through the server's runner."""
     from model_server.artifact import read_manifest
@@ -192,7 +224,8 @@ class Server:
         env = {**os.environ, "DENSENET_ADMIN_TOKEN": admin_token} if admin_token else None  # not in the process list
         self.t0 = time.perf_counter()
         # ``python -m`` puts the working directory first on sys.path: the predictor's code is ``root``'s.
-        self.proc = subprocess.Popen(cmd, cwd=root, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=_pinned("server"))  # fmt: skip
         self.log = log
 
     def wait_ready(self, timeout_s: float = 600) -> float:
@@ -358,7 +391,8 @@ def run_locust(
     )
     sampler.start()
     with GpuCounters() as gpu:  # the window's clocks, power and engines (empty without NVML)
-        subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=duration + 180)
+        subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=duration + 180,
+                       preexec_fn=_pinned("locust"))  # fmt: skip
     sampler.join(timeout=10)
     server_side = breakdown(before, scrape_sums(url))
     totals = locust_totals(out, tag)
@@ -985,6 +1019,15 @@ def main(argv: list[str] | None = None) -> int:
         "median, each run with connections of its own (default 1)",
     )  # fmt: skip
     p.add_argument("--processes", type=int, default=4, help="Locust worker processes")
+    p.add_argument(
+        "--server-cpus", default="",
+        help="CPU list (e.g. 0-9) the predictor's processes run on (its front ends and device process); default: any",
+    )  # fmt: skip
+    p.add_argument(
+        "--locust-cpus", default="",
+        help="CPU list Locust's processes run on, so the load generator does not share cores (or a core's "
+        "hyperthreads) with the predictor, as it would not in a cluster; default: any",
+    )  # fmt: skip
     p.add_argument("--duration", type=int, default=20, help="seconds per Locust run")
     p.add_argument(
         "--user",
@@ -1105,6 +1148,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--py-spy needs the py-spy executable (pip install py-spy)")
     if not arms and "compare" in phases:
         phases.remove("compare")
+    for role in PLACEMENT:
+        text = getattr(args, f"{role}_cpus")
+        try:
+            PLACEMENT[role] = parse_cpus(text) if text else None
+        except ValueError as e:
+            p.error(f"--{role}-cpus: {e}")
 
     device = torch.device(args.device)
     manifest = json.loads((args.model_dir / "variant.json").read_text())
@@ -1116,6 +1165,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     metrics: dict[str, Any] = {}
     record_notes: dict[str, str] = {}
+    if args.server_cpus or args.locust_cpus:
+        record_notes["placement"] = (
+            f"predictor on CPUs {args.server_cpus or 'any'}, Locust on {args.locust_cpus or 'any'}"
+        )
     main_loads = [ph for ph in ("single", "cpu-roles", "sizes", "batched") if ph in phases]
     steps = [ph for ph in ("ondevice", "floor", "startup") if ph in phases] + ["cold"]
     steps += ["single"] * any(ph in phases for ph in ("single", "cpu-roles", "sizes"))

@@ -5,10 +5,10 @@ the device worker decodes on the GPU); a single worker coroutine forms batches a
 them to a single device thread. A batch leaves as soon as the device has a free slot:
 while the device is busy, arrivals accumulate into the next batch, so batches grow with
 load and a lone request never waits (``max_delay`` adds an optional wait when the device
-is idle). Two batches may be in flight, so forming the next one overlaps running the
-current one. A full queue refuses new work at once (:class:`Overloaded`) instead of
-growing without bound, and a request whose deadline has passed is dropped before it
-reaches the device.
+is idle). Two or more batches may be in flight (``max_inflight_batches``), so forming and
+preparing the next ones overlaps running the current one. A full queue refuses new work at
+once (:class:`Overloaded`) instead of growing without bound, and a request whose deadline has
+passed is dropped before it reaches the device.
 """
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ class DynamicBatcher:
         max_batch_size: most images in one device batch.
         max_delay_s: longest the first request of a batch waits for company.
         max_queue_images: most images waiting; more are refused with :class:`Overloaded`.
-        max_inflight_batches: batches handed to the device thread at once (2 overlaps
-            forming the next batch with running the current one).
+        max_inflight_batches: batches between their forming and their answers at once. 2 overlaps
+            preparing batch k+1 with running batch k; 3 also lets batch k+2 be formed, and wait for
+            the prepare thread, while batch k is still on the device or being answered, so the prepare
+            thread goes from one batch straight to the next.
         inline_after_idle_s: when set, a request that finds nothing queued or running and the
             device idle for at least this long runs at once, ``alone``, on the event loop's own
             thread, inside :meth:`submit_nowait`: at low load nothing else needs the loop
@@ -79,6 +81,8 @@ class DynamicBatcher:
     ) -> None:
         if max_batch_size < 1 or max_queue_images < max_batch_size:
             raise ValueError("need max_batch_size >= 1 and max_queue_images >= max_batch_size")
+        if max_inflight_batches < 1:
+            raise ValueError(f"max_inflight_batches must be >= 1, got {max_inflight_batches}")
         self.run = run
         self.prepare = prepare
         self.alone = alone

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from model_server import ServerError
 from model_server.config import (
+    CROP_STAGES,
     DECODE_STREAM_PRIORITIES,
     DEFAULT_BODY_POOL_MB,
     EVENT_LOOPS,
@@ -62,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
         "--max_queue_images", type=int, default=int(_env("MAX_QUEUE_IMAGES", "0")),
         help="images allowed to wait for the device; beyond it requests get 503 + Retry-After (default 0: "
         f"{QUEUE_BATCHES} x --max_batch_size, at least {MIN_QUEUE_IMAGES})",
+    )  # fmt: skip
+    p.add_argument(
+        "--max_inflight_batches", type=int, default=int(_env("MAX_INFLIGHT_BATCHES", str(d.max_inflight_batches))),
+        help="batches between their forming and their answers at once: 2 overlaps decoding batch k+1 with "
+        "running batch k; 3 also forms batch k+2 while batch k is answered, so the decode stage never waits for "
+        "it (default: %(default)s)",
     )  # fmt: skip
     p.add_argument("--max_request_images", type=int, default=int(_env("MAX_REQUEST_IMAGES", str(d.max_request_images))))
     p.add_argument("--max_body_bytes", type=int, default=int(_env("MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES))))
@@ -113,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
         "kernels are scheduled ahead of the model's) or normal (the model's) (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
+        "--crop_stage", default=_env("CROP_STAGE", d.crop_stage), choices=CROP_STAGES,
+        help="where a batch's GPU-decoded JPEGs are resized and cropped: decode (the decode stage's thread and "
+        "stream) or device (the device stage's, on the model's stream before the model), so the decode stage "
+        "goes from one nvJPEG call to the next with less in between (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
         "--ipc_pinned_bodies", default=_env("IPC_PINNED_BODIES", "true"), choices=("true", "false"),
         help="with --frontends N: the reused buffers of large request bodies are page-locked where nvJPEG's "
         "hardware decoder reads their JPEGs (--jpeg_decoder nvjpeg on a GPU that has one), so its copies "
@@ -121,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max_inflight_requests", type=int, default=int(_env("MAX_INFLIGHT_REQUESTS", "0")),
         help="HTTP inference requests handled at once (bodies in memory); more get 503 + Retry-After before "
-        "their body is read (default 0: max_queue_images + 2 * max_batch_size)",
+        "their body is read (default 0: max_queue_images + max_inflight_batches * max_batch_size)",
     )  # fmt: skip
     p.add_argument(
         "--grace_period_s", type=float, default=float(_env("GRACE_PERIOD_S", str(DEFAULT_GRACE_PERIOD_S))),
@@ -265,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --max_queue_images must be >= 0 (0: {QUEUE_BATCHES} x --max_batch_size, at least "
               f"{MIN_QUEUE_IMAGES}), got {args.max_queue_images}", file=sys.stderr)  # fmt: skip
         return 2
-    for name in ("max_batch_size", "max_request_images", "max_body_bytes", "max_image_pixels"):
+    for name in ("max_batch_size", "max_inflight_batches", "max_request_images", "max_body_bytes", "max_image_pixels"):
         if getattr(args, name) < 1:
             print(f"error: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
@@ -288,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=args.max_batch_size,
         max_delay_ms=args.max_delay_ms,
         max_queue_images=queue_images(args.max_queue_images, args.max_batch_size),
+        max_inflight_batches=args.max_inflight_batches,
         max_request_images=args.max_request_images,
         max_image_pixels=args.max_image_pixels,
         request_timeout_s=args.request_timeout_s,
@@ -297,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         decode_batch=args.decode_batch,
         jpeg_decoder=args.jpeg_decoder,
         decode_stream_priority=args.decode_stream_priority,
+        crop_stage=args.crop_stage,
         early_headers=args.nvjpeg_early_headers == "true",
         pinned_bodies=args.ipc_pinned_bodies == "true",
         inline_idle_ms=args.inline_idle_ms,
@@ -320,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         "log_level": args.log_level.upper(), "admin_token": args.admin_token or None,
         "enable_docs": args.enable_docs == "true", "grace_period_s": args.grace_period_s,
         "metrics": args.metrics == "true", "balance_connections": args.balance_connections == "true",
-        "max_inflight": args.max_inflight_requests or config.max_queue_images + 2 * config.max_batch_size,
+        "max_inflight": args.max_inflight_requests
+        or config.max_queue_images + config.max_inflight_batches * config.max_batch_size,
         "event_loop": args.event_loop,
     }  # fmt: skip
     # The CUDA driver, the context and nvJPEG's start-up, in a thread beside the front ends' spawn and torch's import.

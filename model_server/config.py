@@ -20,6 +20,9 @@ JPEG_DECODERS = ("nvjpeg", "torchvision")
 #: Priorities of the decode stage's CUDA stream (``--decode_stream_priority``): "high", the GPU's
 #: highest, so the decode's and crop's kernels are scheduled ahead of the model's; "normal", the model's.
 DECODE_STREAM_PRIORITIES = ("high", "normal")
+#: Where a batch's decoded JPEGs are resized and cropped (``--crop_stage``): on the decode stage's thread
+#: and side stream, or on the device stage's, on the model's stream just before the model.
+CROP_STAGES = ("decode", "device")
 #: Event loops of the HTTP front ends and the device process (``--event_loop``).
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 #: ``--max_queue_images 0`` (the default): the batch queue holds this many batches of ``--max_batch_size``,
@@ -39,6 +42,10 @@ class ServingConfig:
     max_batch_size: int = 32
     max_delay_ms: float = 0.0
     max_queue_images: int = 256
+    #: Batches between their forming and their answers at once (``--max_inflight_batches``): 2 lets
+    #: the decode stage prepare batch k+1 while the device runs batch k; 3 also lets batch k+2 be formed
+    #: and wait for the decode stage while batch k is still answered.
+    max_inflight_batches: int = 2
     max_request_images: int = 32
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_image_pixels: int = DEFAULT_MAX_PIXELS
@@ -67,6 +74,8 @@ class ServingConfig:
     early_headers: bool = True
     #: One of DECODE_STREAM_PRIORITIES (``--decode_stream_priority``).
     decode_stream_priority: str = "high"
+    #: One of CROP_STAGES (``--crop_stage``).
+    crop_stage: str = "decode"
     #: With ``--frontends N``, the reused buffers of large request bodies (``--ipc_body_pool_mb``) are
     #: page-locked where nvJPEG's hardware decoder reads their JPEGs (``--ipc_pinned_bodies``).
     pinned_bodies: bool = True

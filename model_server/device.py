@@ -89,7 +89,7 @@ def load_model(artifact_dir: Path, config: ServingConfig, *, early: EarlyStart |
     pipeline = DevicePipeline(runner, profiler, model_stream=config.model_stream, decode_batch=config.decode_batch,
                               jpeg_decoder=config.jpeg_decoder,
                               decode_priority=config.decode_stream_priority,
-                              early_headers=config.early_headers)  # fmt: skip
+                              early_headers=config.early_headers, crop_stage=config.crop_stage)  # fmt: skip
     gpu_decode = config.gpu_decode and device.type == "cuda"
     if gpu_decode:
         pipeline.warm_up()
@@ -103,6 +103,7 @@ def load_model(artifact_dir: Path, config: ServingConfig, *, early: EarlyStart |
         max_batch_size=max_batch,
         max_delay_s=config.max_delay_ms / 1000.0,
         max_queue_images=max(config.max_queue_images, max_batch),
+        max_inflight_batches=config.max_inflight_batches,
         inline_after_idle_s=config.inline_idle_ms / 1000.0 if two_stage and config.inline_idle_ms > 0 else None,
         inline_ok=lambda: not profiler.active,  # a capture's batches stay on the device thread it starts on
     )

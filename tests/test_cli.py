@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ("--gil_switch_interval_ms", "-1", "--gil_switch_interval_ms must be >= 0, got -1.0"),
         ("--max_batch_size", "0", "--max_batch_size must be >= 1, got 0"),
+        ("--max_inflight_batches", "0", "--max_inflight_batches must be >= 1, got 0"),
         ("--max_queue_images", "-1", "--max_queue_images must be >= 0 (0: 8 x --max_batch_size, at least 256), got -1"),
         ("--cpu_decode_share", "1.5", "--cpu_decode_share must be from 0 to 1, got 1.5"),
         ("--frontends", "0", "--frontends must be >= 1, got 0"),
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("--jpeg_decoder", "pil", "argument --jpeg_decoder: invalid choice: 'pil'"),
         ("--nvjpeg_early_headers", "yes", "argument --nvjpeg_early_headers: invalid choice: 'yes'"),
         ("--decode_stream_priority", "max", "argument --decode_stream_priority: invalid choice: 'max'"),
+        ("--crop_stage", "model", "argument --crop_stage: invalid choice: 'model'"),
     ],
 )
 def test_a_bad_value_exits_2_naming_it(tmp_path: Path, flag: str, value: str, message: str) -> None:

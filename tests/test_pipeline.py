@@ -62,6 +62,41 @@ def test_prepare_decodes_all_requests_together_and_execute_splits_them_back(runn
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
 
 
+def test_cropping_on_the_device_stage_gives_the_decode_stages_results(runner) -> None:  # type: ignore[no-untyped-def]
+    """``crop_stage="device"``: prepare leaves a batch's decoded JPEGs uncropped (only tensor payloads are
+    parts yet) and execute crops them before the model: the same results. A batch whose one call failed
+    (a corrupt JPEG) is decoded request by request and cropped in prepare, as before."""
+    from model_server import BadInput
+    from model_server.pipeline import DevicePipeline, JpegBatch
+    from model_server.preprocess import decode_and_crop
+
+    a, b, c = _jpeg(320, 240, (200, 30, 30)), _jpeg(320, 240, (30, 200, 30)), _jpeg(200, 300, (30, 30, 200))
+    pixels = decode_and_crop(b)[None]
+    corrupt = b"\xff\xd8\xff" + b"\0" * 100
+    results = {}
+    for stage in ("decode", "device"):
+        pipeline = DevicePipeline(runner, crop_stage=stage)
+        staged = pipeline.prepare([JpegBatch([a, b]), pixels, JpegBatch([c])])
+        assert sorted(staged.parts) == ([0, 1, 2] if stage == "decode" else [1])
+        assert (staged.pending is None) == (stage == "decode")
+        got = pipeline.execute(staged)
+        assert staged.pending is None and sorted(staged.parts) == [0, 1, 2]
+        bad = pipeline.prepare([JpegBatch([a, b]), pixels, JpegBatch([c]), JpegBatch([corrupt])])
+        assert bad.pending is None and sorted(bad.parts) == [0, 1, 2]
+        assert isinstance(bad.failed.get(3), BadInput)
+        results[stage] = got + pipeline.execute(bad)
+    assert isinstance(results["device"][6], BadInput)
+    for got, want in zip(results["device"][:6], results["decode"][:6], strict=True):
+        torch.testing.assert_close(got, want)
+    all_jpeg = DevicePipeline(runner, crop_stage="device").prepare([JpegBatch([a]), JpegBatch([c, b])])
+    assert all_jpeg.whole is None and all_jpeg.pending is not None
+    out = DevicePipeline(runner, crop_stage="device").execute(all_jpeg)
+    assert all_jpeg.whole is not None and all_jpeg.whole.shape == (3, 3, 224, 224)
+    assert [r.shape[0] for r in out] == [1, 2]  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="crop_stage must be one of decode, device, got 'model'"):
+        DevicePipeline(runner, crop_stage="model")
+
+
 def test_a_batch_of_jpeg_requests_is_one_tensor_in_request_order(runner) -> None:  # type: ignore[no-untyped-def]
     from model_server.pipeline import DevicePipeline, JpegBatch
 
@@ -416,6 +451,53 @@ def test_a_lone_batch_takes_the_batchers_alone_path() -> None:
     assert [float(o) for o in out] == [1.0, 2.0]  # type: ignore[arg-type]
     assert calls[0][0] == "alone" and calls[0][1].startswith("device") and calls[0][2] == [1]
     assert [c[0] for c in calls[1:]] == ["prepare", "run"] and calls[1][1].startswith("prepare")
+
+
+@pytest.mark.parametrize("inflight", [2, 3])
+def test_with_three_batches_in_flight_the_prepare_thread_takes_the_next_while_the_first_is_answered(
+    inflight: int,
+) -> None:
+    """``max_inflight_batches``: with 2, batch 3 is formed only once batch 1 is answered, so a prepare
+    thread done with batch 2 waits for the device; with 3 it is formed, and prepared, while batch 1
+    is still on the device."""
+    from model_server.batcher import DynamicBatcher
+
+    hold = threading.Event()
+    prepared: list[int] = []
+
+    def prepare(payloads: list[int]) -> list[int]:
+        prepared.append(payloads[0])
+        return payloads
+
+    def run(staged: list[int]) -> list[torch.Tensor | Exception]:
+        if staged[0] == 1:
+            assert hold.wait(10)  # batch 1 stays on the device
+        return [torch.tensor([float(s)]) for s in staged]
+
+    async def main() -> tuple[list[int], list[float]]:
+        batcher = DynamicBatcher(
+            run, prepare=prepare, max_batch_size=1, max_delay_s=0.0, max_queue_images=64,
+            max_inflight_batches=inflight,
+        )  # fmt: skip
+        try:
+            futures = [asyncio.ensure_future(batcher.submit(k, 1)) for k in (1, 2, 3, 4)]
+            await asyncio.sleep(0.2)
+            while_held = list(prepared)
+            hold.set()
+            return while_held, [float(t) for t in await asyncio.gather(*futures)]
+        finally:
+            batcher.close()
+
+    while_held, out = asyncio.run(main())
+    assert out == [1.0, 2.0, 3.0, 4.0]
+    assert while_held == list(range(1, inflight + 1))  # batch 1 on the device; the others prepared behind it
+
+
+def test_fewer_than_one_batch_in_flight_is_refused() -> None:
+    from model_server.batcher import DynamicBatcher
+
+    with pytest.raises(ValueError, match="max_inflight_batches must be >= 1, got 0"):
+        DynamicBatcher(lambda p: p, max_batch_size=1, max_delay_s=0.0, max_queue_images=8, max_inflight_batches=0)
 
 
 def test_a_request_that_finds_the_device_idle_runs_at_once_on_the_loop_thread() -> None:

@@ -181,6 +181,8 @@ def test_batched_rounds_on_the_cpu(artifacts_dir: Path, tmp_path: Path) -> None:
         ["--phases", "single", "--trace-batches", "5"],  # a trace is taken in the cpu-roles run only
         ["--server-root", "/"],  # no model_server package there
         ["--batched-rounds", "0"],
+        ["--server-cpus", "0-a"],
+        ["--locust-cpus", "100000"],  # not a CPU this process may run on
     ],
 )
 def test_unusable_flags_exit_2_before_any_work(
@@ -190,6 +192,29 @@ def test_unusable_flags_exit_2_before_any_work(
         sb.main(["--model-dir", str(tmp_path / "absent"), *argv])
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_cpu_lists_parse_as_taskset_takes_them_and_pin_children() -> None:
+    """``--server-cpus``/``--locust-cpus``: a Linux CPU list, only CPUs this process may use; a child
+    started with the role's ``preexec_fn`` runs on exactly those CPUs."""
+    allowed = sorted(os.sched_getaffinity(0))
+    assert sb.parse_cpus(f"{allowed[0]}") == {allowed[0]}
+    assert sb.parse_cpus(f"{allowed[0]}-{allowed[0]}," + ",".join(map(str, allowed))) == set(allowed)
+    for bad in ("", "a", "3-1", "-1", "0,,1"):
+        with pytest.raises(ValueError, match="is not a CPU list"):
+            sb.parse_cpus(bad)
+    with pytest.raises(ValueError, match="may not run on"):
+        sb.parse_cpus(str(max(allowed) + 1000))
+    assert sb._pinned("locust") is None  # no placement asked: any CPU
+    sb.PLACEMENT["locust"] = {allowed[-1]}
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+            capture_output=True, text=True, check=True, preexec_fn=sb._pinned("locust"),
+        )  # fmt: skip
+    finally:
+        sb.PLACEMENT["locust"] = None
+    assert out.stdout.strip() == str([allowed[-1]])
 
 
 def test_startup_summary_takes_medians_and_ratios_within_pairs() -> None:
