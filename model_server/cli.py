@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 from model_server import ServerError
 from model_server.config import (
-    CROP_STAGES,
     DECODE_STREAM_PRIORITIES,
     DEFAULT_BODY_POOL_MB,
     EVENT_LOOPS,
@@ -67,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max_inflight_batches", type=int, default=int(_env("MAX_INFLIGHT_BATCHES", str(d.max_inflight_batches))),
         help="batches between their forming and their answers at once: 2 overlaps decoding batch k+1 with "
-        "running batch k; 3 also forms batch k+2 while batch k is answered, so the decode stage never waits for "
-        "it (default: %(default)s)",
+        "running batch k; 3 also forms batch k+2 while batch k is answered (on the H100: no gain, README "
+        "session 21) (default: %(default)s)",
     )  # fmt: skip
     p.add_argument("--max_request_images", type=int, default=int(_env("MAX_REQUEST_IMAGES", str(d.max_request_images))))
     p.add_argument("--max_body_bytes", type=int, default=int(_env("MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES))))
@@ -118,12 +117,6 @@ def _parser() -> argparse.ArgumentParser:
         choices=DECODE_STREAM_PRIORITIES,
         help="priority of the GPU decode stage's CUDA stream: high (the GPU's highest: the decoder's and crop's "
         "kernels are scheduled ahead of the model's) or normal (the model's) (default: %(default)s)",
-    )  # fmt: skip
-    p.add_argument(
-        "--crop_stage", default=_env("CROP_STAGE", d.crop_stage), choices=CROP_STAGES,
-        help="where a batch's GPU-decoded JPEGs are resized and cropped: decode (the decode stage's thread and "
-        "stream) or device (the device stage's, on the model's stream before the model), so the decode stage "
-        "goes from one nvJPEG call to the next with less in between (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
         "--ipc_pinned_bodies", default=_env("IPC_PINNED_BODIES", "true"), choices=("true", "false"),
@@ -311,7 +304,6 @@ def main(argv: list[str] | None = None) -> int:
         decode_batch=args.decode_batch,
         jpeg_decoder=args.jpeg_decoder,
         decode_stream_priority=args.decode_stream_priority,
-        crop_stage=args.crop_stage,
         early_headers=args.nvjpeg_early_headers == "true",
         pinned_bodies=args.ipc_pinned_bodies == "true",
         inline_idle_ms=args.inline_idle_ms,

@@ -20,9 +20,6 @@ JPEG_DECODERS = ("nvjpeg", "torchvision")
 #: Priorities of the decode stage's CUDA stream (``--decode_stream_priority``): "high", the GPU's
 #: highest, so the decode's and crop's kernels are scheduled ahead of the model's; "normal", the model's.
 DECODE_STREAM_PRIORITIES = ("high", "normal")
-#: Where a batch's decoded JPEGs are resized and cropped (``--crop_stage``): on the decode stage's thread
-#: and side stream, or on the device stage's, on the model's stream just before the model.
-CROP_STAGES = ("decode", "device")
 #: Event loops of the HTTP front ends and the device process (``--event_loop``).
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 #: ``--max_queue_images 0`` (the default): the batch queue holds this many batches of ``--max_batch_size``,
@@ -74,8 +71,6 @@ class ServingConfig:
     early_headers: bool = True
     #: One of DECODE_STREAM_PRIORITIES (``--decode_stream_priority``).
     decode_stream_priority: str = "high"
-    #: One of CROP_STAGES (``--crop_stage``).
-    crop_stage: str = "decode"
     #: With ``--frontends N``, the reused buffers of large request bodies (``--ipc_body_pool_mb``) are
     #: page-locked where nvJPEG's hardware decoder reads their JPEGs (``--ipc_pinned_bodies``).
     pinned_bodies: bool = True

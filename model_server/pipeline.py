@@ -28,7 +28,7 @@ import torch
 
 from model_server import BadInput
 from model_server import metrics as m
-from model_server.config import CROP_STAGES, DECODE_STREAM_PRIORITIES, JPEG_DECODERS, MODEL_STREAMS
+from model_server.config import DECODE_STREAM_PRIORITIES, JPEG_DECODERS, MODEL_STREAMS
 from model_server.images import JpegBatch, Payload
 from model_server.nvjpeg import Headers, hardware_decoder
 from model_server.preprocess import (
@@ -55,9 +55,6 @@ class Staged:
     failed: dict[int, Exception]
     ready: torch.cuda.Event | None = None
     whole: torch.Tensor | None = None  # every payload was JPEG: the batch in order, one tensor
-    #: Decoded, not yet cropped (``crop_stage="device"``): the size groups of the batch's JPEGs, and the
-    #: payloads they belong to with each one's image count; the device stage crops them.
-    pending: tuple[list[SizeGroup], list[int], list[int]] | None = None
 
 
 #: Image sizes whose crop graphs are kept (least recently used dropped), and the largest image that gets one
@@ -102,7 +99,6 @@ class DevicePipeline:
         jpeg_decoder: str = "nvjpeg",
         decode_priority: str = "high",
         early_headers: bool = True,
-        crop_stage: str = "decode",
     ) -> None:
         if model_stream not in MODEL_STREAMS:
             raise ValueError(f"model_stream must be one of {', '.join(MODEL_STREAMS)}, got {model_stream!r}")
@@ -113,14 +109,8 @@ class DevicePipeline:
         if decode_priority not in DECODE_STREAM_PRIORITIES:
             raise ValueError(f"decode_priority must be one of {', '.join(DECODE_STREAM_PRIORITIES)}, "
                              f"got {decode_priority!r}")  # fmt: skip
-        if crop_stage not in CROP_STAGES:
-            raise ValueError(f"crop_stage must be one of {', '.join(CROP_STAGES)}, got {crop_stage!r}")
         self.decode_batch = decode_batch
         self.decode_priority = decode_priority
-        #: Which stage resizes and crops a batch decoded in one call: "decode" (:meth:`prepare`, on its
-        #: side stream) or "device" (:meth:`execute`, on the model's stream, before the model), so the
-        #: decode stage's thread goes from one nvJPEG call to the next with less in between.
-        self.crop_stage = crop_stage
         #: Whether :meth:`read_headers` reads a request's JPEG headers when it arrives (the hardware
         #: decoder's, on a CUDA device with ``jpeg_decoder="nvjpeg"`` and one call per batch).
         self.early_headers = early_headers and jpeg_decoder == "nvjpeg" and decode_batch == 0
@@ -282,22 +272,17 @@ class DevicePipeline:
         for i, e in staged.failed.items():
             results[i] = e
         parts = staged.parts
-        if not parts and staged.pending is None:
+        order = sorted(parts)
+        if not order:
             return results
         if staged.ready is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(staged.ready)
             # Made on the side stream, used (and freed) on this one. Views of one crop tensor share its
             # storage: when every payload was JPEG, recording the whole batch covers them all.
-            made: list[torch.Tensor] = []
-            for _, pixels in staged.pending[0] if staged.pending is not None else []:
-                made += [pixels] if isinstance(pixels, torch.Tensor) else pixels
-            for t in [staged.whole] if staged.whole is not None else [*parts.values(), *made]:
+            for t in [staged.whole] if staged.whole is not None else parts.values():
                 if t.device.type == "cuda":
                     t.record_stream(current)
-        if staged.pending is not None:
-            self._crop(staged)
-        order = sorted(parts)
         # Host-to-device timing only where something crosses (a batch of GPU-decoded JPEGs has nothing
         # to copy) and metrics record: each event pair is four more calls on the device thread's path.
         h2d: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
@@ -361,14 +346,17 @@ class DevicePipeline:
         frames = b"".join(b.frames if b.frames is not None else bytes(len(b)) for b in batches)
         read = [b.headers for b in batches]
         headers = Headers.join([h for h in read if h is not None]) if all(h is not None for h in read) else None
+        total = sum(counts)
         try:
             groups = self._decode_groups(encoded, frames, headers)
         except RuntimeError:
             groups = None  # one bad stream fails the batched call: retry each request alone
         if groups is not None:
-            staged.pending = (groups, jpeg_idx, counts)
-            if self.crop_stage == "decode":
-                self._crop(staged)
+            crops = resize_crop_groups(groups, total)
+            for i, part in zip(jpeg_idx, torch.split(crops, counts), strict=True):
+                staged.parts[i] = part
+            if len(jpeg_idx) == staged.n:
+                staged.whole = crops
             return
         start = 0
         for i, b, n in zip(jpeg_idx, batches, counts, strict=True):
@@ -379,17 +367,6 @@ class DevicePipeline:
             except RuntimeError as e:
                 staged.failed[i] = _undecodable(e)
             start += n
-
-    def _crop(self, staged: Staged) -> None:
-        """Resize and crop a batch's decoded JPEGs (``staged.pending``) on the current stream, into its parts."""
-        assert staged.pending is not None
-        groups, jpeg_idx, counts = staged.pending
-        staged.pending = None
-        crops = resize_crop_groups(groups, sum(counts))
-        for i, part in zip(jpeg_idx, torch.split(crops, counts), strict=True):
-            staged.parts[i] = part
-        if len(jpeg_idx) == staged.n:
-            staged.whole = crops
 
     def _decode_groups(self, encoded: Callable[[], list[torch.Tensor]], frames: bytes | None,
                        headers: Headers | None = None) -> list[SizeGroup]:  # fmt: skip

@@ -376,32 +376,6 @@ def test_headers_read_on_arrival_decode_the_same_pixels(tmp_path: Path) -> None:
     assert batch.headers is None
 
 
-def test_cropping_on_the_device_stage_gives_the_same_logits(tmp_path: Path) -> None:
-    """``crop_stage="device"`` on the GPU: the decode stage's side stream only decodes, the device stage
-    waits for it and crops on the model's stream; each request's logits equal the decode stage cropping."""
-    from model_server.artifact import read_manifest
-    from model_server.pipeline import DevicePipeline
-    from model_server.runtimes import load_runner
-
-    build_artifacts(tmp_path, "densenet121-eager-fp32")
-    d = tmp_path / "densenet121-eager-fp32"
-    runner = load_runner(read_manifest(d), d, torch.device("cuda"))
-    jpegs = _jpegs()
-    corrupt = b"\xff\xd8\xff" + b"\0" * 100
-    logits = {}
-    for stage in ("decode", "device"):
-        pipeline = DevicePipeline(runner, crop_stage=stage)
-        pipeline.warm_up()
-        for _ in range(3):  # batches back to back, the next prepared before the last has run
-            first = pipeline.prepare([_request_body(jpegs), _request_body(jpegs[::-1])])
-            second = pipeline.prepare([_request_body(jpegs[1:]), _request_body([jpegs[0], corrupt])])
-            out = pipeline.execute(first) + pipeline.execute(second)
-        assert isinstance(out[3], Exception) and all(isinstance(o, torch.Tensor) for o in out[:3])
-        logits[stage] = out[:3]
-    for got, want in zip(logits["device"], logits["decode"], strict=True):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # the same crops; cuDNN may pick another kernel
-
-
 def test_decode_stream_priority_high_is_the_gpus_highest(tmp_path: Path) -> None:
     """``--decode_stream_priority high``: the decode stage's side stream has the GPU's greatest priority
     (torch maps -1000 there), ``normal`` the default's; the crops are the same."""

@@ -62,41 +62,6 @@ def test_prepare_decodes_all_requests_together_and_execute_splits_them_back(runn
         torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
 
 
-def test_cropping_on_the_device_stage_gives_the_decode_stages_results(runner) -> None:  # type: ignore[no-untyped-def]
-    """``crop_stage="device"``: prepare leaves a batch's decoded JPEGs uncropped (only tensor payloads are
-    parts yet) and execute crops them before the model: the same results. A batch whose one call failed
-    (a corrupt JPEG) is decoded request by request and cropped in prepare, as before."""
-    from model_server import BadInput
-    from model_server.pipeline import DevicePipeline, JpegBatch
-    from model_server.preprocess import decode_and_crop
-
-    a, b, c = _jpeg(320, 240, (200, 30, 30)), _jpeg(320, 240, (30, 200, 30)), _jpeg(200, 300, (30, 30, 200))
-    pixels = decode_and_crop(b)[None]
-    corrupt = b"\xff\xd8\xff" + b"\0" * 100
-    results = {}
-    for stage in ("decode", "device"):
-        pipeline = DevicePipeline(runner, crop_stage=stage)
-        staged = pipeline.prepare([JpegBatch([a, b]), pixels, JpegBatch([c])])
-        assert sorted(staged.parts) == ([0, 1, 2] if stage == "decode" else [1])
-        assert (staged.pending is None) == (stage == "decode")
-        got = pipeline.execute(staged)
-        assert staged.pending is None and sorted(staged.parts) == [0, 1, 2]
-        bad = pipeline.prepare([JpegBatch([a, b]), pixels, JpegBatch([c]), JpegBatch([corrupt])])
-        assert bad.pending is None and sorted(bad.parts) == [0, 1, 2]
-        assert isinstance(bad.failed.get(3), BadInput)
-        results[stage] = got + pipeline.execute(bad)
-    assert isinstance(results["device"][6], BadInput)
-    for got, want in zip(results["device"][:6], results["decode"][:6], strict=True):
-        torch.testing.assert_close(got, want)
-    all_jpeg = DevicePipeline(runner, crop_stage="device").prepare([JpegBatch([a]), JpegBatch([c, b])])
-    assert all_jpeg.whole is None and all_jpeg.pending is not None
-    out = DevicePipeline(runner, crop_stage="device").execute(all_jpeg)
-    assert all_jpeg.whole is not None and all_jpeg.whole.shape == (3, 3, 224, 224)
-    assert [r.shape[0] for r in out] == [1, 2]  # type: ignore[union-attr]
-    with pytest.raises(ValueError, match="crop_stage must be one of decode, device, got 'model'"):
-        DevicePipeline(runner, crop_stage="model")
-
-
 def test_a_batch_of_jpeg_requests_is_one_tensor_in_request_order(runner) -> None:  # type: ignore[no-untyped-def]
     from model_server.pipeline import DevicePipeline, JpegBatch
 
