@@ -26,6 +26,11 @@ high-priority stream, alone and beside the model (``--decode_stream_priority`` o
 decoder (pinned bitstreams, high-priority stream) asked for planar RGB (what the server asks for),
 interleaved RGB and planar YUV (what the engines write, no conversion kernel of nvJPEG's on the
 stream), alone and beside the model.
+
+``--set feed`` asks whether the server's way of calling the same decoder costs it: a fixed batch of
+128 (what every other arm does) against batch sizes that change every call (101–128, each call
+initialising the decoder for its size, as the server's does) and against outputs allocated by torch's
+caching allocator with the table built anew every call, and both.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ from loadtest._payloads import photo_set  # noqa: E402
 from model_server import tuning  # noqa: E402
 
 OUTPUT_YUV, OUTPUT_RGB, OUTPUT_RGBI = 1, 3, 5
+#: Batch sizes a ``vary`` decoder cycles through (the server's 32-JPEG batches of 128 ranged 101–128).
+VARIED_SIZES = (128, 113, 124, 101, 127, 118, 126, 109, 122, 116)
 
 
 class _Image(ctypes.Structure):
@@ -90,8 +97,13 @@ class Decoder:
 
     def __init__(self, cu: Any, nj: Any, jpegs: list[bytes], sizes: list[tuple[int, int]], *, own_context: bool,
                  fmt: int, copy_to: torch.Tensor | None, primary: ctypes.c_void_p,
-                 pinned: bool = False, high_priority: bool = False) -> None:  # fmt: skip
+                 pinned: bool = False, high_priority: bool = False, vary: bool = False,
+                 torch_out: bool = False) -> None:  # fmt: skip
         self.cu, self.nj, self.fmt, self.pinned, self.high_priority = cu, nj, fmt, pinned, high_priority
+        # vary: each call decodes the first k JPEGs, k cycling over VARIED_SIZES (the server's batches vary);
+        # torch_out: each call's output comes from torch's caching allocator, its table built anew (as the server's)
+        self.vary, self.torch_out, self._k = vary, torch_out, 0
+        self.decoded = 0  # JPEGs decoded since run_arm reset it
         self.own_context, self.copy_to, self.primary = own_context, copy_to, primary
         self.jpegs, self.sizes = jpegs, sizes
         self.batches = 0
@@ -155,9 +167,21 @@ class Decoder:
         self.lens = (ctypes.c_size_t * n)(*[len(b) for b in self.jpegs])
 
     def _once(self) -> None:
-        nj, n = self.nj, len(self.jpegs)
+        nj, n, table = self.nj, len(self.jpegs), self.table
+        if self.vary:
+            n = min(n, VARIED_SIZES[self._k % len(VARIED_SIZES)])
+            self._k += 1
+        if self.torch_out:
+            out = torch.empty(self.total, dtype=torch.uint8, device="cuda")
+            table = (_Image * n)()
+            at = out.data_ptr()
+            for j, (h, w) in enumerate(self.sizes[:n]):
+                for c in range(3):
+                    table[j].channel[c], table[j].pitch[c] = at + c * h * w, w
+                at += 3 * h * w
         _ok("init", nj.nvjpegDecodeBatchedInitialize(self.handle, self.state, n, 1, self.fmt))
-        _ok("decode", nj.nvjpegDecodeBatched(self.handle, self.state, self.ptrs, self.lens, self.table, self.stream))
+        _ok("decode", nj.nvjpegDecodeBatched(self.handle, self.state, self.ptrs, self.lens, table, self.stream))
+        self.decoded += n
         if self.copy_to is not None:
             _ok("copy", self.cu.cuMemcpyPeerAsync(ctypes.c_uint64(self.copy_to.data_ptr()), self.primary,
                                                   self.out, self.ctx, ctypes.c_size_t(self.total),
@@ -250,6 +274,7 @@ def _engine_sampler() -> Any:
 def run_arm(decoders: list[Any], window_s: float, model: Any | None, sample: Any) -> dict[str, Any]:
     for d in decoders:
         d.batches = 0
+        d.decoded = 0
     util: list[float] = []
     t0 = time.perf_counter()
     if model is not None:
@@ -268,7 +293,8 @@ def run_arm(decoders: list[Any], window_s: float, model: Any | None, sample: Any
     time.sleep(0.1)
     n = len(decoders[0].jpegs) if decoders else 0
     res: dict[str, Any] = {
-        "jpegs_per_s": round(sum(d.batches for d in decoders) * n / elapsed, 1),
+        # a direct decoder counts its JPEGs (its batches may vary); torchvision's op decodes all n each time
+        "jpegs_per_s": round(sum(getattr(d, "decoded", 0) or d.batches * n for d in decoders) / elapsed, 1),
         "per_decoder_batches": [d.batches for d in decoders],
         "errors": [d.error for d in decoders if d.error],
     }
@@ -286,12 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--counts", default="1,2,3,4")
     ap.add_argument("--name", default="", help="the record's name (default: nvjpeg-<set>-probe)")
     ap.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--set", dest="arm_set", choices=("contexts", "pinned", "priority", "output"), default="contexts",
+    sets = ("contexts", "pinned", "priority", "output", "feed")
+    ap.add_argument("--set", dest="arm_set", choices=sets, default="contexts",
                     help="contexts: decoders in contexts of their own (session 18); pinned: the process's "
                          "context only, the bitstreams in pageable vs page-locked memory, direct and "
                          "through torchvision's op (session 19); priority: the decoders' stream at normal "
                          "vs the highest priority, beside the model (session 20); output: planar RGB, interleaved "
-                         "RGB and planar YUV output (session 21)")  # fmt: skip
+                         "RGB and planar YUV output (session 21); feed: a fixed batch of 128 against batch "
+                         "sizes that vary per call and outputs from torch's allocator (session 21)")  # fmt: skip
     args = ap.parse_args(argv)
     import io
 
@@ -354,27 +382,32 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{tag}_beside_model", run_arm([tv], args.window_s, model, sample))
             tv.stop.set()
             tv.go.set()
+
+    def direct_arms(tag: str, fmt: int, high: bool, **feed: bool) -> None:
+        """One direct decoder reading pinned bitstreams in the process's context: alone, then beside the model."""
+        d = Decoder(cu, nj, jpegs, sizes, own_context=False, fmt=fmt, copy_to=None, primary=primary,
+                    pinned=True, high_priority=high, **feed)  # fmt: skip
+        log(f"{tag}_alone", run_arm([d], args.window_s, None, sample))
+        log(f"{tag}_beside_model", run_arm([d], args.window_s, model, sample))
+        d.stop.set()
+        d.go.set()
+
     if args.arm_set == "priority":
         for high in (False, True):
             tag = "high" if high else "normal"
-            d = Decoder(cu, nj, jpegs, sizes, own_context=False, fmt=OUTPUT_RGB, copy_to=None, primary=primary,
-                        pinned=True, high_priority=high)  # fmt: skip
-            log(f"direct_pinned_{tag}_alone", run_arm([d], args.window_s, None, sample))
-            log(f"direct_pinned_{tag}_beside_model", run_arm([d], args.window_s, model, sample))
-            d.stop.set()
-            d.go.set()
+            direct_arms(f"direct_pinned_{tag}", OUTPUT_RGB, high)
             tv = TorchvisionDecoder(dev, jpegs, pinned=False, high_priority=high)
             log(f"torchvision_{tag}_beside_model", run_arm([tv], args.window_s, model, sample))
             tv.stop.set()
             tv.go.set()
     if args.arm_set == "output":
         for label, fmt in (("rgb", OUTPUT_RGB), ("rgbi", OUTPUT_RGBI), ("yuv", OUTPUT_YUV)):
-            d = Decoder(cu, nj, jpegs, sizes, own_context=False, fmt=fmt, copy_to=None, primary=primary,
-                        pinned=True, high_priority=True)  # fmt: skip
-            log(f"direct_{label}_alone", run_arm([d], args.window_s, None, sample))
-            log(f"direct_{label}_beside_model", run_arm([d], args.window_s, model, sample))
-            d.stop.set()
-            d.go.set()
+            direct_arms(f"direct_{label}", fmt, True)
+    if args.arm_set == "feed":
+        direct_arms("direct_fixed", OUTPUT_RGB, True)
+        direct_arms("direct_varied_sizes", OUTPUT_RGB, True, vary=True)
+        direct_arms("direct_torch_outputs", OUTPUT_RGB, True, torch_out=True)
+        direct_arms("direct_varied_torch_outputs", OUTPUT_RGB, True, vary=True, torch_out=True)
     for own in (False, True) if args.arm_set == "contexts" else ():
         for k in counts:
             if not own and k > 2:
