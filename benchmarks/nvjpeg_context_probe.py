@@ -31,6 +31,11 @@ stream), alone and beside the model.
 128 (what every other arm does) against batch sizes that change every call (101–128, each call
 initialising the decoder for its size, as the server's does) and against outputs allocated by torch's
 caching allocator with the table built anew every call, and both.
+
+``--set crops`` asks what the server's resize and crop cost: their GPU time for a batch alone and
+beside the model, and the decoder fed as the server feeds it (sizes varying, torch outputs) with a
+wait for its stream after each call, without one (as the server), and with the crop queued on its
+stream after each call, as the server's decode stage does.
 """
 
 from __future__ import annotations
@@ -98,11 +103,16 @@ class Decoder:
     def __init__(self, cu: Any, nj: Any, jpegs: list[bytes], sizes: list[tuple[int, int]], *, own_context: bool,
                  fmt: int, copy_to: torch.Tensor | None, primary: ctypes.c_void_p,
                  pinned: bool = False, high_priority: bool = False, vary: bool = False,
-                 torch_out: bool = False) -> None:  # fmt: skip
+                 torch_out: bool = False, crop: bool = False, sync: bool = True) -> None:  # fmt: skip
         self.cu, self.nj, self.fmt, self.pinned, self.high_priority = cu, nj, fmt, pinned, high_priority
         # vary: each call decodes the first k JPEGs, k cycling over VARIED_SIZES (the server's batches vary);
         # torch_out: each call's output comes from torch's caching allocator, its table built anew (as the server's)
         self.vary, self.torch_out, self._k = vary, torch_out, 0
+        # crop: the server's resize and crop of each call's images, queued on the decoder's stream right after
+        # it (torch outputs); sync=False: no wait for the stream after a call (the server waits for none)
+        self.crop, self.sync = crop, sync
+        if crop and (not torch_out or len(set(sizes)) != 1):
+            raise ValueError("crop needs torch_out and JPEGs of one size")
         self.decoded = 0  # JPEGs decoded since run_arm reset it
         self.own_context, self.copy_to, self.primary = own_context, copy_to, primary
         self.jpegs, self.sizes = jpegs, sizes
@@ -167,10 +177,18 @@ class Decoder:
         self.lens = (ctypes.c_size_t * n)(*[len(b) for b in self.jpegs])
 
     def _once(self) -> None:
+        if self.torch_out:  # torch's allocations and kernels on the decoder's stream, as the server's side stream
+            with torch.cuda.stream(torch.cuda.ExternalStream(self.stream.value)):
+                self._call()
+        else:
+            self._call()
+
+    def _call(self) -> None:
         nj, n, table = self.nj, len(self.jpegs), self.table
         if self.vary:
             n = min(n, VARIED_SIZES[self._k % len(VARIED_SIZES)])
             self._k += 1
+        out = None
         if self.torch_out:
             out = torch.empty(self.total, dtype=torch.uint8, device="cuda")
             table = (_Image * n)()
@@ -182,11 +200,17 @@ class Decoder:
         _ok("init", nj.nvjpegDecodeBatchedInitialize(self.handle, self.state, n, 1, self.fmt))
         _ok("decode", nj.nvjpegDecodeBatched(self.handle, self.state, self.ptrs, self.lens, table, self.stream))
         self.decoded += n
+        if self.crop and out is not None:
+            from model_server.preprocess import resize_crop_pixels
+
+            h, w = self.sizes[0]
+            resize_crop_pixels(out[: n * 3 * h * w].view(n, 3, h, w)).to(torch.uint8)
         if self.copy_to is not None:
             _ok("copy", self.cu.cuMemcpyPeerAsync(ctypes.c_uint64(self.copy_to.data_ptr()), self.primary,
                                                   self.out, self.ctx, ctypes.c_size_t(self.total),
                                                   self.stream))  # fmt: skip
-        _ok("sync", self.cu.cuStreamSynchronize(self.stream))
+        if self.sync:
+            _ok("sync", self.cu.cuStreamSynchronize(self.stream))
 
     def _run(self) -> None:
         try:
@@ -312,14 +336,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--counts", default="1,2,3,4")
     ap.add_argument("--name", default="", help="the record's name (default: nvjpeg-<set>-probe)")
     ap.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    sets = ("contexts", "pinned", "priority", "output", "feed")
+    sets = ("contexts", "pinned", "priority", "output", "feed", "crops")
     ap.add_argument("--set", dest="arm_set", choices=sets, default="contexts",
                     help="contexts: decoders in contexts of their own (session 18); pinned: the process's "
                          "context only, the bitstreams in pageable vs page-locked memory, direct and "
                          "through torchvision's op (session 19); priority: the decoders' stream at normal "
                          "vs the highest priority, beside the model (session 20); output: planar RGB, interleaved "
                          "RGB and planar YUV output (session 21); feed: a fixed batch of 128 against batch "
-                         "sizes that vary per call and outputs from torch's allocator (session 21)")  # fmt: skip
+                         "sizes that vary per call and outputs from torch's allocator (session 21); crops: the "
+                         "server's crop's GPU time, and the decoder fed as the server feeds it with and without "
+                         "the crop queued on its stream after each call (session 21)")  # fmt: skip
     args = ap.parse_args(argv)
     import io
 
@@ -403,6 +429,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.arm_set == "output":
         for label, fmt in (("rgb", OUTPUT_RGB), ("rgbi", OUTPUT_RGBI), ("yuv", OUTPUT_YUV)):
             direct_arms(f"direct_{label}", fmt, True)
+    if args.arm_set == "crops":
+        from model_server.preprocess import resize_crop_pixels
+
+        h, w = sizes[0]
+        x = torch.randint(0, 255, (args.batch, 3, h, w), dtype=torch.uint8, device=dev)
+
+        def crop_ms() -> float:
+            times = []
+            for _ in range(25):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                resize_crop_pixels(x).to(torch.uint8)
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+            return statistics.median(times[5:])
+
+        log("crop_alone", {"crop_ms": round(crop_ms(), 3)})
+        model.__enter__()
+        beside = crop_ms()
+        model.__exit__(None, None, None)
+        log("crop_beside_model", {"crop_ms": round(beside, 3), "model_replays_per_s": model.replays_per_s})
+        feed = {"vary": True, "torch_out": True}
+        direct_arms("direct_server_feed", OUTPUT_RGB, True, **feed)
+        direct_arms("direct_server_feed_nosync", OUTPUT_RGB, True, **feed, sync=False)
+        direct_arms("direct_server_feed_crops", OUTPUT_RGB, True, **feed, crop=True, sync=False)
     if args.arm_set == "feed":
         direct_arms("direct_fixed", OUTPUT_RGB, True)
         direct_arms("direct_varied_sizes", OUTPUT_RGB, True, vary=True)
@@ -446,6 +498,7 @@ _METRIC_NAMES = {
     "jpeg_engine_util_median": "jpeg_engine_util_pct",
     "per_decoder_batches": "decoder_batches",
     "errors": "errors",
+    "crop_ms": "crop_ms",
 }
 
 
