@@ -119,11 +119,6 @@ def _parser() -> argparse.ArgumentParser:
         "kernels are scheduled ahead of the model's) or normal (the model's) (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
-        "--nvjpeg_stream_sync", default=_env("NVJPEG_STREAM_SYNC", "false"), choices=("true", "false"),
-        help="with --jpeg_decoder nvjpeg: before each batched hardware decode, wait for the decode stream's "
-        "earlier work (the last batch's crops) so nvJPEG starts on an idle stream (default: false)",
-    )  # fmt: skip
-    p.add_argument(
         "--ipc_pinned_bodies", default=_env("IPC_PINNED_BODIES", "true"), choices=("true", "false"),
         help="with --frontends N: the reused buffers of large request bodies are page-locked where nvJPEG's "
         "hardware decoder reads their JPEGs (--jpeg_decoder nvjpeg on a GPU that has one), so its copies "
@@ -309,7 +304,6 @@ def main(argv: list[str] | None = None) -> int:
         decode_batch=args.decode_batch,
         jpeg_decoder=args.jpeg_decoder,
         decode_stream_priority=args.decode_stream_priority,
-        nvjpeg_stream_sync=args.nvjpeg_stream_sync == "true",
         early_headers=args.nvjpeg_early_headers == "true",
         pinned_bodies=args.ipc_pinned_bodies == "true",
         inline_idle_ms=args.inline_idle_ms,

@@ -71,8 +71,6 @@ class ServingConfig:
     early_headers: bool = True
     #: One of DECODE_STREAM_PRIORITIES (``--decode_stream_priority``).
     decode_stream_priority: str = "high"
-    #: Before each batched hardware decode, wait for the decode stream's earlier work (``--nvjpeg_stream_sync``).
-    nvjpeg_stream_sync: bool = False
     #: With ``--frontends N``, the reused buffers of large request bodies (``--ipc_body_pool_mb``) are
     #: page-locked where nvJPEG's hardware decoder reads their JPEGs (``--ipc_pinned_bodies``).
     pinned_bodies: bool = True

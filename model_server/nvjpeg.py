@@ -148,9 +148,6 @@ class HardwareDecoder:
         self._local = threading.local()  # each calling thread's parsed-stream object
         self._reader: ctypes.c_void_p | None = None  # read_headers' handle (made on its first use)
         self._reader_lock = threading.Lock()
-        #: Wait (the GIL released) for the caller's stream to finish its earlier work (the previous batch's
-        #: crops) before each batched call, so nvJPEG starts on an idle stream (``--nvjpeg_stream_sync``).
-        self.sync_stream = False
 
     def _parsed(self) -> ctypes.c_void_p:
         """The calling thread's ``nvjpegJpegStream_t`` (made on its first use)."""
@@ -299,12 +296,9 @@ class HardwareDecoder:
         length_words = np.ascontiguousarray(lengths[picked], dtype=np.uint64)
         data_ptrs = (ctypes.c_void_p * k).from_buffer(ptr_words.data)
         lens = (ctypes.c_size_t * k).from_buffer(length_words.data)
-        current = torch.cuda.current_stream(self.device)
-        stream = ctypes.c_void_p(current.cuda_stream)
+        stream = ctypes.c_void_p(torch.cuda.current_stream(self.device).cuda_stream)
         handle = self.handle
         t1 = time.perf_counter()
-        if self.sync_stream:
-            current.synchronize()
         with self.lock:  # the one decode state: one batched call at a time
             self.calls += 1
             _check("nvjpegDecodeBatchedInitialize",

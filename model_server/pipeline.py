@@ -99,7 +99,6 @@ class DevicePipeline:
         jpeg_decoder: str = "nvjpeg",
         decode_priority: str = "high",
         early_headers: bool = True,
-        nvjpeg_stream_sync: bool = False,
     ) -> None:
         if model_stream not in MODEL_STREAMS:
             raise ValueError(f"model_stream must be one of {', '.join(MODEL_STREAMS)}, got {model_stream!r}")
@@ -130,9 +129,6 @@ class DevicePipeline:
         self._sizes_seen: dict[tuple[int, int], int] = {}
         self._crop_failed: set[tuple[int, int]] = set()
         self._crop_pool = torch.cuda.graph_pool_handle() if cuda else None
-        hardware = hardware_decoder(self.device) if cuda and jpeg_decoder == "nvjpeg" else None
-        if hardware is not None:  # the process's one decoder: the last pipeline made sets it
-            hardware.sync_stream = nvjpeg_stream_sync
 
     def __call__(self, payloads: list[Payload]) -> list[torch.Tensor | Exception]:
         """Both stages in one call, for a batch with nothing to overlap (the device idle before it).

@@ -378,10 +378,8 @@ def test_headers_read_on_arrival_decode_the_same_pixels(tmp_path: Path) -> None:
 
 def test_decode_stream_priority_high_is_the_gpus_highest(tmp_path: Path) -> None:
     """``--decode_stream_priority high``: the decode stage's side stream has the GPU's greatest priority
-    (torch maps -1000 there), ``normal`` the default's; the crops are the same, also with
-    ``--nvjpeg_stream_sync``."""
+    (torch maps -1000 there), ``normal`` the default's; the crops are the same."""
     from model_server.artifact import read_manifest
-    from model_server.nvjpeg import hardware_decoder
     from model_server.pipeline import DevicePipeline, JpegBatch
     from model_server.runtimes import load_runner
 
@@ -398,14 +396,3 @@ def test_decode_stream_priority_high_is_the_gpus_highest(tmp_path: Path) -> None
         assert pipeline._side_stream().priority == (greatest if priority == "high" else 0)
         crops[priority] = s.whole.clone()
     assert torch.equal(crops["high"], crops["normal"])
-    # --nvjpeg_stream_sync: the decoder waits for the stream before each call; batches back to back, the same crops
-    synced = DevicePipeline(runner, nvjpeg_stream_sync=True)
-    hardware = hardware_decoder(torch.device("cuda"))
-    assert hardware is None or hardware.sync_stream
-    staged = [synced.prepare([JpegBatch(_jpegs())]) for _ in range(3)]
-    for s in staged:
-        assert s.ready is not None and s.whole is not None
-        s.ready.synchronize()
-        assert torch.equal(s.whole, crops["high"])
-    DevicePipeline(runner)  # the default again: no wait
-    assert hardware is None or not hardware.sync_stream
