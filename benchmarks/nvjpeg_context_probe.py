@@ -33,9 +33,10 @@ initialising the decoder for its size, as the server's does) and against outputs
 caching allocator with the table built anew every call, and both.
 
 ``--set crops`` asks what the server's resize and crop cost: their GPU time for a batch alone and
-beside the model, and the decoder fed as the server feeds it (sizes varying, torch outputs) with a
-wait for its stream after each call, without one (as the server), and with the crop queued on its
-stream after each call, as the server's decode stage does.
+beside the model, and the decoder fed as the server feeds it (sizes varying, torch outputs) without
+and with the crop queued on its stream after each call, as the server's decode stage does. (An arm
+that never waited for the stream between calls stalled beside the model and hung the probe; it was
+removed, and its output is kept in ``nvjpeg-crops-probe-s21-hang.txt``.)
 """
 
 from __future__ import annotations
@@ -103,14 +104,14 @@ class Decoder:
     def __init__(self, cu: Any, nj: Any, jpegs: list[bytes], sizes: list[tuple[int, int]], *, own_context: bool,
                  fmt: int, copy_to: torch.Tensor | None, primary: ctypes.c_void_p,
                  pinned: bool = False, high_priority: bool = False, vary: bool = False,
-                 torch_out: bool = False, crop: bool = False, sync: bool = True) -> None:  # fmt: skip
+                 torch_out: bool = False, crop: bool = False) -> None:  # fmt: skip
         self.cu, self.nj, self.fmt, self.pinned, self.high_priority = cu, nj, fmt, pinned, high_priority
         # vary: each call decodes the first k JPEGs, k cycling over VARIED_SIZES (the server's batches vary);
         # torch_out: each call's output comes from torch's caching allocator, its table built anew (as the server's)
         self.vary, self.torch_out, self._k = vary, torch_out, 0
         # crop: the server's resize and crop of each call's images, queued on the decoder's stream right after
-        # it (torch outputs); sync=False: no wait for the stream after a call (the server waits for none)
-        self.crop, self.sync = crop, sync
+        # it (torch outputs), before the wait for the stream
+        self.crop = crop
         if crop and (not torch_out or len(set(sizes)) != 1):
             raise ValueError("crop needs torch_out and JPEGs of one size")
         self.decoded = 0  # JPEGs decoded since run_arm reset it
@@ -209,8 +210,9 @@ class Decoder:
             _ok("copy", self.cu.cuMemcpyPeerAsync(ctypes.c_uint64(self.copy_to.data_ptr()), self.primary,
                                                   self.out, self.ctx, ctypes.c_size_t(self.total),
                                                   self.stream))  # fmt: skip
-        if self.sync:
-            _ok("sync", self.cu.cuStreamSynchronize(self.stream))
+        # Never skipped: without this wait, calls fed as the server feeds them stalled beside the model (1,109
+        # JPEGs/s) and the probe then hung (README session 21, nvjpeg-crops-probe-s21-hang.txt)
+        _ok("sync", self.cu.cuStreamSynchronize(self.stream))
 
     def _run(self) -> None:
         try:
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                          "vs the highest priority, beside the model (session 20); output: planar RGB, interleaved "
                          "RGB and planar YUV output (session 21); feed: a fixed batch of 128 against batch "
                          "sizes that vary per call and outputs from torch's allocator (session 21); crops: the "
-                         "server's crop's GPU time, and the decoder fed as the server feeds it with and without "
+                         "server's crop's GPU time, and the decoder fed as the server feeds it without and with "
                          "the crop queued on its stream after each call (session 21)")  # fmt: skip
     args = ap.parse_args(argv)
     import io
@@ -453,8 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         log("crop_beside_model", {"crop_ms": round(beside, 3), "model_replays_per_s": model.replays_per_s})
         feed = {"vary": True, "torch_out": True}
         direct_arms("direct_server_feed", OUTPUT_RGB, True, **feed)
-        direct_arms("direct_server_feed_nosync", OUTPUT_RGB, True, **feed, sync=False)
-        direct_arms("direct_server_feed_crops", OUTPUT_RGB, True, **feed, crop=True, sync=False)
+        direct_arms("direct_server_feed_crops", OUTPUT_RGB, True, **feed, crop=True)
     if args.arm_set == "feed":
         direct_arms("direct_fixed", OUTPUT_RGB, True)
         direct_arms("direct_varied_sizes", OUTPUT_RGB, True, vary=True)
