@@ -33,7 +33,8 @@ initialising the decoder for its size, as the server's does) and against outputs
 caching allocator with the table built anew every call, and both.
 
 ``--set crops`` asks what the server's resize and crop cost: their GPU time for a batch alone and
-beside the model, and the decoder fed as the server feeds it (sizes varying, torch outputs) without
+beside the model, the same crop as two 1-D passes (:func:`crop_two_passes`: its time and the pixels
+it rounds otherwise), and the decoder fed as the server feeds it (sizes varying, torch outputs) without
 and with the crop queued on its stream after each call, as the server's decode stage does. (An arm
 that never waited for the stream between calls stalled beside the model and hung the probe; it was
 removed, and its output is kept in ``nvjpeg-crops-probe-s21-hang.txt``.)
@@ -297,6 +298,22 @@ def _engine_sampler() -> Any:
         return None
 
 
+def crop_two_passes(images: torch.Tensor) -> torch.Tensor:
+    """``preprocess.resize_crop_pixels`` as two 1-D antialiased resizes, the columns cut to the crop's
+    window between them: a candidate for a cheaper crop on the GPU (whose antialiased resize is one
+    2-D pass over every output pixel of the whole resized image)."""
+    from optimize.registry import CROP_SIZE, RESIZE_SIZE
+
+    _, _, h, w = images.shape
+    nw, nh = (RESIZE_SIZE, int(RESIZE_SIZE * h / w)) if w <= h else (int(RESIZE_SIZE * w / h), RESIZE_SIZE)
+    top, left = round((nh - CROP_SIZE) / 2.0), round((nw - CROP_SIZE) / 2.0)
+    resize = torch.nn.functional.interpolate
+    x = resize(images.float(), size=(h, nw), mode="bilinear", antialias=True, align_corners=False)
+    x = resize(x[..., left : left + CROP_SIZE], size=(nh, CROP_SIZE), mode="bilinear", antialias=True,
+               align_corners=False)  # fmt: skip
+    return x[:, :, top : top + CROP_SIZE].round_().clamp_(0, 255)
+
+
 def run_arm(decoders: list[Any], window_s: float, model: Any | None, sample: Any) -> dict[str, Any]:
     for d in decoders:
         d.batches = 0
@@ -432,27 +449,34 @@ def main(argv: list[str] | None = None) -> int:
         for label, fmt in (("rgb", OUTPUT_RGB), ("rgbi", OUTPUT_RGBI), ("yuv", OUTPUT_YUV)):
             direct_arms(f"direct_{label}", fmt, True)
     if args.arm_set == "crops":
+        from torchvision.io import decode_jpeg
+
         from model_server.preprocess import resize_crop_pixels
 
         h, w = sizes[0]
         x = torch.randint(0, 255, (args.batch, 3, h, w), dtype=torch.uint8, device=dev)
 
-        def crop_ms() -> float:
+        def crop_ms(crop: Any) -> float:
             times = []
             for _ in range(25):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
-                resize_crop_pixels(x).to(torch.uint8)
+                crop(x).to(torch.uint8)
                 b.record()
                 b.synchronize()
                 times.append(a.elapsed_time(b))
             return statistics.median(times[5:])
 
-        log("crop_alone", {"crop_ms": round(crop_ms(), 3)})
+        log("crop_alone", {"crop_ms": round(crop_ms(resize_crop_pixels), 3)})
         model.__enter__()
-        beside = crop_ms()
+        beside = crop_ms(resize_crop_pixels)
         model.__exit__(None, None, None)
         log("crop_beside_model", {"crop_ms": round(beside, 3), "model_replays_per_s": model.replays_per_s})
+        # the same crop as two 1-D passes, the columns cut to the window between them (identical on the CPU,
+        # where torch's antialiased resize is itself two passes): its time, and the pixels it rounds otherwise
+        photos_px = torch.stack([decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8)) for b in jpegs])
+        differ = (resize_crop_pixels(photos_px.to(dev)) != crop_two_passes(photos_px.to(dev))).sum().item()
+        log("crop_two_passes_alone", {"crop_ms": round(crop_ms(crop_two_passes), 3), "differing_px": int(differ)})
         feed = {"vary": True, "torch_out": True}
         direct_arms("direct_server_feed", OUTPUT_RGB, True, **feed)
         direct_arms("direct_server_feed_crops", OUTPUT_RGB, True, **feed, crop=True)
@@ -500,6 +524,7 @@ _METRIC_NAMES = {
     "per_decoder_batches": "decoder_batches",
     "errors": "errors",
     "crop_ms": "crop_ms",
+    "differing_px": "differing_px",
 }
 
 
