@@ -159,16 +159,7 @@ class Decoder:
         total = sum(3 * h * w for h, w in self.sizes)
         self.out = ctypes.c_uint64()
         _ok("cuMemAlloc", cu.cuMemAlloc_v2(ctypes.byref(self.out), ctypes.c_size_t(total)))
-        self.table = (_Image * n)()
-        at = self.out.value
-        for j, (h, w) in enumerate(self.sizes):
-            if self.fmt == OUTPUT_RGBI:  # one interleaved plane
-                self.table[j].channel[0], self.table[j].pitch[0] = at, 3 * w
-            else:  # three planes (YUV's chroma ones need less, and get as much)
-                for c in range(3):
-                    self.table[j].channel[c] = at + c * h * w
-                    self.table[j].pitch[c] = w
-            at += 3 * h * w
+        self.table = self._table(self.out.value, n)
         self.total = total
         if self.pinned:  # the bitstreams in page-locked memory: nvJPEG's copies of them need no staging
             self.host = pinned_bitstreams(self.jpegs)
@@ -177,6 +168,19 @@ class Decoder:
             self.bufs = [ctypes.create_string_buffer(b, len(b)) for b in self.jpegs]
             self.ptrs = (ctypes.c_void_p * n)(*[ctypes.addressof(b) for b in self.bufs])
         self.lens = (ctypes.c_size_t * n)(*[len(b) for b in self.jpegs])
+
+    def _table(self, at: int, n: int) -> Any:
+        """The ``nvjpegImage_t`` array of the first ``n`` images, laid out one after another from device
+        address ``at``: three planes each, or one interleaved plane for RGBI."""
+        table = (_Image * n)()
+        for j, (h, w) in enumerate(self.sizes[:n]):
+            if self.fmt == OUTPUT_RGBI:  # one interleaved plane
+                table[j].channel[0], table[j].pitch[0] = at, 3 * w
+            else:  # three planes (YUV's chroma ones need less, and get as much)
+                for c in range(3):
+                    table[j].channel[c], table[j].pitch[c] = at + c * h * w, w
+            at += 3 * h * w
+        return table
 
     def _once(self) -> None:
         if self.torch_out:  # torch's allocations and kernels on the decoder's stream, as the server's side stream
@@ -193,12 +197,7 @@ class Decoder:
         out = None
         if self.torch_out:
             out = torch.empty(self.total, dtype=torch.uint8, device="cuda")
-            table = (_Image * n)()
-            at = out.data_ptr()
-            for j, (h, w) in enumerate(self.sizes[:n]):
-                for c in range(3):
-                    table[j].channel[c], table[j].pitch[c] = at + c * h * w, w
-                at += 3 * h * w
+            table = self._table(out.data_ptr(), n)
         _ok("init", nj.nvjpegDecodeBatchedInitialize(self.handle, self.state, n, 1, self.fmt))
         _ok("decode", nj.nvjpegDecodeBatched(self.handle, self.state, self.ptrs, self.lens, table, self.stream))
         self.decoded += n

@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -222,16 +223,16 @@ class HardwareDecoder:
         header is read here, and the JPEGs are read where ``headers`` says they are."""
         return self._retrying(lambda known: self._decode_read(headers, known), frames)
 
-    def _retrying(self, run: Any, frames: bytes | None) -> tuple[list[Group], list[int]]:
+    def _retrying(self, run: Callable[[bytes | None], tuple[list[Group], list[int]]],
+                  frames: bytes | None) -> tuple[list[Group], list[int]]:  # fmt: skip
+        """``run(frames)``; should the batched decode refuse what the remembered answers let through, ``run(None)``."""
         try:
-            result: tuple[list[Group], list[int]] = run(frames)
-            return result
+            return run(frames)
         except NvJpegError as e:
             if frames is None or not e.call.startswith("nvjpegDecodeBatched"):
                 raise
             log.warning("nvJPEG refused a batch decoded on remembered answers (%s): asking per image", e)
-            result = run(None)
-            return result
+            return run(None)
 
     def _takes(self, ptr: int, n: int, i: int) -> bool:
         """Whether the hardware decodes this image (its header parsed on the calling thread's stream object)."""
