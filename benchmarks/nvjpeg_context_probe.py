@@ -33,7 +33,7 @@ initialising the decoder for its size, as the server's does) and against outputs
 caching allocator with the table built anew every call, and both.
 
 ``--set crops`` asks what the server's resize and crop cost: their GPU time for a batch alone and
-beside the model, the same crop as two 1-D passes (:func:`crop_two_passes`: its time and the pixels
+beside the model, the same crop as two 1-D passes (``--crop_passes 2``: its time and the pixels
 it rounds otherwise), and the decoder fed as the server feeds it (sizes varying, torch outputs) without
 and with the crop queued on its stream after each call, as the server's decode stage does. (An arm
 that never waited for the stream between calls stalled beside the model and hung the probe; it was
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import statistics
 import sys
@@ -105,13 +106,13 @@ class Decoder:
     def __init__(self, cu: Any, nj: Any, jpegs: list[bytes], sizes: list[tuple[int, int]], *, own_context: bool,
                  fmt: int, copy_to: torch.Tensor | None, primary: ctypes.c_void_p,
                  pinned: bool = False, high_priority: bool = False, vary: bool = False,
-                 torch_out: bool = False, crop: bool = False) -> None:  # fmt: skip
+                 torch_out: bool = False, crop: int = 0) -> None:  # fmt: skip
         self.cu, self.nj, self.fmt, self.pinned, self.high_priority = cu, nj, fmt, pinned, high_priority
         # vary: each call decodes the first k JPEGs, k cycling over VARIED_SIZES (the server's batches vary);
         # torch_out: each call's output comes from torch's caching allocator, its table built anew (as the server's)
         self.vary, self.torch_out, self._k = vary, torch_out, 0
-        # crop: the server's resize and crop of each call's images, queued on the decoder's stream right after
-        # it (torch outputs), before the wait for the stream
+        # crop (1 or 2, the server's --crop_passes; 0: none): the server's resize and crop of each call's
+        # images, queued on the decoder's stream right after it (torch outputs), before the wait for the stream
         self.crop = crop
         if crop and (not torch_out or len(set(sizes)) != 1):
             raise ValueError("crop needs torch_out and JPEGs of one size")
@@ -205,7 +206,7 @@ class Decoder:
             from model_server.preprocess import resize_crop_pixels
 
             h, w = self.sizes[0]
-            resize_crop_pixels(out[: n * 3 * h * w].view(n, 3, h, w)).to(torch.uint8)
+            resize_crop_pixels(out[: n * 3 * h * w].view(n, 3, h, w), self.crop).to(torch.uint8)
         if self.copy_to is not None:
             _ok("copy", self.cu.cuMemcpyPeerAsync(ctypes.c_uint64(self.copy_to.data_ptr()), self.primary,
                                                   self.out, self.ctx, ctypes.c_size_t(self.total),
@@ -295,22 +296,6 @@ def _engine_sampler() -> Any:
         return lambda: float(pynvml.nvmlDeviceGetJpgUtilization(h)[0])
     except Exception:
         return None
-
-
-def crop_two_passes(images: torch.Tensor) -> torch.Tensor:
-    """``preprocess.resize_crop_pixels`` as two 1-D antialiased resizes, the columns cut to the crop's
-    window between them: a candidate for a cheaper crop on the GPU (whose antialiased resize is one
-    2-D pass over every output pixel of the whole resized image)."""
-    from optimize.registry import CROP_SIZE, RESIZE_SIZE
-
-    _, _, h, w = images.shape
-    nw, nh = (RESIZE_SIZE, int(RESIZE_SIZE * h / w)) if w <= h else (int(RESIZE_SIZE * w / h), RESIZE_SIZE)
-    top, left = round((nh - CROP_SIZE) / 2.0), round((nw - CROP_SIZE) / 2.0)
-    resize = torch.nn.functional.interpolate
-    x = resize(images.float(), size=(h, nw), mode="bilinear", antialias=True, align_corners=False)
-    x = resize(x[..., left : left + CROP_SIZE], size=(nh, CROP_SIZE), mode="bilinear", antialias=True,
-               align_corners=False)  # fmt: skip
-    return x[:, :, top : top + CROP_SIZE].round_().clamp_(0, 255)
 
 
 def run_arm(decoders: list[Any], window_s: float, model: Any | None, sample: Any) -> dict[str, Any]:
@@ -427,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             tv.stop.set()
             tv.go.set()
 
-    def direct_arms(tag: str, fmt: int, high: bool, **feed: bool) -> None:
+    def direct_arms(tag: str, fmt: int, high: bool, **feed: Any) -> None:
         """One direct decoder reading pinned bitstreams in the process's context: alone, then beside the model."""
         d = Decoder(cu, nj, jpegs, sizes, own_context=False, fmt=fmt, copy_to=None, primary=primary,
                     pinned=True, high_priority=high, **feed)  # fmt: skip
@@ -466,19 +451,23 @@ def main(argv: list[str] | None = None) -> int:
                 times.append(a.elapsed_time(b))
             return statistics.median(times[5:])
 
-        log("crop_alone", {"crop_ms": round(crop_ms(resize_crop_pixels), 3)})
-        model.__enter__()
-        beside = crop_ms(resize_crop_pixels)
-        model.__exit__(None, None, None)
-        log("crop_beside_model", {"crop_ms": round(beside, 3), "model_replays_per_s": model.replays_per_s})
-        # the same crop as two 1-D passes, the columns cut to the window between them (identical on the CPU,
-        # where torch's antialiased resize is itself two passes): its time, and the pixels it rounds otherwise
+        two = functools.partial(resize_crop_pixels, passes=2)
+        for tag, crop in (("crop", resize_crop_pixels), ("crop_two_passes", two)):
+            log(f"{tag}_alone", {"crop_ms": round(crop_ms(crop), 3)})
+            model.__enter__()
+            beside = crop_ms(crop)
+            model.__exit__(None, None, None)
+            log(f"{tag}_beside_model", {"crop_ms": round(beside, 3), "model_replays_per_s": model.replays_per_s})
+        # the pixels the two passes round otherwise on the GPU (on the CPU they are the same: a test says so)
         photos_px = torch.stack([decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8)) for b in jpegs])
-        differ = (resize_crop_pixels(photos_px.to(dev)) != crop_two_passes(photos_px.to(dev))).sum().item()
-        log("crop_two_passes_alone", {"crop_ms": round(crop_ms(crop_two_passes), 3), "differing_px": int(differ)})
+        one_px, two_px = resize_crop_pixels(photos_px.to(dev)), two(photos_px.to(dev))
+        log("crop_two_passes_pixels", {"differing_px": int((one_px != two_px).sum().item()),
+                                       "max_abs_diff": float((one_px - two_px).abs().max().item()),
+                                       "px": one_px.numel()})  # fmt: skip
         feed = {"vary": True, "torch_out": True}
         direct_arms("direct_server_feed", OUTPUT_RGB, True, **feed)
-        direct_arms("direct_server_feed_crops", OUTPUT_RGB, True, **feed, crop=True)
+        direct_arms("direct_server_feed_crops", OUTPUT_RGB, True, **feed, crop=1)
+        direct_arms("direct_server_feed_crops_two_passes", OUTPUT_RGB, True, **feed, crop=2)
     if args.arm_set == "feed":
         direct_arms("direct_fixed", OUTPUT_RGB, True)
         direct_arms("direct_varied_sizes", OUTPUT_RGB, True, vary=True)
@@ -524,6 +513,8 @@ _METRIC_NAMES = {
     "errors": "errors",
     "crop_ms": "crop_ms",
     "differing_px": "differing_px",
+    "max_abs_diff": "max_abs_diff",
+    "px": "px",
 }
 
 

@@ -28,7 +28,7 @@ import torch
 
 from model_server import BadInput
 from model_server import metrics as m
-from model_server.config import DECODE_STREAM_PRIORITIES, JPEG_DECODERS, MODEL_STREAMS
+from model_server.config import CROP_PASSES, DECODE_STREAM_PRIORITIES, JPEG_DECODERS, MODEL_STREAMS
 from model_server.images import JpegBatch, Payload
 from model_server.nvjpeg import Headers, hardware_decoder
 from model_server.preprocess import (
@@ -99,6 +99,7 @@ class DevicePipeline:
         jpeg_decoder: str = "nvjpeg",
         decode_priority: str = "high",
         early_headers: bool = True,
+        crop_passes: int = 1,
     ) -> None:
         if model_stream not in MODEL_STREAMS:
             raise ValueError(f"model_stream must be one of {', '.join(MODEL_STREAMS)}, got {model_stream!r}")
@@ -109,6 +110,9 @@ class DevicePipeline:
         if decode_priority not in DECODE_STREAM_PRIORITIES:
             raise ValueError(f"decode_priority must be one of {', '.join(DECODE_STREAM_PRIORITIES)}, "
                              f"got {decode_priority!r}")  # fmt: skip
+        if crop_passes not in CROP_PASSES:
+            raise ValueError(f"crop_passes must be one of {', '.join(map(str, CROP_PASSES))}, got {crop_passes!r}")
+        self.crop_passes = crop_passes
         self.decode_batch = decode_batch
         self.decode_priority = decode_priority
         #: Whether :meth:`read_headers` reads a request's JPEG headers when it arrives (the hardware
@@ -159,7 +163,7 @@ class DevicePipeline:
         image = pixels[0]
         graph = self._crop_graph(image, rows)
         if graph is None:
-            rows.copy_(resize_crop_pixels(image.unsqueeze(0)))
+            rows.copy_(resize_crop_pixels(image.unsqueeze(0), self.crop_passes))
         else:
             graph.source.copy_(image)
             graph.graph.replay()
@@ -208,7 +212,7 @@ class DevicePipeline:
             with torch.cuda.stream(stream):
                 graph.capture_begin(pool=self._crop_pool, capture_error_mode="thread_local")
                 try:
-                    rows.copy_(resize_crop_pixels(source.unsqueeze(0)))
+                    rows.copy_(resize_crop_pixels(source.unsqueeze(0), self.crop_passes))
                 finally:
                     graph.capture_end()
         except RuntimeError as e:
@@ -352,7 +356,7 @@ class DevicePipeline:
         except RuntimeError:
             groups = None  # one bad stream fails the batched call: retry each request alone
         if groups is not None:
-            crops = resize_crop_groups(groups, total)
+            crops = resize_crop_groups(groups, total, self.crop_passes)
             for i, part in zip(jpeg_idx, torch.split(crops, counts), strict=True):
                 staged.parts[i] = part
             if len(jpeg_idx) == staged.n:
@@ -363,7 +367,7 @@ class DevicePipeline:
             try:
                 mine = encoded()[start : start + n]
                 groups = self._decode_groups(lambda: mine, frames[start : start + n], b.headers)  # noqa: B023
-                staged.parts[i] = resize_crop_groups(groups, n)
+                staged.parts[i] = resize_crop_groups(groups, n, self.crop_passes)
             except RuntimeError as e:
                 staged.failed[i] = _undecodable(e)
             start += n
@@ -408,7 +412,7 @@ class DevicePipeline:
             return
         hardware = hardware_decoder(self.device) if self.jpeg_decoder == "nvjpeg" else None
         if hardware is not None and hardware.calls == 0:  # the early thread's warm-up did not run, or failed
-            warm_gpu_decoder(self.device, self.jpeg_decoder)
+            warm_gpu_decoder(self.device, self.jpeg_decoder, self.crop_passes)
         jpeg = warm_up_jpeg()
         # nvJPEG's buffers for large photos were grown by the early thread's 12 MP decode (warm_gpu_decoder).
         for n in sorted({1, min(8, self.runner.max_batch)}):

@@ -430,25 +430,6 @@ def test_nvjpeg_probe_arms_become_unit_suffixed_record_metrics() -> None:
     }  # fmt: skip
 
 
-def test_the_probes_two_pass_crop_is_the_servers_crop_on_the_cpu() -> None:
-    """``nvjpeg_context_probe.crop_two_passes`` (two 1-D antialiased resizes, the columns cut between
-    them), the candidate the probe times on the GPU, gives the server's crop exactly where torch's
-    antialiased resize is itself two passes (the CPU), landscape and portrait."""
-    import torch
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import nvjpeg_context_probe
-
-    from model_server.preprocess import resize_crop_pixels
-
-    gen = torch.Generator().manual_seed(3)
-    for shape in ((2, 3, 48, 64), (2, 3, 300, 260), (1, 3, 480, 640)):
-        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
-        want = resize_crop_pixels(x)
-        assert want.shape == (shape[0], 3, 224, 224)
-        assert torch.equal(nvjpeg_context_probe.crop_two_passes(x), want)
-
-
 class _StandInNvml:
     """pynvml's calls GpuCounters makes, answering fixed values (the video clock falling between
     samples, the JPEG engines' utilisation unsupported), for the aggregation; the GPU runs use NVML."""
