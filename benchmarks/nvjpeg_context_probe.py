@@ -33,9 +33,11 @@ initialising the decoder for its size, as the server's does) and against outputs
 caching allocator with the table built anew every call, and both.
 
 ``--set crops`` asks what the server's resize and crop cost: their GPU time for a batch alone and
-beside the model, the same crop as two 1-D passes (``--crop_passes 2``: its time and the pixels
-it rounds otherwise), and the decoder fed as the server feeds it (sizes varying, torch outputs) without
-and with the crop queued on its stream after each call, as the server's decode stage does. (An arm
+beside the model, and the decoder fed as the server feeds it (sizes varying, torch outputs) without
+the crop, with the crop queued on its stream after each call (as the server's decode stage does), and
+with the crop on a stream of its own that waits for the call's event (the thread then waits for the
+decode only). Session 22's run also timed a two-pass crop (``--crop_passes 2``, commit adc2381, reverted):
+``nvjpeg-crops-probe-s22.txt``. (An arm
 that never waited for the stream between calls stalled beside the model and hung the probe; it was
 removed, and its output is kept in ``nvjpeg-crops-probe-s21-hang.txt``.)
 """
@@ -44,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import functools
 import json
 import statistics
 import sys
@@ -106,16 +107,22 @@ class Decoder:
     def __init__(self, cu: Any, nj: Any, jpegs: list[bytes], sizes: list[tuple[int, int]], *, own_context: bool,
                  fmt: int, copy_to: torch.Tensor | None, primary: ctypes.c_void_p,
                  pinned: bool = False, high_priority: bool = False, vary: bool = False,
-                 torch_out: bool = False, crop: int = 0) -> None:  # fmt: skip
+                 torch_out: bool = False, crop: str = "") -> None:  # fmt: skip
         self.cu, self.nj, self.fmt, self.pinned, self.high_priority = cu, nj, fmt, pinned, high_priority
         # vary: each call decodes the first k JPEGs, k cycling over VARIED_SIZES (the server's batches vary);
         # torch_out: each call's output comes from torch's caching allocator, its table built anew (as the server's)
         self.vary, self.torch_out, self._k = vary, torch_out, 0
-        # crop (1 or 2, the server's --crop_passes; 0: none): the server's resize and crop of each call's
-        # images, queued on the decoder's stream right after it (torch outputs), before the wait for the stream
+        # crop: the server's resize and crop of each call's images (torch outputs): "decoder", queued on the
+        # decoder's stream right after the call, before the wait for that stream (as the server's decode stage
+        # queues it); "own", on a stream of its own (the GPU's highest priority) that waits for an event of
+        # the call, so the thread waits for the decode only, with one crop in flight; "": none
         self.crop = crop
+        if crop not in ("", "decoder", "own"):
+            raise ValueError(f"crop must be '', 'decoder' or 'own', got {crop!r}")
         if crop and (not torch_out or len(set(sizes)) != 1):
             raise ValueError("crop needs torch_out and JPEGs of one size")
+        self._crop_stream: torch.cuda.Stream | None = None
+        self._cropped: torch.cuda.Event | None = None
         self.decoded = 0  # JPEGs decoded since run_arm reset it
         self.own_context, self.copy_to, self.primary = own_context, copy_to, primary
         self.jpegs, self.sizes = jpegs, sizes
@@ -183,6 +190,27 @@ class Decoder:
             at += 3 * h * w
         return table
 
+    def _crop(self, out: torch.Tensor, n: int) -> None:
+        from model_server.preprocess import resize_crop_pixels
+
+        h, w = self.sizes[0]
+        pixels = out[: n * 3 * h * w].view(n, 3, h, w)
+        if self.crop == "decoder":
+            resize_crop_pixels(pixels).to(torch.uint8)
+            return
+        if self._crop_stream is None:
+            self._crop_stream = torch.cuda.Stream(priority=-1000)  # type: ignore[no-untyped-call]
+        decoded = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        decoded.record()  # on the decoder's stream (current)
+        if self._cropped is not None:
+            self._cropped.synchronize()  # one crop in flight: the last call's, mostly done meanwhile
+        with torch.cuda.stream(self._crop_stream):
+            self._crop_stream.wait_event(decoded)
+            out.record_stream(self._crop_stream)  # freed on the decoder's stream, used on this one
+            resize_crop_pixels(pixels).to(torch.uint8)
+            self._cropped = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._cropped.record()
+
     def _once(self) -> None:
         if self.torch_out:  # torch's allocations and kernels on the decoder's stream, as the server's side stream
             with torch.cuda.stream(torch.cuda.ExternalStream(self.stream.value)):
@@ -203,10 +231,7 @@ class Decoder:
         _ok("decode", nj.nvjpegDecodeBatched(self.handle, self.state, self.ptrs, self.lens, table, self.stream))
         self.decoded += n
         if self.crop and out is not None:
-            from model_server.preprocess import resize_crop_pixels
-
-            h, w = self.sizes[0]
-            resize_crop_pixels(out[: n * 3 * h * w].view(n, 3, h, w), self.crop).to(torch.uint8)
+            self._crop(out, n)
         if self.copy_to is not None:
             _ok("copy", self.cu.cuMemcpyPeerAsync(ctypes.c_uint64(self.copy_to.data_ptr()), self.primary,
                                                   self.out, self.ctx, ctypes.c_size_t(self.total),
@@ -276,6 +301,27 @@ class TorchvisionDecoder:
         self._once()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+
+    def _crop(self, out: torch.Tensor, n: int) -> None:
+        from model_server.preprocess import resize_crop_pixels
+
+        h, w = self.sizes[0]
+        pixels = out[: n * 3 * h * w].view(n, 3, h, w)
+        if self.crop == "decoder":
+            resize_crop_pixels(pixels).to(torch.uint8)
+            return
+        if self._crop_stream is None:
+            self._crop_stream = torch.cuda.Stream(priority=-1000)  # type: ignore[no-untyped-call]
+        decoded = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        decoded.record()  # on the decoder's stream (current)
+        if self._cropped is not None:
+            self._cropped.synchronize()  # one crop in flight: the last call's, mostly done meanwhile
+        with torch.cuda.stream(self._crop_stream):
+            self._crop_stream.wait_event(decoded)
+            out.record_stream(self._crop_stream)  # freed on the decoder's stream, used on this one
+            resize_crop_pixels(pixels).to(torch.uint8)
+            self._cropped = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._cropped.record()
 
     def _once(self) -> None:
         with torch.cuda.stream(self.stream):
@@ -433,8 +479,6 @@ def main(argv: list[str] | None = None) -> int:
         for label, fmt in (("rgb", OUTPUT_RGB), ("rgbi", OUTPUT_RGBI), ("yuv", OUTPUT_YUV)):
             direct_arms(f"direct_{label}", fmt, True)
     if args.arm_set == "crops":
-        from torchvision.io import decode_jpeg
-
         from model_server.preprocess import resize_crop_pixels
 
         h, w = sizes[0]
@@ -451,23 +495,15 @@ def main(argv: list[str] | None = None) -> int:
                 times.append(a.elapsed_time(b))
             return statistics.median(times[5:])
 
-        two = functools.partial(resize_crop_pixels, passes=2)
-        for tag, crop in (("crop", resize_crop_pixels), ("crop_two_passes", two)):
-            log(f"{tag}_alone", {"crop_ms": round(crop_ms(crop), 3)})
-            model.__enter__()
-            beside = crop_ms(crop)
-            model.__exit__(None, None, None)
-            log(f"{tag}_beside_model", {"crop_ms": round(beside, 3), "model_replays_per_s": model.replays_per_s})
-        # the pixels the two passes round otherwise on the GPU (on the CPU they are the same: a test says so)
-        photos_px = torch.stack([decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8)) for b in jpegs])
-        one_px, two_px = resize_crop_pixels(photos_px.to(dev)), two(photos_px.to(dev))
-        log("crop_two_passes_pixels", {"differing_px": int((one_px != two_px).sum().item()),
-                                       "max_abs_diff": float((one_px - two_px).abs().max().item()),
-                                       "px": one_px.numel()})  # fmt: skip
+        log("crop_alone", {"crop_ms": round(crop_ms(resize_crop_pixels), 3)})
+        model.__enter__()
+        beside = crop_ms(resize_crop_pixels)
+        model.__exit__(None, None, None)
+        log("crop_beside_model", {"crop_ms": round(beside, 3), "model_replays_per_s": model.replays_per_s})
         feed = {"vary": True, "torch_out": True}
         direct_arms("direct_server_feed", OUTPUT_RGB, True, **feed)
-        direct_arms("direct_server_feed_crops", OUTPUT_RGB, True, **feed, crop=1)
-        direct_arms("direct_server_feed_crops_two_passes", OUTPUT_RGB, True, **feed, crop=2)
+        direct_arms("direct_server_feed_crops", OUTPUT_RGB, True, **feed, crop="decoder")
+        direct_arms("direct_server_feed_crops_own_stream", OUTPUT_RGB, True, **feed, crop="own")
     if args.arm_set == "feed":
         direct_arms("direct_fixed", OUTPUT_RGB, True)
         direct_arms("direct_varied_sizes", OUTPUT_RGB, True, vary=True)
@@ -512,9 +548,6 @@ _METRIC_NAMES = {
     "per_decoder_batches": "decoder_batches",
     "errors": "errors",
     "crop_ms": "crop_ms",
-    "differing_px": "differing_px",
-    "max_abs_diff": "max_abs_diff",
-    "px": "px",
 }
 
 

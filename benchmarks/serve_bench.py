@@ -619,6 +619,12 @@ class Sampler(threading.Thread):
 
 #: What a run measures, in the order it runs; ``--phases`` picks a subset. The cold start
 #: (``ready_s``, ``first_request_ms``, idle memory) is always measured: the loads need the server anyway.
+#: Distributions whose versions a serving record carries: the predictor's stack and Locust's (on the
+#: lent GPU machine they are carried as wheels, and their versions can differ from session to session).
+SERVING_PACKAGES = (
+    "torchvision", "kserve", "locust", "onnxruntime", "uvicorn", "fastapi", "starlette", "uvloop", "orjson",
+    "grpcio", "protobuf", "numpy", "pillow", "psutil", "gevent", "geventhttpclient",
+)  # fmt: skip
 PHASES = ("ondevice", "floor", "startup", "single", "cpu-roles", "sizes", "batched", "metrics-toggle", "compare")
 #: The arm every ``--compare`` arm is measured against: the server with ``--server-args`` alone.
 BASE = "base"
@@ -1373,7 +1379,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics["ratios"] = compute_ratios(metrics)
     from optimize.build import environment
 
-    env = environment(device, packages=("torchvision", "kserve", "locust", "onnxruntime"))
+    env = environment(device, packages=SERVING_PACKAGES)
     gpu = (env.get("gpu") or "cpu").lower().replace("nvidia ", "").replace(" ", "-")
     date = dt.date.today().isoformat()
     name = args.name or f"serve-{slug}"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from model_server import ServerError
 from model_server.config import (
-    CROP_PASSES,
+    CROP_STREAMS,
     DECODE_STREAM_PRIORITIES,
     DEFAULT_BODY_POOL_MB,
     EVENT_LOOPS,
@@ -120,10 +120,10 @@ def _parser() -> argparse.ArgumentParser:
         "kernels are scheduled ahead of the model's) or normal (the model's) (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
-        "--crop_passes", type=int, default=int(_env("CROP_PASSES", str(d.crop_passes))), choices=CROP_PASSES,
-        help="how the GPU resize and crop are computed: 1, one 2-D antialiased interpolation of the whole "
-        "image, then the 224 crop; 2, the same filter as two 1-D interpolations, the rows first, then the "
-        "columns of the crop only (default: %(default)s)",
+        "--crop_stream", default=_env("CROP_STREAM", d.crop_stream), choices=CROP_STREAMS,
+        help="where the GPU decode stage resizes and crops: own (on a second stream of the stage's, after the "
+        "nvJPEG call's work) or decode (on the call's stream, where the next batch's call waits behind them) "
+        "(default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
         "--ipc_pinned_bodies", default=_env("IPC_PINNED_BODIES", "true"), choices=("true", "false"),
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         decode_batch=args.decode_batch,
         jpeg_decoder=args.jpeg_decoder,
         decode_stream_priority=args.decode_stream_priority,
-        crop_passes=args.crop_passes,
+        crop_stream=args.crop_stream,
         early_headers=args.nvjpeg_early_headers == "true",
         pinned_bodies=args.ipc_pinned_bodies == "true",
         inline_idle_ms=args.inline_idle_ms,

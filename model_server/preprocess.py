@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-from model_server.config import CROP_PASSES
 from model_server.images import decode_and_crop as _decode_and_crop_array
 from model_server.nvjpeg import Headers, hardware_decoder
 from model_server.tuning import torchvision_dirs
@@ -63,15 +62,14 @@ def group_by_size(images: list[torch.Tensor]) -> list[SizeGroup]:
     return [(idx, [images[i] for i in idx]) for idx in groups.values()]
 
 
-def gpu_resize_crop_many(images: list[torch.Tensor], passes: int = 1) -> torch.Tensor:
+def gpu_resize_crop_many(images: list[torch.Tensor]) -> torch.Tensor:
     """``Resize(256)`` + ``CenterCrop(224)`` of decoded images, one interpolation per distinct size."""
-    return resize_crop_groups(group_by_size(images), len(images), passes)
+    return resize_crop_groups(group_by_size(images), len(images))
 
 
-def resize_crop_groups(groups: list[SizeGroup], n: int, passes: int = 1) -> torch.Tensor:
+def resize_crop_groups(groups: list[SizeGroup], n: int) -> torch.Tensor:
     """``Resize(256)`` + ``CenterCrop(224)`` of a batch's ``n`` decoded images given as size groups:
-    one interpolation per group (``passes`` as in :func:`resize_crop_pixels`), the crops
-    ``[n,3,224,224]`` uint8 in batch order."""
+    one interpolation per group, the crops ``[n,3,224,224]`` uint8 in batch order."""
     out: list[torch.Tensor | None] = [None] * n
     for idx, pixels in groups:
         h, w = pixels[0].shape[-2:]
@@ -83,7 +81,7 @@ def resize_crop_groups(groups: list[SizeGroup], n: int, passes: int = 1) -> torc
             part = pixels[k : k + step]
             if isinstance(part, list):  # images apart: one op fewer alone
                 part = part[0].unsqueeze(0) if len(part) == 1 else torch.stack(part)
-            chunks.append(resize_crop_pixels(part, passes).to(torch.uint8))
+            chunks.append(resize_crop_pixels(part).to(torch.uint8))
         crops = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         if len(groups) == 1 and idx == list(range(n)):
             return crops  # one size (the common case under load): already in order
@@ -92,30 +90,18 @@ def resize_crop_groups(groups: list[SizeGroup], n: int, passes: int = 1) -> torc
     return torch.stack([c for c in out if c is not None])
 
 
-def resize_crop_pixels(images: torch.Tensor, passes: int = 1) -> torch.Tensor:
+def resize_crop_pixels(images: torch.Tensor) -> torch.Tensor:
     """``Resize(256)`` + ``CenterCrop(224)`` of a uint8 ``[N,3,H,W]`` batch of one size, as float32
-    pixels already rounded and clamped to 0..255 (what the uint8 crop holds, before the cast).
-
-    ``passes`` (one of CROP_PASSES, ``--crop_passes``): 1, one 2-D antialiased interpolation of the
-    whole image, then the crop; 2, the same antialiased bilinear filter as two 1-D interpolations, the
-    rows first and then only the crop's 224 columns (the filter is separable: on the CPU the two give
-    the same pixels, where torch computes the 2-D one in the same two passes; CUDA's 2-D kernel
-    computes every output pixel of the whole resized image with both filters at once)."""
-    if passes not in CROP_PASSES:
-        raise ValueError(f"passes must be one of {', '.join(map(str, CROP_PASSES))}, got {passes!r}")
+    pixels already rounded and clamped to 0..255 (what the uint8 crop holds, before the cast)."""
     _, _, h, w = images.shape
     if w <= h:
         nw, nh = RESIZE_SIZE, int(RESIZE_SIZE * h / w)
     else:
         nw, nh = int(RESIZE_SIZE * w / h), RESIZE_SIZE
     top, left = round((nh - CROP_SIZE) / 2.0), round((nw - CROP_SIZE) / 2.0)
-    resize = torch.nn.functional.interpolate
-    if passes == 2:
-        x = resize(images.float(), size=(h, nw), mode="bilinear", antialias=True, align_corners=False)
-        x = resize(x[..., left : left + CROP_SIZE], size=(nh, CROP_SIZE), mode="bilinear", antialias=True,
-                   align_corners=False)  # fmt: skip
-        return x[:, :, top : top + CROP_SIZE].round_().clamp_(0, 255)
-    x = resize(images.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    x = torch.nn.functional.interpolate(
+        images.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False
+    )
     return x[:, :, top : top + CROP_SIZE, left : left + CROP_SIZE].round_().clamp_(0, 255)
 
 
@@ -255,17 +241,17 @@ def warm_up_jpeg(size: tuple[int, int] = (320, 240)) -> bytes:
     return buf.getvalue()
 
 
-def warm_gpu_decoder(device: torch.device, decoder: str = "nvjpeg", crop_passes: int = 1) -> torch.Tensor:
+def warm_gpu_decoder(device: torch.device, decoder: str = "nvjpeg") -> torch.Tensor:
     """Initialise nvJPEG (handles, buffers, the hardware decoder) and the crop kernels on ``device``
     with a small JPEG at batch 1 and 8 and one 12 MP JPEG, so neither the warm-up nor a request pays
     for it; returns the crops of the batch of 8. ``decoder`` as in :func:`decode_jpeg_groups`."""
     data = torch.frombuffer(bytearray(warm_up_jpeg()), dtype=torch.uint8)
     crops = torch.empty(0)
     for n in (1, 8):
-        crops = resize_crop_groups(decode_jpeg_groups([data] * n, device, decoder=decoder), n, crop_passes)
+        crops = resize_crop_groups(decode_jpeg_groups([data] * n, device, decoder=decoder), n)
     if device.type == "cuda":
         large = torch.frombuffer(bytearray(warm_up_jpeg(WARM_UP_LARGE)), dtype=torch.uint8)
-        resize_crop_groups(decode_jpeg_groups([large], device, decoder=decoder), 1, crop_passes)
+        resize_crop_groups(decode_jpeg_groups([large], device, decoder=decoder), 1)
         # Its own stream only: the early warm-up may run beside a CUDA-graph capture.
         torch.cuda.current_stream(device).synchronize()
     return crops

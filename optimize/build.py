@@ -66,6 +66,18 @@ def count_gflops(model: nn.Module) -> float:
     return float(counter.get_total_flops()) / 1e9
 
 
+def _cpu_model() -> str | None:
+    """The host CPU's model name (Linux's ``/proc/cpuinfo``), else ``platform.processor()`` or None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment(device: torch.device, *, packages: tuple[str, ...] = ("torchvision", "onnxruntime")) -> dict[str, Any]:
     """Versions, host and device: what ``variant.json`` and every benchmark record carry.
 
@@ -83,6 +95,8 @@ def environment(device: torch.device, *, packages: tuple[str, ...] = ("torchvisi
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "driver": None,
         "host_cpus": os.cpu_count(),
+        # hosts of one GPU kind differ in their CPUs, which the serving figures depend on
+        "host_cpu_model": _cpu_model(),
     }
     if device.type == "cuda":
         try:

@@ -482,3 +482,22 @@ def test_gpu_counters_summarise_a_window_and_name_the_clock_reasons() -> None:
     with none:
         time.sleep(0.01)
     assert none.summary() == {} and not none.samples
+
+
+def test_a_serving_record_names_the_serving_stacks_versions_and_the_host_cpu() -> None:
+    """A serving record's ``environ``: every package of the predictor's and Locust's stack with its
+    installed version (None where absent), and the host CPU's model (hosts of one GPU kind differ)."""
+    from importlib import metadata
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serve_bench
+
+    from optimize.build import environment
+
+    env = environment(torch.device("cpu"), packages=serve_bench.SERVING_PACKAGES)
+    for name in ("kserve", "uvicorn", "fastapi", "orjson", "locust", "gevent"):
+        assert env[name] == metadata.version(name)
+    assert set(serve_bench.SERVING_PACKAGES) <= set(env)
+    assert isinstance(env["host_cpu_model"], str) and env["host_cpu_model"]

@@ -143,28 +143,6 @@ def test_resize_in_chunks_matches_one_pass(monkeypatch: pytest.MonkeyPatch) -> N
     assert torch.equal(one_pass, chunked)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 48, 64), (2, 3, 300, 260), (1, 3, 480, 640), (1, 3, 224, 224)])
-def test_two_crop_passes_give_the_one_pass_crop_on_the_cpu(shape: tuple[int, int, int, int]) -> None:
-    """``--crop_passes 2`` (two 1-D antialiased resizes, the columns cut to the crop between them) gives
-    the pixels of one 2-D resize exactly where torch computes that one in two passes itself (the CPU):
-    landscape, portrait, upscaled and already 224."""
-    import model_server.preprocess as pre
-
-    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    want = pre.resize_crop_pixels(x)
-    assert want.shape == (shape[0], 3, 224, 224)
-    assert torch.equal(pre.resize_crop_pixels(x, passes=2), want)
-    groups = pre.group_by_size(list(x))
-    assert torch.equal(pre.resize_crop_groups(groups, shape[0], 2), want.to(torch.uint8))
-
-
-def test_a_crop_pass_count_other_than_1_or_2_is_refused() -> None:
-    import model_server.preprocess as pre
-
-    with pytest.raises(ValueError, match="passes must be one of 1, 2, got 3"):
-        pre.resize_crop_pixels(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), passes=3)
-
-
 def test_size_groups_stacked_or_apart_crop_the_same_in_batch_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """resize_crop_groups takes a size group as one ``[k,3,H,W]`` tensor (what nvJPEG's hardware decoder
     writes) or as its images apart (torchvision's): same crops, put back in batch order, chunked or not."""
@@ -208,12 +186,8 @@ def test_decode_jpeg_groups_without_a_gpu_decodes_with_torchvision(runner) -> No
         DevicePipeline(runner, jpeg_decoder="pil")
     with pytest.raises(ValueError, match="decode_priority must be one of high, normal, got 'urgent'"):
         DevicePipeline(runner, decode_priority="urgent")
-    with pytest.raises(ValueError, match="crop_passes must be one of 1, 2, got 3"):
-        DevicePipeline(runner, crop_passes=3)
-    # Two crop passes: the same crops through the pipeline (as on the CPU they are the same pixels).
-    two = DevicePipeline(runner, crop_passes=2).prepare([JpegBatch(jpegs)])
-    one = DevicePipeline(runner).prepare([JpegBatch(jpegs)])
-    assert two.whole is not None and one.whole is not None and torch.equal(two.whole, one.whole)
+    with pytest.raises(ValueError, match="crop_stream must be one of own, decode, got 'model'"):
+        DevicePipeline(runner, crop_stream="model")
     # No hardware decoder: early header reads leave a request to the decode stage, which decodes it.
     from model_server.ipc import KIND_JPEG, decode_request
 

@@ -51,7 +51,14 @@ KIND_FIELDS: dict[str, set[str]] = {
     "Mount": {"containerPath", "hostPath", "readOnly", "selinuxRelabel", "propagation"},
     "PortMapping": {"containerPort", "hostPort", "listenAddress", "protocol"},
 }
-SCRIPTS = ["setup-cluster.sh", "deploy-knative.sh", "cluster/lib.sh", "cluster/versions.env", "benchmarks/gpu_suite.sh"]
+SCRIPTS = [
+    "setup-cluster.sh",
+    "deploy-knative.sh",
+    "cluster/lib.sh",
+    "cluster/versions.env",
+    "benchmarks/gpu_suite.sh",
+    "benchmarks/device_wheels.sh",
+]
 
 
 def check_kind_fields(config: dict[str, Any]) -> list[str]:
