@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 from model_server import ServerError
 from model_server.config import (
-    CROP_STREAMS,
     DECODE_STREAM_PRIORITIES,
     DEFAULT_BODY_POOL_MB,
     EVENT_LOOPS,
@@ -118,12 +117,6 @@ def _parser() -> argparse.ArgumentParser:
         choices=DECODE_STREAM_PRIORITIES,
         help="priority of the GPU decode stage's CUDA stream: high (the GPU's highest: the decoder's and crop's "
         "kernels are scheduled ahead of the model's) or normal (the model's) (default: %(default)s)",
-    )  # fmt: skip
-    p.add_argument(
-        "--crop_stream", default=_env("CROP_STREAM", d.crop_stream), choices=CROP_STREAMS,
-        help="where the GPU decode stage resizes and crops: own (on a second stream of the stage's, after the "
-        "nvJPEG call's work) or decode (on the call's stream, where the next batch's call waits behind them) "
-        "(default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
         "--ipc_pinned_bodies", default=_env("IPC_PINNED_BODIES", "true"), choices=("true", "false"),
@@ -311,7 +304,6 @@ def main(argv: list[str] | None = None) -> int:
         decode_batch=args.decode_batch,
         jpeg_decoder=args.jpeg_decoder,
         decode_stream_priority=args.decode_stream_priority,
-        crop_stream=args.crop_stream,
         early_headers=args.nvjpeg_early_headers == "true",
         pinned_bodies=args.ipc_pinned_bodies == "true",
         inline_idle_ms=args.inline_idle_ms,

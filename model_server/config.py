@@ -17,10 +17,6 @@ MODEL_STREAMS = ("default", "side")
 #: JPEG decoders of the GPU decode stage (``--jpeg_decoder``): nvJPEG's hardware decoder called
 #: directly (torchvision's for what it does not take), or torchvision's batched decode for all.
 JPEG_DECODERS = ("nvjpeg", "torchvision")
-#: Where the decode stage's resize and crop run (``--crop_stream``): "own", on a second stream of the
-#: decode stage's, after the nvJPEG call's work; "decode", on the call's own stream, where the next
-#: batch's call (which returns only once its images are decoded) waits behind them too.
-CROP_STREAMS = ("own", "decode")
 #: Priorities of the decode stage's CUDA stream (``--decode_stream_priority``): "high", the GPU's
 #: highest, so the decode's and crop's kernels are scheduled ahead of the model's; "normal", the model's.
 DECODE_STREAM_PRIORITIES = ("high", "normal")
@@ -75,8 +71,6 @@ class ServingConfig:
     early_headers: bool = True
     #: One of DECODE_STREAM_PRIORITIES (``--decode_stream_priority``).
     decode_stream_priority: str = "high"
-    #: One of CROP_STREAMS (``--crop_stream``): "own" served 1.03x "decode" on the H100 (session 22).
-    crop_stream: str = "own"
     #: With ``--frontends N``, the reused buffers of large request bodies (``--ipc_body_pool_mb``) are
     #: page-locked where nvJPEG's hardware decoder reads their JPEGs (``--ipc_pinned_bodies``).
     pinned_bodies: bool = True

@@ -7,9 +7,7 @@ call (about 0.1 ms per VGA JPEG at batch 128 on an H100, against 8 ms with PIL o
 CPU core), resizes and crops on the GPU (one interpolation per distinct image size),
 stages host tensors through pinned memory, runs the model once, and splits the logits
 back per request. A JPEG nvJPEG refuses fails only its own request. Decoding batch k+1
-(its own CUDA stream and thread) overlaps running batch k; its crops run on a second stream of
-the decode stage's, so the next batch's nvJPEG call, which returns only once its own images are
-decoded, does not wait behind them (``crop_stream``). A batch with nothing to overlap
+(its own CUDA stream and thread) overlaps running batch k. A batch with nothing to overlap
 (the device idle: every request at low load) runs both stages in one call on the model's
 stream, and a lone JPEG is cropped straight into the runner's pixel buffer by a CUDA graph
 per image size (:meth:`DevicePipeline.__call__`).
@@ -30,7 +28,7 @@ import torch
 
 from model_server import BadInput
 from model_server import metrics as m
-from model_server.config import CROP_STREAMS, DECODE_STREAM_PRIORITIES, JPEG_DECODERS, MODEL_STREAMS
+from model_server.config import DECODE_STREAM_PRIORITIES, JPEG_DECODERS, MODEL_STREAMS
 from model_server.images import JpegBatch, Payload
 from model_server.nvjpeg import Headers, hardware_decoder
 from model_server.preprocess import (
@@ -101,7 +99,6 @@ class DevicePipeline:
         jpeg_decoder: str = "nvjpeg",
         decode_priority: str = "high",
         early_headers: bool = True,
-        crop_stream: str = "own",
     ) -> None:
         if model_stream not in MODEL_STREAMS:
             raise ValueError(f"model_stream must be one of {', '.join(MODEL_STREAMS)}, got {model_stream!r}")
@@ -112,9 +109,6 @@ class DevicePipeline:
         if decode_priority not in DECODE_STREAM_PRIORITIES:
             raise ValueError(f"decode_priority must be one of {', '.join(DECODE_STREAM_PRIORITIES)}, "
                              f"got {decode_priority!r}")  # fmt: skip
-        if crop_stream not in CROP_STREAMS:
-            raise ValueError(f"crop_stream must be one of {', '.join(CROP_STREAMS)}, got {crop_stream!r}")
-        self.crop_stream = crop_stream
         self.decode_batch = decode_batch
         self.decode_priority = decode_priority
         #: Whether :meth:`read_headers` reads a request's JPEG headers when it arrives (the hardware
@@ -224,9 +218,8 @@ class DevicePipeline:
         return CropGraph(graph, source)
 
     def prepare(self, payloads: list[Payload], *, side_stream: bool = True) -> Staged:
-        """Decode every JPEG of the batch in one nvJPEG call and resize/crop them (on a side stream, the
-        crops on a second one with ``crop_stream="own"``, unless ``side_stream`` is false: then on the
-        current stream, with nothing to wait for)."""
+        """Decode every JPEG of the batch in one nvJPEG call and resize/crop them (on a side stream
+        unless ``side_stream`` is false: then on the current stream, with nothing to wait for)."""
         staged = Staged(len(payloads), {}, {})
         jpeg_idx = [i for i, p in enumerate(payloads) if isinstance(p, JpegBatch)]
         for i, p in enumerate(payloads):
@@ -239,24 +232,22 @@ class DevicePipeline:
             self._decode(staged, payloads, jpeg_idx)
         else:
             stream = self._side_stream()
-            crops = self._side_stream("crop") if self.crop_stream == "own" else None
             with torch.cuda.stream(stream):
-                self._decode(staged, payloads, jpeg_idx, crops)
+                self._decode(staged, payloads, jpeg_idx)
             staged.ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            staged.ready.record(crops if crops is not None else stream)
+            staged.ready.record(stream)
         m.later(m.GPU_DECODE_SECONDS.observe, time.perf_counter() - t0)
         return staged
 
-    def _side_stream(self, role: str = "stream") -> torch.cuda.Stream:
+    def _side_stream(self) -> torch.cuda.Stream:
         """The calling thread's side stream (made on its first batch): two threads preparing at once
-        on one stream would each wait for the other's work queued there. ``role`` "crop": the stream its
-        crops run on with ``crop_stream="own"``."""
-        stream: torch.cuda.Stream | None = getattr(self._streams, role, None)
+        on one stream would each wait for the other's work queued there."""
+        stream: torch.cuda.Stream | None = getattr(self._streams, "stream", None)
         if stream is None:
             # torch maps a priority beyond the GPU's range to its nearest: -1000 is the highest there is.
             priority = -1000 if self.decode_priority == "high" else 0
             stream = torch.cuda.Stream(self.device, priority=priority)  # type: ignore[no-untyped-call]
-            setattr(self._streams, role, stream)
+            self._streams.stream = stream
         return stream
 
     def execute(self, staged: Staged) -> list[torch.Tensor | Exception]:
@@ -341,10 +332,8 @@ class DevicePipeline:
             payload.headers = Headers(ptrs, lengths, info)
         m.later(m.NVJPEG_EARLY_HEADERS_SECONDS.observe, time.perf_counter() - t0)
 
-    def _decode(self, staged: Staged, payloads: list[Payload], jpeg_idx: list[int],
-                crop_stream: torch.cuda.Stream | None = None) -> None:  # fmt: skip
-        """All JPEGs of all requests: one batched decode, one resize per distinct image size (on
-        ``crop_stream`` when given, after the decode, see :meth:`_crop`)."""
+    def _decode(self, staged: Staged, payloads: list[Payload], jpeg_idx: list[int]) -> None:
+        """All JPEGs of all requests: one batched decode, one resize per distinct image size."""
         batches = [p for p in (payloads[i] for i in jpeg_idx) if isinstance(p, JpegBatch)]
         counts = [len(b) for b in batches]
         made: list[torch.Tensor] = []
@@ -363,7 +352,7 @@ class DevicePipeline:
         except RuntimeError:
             groups = None  # one bad stream fails the batched call: retry each request alone
         if groups is not None:
-            crops = self._crop(groups, total, crop_stream)
+            crops = resize_crop_groups(groups, total)
             for i, part in zip(jpeg_idx, torch.split(crops, counts), strict=True):
                 staged.parts[i] = part
             if len(jpeg_idx) == staged.n:
@@ -374,23 +363,10 @@ class DevicePipeline:
             try:
                 mine = encoded()[start : start + n]
                 groups = self._decode_groups(lambda: mine, frames[start : start + n], b.headers)  # noqa: B023
-                staged.parts[i] = self._crop(groups, n, crop_stream)
+                staged.parts[i] = resize_crop_groups(groups, n)
             except RuntimeError as e:
                 staged.failed[i] = _undecodable(e)
             start += n
-
-    @staticmethod
-    def _crop(groups: list[SizeGroup], n: int, stream: torch.cuda.Stream | None) -> torch.Tensor:
-        """The crops of decoded size groups: on the current stream, or on ``stream`` after what the current
-        one has queued (the decode), so the current stream's next nvJPEG call is not queued behind them."""
-        if stream is None:
-            return resize_crop_groups(groups, n)
-        stream.wait_stream(torch.cuda.current_stream(stream.device))
-        for _, pixels in groups:  # made on the decode stream, read (and freed) on this one
-            for t in pixels if isinstance(pixels, list) else [pixels]:
-                t.record_stream(stream)
-        with torch.cuda.stream(stream):
-            return resize_crop_groups(groups, n)
 
     def _decode_groups(self, encoded: Callable[[], list[torch.Tensor]], frames: bytes | None,
                        headers: Headers | None = None) -> list[SizeGroup]:  # fmt: skip

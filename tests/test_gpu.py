@@ -394,34 +394,5 @@ def test_decode_stream_priority_high_is_the_gpus_highest(tmp_path: Path) -> None
         assert s.ready is not None and s.whole is not None
         s.ready.synchronize()
         assert pipeline._side_stream().priority == (greatest if priority == "high" else 0)
-        assert pipeline._side_stream("crop").priority == (greatest if priority == "high" else 0)  # crop_stream own
         crops[priority] = s.whole.clone()
     assert torch.equal(crops["high"], crops["normal"])
-
-
-def test_crops_on_a_stream_of_their_own_are_the_same_crops(tmp_path: Path) -> None:
-    """``--crop_stream own``: the decode stage resizes and crops on a second stream, after the nvJPEG call's
-    work; the batch is ready when that stream's crops are, and they are the crops of ``decode``, batch after
-    batch (the decoded images, freed on the decode stream, are not reused before the crop read them)."""
-    from model_server.artifact import read_manifest
-    from model_server.pipeline import DevicePipeline, JpegBatch
-    from model_server.runtimes import load_runner
-
-    build_artifacts(tmp_path, "densenet121-eager-fp32")
-    d = tmp_path / "densenet121-eager-fp32"
-    runner = load_runner(read_manifest(d), d, torch.device("cuda"))
-    jpegs = _jpegs()
-    crops = {}
-    for where in ("decode", "own"):
-        pipeline = DevicePipeline(runner, crop_stream=where)
-        staged = [pipeline.prepare([JpegBatch(jpegs[k:]), JpegBatch(jpegs[::-1])]) for k in range(3)]
-        for s in staged:
-            assert s.ready is not None and s.whole is not None
-            s.ready.synchronize()
-        crops[where] = [s.whole.clone() for s in staged]  # type: ignore[union-attr]
-        results = pipeline.execute(staged[-1])
-        assert all(isinstance(r, torch.Tensor) for r in results)
-        if where == "own":
-            assert pipeline._side_stream("crop") is not pipeline._side_stream()
-    for a, b in zip(crops["decode"], crops["own"], strict=True):
-        assert torch.equal(a, b)

@@ -186,8 +186,6 @@ def test_decode_jpeg_groups_without_a_gpu_decodes_with_torchvision(runner) -> No
         DevicePipeline(runner, jpeg_decoder="pil")
     with pytest.raises(ValueError, match="decode_priority must be one of high, normal, got 'urgent'"):
         DevicePipeline(runner, decode_priority="urgent")
-    with pytest.raises(ValueError, match="crop_stream must be one of own, decode, got 'model'"):
-        DevicePipeline(runner, crop_stream="model")
     # No hardware decoder: early header reads leave a request to the decode stage, which decodes it.
     from model_server.ipc import KIND_JPEG, decode_request
 
