@@ -302,27 +302,6 @@ class TorchvisionDecoder:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _crop(self, out: torch.Tensor, n: int) -> None:
-        from model_server.preprocess import resize_crop_pixels
-
-        h, w = self.sizes[0]
-        pixels = out[: n * 3 * h * w].view(n, 3, h, w)
-        if self.crop == "decoder":
-            resize_crop_pixels(pixels).to(torch.uint8)
-            return
-        if self._crop_stream is None:
-            self._crop_stream = torch.cuda.Stream(priority=-1000)  # type: ignore[no-untyped-call]
-        decoded = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        decoded.record()  # on the decoder's stream (current)
-        if self._cropped is not None:
-            self._cropped.synchronize()  # one crop in flight: the last call's, mostly done meanwhile
-        with torch.cuda.stream(self._crop_stream):
-            self._crop_stream.wait_event(decoded)
-            out.record_stream(self._crop_stream)  # freed on the decoder's stream, used on this one
-            resize_crop_pixels(pixels).to(torch.uint8)
-            self._cropped = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            self._cropped.record()
-
     def _once(self) -> None:
         with torch.cuda.stream(self.stream):
             self.ops.decode_jpegs_cuda(self.encoded, self.mode, self.device)
