@@ -372,8 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                          "vs the highest priority, beside the model (session 20); output: planar RGB, interleaved "
                          "RGB and planar YUV output (session 21); feed: a fixed batch of 128 against batch "
                          "sizes that vary per call and outputs from torch's allocator (session 21); crops: the "
-                         "server's crop's GPU time, and the decoder fed as the server feeds it without and with "
-                         "the crop queued on its stream after each call (session 21)")  # fmt: skip
+                         "server's crop's GPU time, and the decoder fed as the server feeds it without the crop, "
+                         "with the crop queued on its stream after each call (session 21) and with the crop on "
+                         "a stream of its own (session 22)")  # fmt: skip
     args = ap.parse_args(argv)
     import io
 
