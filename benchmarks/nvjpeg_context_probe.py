@@ -36,8 +36,9 @@ caching allocator with the table built anew every call, and both.
 beside the model, and the decoder fed as the server feeds it (sizes varying, torch outputs) without
 the crop, with the crop queued on its stream after each call (as the server's decode stage does), and
 with the crop on a stream of its own that waits for the call's event (the thread then waits for the
-decode only). Session 22's run also timed a two-pass crop (``--crop_passes 2``, commit adc2381, reverted):
-``nvjpeg-crops-probe-s22.txt``. (An arm
+decode only), and the same for ``--crop_kernel triton``'s kernel (its GPU time, the pixels it rounds
+otherwise, and queued after each call). Session 22's run also timed a two-pass crop (``--crop_passes
+2``, commit adc2381, reverted): ``nvjpeg-crops-probe-s22.txt``. (An arm
 that never waited for the stream between calls stalled beside the model and hung the probe; it was
 removed, and its output is kept in ``nvjpeg-crops-probe-s21-hang.txt``.)
 """
@@ -117,8 +118,9 @@ class Decoder:
         # queues it); "own", on a stream of its own (the GPU's highest priority) that waits for an event of
         # the call, so the thread waits for the decode only, with one crop in flight; "": none
         self.crop = crop
-        if crop not in ("", "decoder", "own"):
-            raise ValueError(f"crop must be '', 'decoder' or 'own', got {crop!r}")
+        # "triton": as "decoder", with --crop_kernel triton's kernel (model_server.crop_kernel)
+        if crop not in ("", "decoder", "own", "triton"):
+            raise ValueError(f"crop must be '', 'decoder', 'own' or 'triton', got {crop!r}")
         if crop and (not torch_out or len(set(sizes)) != 1):
             raise ValueError("crop needs torch_out and JPEGs of one size")
         self._crop_stream: torch.cuda.Stream | None = None
@@ -197,6 +199,11 @@ class Decoder:
         pixels = out[: n * 3 * h * w].view(n, 3, h, w)
         if self.crop == "decoder":
             resize_crop_pixels(pixels).to(torch.uint8)
+            return
+        if self.crop == "triton":
+            from model_server.crop_kernel import triton_resize_crop
+
+            triton_resize_crop(pixels)
             return
         if self._crop_stream is None:
             self._crop_stream = torch.cuda.Stream(priority=-1000)  # type: ignore[no-untyped-call]
@@ -374,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                          "sizes that vary per call and outputs from torch's allocator (session 21); crops: the "
                          "server's crop's GPU time, and the decoder fed as the server feeds it without the crop, "
                          "with the crop queued on its stream after each call (session 21) and with the crop on "
-                         "a stream of its own (session 22)")  # fmt: skip
+                         "a stream of its own (session 22), and --crop_kernel triton's crop")  # fmt: skip
     args = ap.parse_args(argv)
     import io
 
@@ -475,15 +482,27 @@ def main(argv: list[str] | None = None) -> int:
                 times.append(a.elapsed_time(b))
             return statistics.median(times[5:])
 
-        log("crop_alone", {"crop_ms": round(crop_ms(resize_crop_pixels), 3)})
-        model.__enter__()
-        beside = crop_ms(resize_crop_pixels)
-        model.__exit__(None, None, None)
-        log("crop_beside_model", {"crop_ms": round(beside, 3), "model_replays_per_s": model.replays_per_s})
+        from model_server.crop_kernel import triton_resize_crop
+
+        for tag, crop in (("crop", resize_crop_pixels), ("crop_triton", triton_resize_crop)):
+            crop(x)  # Triton compiles its kernel on the first call
+            log(f"{tag}_alone", {"crop_ms": round(crop_ms(crop), 3)})
+            model.__enter__()
+            beside = crop_ms(crop)
+            model.__exit__(None, None, None)
+            log(f"{tag}_beside_model", {"crop_ms": round(beside, 3), "model_replays_per_s": model.replays_per_s})
+        # the pixels the Triton kernel rounds otherwise, on the probe's photos decoded by torchvision
+        from torchvision.io import decode_jpeg
+
+        photos = torch.stack([decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8)) for b in jpegs]).to(dev)
+        diff = (triton_resize_crop(photos).int() - resize_crop_pixels(photos).to(torch.uint8).int()).abs()
+        log("crop_triton_pixels", {"differing_px": int((diff > 0).sum()), "max_abs_diff": int(diff.max()),
+                                   "px": diff.numel()})  # fmt: skip
         feed = {"vary": True, "torch_out": True}
         direct_arms("direct_server_feed", OUTPUT_RGB, True, **feed)
         direct_arms("direct_server_feed_crops", OUTPUT_RGB, True, **feed, crop="decoder")
         direct_arms("direct_server_feed_crops_own_stream", OUTPUT_RGB, True, **feed, crop="own")
+        direct_arms("direct_server_feed_crops_triton", OUTPUT_RGB, True, **feed, crop="triton")
     if args.arm_set == "feed":
         direct_arms("direct_fixed", OUTPUT_RGB, True)
         direct_arms("direct_varied_sizes", OUTPUT_RGB, True, vary=True)
@@ -528,6 +547,9 @@ _METRIC_NAMES = {
     "per_decoder_batches": "decoder_batches",
     "errors": "errors",
     "crop_ms": "crop_ms",
+    "differing_px": "differing_px",
+    "max_abs_diff": "max_abs_diff",
+    "px": "px",
 }
 
 

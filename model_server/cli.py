@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from model_server import ServerError
 from model_server.config import (
+    CROP_KERNELS,
     DECODE_STREAM_PRIORITIES,
     DEFAULT_BODY_POOL_MB,
     EVENT_LOOPS,
@@ -117,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=DECODE_STREAM_PRIORITIES,
         help="priority of the GPU decode stage's CUDA stream: high (the GPU's highest: the decoder's and crop's "
         "kernels are scheduled ahead of the model's) or normal (the model's) (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--crop_kernel", default=_env("CROP_KERNEL", d.crop_kernel), choices=CROP_KERNELS,
+        help="how the GPU decode stage resizes and crops a batch: torch (torch's antialiased interpolation of "
+        "each whole image, then the 224 crop) or triton (one Triton kernel computing only the crop's pixels "
+        "from the uint8 ones, compiled at warm-up; needs Triton) (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
         "--ipc_pinned_bodies", default=_env("IPC_PINNED_BODIES", "true"), choices=("true", "false"),
@@ -304,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         decode_batch=args.decode_batch,
         jpeg_decoder=args.jpeg_decoder,
         decode_stream_priority=args.decode_stream_priority,
+        crop_kernel=args.crop_kernel,
         early_headers=args.nvjpeg_early_headers == "true",
         pinned_bodies=args.ipc_pinned_bodies == "true",
         inline_idle_ms=args.inline_idle_ms,

@@ -17,6 +17,10 @@ MODEL_STREAMS = ("default", "side")
 #: JPEG decoders of the GPU decode stage (``--jpeg_decoder``): nvJPEG's hardware decoder called
 #: directly (torchvision's for what it does not take), or torchvision's batched decode for all.
 JPEG_DECODERS = ("nvjpeg", "torchvision")
+#: How the GPU decode stage resizes and crops a batch (``--crop_kernel``): "torch", torch's antialiased
+#: interpolation of each whole image, then the crop; "triton", one kernel computing only the crop's
+#: pixels from the uint8 ones (:mod:`model_server.crop_kernel`).
+CROP_KERNELS = ("torch", "triton")
 #: Priorities of the decode stage's CUDA stream (``--decode_stream_priority``): "high", the GPU's
 #: highest, so the decode's and crop's kernels are scheduled ahead of the model's; "normal", the model's.
 DECODE_STREAM_PRIORITIES = ("high", "normal")
@@ -71,6 +75,8 @@ class ServingConfig:
     early_headers: bool = True
     #: One of DECODE_STREAM_PRIORITIES (``--decode_stream_priority``).
     decode_stream_priority: str = "high"
+    #: One of CROP_KERNELS (``--crop_kernel``).
+    crop_kernel: str = "torch"
     #: With ``--frontends N``, the reused buffers of large request bodies (``--ipc_body_pool_mb``) are
     #: page-locked where nvJPEG's hardware decoder reads their JPEGs (``--ipc_pinned_bodies``).
     pinned_bodies: bool = True

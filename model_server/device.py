@@ -89,7 +89,7 @@ def load_model(artifact_dir: Path, config: ServingConfig, *, early: EarlyStart |
     pipeline = DevicePipeline(runner, profiler, model_stream=config.model_stream, decode_batch=config.decode_batch,
                               jpeg_decoder=config.jpeg_decoder,
                               decode_priority=config.decode_stream_priority,
-                              early_headers=config.early_headers)  # fmt: skip
+                              early_headers=config.early_headers, crop_kernel=config.crop_kernel)  # fmt: skip
     gpu_decode = config.gpu_decode and device.type == "cuda"
     if gpu_decode:
         pipeline.warm_up()

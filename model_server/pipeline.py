@@ -28,7 +28,8 @@ import torch
 
 from model_server import BadInput
 from model_server import metrics as m
-from model_server.config import DECODE_STREAM_PRIORITIES, JPEG_DECODERS, MODEL_STREAMS
+from model_server.config import CROP_KERNELS, DECODE_STREAM_PRIORITIES, JPEG_DECODERS, MODEL_STREAMS
+from model_server.crop_kernel import triton_needs
 from model_server.images import JpegBatch, Payload
 from model_server.nvjpeg import Headers, hardware_decoder
 from model_server.preprocess import (
@@ -99,6 +100,7 @@ class DevicePipeline:
         jpeg_decoder: str = "nvjpeg",
         decode_priority: str = "high",
         early_headers: bool = True,
+        crop_kernel: str = "torch",
     ) -> None:
         if model_stream not in MODEL_STREAMS:
             raise ValueError(f"model_stream must be one of {', '.join(MODEL_STREAMS)}, got {model_stream!r}")
@@ -109,6 +111,11 @@ class DevicePipeline:
         if decode_priority not in DECODE_STREAM_PRIORITIES:
             raise ValueError(f"decode_priority must be one of {', '.join(DECODE_STREAM_PRIORITIES)}, "
                              f"got {decode_priority!r}")  # fmt: skip
+        if crop_kernel not in CROP_KERNELS:
+            raise ValueError(f"crop_kernel must be one of {', '.join(CROP_KERNELS)}, got {crop_kernel!r}")
+        if crop_kernel == "triton" and runner.device.type == "cuda":
+            triton_needs()
+        self.crop_kernel = crop_kernel
         self.decode_batch = decode_batch
         self.decode_priority = decode_priority
         #: Whether :meth:`read_headers` reads a request's JPEG headers when it arrives (the hardware
@@ -352,7 +359,7 @@ class DevicePipeline:
         except RuntimeError:
             groups = None  # one bad stream fails the batched call: retry each request alone
         if groups is not None:
-            crops = resize_crop_groups(groups, total)
+            crops = resize_crop_groups(groups, total, self.crop_kernel)
             for i, part in zip(jpeg_idx, torch.split(crops, counts), strict=True):
                 staged.parts[i] = part
             if len(jpeg_idx) == staged.n:
@@ -363,7 +370,7 @@ class DevicePipeline:
             try:
                 mine = encoded()[start : start + n]
                 groups = self._decode_groups(lambda: mine, frames[start : start + n], b.headers)  # noqa: B023
-                staged.parts[i] = resize_crop_groups(groups, n)
+                staged.parts[i] = resize_crop_groups(groups, n, self.crop_kernel)
             except RuntimeError as e:
                 staged.failed[i] = _undecodable(e)
             start += n

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from model_server.crop_kernel import crop_geometry
 from model_server.images import decode_and_crop as _decode_and_crop_array
 from model_server.nvjpeg import Headers, hardware_decoder
 from model_server.tuning import torchvision_dirs
-from optimize.registry import CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD, RESIZE_SIZE
+from optimize.registry import CROP_SIZE, IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +68,29 @@ def gpu_resize_crop_many(images: list[torch.Tensor]) -> torch.Tensor:
     return resize_crop_groups(group_by_size(images), len(images))
 
 
-def resize_crop_groups(groups: list[SizeGroup], n: int) -> torch.Tensor:
+def resize_crop_groups(groups: list[SizeGroup], n: int, kernel: str = "torch") -> torch.Tensor:
     """``Resize(256)`` + ``CenterCrop(224)`` of a batch's ``n`` decoded images given as size groups:
-    one interpolation per group, the crops ``[n,3,224,224]`` uint8 in batch order."""
+    one interpolation per group, the crops ``[n,3,224,224]`` uint8 in batch order. ``kernel`` "triton":
+    a group on a CUDA device is cropped by :func:`model_server.crop_kernel.triton_resize_crop` instead
+    (``--crop_kernel``); elsewhere, and with "torch", by :func:`resize_crop_pixels`."""
     out: list[torch.Tensor | None] = [None] * n
     for idx, pixels in groups:
         h, w = pixels[0].shape[-2:]
-        # The float copy the interpolation needs is 12 bytes per pixel: resize a size group in chunks of
-        # at most RESIZE_CHUNK_PIXELS (a batch of 128 12-MP photos would otherwise take 18 GB at once).
-        step = max(1, RESIZE_CHUNK_PIXELS // (h * w))
-        chunks = []
-        for k in range(0, len(idx), step):
-            part = pixels[k : k + step]
-            if isinstance(part, list):  # images apart: one op fewer alone
-                part = part[0].unsqueeze(0) if len(part) == 1 else torch.stack(part)
-            chunks.append(resize_crop_pixels(part).to(torch.uint8))
+        if kernel == "triton" and pixels[0].device.type == "cuda":
+            from model_server.crop_kernel import triton_resize_crop
+
+            stacked = pixels if isinstance(pixels, torch.Tensor) else torch.stack(pixels)
+            chunks = [triton_resize_crop(stacked)]  # reads the uint8 pixels as they are: no float copy
+        else:
+            # The float copy the interpolation needs is 12 bytes per pixel: resize a size group in chunks of
+            # at most RESIZE_CHUNK_PIXELS (a batch of 128 12-MP photos would otherwise take 18 GB at once).
+            step = max(1, RESIZE_CHUNK_PIXELS // (h * w))
+            chunks = []
+            for k in range(0, len(idx), step):
+                part = pixels[k : k + step]
+                if isinstance(part, list):  # images apart: one op fewer alone
+                    part = part[0].unsqueeze(0) if len(part) == 1 else torch.stack(part)
+                chunks.append(resize_crop_pixels(part).to(torch.uint8))
         crops = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         if len(groups) == 1 and idx == list(range(n)):
             return crops  # one size (the common case under load): already in order
@@ -93,12 +102,7 @@ def resize_crop_groups(groups: list[SizeGroup], n: int) -> torch.Tensor:
 def resize_crop_pixels(images: torch.Tensor) -> torch.Tensor:
     """``Resize(256)`` + ``CenterCrop(224)`` of a uint8 ``[N,3,H,W]`` batch of one size, as float32
     pixels already rounded and clamped to 0..255 (what the uint8 crop holds, before the cast)."""
-    _, _, h, w = images.shape
-    if w <= h:
-        nw, nh = RESIZE_SIZE, int(RESIZE_SIZE * h / w)
-    else:
-        nw, nh = int(RESIZE_SIZE * w / h), RESIZE_SIZE
-    top, left = round((nh - CROP_SIZE) / 2.0), round((nw - CROP_SIZE) / 2.0)
+    nh, nw, top, left = crop_geometry(*images.shape[-2:])
     x = torch.nn.functional.interpolate(
         images.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False
     )

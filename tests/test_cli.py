@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("--jpeg_decoder", "pil", "argument --jpeg_decoder: invalid choice: 'pil'"),
         ("--nvjpeg_early_headers", "yes", "argument --nvjpeg_early_headers: invalid choice: 'yes'"),
         ("--decode_stream_priority", "max", "argument --decode_stream_priority: invalid choice: 'max'"),
+        ("--crop_kernel", "cuda", "argument --crop_kernel: invalid choice: 'cuda'"),
     ],
 )
 def test_a_bad_value_exits_2_naming_it(tmp_path: Path, flag: str, value: str, message: str) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import json
+import os
 import struct
 import subprocess
 import sys
@@ -143,6 +145,69 @@ def test_resize_in_chunks_matches_one_pass(monkeypatch: pytest.MonkeyPatch) -> N
     assert torch.equal(one_pass, chunked)
 
 
+def test_the_triton_crop_kernel_crops_as_torch_does_in_tritons_interpreter(tmp_path: Path) -> None:
+    """``--crop_kernel triton``'s kernel, run by Triton's CPU interpreter (``TRITON_INTERPRET=1``, set
+    before the kernel is defined: a process of its own): the reference crop's pixels, to one step of
+    255 in a few pixels (the float sums in another order), shrunk portrait and landscape, and enlarged;
+    a batch that is not uint8 ``[N,3,H,W]`` is refused."""
+    code = """
+import json, torch
+from model_server.crop_kernel import triton_resize_crop
+from model_server.preprocess import resize_crop_pixels
+g = torch.Generator().manual_seed(0)
+out = []
+for shape in [(1, 3, 300, 260), (1, 3, 60, 80), (2, 3, 480, 640)]:
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    got, want = triton_resize_crop(x, 8192), resize_crop_pixels(x).to(torch.uint8)
+    d = (got.int() - want.int()).abs()
+    out.append([list(got.shape), got.dtype == torch.uint8, int(d.max()), int((d > 0).sum()), want.numel()])
+try:
+    triton_resize_crop(torch.zeros(1, 3, 8, 8))
+except ValueError as e:
+    out.append(str(e))
+print(json.dumps(out))
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    *crops, refused = json.loads(proc.stdout.splitlines()[-1])
+    for shape, is_uint8, worst, differing, total in crops:
+        assert shape[1:] == [3, 224, 224] and is_uint8
+        assert worst <= 1 and differing <= total // 10_000, (shape, worst, differing)
+    assert refused == "expected a uint8 [N,3,H,W] batch, got torch.float32 [1, 3, 8, 8]"
+
+
+def test_the_triton_crop_kernel_compiles_for_hopper_without_a_gpu() -> None:
+    """The kernel goes through Triton's whole compiler for an H100 (sm_90) here, where no GPU is, with the
+    ``ptxas`` Triton ships: what its first launch on the GPU does at warm-up."""
+    from model_server.crop_kernel import compile_for
+
+    compiled = compile_for(90)
+    assert compiled.metadata.name == "crop_kernel"
+    assert len(compiled.asm["cubin"]) > 1000
+
+
+def test_the_triton_crop_kernel_names_what_this_machine_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server asked for ``--crop_kernel triton`` on a GPU refuses to start, naming the missing part:
+    Triton itself, or the C compiler Triton builds its launcher with (the slim image has none)."""
+    import importlib.util
+    import shutil
+
+    from model_server import crop_kernel
+
+    crop_kernel.triton_needs()  # this machine has both
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match=r"needs a C compiler \(CC, gcc or clang\) for Triton's launcher"):
+        crop_kernel.triton_needs()
+    monkeypatch.setenv("CC", "/usr/bin/cc")
+    crop_kernel.triton_needs()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"needs Triton \(pip install triton\), which is not installed"):
+        crop_kernel.triton_needs()
+
+
 def test_size_groups_stacked_or_apart_crop_the_same_in_batch_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """resize_crop_groups takes a size group as one ``[k,3,H,W]`` tensor (what nvJPEG's hardware decoder
     writes) or as its images apart (torchvision's): same crops, put back in batch order, chunked or not."""
@@ -186,6 +251,12 @@ def test_decode_jpeg_groups_without_a_gpu_decodes_with_torchvision(runner) -> No
         DevicePipeline(runner, jpeg_decoder="pil")
     with pytest.raises(ValueError, match="decode_priority must be one of high, normal, got 'urgent'"):
         DevicePipeline(runner, decode_priority="urgent")
+    with pytest.raises(ValueError, match="crop_kernel must be one of torch, triton, got 'cuda'"):
+        DevicePipeline(runner, crop_kernel="cuda")
+    # On the CPU the crops are torch's whichever kernel is asked for (the Triton kernel runs on a GPU).
+    triton_crops = DevicePipeline(runner, crop_kernel="triton").prepare([JpegBatch(jpegs)]).whole
+    torch_crops = DevicePipeline(runner).prepare([JpegBatch(jpegs)]).whole
+    assert triton_crops is not None and torch_crops is not None and torch.equal(triton_crops, torch_crops)
     # No hardware decoder: early header reads leave a request to the decode stage, which decodes it.
     from model_server.ipc import KIND_JPEG, decode_request
 
