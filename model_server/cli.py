@@ -198,7 +198,9 @@ def process_start() -> float:
         return time.perf_counter()
 
 
-def warm_decoder_timed(device: Any, took: dict[str, float], decoder: str = "nvjpeg") -> None:
+def warm_decoder_timed(
+    device: Any, took: dict[str, float], decoder: str = "nvjpeg", crop_kernel: str = "torch"
+) -> None:
     """nvJPEG and the crop kernels warmed on ``device`` (an early-start thread), its seconds in ``took``.
 
     On a CUDA device it runs on a stream of its own and waits for that stream only: a device-wide
@@ -212,9 +214,9 @@ def warm_decoder_timed(device: Any, took: dict[str, float], decoder: str = "nvjp
     try:
         if isinstance(device, torch.device) and device.type == "cuda":
             with torch.cuda.stream(torch.cuda.Stream(device)):  # type: ignore[no-untyped-call]
-                warm_gpu_decoder(device, decoder)
+                warm_gpu_decoder(device, decoder, crop_kernel)
         else:
-            warm_gpu_decoder(device, decoder)
+            warm_gpu_decoder(device, decoder, crop_kernel)
     except Exception as e:  # the server's own warm-up decodes again and reports a failure properly
         log.debug("early nvJPEG warm-up failed: %s", e)
     took["decoder"] = time.perf_counter() - t0
@@ -229,6 +231,7 @@ def _start_device_early(
     warm_decoder: bool,
     before: dict[str, float] | None = None,
     jpeg_decoder: str = "nvjpeg",
+    crop_kernel: str = "torch",
 ) -> EarlyStart:
     """Create the CUDA context (or find it made: :func:`~model_server.tuning.start_before_torch`), then
     load cuDNN and cuBLAS and, on a thread of its own beside them, initialise nvJPEG and the crop
@@ -248,7 +251,7 @@ def _start_device_early(
                 t_context = time.perf_counter()
                 if warm_decoder:  # beside the libraries: on the H100 host 0.9 s and 0.5 s, one after the other before
                     decoder = threading.Thread(
-                        target=warm_decoder_timed, args=(dev, {}, jpeg_decoder), name="nvjpeg-init"
+                        target=warm_decoder_timed, args=(dev, {}, jpeg_decoder, crop_kernel), name="nvjpeg-init"
                     )
                     decoder.start()
                     early.decoder = decoder
@@ -362,6 +365,7 @@ def _serve_device(
         warm_decoder=config.gpu_decode,
         before=before_torch,
         jpeg_decoder=config.jpeg_decoder,
+        crop_kernel=config.crop_kernel,
     )
     from model_server import metrics
     from model_server.device import load_model
@@ -404,6 +408,7 @@ def _serve_single(
         warm_decoder=config.gpu_decode,
         before=before_torch,
         jpeg_decoder=config.jpeg_decoder,
+        crop_kernel=config.crop_kernel,
     )
     from model_server import metrics
     from model_server.device import load_model

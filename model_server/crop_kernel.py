@@ -14,7 +14,7 @@ in float32, rounded half to even and clamped, as the reference's ``round_().clam
 Where the GPU contracts a multiply and an add into one, a pixel can round the other way: the tests
 allow a difference of one step of 255 in a few pixels, the same tolerance that separates torch's own
 CPU and CUDA kernels. Triton compiles the kernel the first time it runs (the decoder's warm-up), once
-for every image size: the taps are a loop bound, not a compile-time constant.
+for all image sizes: the taps are a loop bound, not a compile-time constant, and no size is specialised on.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def _kernel() -> Any:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # Sizes and offsets are not specialised on (Triton would compile again for every value that is 1, or a
+    # multiple of 16, or not): one compiled kernel for every image size, none on a request's path.
+    @triton.jit(do_not_specialize=["height", "width", "top", "left", "taps_h", "taps_w"])
     def crop_kernel(src, dst, height, width, scale_h, scale_w, top, left, taps_h, taps_w,
                     OUT: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         plane = tl.program_id(0)  # image * 3 + channel

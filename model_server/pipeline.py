@@ -415,7 +415,7 @@ class DevicePipeline:
             return
         hardware = hardware_decoder(self.device) if self.jpeg_decoder == "nvjpeg" else None
         if hardware is not None and hardware.calls == 0:  # the early thread's warm-up did not run, or failed
-            warm_gpu_decoder(self.device, self.jpeg_decoder)
+            warm_gpu_decoder(self.device, self.jpeg_decoder, self.crop_kernel)
         jpeg = warm_up_jpeg()
         # nvJPEG's buffers for large photos were grown by the early thread's 12 MP decode (warm_gpu_decoder).
         for n in sorted({1, min(8, self.runner.max_batch)}):

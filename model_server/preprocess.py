@@ -245,17 +245,18 @@ def warm_up_jpeg(size: tuple[int, int] = (320, 240)) -> bytes:
     return buf.getvalue()
 
 
-def warm_gpu_decoder(device: torch.device, decoder: str = "nvjpeg") -> torch.Tensor:
+def warm_gpu_decoder(device: torch.device, decoder: str = "nvjpeg", crop_kernel: str = "torch") -> torch.Tensor:
     """Initialise nvJPEG (handles, buffers, the hardware decoder) and the crop kernels on ``device``
     with a small JPEG at batch 1 and 8 and one 12 MP JPEG, so neither the warm-up nor a request pays
-    for it; returns the crops of the batch of 8. ``decoder`` as in :func:`decode_jpeg_groups`."""
+    for it; returns the crops of the batch of 8. ``decoder`` as in :func:`decode_jpeg_groups`,
+    ``crop_kernel`` as in :func:`resize_crop_groups` ("triton": its kernel is compiled here)."""
     data = torch.frombuffer(bytearray(warm_up_jpeg()), dtype=torch.uint8)
     crops = torch.empty(0)
     for n in (1, 8):
-        crops = resize_crop_groups(decode_jpeg_groups([data] * n, device, decoder=decoder), n)
+        crops = resize_crop_groups(decode_jpeg_groups([data] * n, device, decoder=decoder), n, crop_kernel)
     if device.type == "cuda":
         large = torch.frombuffer(bytearray(warm_up_jpeg(WARM_UP_LARGE)), dtype=torch.uint8)
-        resize_crop_groups(decode_jpeg_groups([large], device, decoder=decoder), 1)
+        resize_crop_groups(decode_jpeg_groups([large], device, decoder=decoder), 1, crop_kernel)
         # Its own stream only: the early warm-up may run beside a CUDA-graph capture.
         torch.cuda.current_stream(device).synchronize()
     return crops

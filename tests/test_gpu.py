@@ -46,23 +46,32 @@ def test_nvjpeg_pipeline_matches_pil_crops(tmp_path: Path) -> None:
     assert (got - cpu).abs().max() < 0.1
 
 
-def test_graphs_captured_beside_the_decoder_warm_up_match_eager(tmp_path: Path) -> None:
-    """The CUDA graphs are captured while another thread warms nvJPEG (thread-local capture mode):
-    every bucket must be captured and replay what the model computes without a graph."""
+@pytest.mark.parametrize("crop_kernel", ["torch", "triton"])
+def test_graphs_captured_beside_the_decoder_warm_up_match_eager(tmp_path: Path, crop_kernel: str) -> None:
+    """The CUDA graphs are captured while another thread warms nvJPEG and the crop kernels (thread-local
+    capture mode; with ``--crop_kernel triton`` Triton compiles and loads its kernel meanwhile): every
+    bucket must be captured and replay what the model computes without a graph."""
     import threading
 
     from model_server.artifact import read_manifest
     from model_server.cli import warm_decoder_timed
+    from model_server.preprocess import warm_gpu_decoder
     from model_server.runtimes import load_runner
 
     build_artifacts(tmp_path, "densenet121-eager-fp16-cl-graphs", device="cuda")  # a CUDA-only variant
     d = tmp_path / "densenet121-eager-fp16-cl-graphs"
     runner = load_runner(read_manifest(d), d, torch.device("cuda"))
-    decoder = threading.Thread(target=lambda: [warm_decoder_timed(torch.device("cuda"), {}) for _ in range(5)])
+    took: dict[str, float] = {}
+    decoder = threading.Thread(
+        target=lambda: [warm_decoder_timed(torch.device("cuda"), took, "nvjpeg", crop_kernel) for _ in range(5)]
+    )
     decoder.start()
     runner.warm_up(beside=decoder)
     decoder.join()
     assert sorted(runner._graphs) == runner.buckets
+    # the warm-up swallows its errors (the server's own warm-up reports them): run it here, where they raise
+    crops = warm_gpu_decoder(torch.device("cuda"), "nvjpeg", crop_kernel)
+    assert crops.shape == (8, 3, 224, 224) and crops.dtype == torch.uint8
     x = runner.prepare(torch.randint(0, 255, (2, 3, 224, 224), dtype=torch.uint8))
     replayed = runner.run_device(x).clone()
     torch.testing.assert_close(replayed, runner.forward(x), atol=2e-2, rtol=0)
