@@ -617,14 +617,14 @@ class Sampler(threading.Thread):
             self.vram = max(self.vram, gpu_mem_of(self.pid) or 0.0)
 
 
-#: What a run measures, in the order it runs; ``--phases`` picks a subset. The cold start
-#: (``ready_s``, ``first_request_ms``, idle memory) is always measured: the loads need the server anyway.
 #: Distributions whose versions a serving record carries: the predictor's stack and Locust's (on the
 #: lent GPU machine they are carried as wheels, and their versions can differ from session to session).
 SERVING_PACKAGES = (
     "torchvision", "kserve", "locust", "onnxruntime", "uvicorn", "fastapi", "starlette", "uvloop", "orjson",
     "grpcio", "protobuf", "numpy", "pillow", "psutil", "gevent", "geventhttpclient",
 )  # fmt: skip
+#: What a run measures, in the order it runs; ``--phases`` picks a subset. The cold start
+#: (``ready_s``, ``first_request_ms``, idle memory) is always measured: the loads need the server anyway.
 PHASES = ("ondevice", "floor", "startup", "single", "cpu-roles", "sizes", "batched", "metrics-toggle", "compare")
 #: The arm every ``--compare`` arm is measured against: the server with ``--server-args`` alone.
 BASE = "base"

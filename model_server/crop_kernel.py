@@ -28,6 +28,7 @@ import os
 import shutil
 from typing import Any
 
+import numpy as np
 import torch
 
 from optimize.registry import CROP_SIZE, RESIZE_SIZE
@@ -135,7 +136,7 @@ def crop_geometry(height: int, width: int) -> tuple[int, int, int, int]:
 
 def _scale(size: int, out: int) -> float:
     """torch's ``area_pixel_compute_scale`` without align_corners: ``size / out`` in float32."""
-    return float(torch.tensor(size, dtype=torch.float32) / torch.tensor(out, dtype=torch.float32))
+    return float(np.float32(size) / np.float32(out))  # no tensors made on the request path
 
 
 def _taps(scale: float) -> int:

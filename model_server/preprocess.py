@@ -75,7 +75,6 @@ def resize_crop_groups(groups: list[SizeGroup], n: int, kernel: str = "torch") -
     (``--crop_kernel``); elsewhere, and with "torch", by :func:`resize_crop_pixels`."""
     out: list[torch.Tensor | None] = [None] * n
     for idx, pixels in groups:
-        h, w = pixels[0].shape[-2:]
         if kernel == "triton" and pixels[0].device.type == "cuda":
             from model_server.crop_kernel import triton_resize_crop
 
@@ -84,6 +83,7 @@ def resize_crop_groups(groups: list[SizeGroup], n: int, kernel: str = "torch") -
         else:
             # The float copy the interpolation needs is 12 bytes per pixel: resize a size group in chunks of
             # at most RESIZE_CHUNK_PIXELS (a batch of 128 12-MP photos would otherwise take 18 GB at once).
+            h, w = pixels[0].shape[-2:]
             step = max(1, RESIZE_CHUNK_PIXELS // (h * w))
             chunks = []
             for k in range(0, len(idx), step):
