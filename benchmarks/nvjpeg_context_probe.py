@@ -36,8 +36,9 @@ caching allocator with the table built anew every call, and both.
 beside the model, and the decoder fed as the server feeds it (sizes varying, torch outputs) without
 the crop, with the crop queued on its stream after each call (as the server's decode stage does), and
 with the crop on a stream of its own that waits for the call's event (the thread then waits for the
-decode only), and the same for ``--crop_kernel triton``'s kernel (its GPU time, the pixels it rounds
-otherwise, and queued after each call). Session 22's run also timed a two-pass crop (``--crop_passes
+decode only), and the same for ``--crop_kernel triton``'s kernel (its GPU time launched by Triton
+and as the server launches its compiled binary, the pixels it rounds otherwise, and queued after
+each call). Session 22's run also timed a two-pass crop (``--crop_passes
 2``, commit adc2381, reverted): ``nvjpeg-crops-probe-s22.txt``. (An arm
 that never waited for the stream between calls stalled beside the model and hung the probe; it was
 removed, and its output is kept in ``nvjpeg-crops-probe-s21-hang.txt``.)
@@ -118,7 +119,7 @@ class Decoder:
         # queues it); "own", on a stream of its own (the GPU's highest priority) that waits for an event of
         # the call, so the thread waits for the decode only, with one crop in flight; "": none
         self.crop = crop
-        # "triton": as "decoder", with --crop_kernel triton's kernel (model_server.crop_kernel)
+        # "triton": as "decoder", with --crop_kernel triton's kernel, launched as the server launches it
         if crop not in ("", "decoder", "own", "triton"):
             raise ValueError(f"crop must be '', 'decoder', 'own' or 'triton', got {crop!r}")
         if crop and (not torch_out or len(set(sizes)) != 1):
@@ -201,9 +202,9 @@ class Decoder:
             resize_crop_pixels(pixels).to(torch.uint8)
             return
         if self.crop == "triton":
-            from model_server.crop_kernel import triton_resize_crop
+            from model_server.crop_kernel import cubin_crop
 
-            triton_resize_crop(pixels)
+            cubin_crop(pixels.device)(pixels)  # as the server launches it
             return
         if self._crop_stream is None:
             self._crop_stream = torch.cuda.Stream(priority=-1000)  # type: ignore[no-untyped-call]
@@ -482,9 +483,10 @@ def main(argv: list[str] | None = None) -> int:
                 times.append(a.elapsed_time(b))
             return statistics.median(times[5:])
 
-        from model_server.crop_kernel import triton_resize_crop
+        from model_server.crop_kernel import cubin_crop, triton_resize_crop
 
-        for tag, crop in (("crop", resize_crop_pixels), ("crop_triton", triton_resize_crop)):
+        cubin = cubin_crop(dev)  # the server's launch of the compiled binary; triton_resize_crop: Triton's
+        for tag, crop in (("crop", resize_crop_pixels), ("crop_triton", triton_resize_crop), ("crop_cubin", cubin)):
             crop(x)  # Triton compiles its kernel on the first call
             log(f"{tag}_alone", {"crop_ms": round(crop_ms(crop), 3)})
             model.__enter__()
@@ -498,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         diff = (triton_resize_crop(photos).int() - resize_crop_pixels(photos).to(torch.uint8).int()).abs()
         log("crop_triton_pixels", {"differing_px": int((diff > 0).sum()), "max_abs_diff": int(diff.max()),
                                    "px": diff.numel()})  # fmt: skip
+        diff = (cubin(photos).int() - triton_resize_crop(photos).int()).abs()
+        log("crop_cubin_vs_triton_pixels", {"differing_px": int((diff > 0).sum()), "max_abs_diff": int(diff.max()),
+                                            "px": diff.numel()})  # fmt: skip
         feed = {"vary": True, "torch_out": True}
         direct_arms("direct_server_feed", OUTPUT_RGB, True, **feed)
         direct_arms("direct_server_feed_crops", OUTPUT_RGB, True, **feed, crop="decoder")

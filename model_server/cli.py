@@ -122,8 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--crop_kernel", default=_env("CROP_KERNEL", d.crop_kernel), choices=CROP_KERNELS,
         help="how the GPU decode stage resizes and crops a batch: torch (torch's antialiased interpolation of "
-        "each whole image, then the 224 crop) or triton (one Triton kernel computing only the crop's pixels "
-        "from the uint8 ones, compiled at warm-up; needs Triton) (default: %(default)s)",
+        "each whole image, then the 224 crop) or triton (one kernel computing only the crop's pixels from the "
+        "uint8 ones: its binary for the GPU from DENSENET_CROP_KERNEL_DIR or the user cache, else compiled by "
+        "Triton at warm-up and kept there) (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
         "--ipc_pinned_bodies", default=_env("IPC_PINNED_BODIES", "true"), choices=("true", "false"),

@@ -14,18 +14,35 @@ the reference's ``round_().clamp_(0, 255)``.
 
 Where the sums run in another order, or the GPU contracts a multiply and an add into one, a pixel
 can round the other way: the tests allow a difference of one step of 255 in a few pixels (in
-Triton's CPU interpreter, at most 5 of 150,528 differ from torch's CPU crop). Triton compiles the
-kernel the first time it runs (the decoder's warm-up), once for all image sizes: the taps are a loop
-bound, not a compile-time constant, and no size is specialised on.
+Triton's CPU interpreter, at most 5 of 150,528 differ from torch's CPU crop; on the H100, 180 of
+19.3 M, session 23). One compiled kernel serves every image size: the taps are a loop bound, not a
+compile-time constant, and no size is specialised on.
+
+The server does not run Triton: it launches the kernel's compiled binary (a cubin for the GPU's
+compute capability) through the CUDA driver (:class:`CubinCrop`, ctypes, no C compiler, no JIT on
+the start-up path). ``python -m model_server.crop_kernel --arch 90 ...`` compiles the binaries ahead
+of time (the container image does, for the usual GPUs) into ``DENSENET_CROP_KERNEL_DIR``; a server
+that finds none for its GPU compiles one with Triton at warm-up (about 2 s) and keeps it in the user
+cache for the next start. A binary's file name carries a hash of this file, so an edited kernel is
+never served from an old binary.
 """
 
 from __future__ import annotations
 
+import argparse
+import ctypes
 import functools
+import hashlib
 import importlib.util
+import json
+import logging
 import math
 import os
-import shutil
+import re
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,14 +54,18 @@ from optimize.registry import CROP_SIZE, RESIZE_SIZE
 BLOCK = 256
 
 
-def triton_needs() -> None:
-    """Raise ValueError naming what the kernel needs and this machine lacks: Triton, and the C compiler
-    Triton builds its launcher with the first time it runs (``CC``, else gcc or clang on PATH)."""
+log = logging.getLogger(__name__)
+
+
+def triton_needs(arch: int | None = None) -> None:
+    """Raise ValueError unless the kernel can run for compute capability ``arch`` (``major * 10 +
+    minor``; None: any): a compiled binary for it in :func:`kernel_dirs`, or Triton to compile one."""
+    if arch is not None and any(_binary_path(d, arch).with_suffix(".json").is_file() for d in kernel_dirs()):
+        return
     if importlib.util.find_spec("triton") is None:
-        raise ValueError("crop_kernel 'triton' needs Triton (pip install triton), which is not installed")
-    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
-        raise ValueError("crop_kernel 'triton' needs a C compiler (CC, gcc or clang) for Triton's launcher: "
-                         "none found (the slim container image has none)")  # fmt: skip
+        where = f"a compiled binary for sm_{arch} (none in {', '.join(map(str, kernel_dirs()))}) or " if arch else ""
+        raise ValueError(f"crop_kernel 'triton' needs {where}Triton (pip install triton) to compile one, "
+                         "and Triton is not installed")  # fmt: skip
 
 
 @functools.cache
@@ -163,3 +184,247 @@ def triton_resize_crop(images: torch.Tensor, block: int = BLOCK) -> torch.Tensor
     _kernel()[grid](images, out, h, w, scale_h, scale_w, top, left, _taps(scale_h), _taps(scale_w),
                     OUT=CROP_SIZE, BLOCK=block)  # fmt: skip
     return out
+
+
+# ---- the compiled kernel, launched through the CUDA driver ------------------------------------
+
+#: The kernel's parameters as the compiled binary takes them (PTX types), before any that Triton
+#: appends (pointers to scratch memory this kernel does not use: passed as null).
+PARAMS = ("u64", "u64", "u32", "u32", "f32", "f32", "u32", "u32", "u32", "u32")
+
+
+@functools.cache
+def source_key() -> str:
+    """A hash of this file: part of a compiled binary's name, so an edited kernel is never served
+    from a binary compiled before the edit."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def kernel_dirs() -> list[Path]:
+    """Where compiled binaries are looked for, in order: ``DENSENET_CROP_KERNEL_DIR`` (the container
+    image's, compiled when it was built) if set, then the user cache (``XDG_CACHE_HOME`` or
+    ``~/.cache``), where a server keeps the one it compiled."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "densenet-knative" / "crop-kernels"
+    given = os.environ.get("DENSENET_CROP_KERNEL_DIR")
+    return [Path(given), cache] if given else [cache]
+
+
+def _binary_path(directory: Path, arch: int, block: int = BLOCK) -> Path:
+    return directory / f"crop-sm{arch}-b{block}-{source_key()}.cubin"
+
+
+@dataclass(frozen=True)
+class CropBinary:
+    """The kernel compiled for one compute capability: the cubin and what a launch needs to know."""
+
+    arch: int
+    name: str
+    num_warps: int
+    shared: int
+    block: int
+    #: The binary's parameters (PTX types): :data:`PARAMS`, then null scratch pointers.
+    params: tuple[str, ...]
+    cubin: bytes
+
+    def save(self, directory: Path) -> Path:
+        """Write ``<name>.cubin`` and its ``.json`` into ``directory`` (made if missing); the path."""
+        path = _binary_path(directory, self.arch, self.block)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_bytes(self.cubin)
+        tmp.replace(path)  # whole or not at all: another server may read it meanwhile
+        meta = {"arch": self.arch, "name": self.name, "num_warps": self.num_warps, "shared": self.shared,
+                "block": self.block, "params": list(self.params), "source_key": source_key()}  # fmt: skip
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+        tmp.replace(path.with_suffix(".json"))  # written last: a .json means its .cubin is whole
+        return path
+
+    @classmethod
+    def load(cls, directory: Path, arch: int, block: int = BLOCK) -> CropBinary | None:
+        """The binary for ``arch`` in ``directory``, or None if there is none for this kernel's source."""
+        path = _binary_path(directory, arch, block)
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())
+            cubin = path.read_bytes()
+        except (OSError, ValueError):
+            return None
+        return cls(arch, meta["name"], int(meta["num_warps"]), int(meta["shared"]), int(meta["block"]),
+                   tuple(meta["params"]), cubin)  # fmt: skip
+
+
+def build_binary(arch: int, block: int = BLOCK) -> CropBinary:
+    """Compile the kernel for ``arch`` with Triton (no GPU needed) and read what a launch needs from
+    Triton's metadata and the PTX's entry. Refuses a binary this launcher cannot run: one that needs
+    scratch memory, or more than one CTA, or whose parameters are not :data:`PARAMS` then pointers."""
+    compiled = compile_for(arch, block)
+    meta = compiled.metadata
+    for field in ("global_scratch_size", "profile_scratch_size"):
+        if getattr(meta, field, 0):
+            raise RuntimeError(f"the compiled crop kernel needs {field}={getattr(meta, field)}: not supported")
+    if getattr(meta, "num_ctas", 1) != 1:
+        raise RuntimeError(f"the compiled crop kernel needs num_ctas={meta.num_ctas}: not supported")
+    params = entry_params(compiled.asm["ptx"], meta.name)
+    if params[: len(PARAMS)] != PARAMS or any(p != "u64" for p in params[len(PARAMS) :]):
+        raise RuntimeError(f"the compiled crop kernel takes {params}, expected {PARAMS} then scratch pointers")
+    return CropBinary(arch, meta.name, int(meta.num_warps), int(meta.shared), block, params, compiled.asm["cubin"])
+
+
+def entry_params(ptx: str, name: str) -> tuple[str, ...]:
+    """The PTX types of the parameters of kernel ``name`` (``.entry name(...)``) in ``ptx``."""
+    found = re.search(rf"\.entry\s+{re.escape(name)}\s*\((.*?)\)", ptx, re.S)
+    if found is None:
+        raise RuntimeError(f"no .entry {name} in the compiled kernel's PTX")
+    return tuple(re.findall(r"\.param\s+\.(\w+)", found.group(1)))
+
+
+def binary_for(arch: int, block: int = BLOCK) -> CropBinary:
+    """The binary for ``arch`` from the first of :func:`kernel_dirs` holding one; else compiled now
+    (Triton) and kept in the first directory that can be written, for the next start."""
+    dirs = kernel_dirs()
+    for directory in dirs:
+        found = CropBinary.load(directory, arch, block)
+        if found is not None:
+            return found
+    triton_needs(arch)
+    binary = build_binary(arch, block)
+    for directory in reversed(dirs):  # the user cache first: the image's directory is read-only
+        try:
+            log.info("crop kernel compiled for sm_%d, kept in %s", arch, binary.save(directory))
+            break
+        except OSError as e:
+            log.debug("cannot keep the crop kernel in %s: %s", directory, e)
+    return binary
+
+
+class CudaDriverError(RuntimeError):
+    """A CUDA driver call failed."""
+
+
+class _Driver:
+    """The few CUDA driver calls a launch needs (``libcuda.so.1``, through ctypes)."""
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        vp, u = ctypes.c_void_p, ctypes.c_uint
+        lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(vp)]
+        lib.cuCtxSetCurrent.argtypes = [vp]
+        lib.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+        lib.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(vp), ctypes.c_int]
+        lib.cuModuleLoadData.argtypes = [ctypes.POINTER(vp), ctypes.c_char_p]
+        lib.cuModuleGetFunction.argtypes = [ctypes.POINTER(vp), vp, ctypes.c_char_p]
+        lib.cuFuncSetAttribute.argtypes = [vp, ctypes.c_int, ctypes.c_int]
+        lib.cuLaunchKernel.argtypes = [vp, u, u, u, u, u, u, u, vp, ctypes.POINTER(vp), ctypes.POINTER(vp)]
+        lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        self.lib = lib
+
+    def check(self, call: str, status: int) -> None:
+        if status != 0:
+            name = ctypes.c_char_p()
+            self.lib.cuGetErrorName(status, ctypes.byref(name))
+            raise CudaDriverError(f"{call} failed: {(name.value or b'?').decode()} ({status})")
+
+    def use_primary_context(self, index: int) -> None:
+        """Make device ``index``'s primary context (torch's) current on this thread if none is."""
+        ctx = ctypes.c_void_p()
+        self.check("cuCtxGetCurrent", self.lib.cuCtxGetCurrent(ctypes.byref(ctx)))
+        if ctx.value:
+            return
+        dev = ctypes.c_int()
+        self.check("cuDeviceGet", self.lib.cuDeviceGet(ctypes.byref(dev), index))
+        self.check("cuDevicePrimaryCtxRetain", self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))
+        self.check("cuCtxSetCurrent", self.lib.cuCtxSetCurrent(ctx))
+
+
+#: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+_MAX_DYNAMIC_SHARED = 8
+
+
+class CubinCrop:
+    """:func:`triton_resize_crop` by the compiled binary: loaded once into ``device``'s primary
+    context, launched on the current stream. No Triton, no JIT, no C compiler."""
+
+    def __init__(self, binary: CropBinary, device: torch.device) -> None:
+        self.binary = binary
+        self.device = device
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
+        self.driver = _Driver()
+        self.driver.use_primary_context(self.index)
+        module, func = ctypes.c_void_p(), ctypes.c_void_p()
+        lib, check = self.driver.lib, self.driver.check
+        check("cuModuleLoadData", lib.cuModuleLoadData(ctypes.byref(module), binary.cubin))
+        check("cuModuleGetFunction", lib.cuModuleGetFunction(ctypes.byref(func), module, binary.name.encode()))
+        if binary.shared > 48 * 1024:
+            check("cuFuncSetAttribute", lib.cuFuncSetAttribute(func, _MAX_DYNAMIC_SHARED, binary.shared))
+        self.module, self.func = module, func
+        self.scratch = len(binary.params) - len(PARAMS)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """As :func:`triton_resize_crop` (same checks, same result), on ``images``' current stream."""
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected a uint8 [N,3,H,W] batch, got {images.dtype} {list(images.shape)}")
+        images = images.contiguous()
+        n, _, h, w = images.shape
+        nh, nw, top, left = crop_geometry(h, w)
+        out = torch.empty((n, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8, device=images.device)
+        if n == 0:
+            return out
+        scale_h, scale_w = _scale(h, nh), _scale(w, nw)
+        i32, f32, ptr = ctypes.c_int32, ctypes.c_float, ctypes.c_uint64
+        values: list[ctypes._SimpleCData[Any]] = [
+            ptr(images.data_ptr()), ptr(out.data_ptr()), i32(h), i32(w), f32(scale_h), f32(scale_w), i32(top),
+            i32(left), i32(_taps(scale_h)), i32(_taps(scale_w)),
+        ]  # fmt: skip
+        args = values + [ptr(0) for _ in range(self.scratch)]
+        params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+        stream = torch.cuda.current_stream(images.device).cuda_stream
+        self.driver.use_primary_context(self.index)
+        b = self.binary
+        self.driver.check("cuLaunchKernel", self.driver.lib.cuLaunchKernel(
+            self.func, n * 3, math.ceil(CROP_SIZE * CROP_SIZE / b.block), 1, 32 * b.num_warps, 1, 1, b.shared,
+            stream, params, None))  # fmt: skip
+        return out
+
+
+_loaded: dict[int, CubinCrop] = {}
+_loading = threading.Lock()
+
+
+def cubin_crop(device: torch.device) -> CubinCrop:
+    """The crop for ``device``, its binary found or compiled (:func:`binary_for`) and loaded the first
+    time (the decoder's warm-up), once per process and device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    crop = _loaded.get(index)
+    if crop is None:
+        with _loading:
+            crop = _loaded.get(index)
+            if crop is None:
+                major, minor = torch.cuda.get_device_capability(index)
+                crop = _loaded[index] = CubinCrop(binary_for(major * 10 + minor), torch.device("cuda", index))
+    return crop
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m model_server.crop_kernel --arch 90 [--arch 80 ...] [--out DIR]``: compile the
+    crop kernel's binaries ahead of time (no GPU needed), as the container image's build does."""
+    ap = argparse.ArgumentParser(prog="python -m model_server.crop_kernel", description=main.__doc__)
+    ap.add_argument("--arch", type=int, action="append", required=True,
+                    help="CUDA compute capability as major*10+minor (80 A100, 86/89 RTX, 90 H100/H200, 100 B200); "
+                    "repeat for several")  # fmt: skip
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where to write (default: DENSENET_CROP_KERNEL_DIR, else the user cache)")  # fmt: skip
+    args = ap.parse_args(argv)
+    out = args.out or kernel_dirs()[0]
+    for arch in args.arch:
+        if arch < 50 or arch > 200:
+            ap.error(f"argument --arch: {arch} is not a compute capability such as 80, 86, 89, 90 or 100")
+        try:
+            binary = build_binary(arch)
+        except Exception as e:  # Triton refuses an arch it does not support: say which
+            print(f"sm_{arch}: not compiled: {e}", file=sys.stderr)
+            return 1
+        print(f"sm_{arch}: {binary.save(out)} ({len(binary.cubin)} bytes, {binary.num_warps} warps)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -114,7 +114,8 @@ class DevicePipeline:
         if crop_kernel not in CROP_KERNELS:
             raise ValueError(f"crop_kernel must be one of {', '.join(CROP_KERNELS)}, got {crop_kernel!r}")
         if crop_kernel == "triton" and runner.device.type == "cuda":
-            triton_needs()
+            major, minor = torch.cuda.get_device_capability(runner.device)
+            triton_needs(major * 10 + minor)
         self.crop_kernel = crop_kernel
         self.decode_batch = decode_batch
         self.decode_priority = decode_priority

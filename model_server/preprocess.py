@@ -71,15 +71,15 @@ def gpu_resize_crop_many(images: list[torch.Tensor]) -> torch.Tensor:
 def resize_crop_groups(groups: list[SizeGroup], n: int, kernel: str = "torch") -> torch.Tensor:
     """``Resize(256)`` + ``CenterCrop(224)`` of a batch's ``n`` decoded images given as size groups:
     one interpolation per group, the crops ``[n,3,224,224]`` uint8 in batch order. ``kernel`` "triton":
-    a group on a CUDA device is cropped by :func:`model_server.crop_kernel.triton_resize_crop` instead
-    (``--crop_kernel``); elsewhere, and with "torch", by :func:`resize_crop_pixels`."""
+    a group on a CUDA device is cropped by the compiled kernel of :mod:`model_server.crop_kernel`
+    instead (``--crop_kernel``); elsewhere, and with "torch", by :func:`resize_crop_pixels`."""
     out: list[torch.Tensor | None] = [None] * n
     for idx, pixels in groups:
         if kernel == "triton" and pixels[0].device.type == "cuda":
-            from model_server.crop_kernel import triton_resize_crop
+            from model_server.crop_kernel import cubin_crop
 
             stacked = pixels if isinstance(pixels, torch.Tensor) else torch.stack(pixels)
-            chunks = [triton_resize_crop(stacked)]  # reads the uint8 pixels as they are: no float copy
+            chunks = [cubin_crop(stacked.device)(stacked)]  # reads the uint8 pixels as they are: no float copy
         else:
             # The float copy the interpolation needs is 12 bytes per pixel: resize a size group in chunks of
             # at most RESIZE_CHUNK_PIXELS (a batch of 128 12-MP photos would otherwise take 18 GB at once).
@@ -249,7 +249,7 @@ def warm_gpu_decoder(device: torch.device, decoder: str = "nvjpeg", crop_kernel:
     """Initialise nvJPEG (handles, buffers, the hardware decoder) and the crop kernels on ``device``
     with a small JPEG at batch 1 and 8 and one 12 MP JPEG, so neither the warm-up nor a request pays
     for it; returns the crops of the batch of 8. ``decoder`` as in :func:`decode_jpeg_groups`,
-    ``crop_kernel`` as in :func:`resize_crop_groups` ("triton": its kernel is compiled here)."""
+    ``crop_kernel`` as in :func:`resize_crop_groups` ("triton": its binary is loaded here, or compiled)."""
     data = torch.frombuffer(bytearray(warm_up_jpeg()), dtype=torch.uint8)
     crops = torch.empty(0)
     for n in (1, 8):

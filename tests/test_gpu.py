@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import struct
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def test_nvjpeg_pipeline_matches_pil_crops(tmp_path: Path) -> None:
 @pytest.mark.parametrize("crop_kernel", ["torch", "triton"])
 def test_graphs_captured_beside_the_decoder_warm_up_match_eager(tmp_path: Path, crop_kernel: str) -> None:
     """The CUDA graphs are captured while another thread warms nvJPEG and the crop kernels (thread-local
-    capture mode; with ``--crop_kernel triton`` Triton compiles and loads its kernel meanwhile): every
+    capture mode; with ``--crop_kernel triton`` its binary is loaded, or compiled, meanwhile): every
     bucket must be captured and replay what the model computes without a graph."""
     import threading
 
@@ -407,21 +408,44 @@ def test_decode_stream_priority_high_is_the_gpus_highest(tmp_path: Path) -> None
     assert torch.equal(crops["high"], crops["normal"])
 
 
-def test_the_triton_crop_kernel_crops_as_torch_does_on_the_gpu(tmp_path: Path) -> None:
-    """``--crop_kernel triton`` on the GPU: the kernel's crops of VGA and 12 MP batches, and the pipeline's
-    of real photos, differ from torch's by at most one step of 255 in a few pixels; the model's top-1 is
-    the same."""
+def test_the_triton_crop_kernel_crops_as_torch_does_on_the_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--crop_kernel triton`` on the GPU: the compiled binary launched through the driver (as the server
+    does; found in ``DENSENET_CROP_KERNEL_DIR`` or compiled into the user cache) crops VGA and 12 MP
+    batches as Triton's own launch of the kernel does, and both differ from torch's by at most one step of
+    255 in a few pixels; the pipeline's crops of real photos give the model's top-1 torch's give. A binary
+    compiled elsewhere (``CROP_KERNEL_BINARIES``: a directory compiled by another Triton, such as the
+    container image's) crops the same."""
+    from model_server import crop_kernel
     from model_server.artifact import read_manifest
-    from model_server.crop_kernel import triton_resize_crop
+    from model_server.crop_kernel import CropBinary, CubinCrop, binary_for, cubin_crop, triton_resize_crop
     from model_server.pipeline import DevicePipeline, JpegBatch
     from model_server.preprocess import resize_crop_pixels
     from model_server.runtimes import load_runner
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("DENSENET_CROP_KERNEL_DIR", raising=False)
+    crop_kernel._loaded.clear()
+    major, minor = torch.cuda.get_device_capability()
+    arch = major * 10 + minor
+    launchers = {"compiled here": cubin_crop(torch.device("cuda"))}
+    assert list((tmp_path / "cache" / "densenet-knative" / "crop-kernels").glob(f"crop-sm{arch}-*.cubin"))
+    elsewhere = os.environ.get("CROP_KERNEL_BINARIES")
+    if elsewhere:
+        found = CropBinary.load(Path(elsewhere), arch)
+        assert found is not None, f"no binary for sm_{arch} in {elsewhere}"
+        launchers["compiled elsewhere"] = CubinCrop(found, torch.device("cuda"))
+    assert binary_for(arch) == launchers["compiled here"].binary  # the second start reads it back
     g = torch.Generator(device="cuda").manual_seed(0)
     for shape in ((8, 3, 480, 640), (2, 3, 3024, 4032), (3, 3, 300, 200)):
         x = torch.randint(0, 256, shape, dtype=torch.uint8, device="cuda", generator=g)
-        d = (triton_resize_crop(x).int() - resize_crop_pixels(x).to(torch.uint8).int()).abs()
+        jit = triton_resize_crop(x)
+        d = (jit.int() - resize_crop_pixels(x).to(torch.uint8).int()).abs()
         assert int(d.max()) <= 1 and int((d > 0).sum()) <= d.numel() // 1000, shape
+        for how, launch in launchers.items():
+            got = launch(x)
+            assert got.shape == jit.shape and int((got.int() - jit.int()).abs().max()) <= 1, (how, shape)
+            assert int((got != jit).sum()) <= d.numel() // 1000, (how, shape)
+    crop_kernel._loaded.clear()
     build_artifacts(tmp_path, "densenet121-eager-fp32")
     d = tmp_path / "densenet121-eager-fp32"
     runner = load_runner(read_manifest(d), d, torch.device("cuda"))

@@ -178,34 +178,69 @@ print(json.dumps(out))
     assert refused == "expected a uint8 [N,3,H,W] batch, got torch.float32 [1, 3, 8, 8]"
 
 
-def test_the_triton_crop_kernel_compiles_for_hopper_without_a_gpu() -> None:
-    """The kernel goes through Triton's whole compiler for an H100 (sm_90) here, where no GPU is, with the
-    ``ptxas`` Triton ships: what its first launch on the GPU does at warm-up."""
-    from model_server.crop_kernel import compile_for
+def test_the_crop_kernel_binaries_compile_without_a_gpu_and_are_found_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m model_server.crop_kernel --arch 90`` compiles the kernel for an H100 here, where no GPU
+    is (Triton's compiler and ``ptxas``), into ``DENSENET_CROP_KERNEL_DIR``, where a server finds it
+    without compiling; an arch with no binary there is compiled once and kept in the user cache; a
+    binary of an edited kernel (another source hash) is not used; a bad arch is refused by name."""
+    from model_server import crop_kernel
+    from model_server.crop_kernel import PARAMS, CropBinary, binary_for, entry_params, kernel_dirs, main
 
-    compiled = compile_for(90)
-    assert compiled.metadata.name == "crop_kernel"
-    assert len(compiled.asm["cubin"]) > 1000
+    image, cache = tmp_path / "image", tmp_path / "cache"
+    monkeypatch.setenv("DENSENET_CROP_KERNEL_DIR", str(image))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    assert kernel_dirs() == [image, cache / "densenet-knative" / "crop-kernels"]
+    assert main(["--arch", "90"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"sm_90: {image}/crop-sm90-b256-") and "4 warps" in printed
+    h100 = CropBinary.load(image, 90)
+    assert h100 is not None and h100.name == "crop_kernel" and len(h100.cubin) > 1000
+    assert h100.params[: len(PARAMS)] == PARAMS and set(h100.params[len(PARAMS) :]) <= {"u64"}
+
+    def no_compiling(arch: int, block: int = 256) -> CropBinary:
+        raise AssertionError(f"compiled sm_{arch} again")
+
+    real_build = crop_kernel.build_binary
+    monkeypatch.setattr(crop_kernel, "build_binary", no_compiling)
+    assert binary_for(90) == h100  # the image's binary, read, not compiled
+    monkeypatch.setattr(crop_kernel, "build_binary", real_build)
+    ada = binary_for(89)  # none anywhere: compiled, then kept in the user cache (the image's is read-only)
+    assert [p.parent for p in cache.rglob("crop-sm89-*.cubin")] == [kernel_dirs()[1]]
+    monkeypatch.setattr(crop_kernel, "build_binary", no_compiling)
+    assert binary_for(89) == ada
+    monkeypatch.setattr(crop_kernel, "source_key", lambda: "0" * 16)  # the kernel edited since
+    assert CropBinary.load(image, 90) is None
+    ptx = ".visible .entry k(\n\t.param .u64 .ptr .global .align 1 k_param_0,\n\t.param .f32 k_param_1\n)\n{"
+    assert entry_params(ptx, "k") == ("u64", "f32")
+    with pytest.raises(SystemExit):
+        main(["--arch", "7"])
+    assert "argument --arch: 7 is not a compute capability such as 80, 86, 89, 90 or 100" in capsys.readouterr().err
 
 
-def test_the_triton_crop_kernel_names_what_this_machine_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A server asked for ``--crop_kernel triton`` on a GPU refuses to start, naming the missing part:
-    Triton itself, or the C compiler Triton builds its launcher with (the slim image has none)."""
+def test_the_triton_crop_kernel_names_what_this_machine_lacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server asked for ``--crop_kernel triton`` on a GPU needs a compiled binary for the GPU or
+    Triton to compile one (no C compiler: the binary is launched through the driver); without either it
+    refuses to start, naming where it looked."""
     import importlib.util
-    import shutil
 
     from model_server import crop_kernel
 
-    crop_kernel.triton_needs()  # this machine has both
-    monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(ValueError, match=r"needs a C compiler \(CC, gcc or clang\) for Triton's launcher"):
-        crop_kernel.triton_needs()
-    monkeypatch.setenv("CC", "/usr/bin/cc")
-    crop_kernel.triton_needs()
+    monkeypatch.setenv("DENSENET_CROP_KERNEL_DIR", str(tmp_path / "image"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler anywhere
+    crop_kernel.triton_needs(90)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ValueError, match=r"needs Triton \(pip install triton\), which is not installed"):
-        crop_kernel.triton_needs()
+    with pytest.raises(ValueError, match=rf"needs a compiled binary for sm_90 \(none in {tmp_path}/image, "):
+        crop_kernel.triton_needs(90)
+    with pytest.raises(ValueError, match=r"or Triton \(pip install triton\) to compile one, and Triton is not"):
+        crop_kernel.triton_needs(90)
+    (tmp_path / "image").mkdir()
+    name = f"crop-sm90-b256-{crop_kernel.source_key()}"
+    (tmp_path / "image" / f"{name}.cubin").write_bytes(b"")
+    (tmp_path / "image" / f"{name}.json").write_text("{}")
+    crop_kernel.triton_needs(90)  # a binary for the GPU: Triton is not needed
 
 
 def test_size_groups_stacked_or_apart_crop_the_same_in_batch_order(monkeypatch: pytest.MonkeyPatch) -> None:

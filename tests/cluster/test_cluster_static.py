@@ -184,6 +184,10 @@ def test_dockerfile_runtime_stage() -> None:
     builder = " ".join(a for _, a in stages["builder"])
     assert "uv sync --frozen --no-install-project --no-dev --extra serve" in builder
     assert "--extra optimize" not in builder
+    # the crop kernel's binaries are compiled at build time where the runtime stage looks for them
+    assert "python -m model_server.crop_kernel" in builder and "--arch 90" in builder
+    out_dir = re.search(r"--out (\S+)", builder)
+    assert out_dir is not None and any(f"DENSENET_CROP_KERNEL_DIR={out_dir.group(1)}" in a for _, a in runtime)
     assert stages["_global"][0][0] == "ARG" and "python:3.1" in stages["_global"][0][1]
 
 
