@@ -122,9 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--crop_kernel", default=_env("CROP_KERNEL", d.crop_kernel), choices=CROP_KERNELS,
         help="how the GPU decode stage resizes and crops a batch: torch (torch's antialiased interpolation of "
-        "each whole image, then the 224 crop) or triton (one kernel computing only the crop's pixels from the "
+        "each whole image, then the 224 crop), triton (one kernel computing only the crop's pixels from the "
         "uint8 ones: its binary for the GPU from DENSENET_CROP_KERNEL_DIR or the user cache, else compiled by "
-        "Triton at warm-up and kept there) (default: %(default)s)",
+        "Triton at warm-up and kept there; refuses to start if neither can be had) or auto (triton where it can "
+        "run, else torch) (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
         "--ipc_pinned_bodies", default=_env("IPC_PINNED_BODIES", "true"), choices=("true", "false"),
@@ -199,9 +200,7 @@ def process_start() -> float:
         return time.perf_counter()
 
 
-def warm_decoder_timed(
-    device: Any, took: dict[str, float], decoder: str = "nvjpeg", crop_kernel: str = "torch"
-) -> None:
+def warm_decoder_timed(device: Any, took: dict[str, float], decoder: str = "nvjpeg", crop_kernel: str = "auto") -> None:
     """nvJPEG and the crop kernels warmed on ``device`` (an early-start thread), its seconds in ``took``.
 
     On a CUDA device it runs on a stream of its own and waits for that stream only: a device-wide
@@ -232,7 +231,7 @@ def _start_device_early(
     warm_decoder: bool,
     before: dict[str, float] | None = None,
     jpeg_decoder: str = "nvjpeg",
-    crop_kernel: str = "torch",
+    crop_kernel: str = "auto",
 ) -> EarlyStart:
     """Create the CUDA context (or find it made: :func:`~model_server.tuning.start_before_torch`), then
     load cuDNN and cuBLAS and, on a thread of its own beside them, initialise nvJPEG and the crop

@@ -19,8 +19,9 @@ MODEL_STREAMS = ("default", "side")
 JPEG_DECODERS = ("nvjpeg", "torchvision")
 #: How the GPU decode stage resizes and crops a batch (``--crop_kernel``): "torch", torch's antialiased
 #: interpolation of each whole image, then the crop; "triton", one kernel computing only the crop's
-#: pixels from the uint8 ones (:mod:`model_server.crop_kernel`).
-CROP_KERNELS = ("torch", "triton")
+#: pixels from the uint8 ones (:mod:`model_server.crop_kernel`); "auto", "triton" where the GPU can
+#: run it (a compiled binary for it, or Triton to compile one), else "torch".
+CROP_KERNELS = ("auto", "torch", "triton")
 #: Priorities of the decode stage's CUDA stream (``--decode_stream_priority``): "high", the GPU's
 #: highest, so the decode's and crop's kernels are scheduled ahead of the model's; "normal", the model's.
 DECODE_STREAM_PRIORITIES = ("high", "normal")
@@ -76,7 +77,7 @@ class ServingConfig:
     #: One of DECODE_STREAM_PRIORITIES (``--decode_stream_priority``).
     decode_stream_priority: str = "high"
     #: One of CROP_KERNELS (``--crop_kernel``).
-    crop_kernel: str = "torch"
+    crop_kernel: str = "auto"
     #: With ``--frontends N``, the reused buffers of large request bodies (``--ipc_body_pool_mb``) are
     #: page-locked where nvJPEG's hardware decoder reads their JPEGs (``--ipc_pinned_bodies``).
     pinned_bodies: bool = True

@@ -68,6 +68,28 @@ def triton_needs(arch: int | None = None) -> None:
                          "and Triton is not installed")  # fmt: skip
 
 
+_fell_back: list[str] = []
+
+
+def resolve(kernel: str, device: torch.device) -> str:
+    """The crop a pipeline on ``device`` runs for ``--crop_kernel kernel``: "auto" (the default) is
+    "triton" on a CUDA device that can run it (:func:`triton_needs`), else "torch", saying why; "triton"
+    on a CUDA device that cannot raises :func:`triton_needs`' ValueError; "torch" is "torch"."""
+    if kernel == "torch" or device.type != "cuda":
+        return "torch" if kernel == "auto" else kernel
+    major, minor = torch.cuda.get_device_capability(device)
+    try:
+        triton_needs(major * 10 + minor)
+    except ValueError as e:
+        if kernel == "triton":
+            raise
+        if not _fell_back:  # once a process: the early warm-up and the pipeline both resolve
+            log.warning("crop kernel: torch's (%s)", e)
+            _fell_back.append(str(e))
+        return "torch"
+    return "triton"
+
+
 @functools.cache
 def _kernel() -> Any:
     """The Triton kernel, defined on first use: importing Triton costs the start-up of a server that

@@ -29,7 +29,7 @@ import torch
 from model_server import BadInput
 from model_server import metrics as m
 from model_server.config import CROP_KERNELS, DECODE_STREAM_PRIORITIES, JPEG_DECODERS, MODEL_STREAMS
-from model_server.crop_kernel import triton_needs
+from model_server.crop_kernel import resolve as resolve_crop_kernel
 from model_server.images import JpegBatch, Payload
 from model_server.nvjpeg import Headers, hardware_decoder
 from model_server.preprocess import (
@@ -100,7 +100,7 @@ class DevicePipeline:
         jpeg_decoder: str = "nvjpeg",
         decode_priority: str = "high",
         early_headers: bool = True,
-        crop_kernel: str = "torch",
+        crop_kernel: str = "auto",
     ) -> None:
         if model_stream not in MODEL_STREAMS:
             raise ValueError(f"model_stream must be one of {', '.join(MODEL_STREAMS)}, got {model_stream!r}")
@@ -113,10 +113,8 @@ class DevicePipeline:
                              f"got {decode_priority!r}")  # fmt: skip
         if crop_kernel not in CROP_KERNELS:
             raise ValueError(f"crop_kernel must be one of {', '.join(CROP_KERNELS)}, got {crop_kernel!r}")
-        if crop_kernel == "triton" and runner.device.type == "cuda":
-            major, minor = torch.cuda.get_device_capability(runner.device)
-            triton_needs(major * 10 + minor)
-        self.crop_kernel = crop_kernel
+        #: "torch" or "triton": what ``crop_kernel`` ("auto" included) resolves to on this device.
+        self.crop_kernel = resolve_crop_kernel(crop_kernel, runner.device)
         self.decode_batch = decode_batch
         self.decode_priority = decode_priority
         #: Whether :meth:`read_headers` reads a request's JPEG headers when it arrives (the hardware

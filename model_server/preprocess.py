@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from model_server.crop_kernel import crop_geometry
+from model_server.crop_kernel import resolve as resolve_crop_kernel
 from model_server.images import decode_and_crop as _decode_and_crop_array
 from model_server.nvjpeg import Headers, hardware_decoder
 from model_server.tuning import torchvision_dirs
@@ -245,11 +246,13 @@ def warm_up_jpeg(size: tuple[int, int] = (320, 240)) -> bytes:
     return buf.getvalue()
 
 
-def warm_gpu_decoder(device: torch.device, decoder: str = "nvjpeg", crop_kernel: str = "torch") -> torch.Tensor:
+def warm_gpu_decoder(device: torch.device, decoder: str = "nvjpeg", crop_kernel: str = "auto") -> torch.Tensor:
     """Initialise nvJPEG (handles, buffers, the hardware decoder) and the crop kernels on ``device``
     with a small JPEG at batch 1 and 8 and one 12 MP JPEG, so neither the warm-up nor a request pays
     for it; returns the crops of the batch of 8. ``decoder`` as in :func:`decode_jpeg_groups`,
-    ``crop_kernel`` as in :func:`resize_crop_groups` ("triton": its binary is loaded here, or compiled)."""
+    ``crop_kernel`` as ``--crop_kernel`` ("auto" resolved here; "triton": its binary is loaded here, or
+    compiled)."""
+    crop_kernel = resolve_crop_kernel(crop_kernel, device)
     data = torch.frombuffer(bytearray(warm_up_jpeg()), dtype=torch.uint8)
     crops = torch.empty(0)
     for n in (1, 8):

@@ -243,6 +243,35 @@ def test_the_triton_crop_kernel_names_what_this_machine_lacks(tmp_path: Path, mo
     crop_kernel.triton_needs(90)  # a binary for the GPU: Triton is not needed
 
 
+def test_the_default_crop_kernel_is_the_fused_one_where_the_gpu_can_run_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--crop_kernel auto`` (the default) resolves to "triton" on a CUDA device with a binary for it or
+    Triton to compile one, else to "torch" with one warning saying why; "triton" asked for where it cannot
+    run refuses; on the CPU every name crops with torch's ops."""
+    import importlib.util
+
+    from model_server import crop_kernel
+    from model_server.config import ServingConfig
+    from model_server.crop_kernel import resolve
+
+    assert ServingConfig().crop_kernel == "auto"
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert [resolve(k, cpu) for k in ("auto", "torch", "triton")] == ["torch", "torch", "triton"]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100, to resolve
+    monkeypatch.setenv("DENSENET_CROP_KERNEL_DIR", str(tmp_path / "image"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(crop_kernel, "_fell_back", [])
+    assert resolve("auto", gpu) == "triton" and resolve("torch", gpu) == "torch"  # Triton is installed here
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with caplog.at_level("WARNING", logger="model_server.crop_kernel"):
+        assert resolve("auto", gpu) == "torch" and resolve("auto", gpu) == "torch"
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and warned[0].startswith("crop kernel: torch's (crop_kernel 'triton' needs a compiled")
+    with pytest.raises(ValueError, match="needs a compiled binary for sm_90"):
+        resolve("triton", gpu)
+
+
 def test_size_groups_stacked_or_apart_crop_the_same_in_batch_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """resize_crop_groups takes a size group as one ``[k,3,H,W]`` tensor (what nvJPEG's hardware decoder
     writes) or as its images apart (torchvision's): same crops, put back in batch order, chunked or not."""
@@ -286,7 +315,7 @@ def test_decode_jpeg_groups_without_a_gpu_decodes_with_torchvision(runner) -> No
         DevicePipeline(runner, jpeg_decoder="pil")
     with pytest.raises(ValueError, match="decode_priority must be one of high, normal, got 'urgent'"):
         DevicePipeline(runner, decode_priority="urgent")
-    with pytest.raises(ValueError, match="crop_kernel must be one of torch, triton, got 'cuda'"):
+    with pytest.raises(ValueError, match="crop_kernel must be one of auto, torch, triton, got 'cuda'"):
         DevicePipeline(runner, crop_kernel="cuda")
     # On the CPU the crops are torch's whichever kernel is asked for (the Triton kernel runs on a GPU).
     triton_crops = DevicePipeline(runner, crop_kernel="triton").prepare([JpegBatch(jpegs)]).whole
