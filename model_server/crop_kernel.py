@@ -193,19 +193,27 @@ def triton_resize_crop(images: torch.Tensor, block: int = BLOCK) -> torch.Tensor
     """``Resize(256)`` + ``CenterCrop(224)`` of a uint8 ``[N,3,H,W]`` batch of one size, on its device,
     as uint8 ``[N,3,224,224]`` (what ``resize_crop_pixels(images).to(torch.uint8)`` gives). ``block``:
     output pixels per program (a power of two; Triton's CPU interpreter runs fewer, larger ones faster)."""
+    images, out, sizes = _launch_args(images)
+    if images.shape[0]:
+        grid = (images.shape[0] * 3, math.ceil(CROP_SIZE * CROP_SIZE / block))
+        _kernel()[grid](images, out, *sizes, OUT=CROP_SIZE, BLOCK=block)
+    return out
+
+
+#: The kernel's arguments after its two pointers: height, width, both scales, the crop's top and left, both taps.
+SizeArgs = tuple[int, int, float, float, int, int, int, int]
+
+
+def _launch_args(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, SizeArgs]:
+    """A launch's checked input (made contiguous), its empty output, and its :data:`SizeArgs`."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected a uint8 [N,3,H,W] batch, got {images.dtype} {list(images.shape)}")
     images = images.contiguous()
     n, _, h, w = images.shape
     nh, nw, top, left = crop_geometry(h, w)
     out = torch.empty((n, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8, device=images.device)
-    if n == 0:
-        return out
     scale_h, scale_w = _scale(h, nh), _scale(w, nw)
-    grid = (n * 3, math.ceil(CROP_SIZE * CROP_SIZE / block))
-    _kernel()[grid](images, out, h, w, scale_h, scale_w, top, left, _taps(scale_h), _taps(scale_w),
-                    OUT=CROP_SIZE, BLOCK=block)  # fmt: skip
-    return out
+    return images, out, (h, w, scale_h, scale_w, top, left, _taps(scale_h), _taps(scale_w))
 
 
 # ---- the compiled kernel, launched through the CUDA driver ------------------------------------
@@ -382,19 +390,14 @@ class CubinCrop:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """As :func:`triton_resize_crop` (same checks, same result), on ``images``' current stream."""
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected a uint8 [N,3,H,W] batch, got {images.dtype} {list(images.shape)}")
-        images = images.contiguous()
-        n, _, h, w = images.shape
-        nh, nw, top, left = crop_geometry(h, w)
-        out = torch.empty((n, 3, CROP_SIZE, CROP_SIZE), dtype=torch.uint8, device=images.device)
+        images, out, (h, w, scale_h, scale_w, top, left, taps_h, taps_w) = _launch_args(images)
+        n = images.shape[0]
         if n == 0:
             return out
-        scale_h, scale_w = _scale(h, nh), _scale(w, nw)
         i32, f32, ptr = ctypes.c_int32, ctypes.c_float, ctypes.c_uint64
         values: list[ctypes._SimpleCData[Any]] = [
             ptr(images.data_ptr()), ptr(out.data_ptr()), i32(h), i32(w), f32(scale_h), f32(scale_w), i32(top),
-            i32(left), i32(_taps(scale_h)), i32(_taps(scale_w)),
+            i32(left), i32(taps_h), i32(taps_w),
         ]  # fmt: skip
         args = values + [ptr(0) for _ in range(self.scratch)]
         params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
