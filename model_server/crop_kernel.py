@@ -72,17 +72,19 @@ _fell_back: list[str] = []
 
 
 def resolve(kernel: str, device: torch.device) -> str:
-    """The crop a pipeline on ``device`` runs for ``--crop_kernel kernel``: "auto" (the default) is
-    "triton" on a CUDA device that can run it (:func:`triton_needs`), else "torch", saying why; "triton"
-    on a CUDA device that cannot raises :func:`triton_needs`' ValueError; "torch" is "torch"."""
+    """The crop a pipeline on ``device`` runs for ``--crop_kernel kernel``, the kernel's binary loaded
+    (:func:`cubin_crop`) if it is "triton": "auto" (the default) is "triton" on a CUDA device where the
+    binary can be found or compiled and loaded, else "torch", with one warning saying why; "triton" where
+    it cannot raises ValueError saying why; "torch" is "torch". On the CPU every name crops with torch's."""
     if kernel == "torch" or device.type != "cuda":
         return "torch" if kernel == "auto" else kernel
-    major, minor = torch.cuda.get_device_capability(device)
     try:
-        triton_needs(major * 10 + minor)
-    except ValueError as e:
+        cubin_crop(device)  # found or compiled, and loaded: once a process
+    except Exception as e:
         if kernel == "triton":
-            raise
+            if isinstance(e, ValueError):
+                raise
+            raise ValueError(f"crop_kernel 'triton' cannot run on {device}: {e}") from e
         if not _fell_back:  # once a process: the early warm-up and the pipeline both resolve
             log.warning("crop kernel: torch's (%s)", e)
             _fell_back.append(str(e))

@@ -246,30 +246,53 @@ def test_the_triton_crop_kernel_names_what_this_machine_lacks(tmp_path: Path, mo
 def test_the_default_crop_kernel_is_the_fused_one_where_the_gpu_can_run_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """``--crop_kernel auto`` (the default) resolves to "triton" on a CUDA device with a binary for it or
-    Triton to compile one, else to "torch" with one warning saying why; "triton" asked for where it cannot
-    run refuses; on the CPU every name crops with torch's ops."""
+    """``--crop_kernel auto`` (the default) resolves to "triton" on a CUDA device where the kernel's binary
+    is found or compiled, and loaded; else to "torch", with one warning saying why. "triton" where it
+    cannot run refuses, saying why. On the CPU every name crops with torch's ops. (No GPU here: the
+    capability is an H100's and the driver's load is recorded, not run.)"""
     import importlib.util
 
     from model_server import crop_kernel
     from model_server.config import ServingConfig
-    from model_server.crop_kernel import resolve
+    from model_server.crop_kernel import CropBinary, CudaDriverError, resolve
 
     assert ServingConfig().crop_kernel == "auto"
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert [resolve(k, cpu) for k in ("auto", "torch", "triton")] == ["torch", "torch", "triton"]
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100, to resolve
+    loaded: list[CropBinary] = []
+
+    class Driver:  # stands in for CubinCrop's cuModuleLoadData: records what it was given
+        def __init__(self, binary: CropBinary, device: torch.device) -> None:
+            loaded.append(binary)
+
+    monkeypatch.setattr(crop_kernel, "CubinCrop", Driver)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setenv("DENSENET_CROP_KERNEL_DIR", str(tmp_path / "image"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(crop_kernel, "_loaded", {})
     monkeypatch.setattr(crop_kernel, "_fell_back", [])
-    assert resolve("auto", gpu) == "triton" and resolve("torch", gpu) == "torch"  # Triton is installed here
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert resolve("auto", gpu) == "triton" and resolve("torch", gpu) == "torch"  # compiled (Triton is here)
+    assert resolve("triton", gpu) == "triton" and len(loaded) == 1 and loaded[0].arch == 90  # loaded once
+
+    monkeypatch.setattr(crop_kernel, "_loaded", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no binary, no Triton
     with caplog.at_level("WARNING", logger="model_server.crop_kernel"):
         assert resolve("auto", gpu) == "torch" and resolve("auto", gpu) == "torch"
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and warned[0].startswith("crop kernel: torch's (crop_kernel 'triton' needs a compiled")
     with pytest.raises(ValueError, match="needs a compiled binary for sm_90"):
         resolve("triton", gpu)
+
+    def refused(binary: CropBinary, device: torch.device) -> None:
+        raise CudaDriverError("cuModuleLoadData failed: CUDA_ERROR_NO_BINARY_FOR_GPU (209)")
+
+    monkeypatch.setattr(crop_kernel, "CubinCrop", refused)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the binary compiled above
+    with pytest.raises(ValueError, match=r"crop_kernel 'triton' cannot run on cuda:0: cuModuleLoadData failed"):
+        resolve("triton", gpu)
+    assert resolve("auto", gpu) == "torch"
 
 
 def test_size_groups_stacked_or_apart_crop_the_same_in_batch_order(monkeypatch: pytest.MonkeyPatch) -> None:
