@@ -316,15 +316,18 @@ def binary_for(arch: int, block: int = BLOCK) -> CropBinary:
     for directory in dirs:
         found = CropBinary.load(directory, arch, block)
         if found is not None:
+            log.info("crop kernel: the fused kernel's binary for sm_%d from %s", arch, directory)
             return found
     triton_needs(arch)
     binary = build_binary(arch, block)
     for directory in reversed(dirs):  # the user cache first: the image's directory is read-only
         try:
-            log.info("crop kernel compiled for sm_%d, kept in %s", arch, binary.save(directory))
+            log.info("crop kernel: the fused kernel compiled for sm_%d, kept in %s", arch, binary.save(directory))
             break
         except OSError as e:
             log.debug("cannot keep the crop kernel in %s: %s", directory, e)
+    else:
+        log.info("crop kernel: the fused kernel compiled for sm_%d, not kept (no directory can be written)", arch)
     return binary
 
 

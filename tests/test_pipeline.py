@@ -179,8 +179,9 @@ print(json.dumps(out))
 
 
 def test_the_crop_kernel_binaries_compile_without_a_gpu_and_are_found_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
     """``python -m model_server.crop_kernel --arch 90`` compiles the kernel for an H100 here, where no GPU
     is (Triton's compiler and ``ptxas``), into ``DENSENET_CROP_KERNEL_DIR``, where a server finds it
     without compiling; an arch with no binary there is compiled once and kept in the user cache; a
@@ -204,10 +205,15 @@ def test_the_crop_kernel_binaries_compile_without_a_gpu_and_are_found_again(
 
     real_build = crop_kernel.build_binary
     monkeypatch.setattr(crop_kernel, "build_binary", no_compiling)
+    caplog.set_level("INFO", logger="model_server.crop_kernel")
     assert binary_for(90) == h100  # the image's binary, read, not compiled
     monkeypatch.setattr(crop_kernel, "build_binary", real_build)
     ada = binary_for(89)  # none anywhere: compiled, then kept in the user cache (the image's is read-only)
     assert [p.parent for p in cache.rglob("crop-sm89-*.cubin")] == [kernel_dirs()[1]]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"crop kernel: the fused kernel's binary for sm_90 from {image}",
+        f"crop kernel: the fused kernel compiled for sm_89, kept in {next(cache.rglob('crop-sm89-*.cubin'))}",
+    ]
     monkeypatch.setattr(crop_kernel, "build_binary", no_compiling)
     assert binary_for(89) == ada
     monkeypatch.setattr(crop_kernel, "source_key", lambda: "0" * 16)  # the kernel edited since
