@@ -225,6 +225,18 @@ def test_the_crop_kernel_binaries_compile_without_a_gpu_and_are_found_again(
     assert "argument --arch: 7 is not a compute capability such as 80, 86, 89, 90 or 100" in capsys.readouterr().err
 
 
+def test_the_crop_kernel_compiles_with_no_c_compiler_on_path(tmp_path: Path) -> None:
+    """What the slim image lacks, a C compiler, the binaries do not need: ``python -m
+    model_server.crop_kernel`` compiles one with nothing on PATH and a Triton cache of its own (so Triton
+    really compiles), as the image's build and a server without a binary do."""
+    env = {"HOME": str(tmp_path), "PATH": str(tmp_path / "bin"), "TRITON_CACHE_DIR": str(tmp_path / "triton"),
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "model_server.crop_kernel", "--arch", "90", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"sm_90: {tmp_path}/crop-sm90-b256-") and list(tmp_path.glob("crop-sm90-*.cubin"))
+
+
 def test_the_triton_crop_kernel_names_what_this_machine_lacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A server asked for ``--crop_kernel triton`` on a GPU needs a compiled binary for the GPU or
     Triton to compile one (no C compiler: the binary is launched through the driver); without either it
