@@ -34,8 +34,9 @@ COPY optimize/ optimize/
 COPY model_server/ model_server/
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable --extra serve
-# --crop_kernel triton's kernel, compiled for the usual GPUs (no GPU needed; about 3 s each): the server
-# launches these through the CUDA driver, without Triton's JIT or a C compiler (the slim image has none).
+# The fused crop's kernel (--crop_kernel, default auto), compiled for the usual GPUs (no GPU needed; about
+# 3 s each): the server launches it through the CUDA driver, without Triton's JIT or a C compiler (the
+# slim image has none). A GPU not listed gets one compiled at its first start.
 RUN TRITON_CACHE_DIR=/tmp/triton /app/.venv/bin/python -m model_server.crop_kernel \
       --arch 80 --arch 86 --arch 89 --arch 90 --arch 100 --arch 120 --out /app/crop-kernels \
  && rm -rf /tmp/triton

@@ -124,8 +124,8 @@ def _parser() -> argparse.ArgumentParser:
         help="how the GPU decode stage resizes and crops a batch: torch (torch's antialiased interpolation of "
         "each whole image, then the 224 crop), triton (one kernel computing only the crop's pixels from the "
         "uint8 ones: its binary for the GPU from DENSENET_CROP_KERNEL_DIR or the user cache, else compiled by "
-        "Triton at warm-up and kept there; refuses to start if neither can be had) or auto (triton where it can "
-        "run, else torch) (default: %(default)s)",
+        "Triton at warm-up and kept there; refuses to start if it cannot be found, compiled or loaded) or auto "
+        "(triton where it can run, else torch) (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
         "--ipc_pinned_bodies", default=_env("IPC_PINNED_BODIES", "true"), choices=("true", "false"),

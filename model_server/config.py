@@ -19,8 +19,8 @@ MODEL_STREAMS = ("default", "side")
 JPEG_DECODERS = ("nvjpeg", "torchvision")
 #: How the GPU decode stage resizes and crops a batch (``--crop_kernel``): "torch", torch's antialiased
 #: interpolation of each whole image, then the crop; "triton", one kernel computing only the crop's
-#: pixels from the uint8 ones (:mod:`model_server.crop_kernel`); "auto", "triton" where the GPU can
-#: run it (a compiled binary for it, or Triton to compile one), else "torch".
+#: pixels from the uint8 ones (:mod:`model_server.crop_kernel`); "auto", "triton" where its binary for
+#: the GPU can be found or compiled, and loaded, else "torch".
 CROP_KERNELS = ("auto", "torch", "triton")
 #: Priorities of the decode stage's CUDA stream (``--decode_stream_priority``): "high", the GPU's
 #: highest, so the decode's and crop's kernels are scheduled ahead of the model's; "normal", the model's.

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from model_server.crop_kernel import crop_geometry
+from model_server.crop_kernel import crop_geometry, cubin_crop
 from model_server.crop_kernel import resolve as resolve_crop_kernel
 from model_server.images import decode_and_crop as _decode_and_crop_array
 from model_server.nvjpeg import Headers, hardware_decoder
@@ -77,8 +77,6 @@ def resize_crop_groups(groups: list[SizeGroup], n: int, kernel: str = "torch") -
     out: list[torch.Tensor | None] = [None] * n
     for idx, pixels in groups:
         if kernel == "triton" and pixels[0].device.type == "cuda":
-            from model_server.crop_kernel import cubin_crop
-
             stacked = pixels if isinstance(pixels, torch.Tensor) else torch.stack(pixels)
             chunks = [cubin_crop(stacked.device)(stacked)]  # reads the uint8 pixels as they are: no float copy
         else:
