@@ -57,14 +57,14 @@ BLOCK = 256
 log = logging.getLogger(__name__)
 
 
-def triton_needs(arch: int | None = None) -> None:
+def triton_needs(arch: int) -> None:
     """Raise ValueError unless the kernel can run for compute capability ``arch`` (``major * 10 +
-    minor``; None: any): a compiled binary for it in :func:`kernel_dirs`, or Triton to compile one."""
-    if arch is not None and any(_binary_path(d, arch).with_suffix(".json").is_file() for d in kernel_dirs()):
+    minor``): a compiled binary for it in :func:`kernel_dirs`, or Triton to compile one."""
+    if any(_binary_path(d, arch).with_suffix(".json").is_file() for d in kernel_dirs()):
         return
     if importlib.util.find_spec("triton") is None:
-        where = f"a compiled binary for sm_{arch} (none in {', '.join(map(str, kernel_dirs()))}) or " if arch else ""
-        raise ValueError(f"crop_kernel 'triton' needs {where}Triton (pip install triton) to compile one, "
+        raise ValueError(f"crop_kernel 'triton' needs a compiled binary for sm_{arch} (none in "
+                         f"{', '.join(map(str, kernel_dirs()))}) or Triton (pip install triton) to compile one, "
                          "and Triton is not installed")  # fmt: skip
 
 
@@ -156,11 +156,14 @@ SIGNATURE = {
     "src": "*u8", "dst": "*u8", "height": "i32", "width": "i32", "scale_h": "fp32", "scale_w": "fp32",
     "top": "i32", "left": "i32", "taps_h": "i32", "taps_w": "i32", "OUT": "constexpr", "BLOCK": "constexpr",
 }  # fmt: skip
+#: The same parameters as the compiled binary takes them (PTX types; the constexprs are compiled in),
+#: before any that Triton appends (pointers to scratch memory this kernel does not use: passed as null).
+PARAMS = tuple({"*u8": "u64", "i32": "u32", "fp32": "f32"}[t] for t in SIGNATURE.values() if t != "constexpr")
 
 
 def compile_for(arch: int, block: int = BLOCK) -> Any:
     """The kernel compiled for CUDA compute capability ``arch`` (90: Hopper) without a GPU, by the
-    compiler and ``ptxas`` Triton ships: what a launch would compile first."""
+    compiler and ``ptxas`` Triton ships (:func:`build_binary` reads the binary and its launch from it)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -219,10 +222,6 @@ def _launch_args(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Size
 
 
 # ---- the compiled kernel, launched through the CUDA driver ------------------------------------
-
-#: The kernel's parameters as the compiled binary takes them (PTX types), before any that Triton
-#: appends (pointers to scratch memory this kernel does not use: passed as null).
-PARAMS = ("u64", "u64", "u32", "u32", "f32", "f32", "u32", "u32", "u32", "u32")
 
 
 @functools.cache
