@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "benchmarks"))  # trace_summary, also when this file is loaded by path
 
+import records  # noqa: E402
 import requests  # noqa: E402
 import runtime_ab  # noqa: E402
 import torch  # noqa: E402
@@ -1183,6 +1184,8 @@ def main(argv: list[str] | None = None) -> int:
     def step(name: str, text: str) -> None:
         print(f"[{steps.index(name) + 1}/{len(steps)}] {text}", file=sys.stderr, flush=True)
 
+    # before any load: the host's own speed, so that records from lent machines can be told apart
+    host = records.host_speed()
     if "ondevice" in phases:
         step("ondevice", f"on-device {slug} at batch 1 and {max_batch}")
         metrics.update(ondevice(args.model_dir, device, max_batch, args.ondevice_iters))
@@ -1380,6 +1383,7 @@ def main(argv: list[str] | None = None) -> int:
     from optimize.build import environment
 
     env = environment(device, packages=SERVING_PACKAGES)
+    env["host_speed"] = host
     gpu = (env.get("gpu") or "cpu").lower().replace("nvidia ", "").replace(" ", "-")
     date = dt.date.today().isoformat()
     name = args.name or f"serve-{slug}"

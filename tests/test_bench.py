@@ -484,6 +484,23 @@ def test_gpu_counters_summarise_a_window_and_name_the_clock_reasons() -> None:
     assert none.summary() == {} and not none.samples
 
 
+def test_host_speed_probes_the_interpreter_memory_and_cpu_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """records.host_speed: each probe the best of its repeats, in its unit; slower probes read larger."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import records
+
+    speed = records.host_speed(repeats=2)
+    assert set(speed) == {"python_loop_ms", "memcpy_gb_s", "pil_decode_vga_ms"}
+    assert 0 < speed["python_loop_ms"] < 5_000 and 0 < speed["pil_decode_vga_ms"] < 5_000
+    assert speed["memcpy_gb_s"] > 0.01
+    # a clock that advances 1 s per reading pair: every probe reads exactly 1 s (best of equal times)
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(ticks)))
+    slow = records.host_speed(repeats=3)
+    assert slow["python_loop_ms"] == 1000.0 and slow["pil_decode_vga_ms"] == 1000.0
+    assert slow["memcpy_gb_s"] == round((64 << 20) / 1e9, 2)
+
+
 def test_a_serving_record_names_the_serving_stacks_versions_and_the_host_cpu() -> None:
     """A serving record's ``environ``: every package of the predictor's and Locust's stack with its
     installed version (None where absent), and the host CPU's model (hosts of one GPU kind differ)."""
