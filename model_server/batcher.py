@@ -199,14 +199,14 @@ class DynamicBatcher:
             batch.append(item)
             size += item.n
         # One metrics write per bucket, not two per request; made once the batch's answers are out (_run_batch).
-        m.later(m.observe_many, m.QUEUE_WAIT_SECONDS, waits)
+        m.later_observe_many(m.QUEUE_WAIT_SECONDS, waits)
         m.later(m.QUEUE_DEPTH.set, self._queued_images)
         return batch
 
     async def _run_batch(self, batch: list[_Item]) -> None:
         assert self._slots is not None
         try:
-            m.later(m.BATCH_SIZE.observe, sum(it.n for it in batch))
+            m.later_observe(m.BATCH_SIZE, sum(it.n for it in batch))
             loop = asyncio.get_running_loop()
             alone = self._running == 0  # no other batch is being prepared or run
             self._running += 1
@@ -232,7 +232,7 @@ class DynamicBatcher:
             self._slots.release()
             # The answers' callbacks (an IPC reply each, or the waiting request's task) were queued on the
             # loop first: the metric writes of the batch (this one's and the device thread's) come after.
-            asyncio.get_running_loop().call_soon(m.flush)
+            m.flush_soon(asyncio.get_running_loop())
 
     def _deliver(self, batch: list[_Item], results: list[torch.Tensor | Exception]) -> None:
         served = 0
@@ -263,8 +263,8 @@ class DynamicBatcher:
 
     def _run_inline(self, item: _Item) -> None:
         """Run one request's batch on this (the loop's) thread and answer it; the loop waits meanwhile."""
-        m.later(m.observe_many, m.QUEUE_WAIT_SECONDS, [0.0])
-        m.later(m.BATCH_SIZE.observe, item.n)
+        m.later_observe(m.QUEUE_WAIT_SECONDS, 0.0)
+        m.later_observe(m.BATCH_SIZE, item.n)
         self.inline_batches += 1
         # No _running count: nothing that reads it can run while this call holds the loop's thread.
         try:
@@ -274,7 +274,7 @@ class DynamicBatcher:
             results = [e]
         self._idle_since = time.monotonic()
         self._deliver([item], results)
-        asyncio.get_running_loop().call_soon(m.flush)  # after the answer's callback
+        m.flush_soon(asyncio.get_running_loop())  # after the answer's callback
 
     def _prepare_and_run(self, payloads: list[Any]) -> list[torch.Tensor | Exception]:
         if self.alone is not None:

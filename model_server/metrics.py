@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import collections
 import logging
@@ -96,6 +97,51 @@ def observe_many(histogram: Histogram | _Off, values: list[float]) -> None:
         buckets[i].inc(k)
 
 
+#: Histogram values queued by :func:`later_observe` until :func:`flush`, by (histogram, label values):
+#: a flush writes each histogram once (:func:`observe_many`), however many requests it ended.
+_OBSERVED: dict[tuple[Any, tuple[str, ...]], list[float]] = {}
+_OBSERVED_LOCK = threading.Lock()
+#: A histogram's values are written at once when this many are queued (a caller that never flushes).
+_OBSERVED_MAX = 4096
+
+
+def later_observe(histogram: Histogram | _Off, value: float, *label_values: str) -> None:
+    """Queue ``histogram.observe(value)`` (of its child ``labels(*label_values)`` if given) for :func:`flush`.
+
+    The front ends answer requests in bursts (a batch's answers arrive together) and a flush after
+    the burst writes each histogram's values in one :func:`observe_many`: one sum write and one per
+    touched bucket, where an ``observe`` per request made two multiprocess writes each (a lock and an
+    mmap store apiece; 3.4 % of the throughput of 128 users on the H100 host, session 24). A value
+    queued while metrics are paused is dropped. Safe from any thread.
+    """
+    if histogram is _OFF:
+        return
+    key = (histogram, label_values)
+    with _OBSERVED_LOCK:
+        values = _OBSERVED.get(key)
+        if values is None:
+            _OBSERVED[key] = [value]
+            return
+        values.append(value)
+        if len(values) < _OBSERVED_MAX:
+            return
+        del _OBSERVED[key]
+    _write_observed(key, values)
+
+
+def later_observe_many(histogram: Histogram | _Off, values: list[float]) -> None:
+    """:func:`later_observe` for several values of one unlabelled histogram."""
+    if histogram is _OFF or not values:
+        return
+    with _OBSERVED_LOCK:
+        _OBSERVED.setdefault((histogram, ()), []).extend(values)
+
+
+def _write_observed(key: tuple[Any, tuple[str, ...]], values: list[float]) -> None:
+    histogram, label_values = key
+    observe_many(histogram.labels(*label_values) if label_values else histogram, values)
+
+
 #: Metric writes queued by :func:`later` until :func:`flush`. Bounded: a caller that never flushes
 #: (a benchmark driving the pipeline directly) loses old writes instead of growing without end.
 _PENDING: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = collections.deque(maxlen=65536)
@@ -114,13 +160,34 @@ def later(write: Callable[..., Any], *args: Any) -> None:
 
 
 def flush() -> None:
-    """Make every queued write (:func:`later`), in the order queued."""
+    """Make every queued write: the histograms' values (:func:`later_observe`), one write per histogram
+    and touched bucket, then the other writes (:func:`later`) in the order queued."""
+    global _OBSERVED, _flush_on
+    _flush_on = None
+    if _OBSERVED:
+        with _OBSERVED_LOCK:
+            observed, _OBSERVED = _OBSERVED, {}
+        for key, values in observed.items():
+            _write_observed(key, values)
     while _PENDING:
         try:
             write, args = _PENDING.popleft()
         except IndexError:  # another thread flushed the last one
             return
         write(*args)
+
+
+_flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on, until it runs
+
+
+def flush_soon(loop: asyncio.AbstractEventLoop) -> None:
+    """Schedule one :func:`flush` on ``loop`` (its thread only) after the callbacks already queued: the
+    answers of a burst go out first, then their metrics in one write per histogram. A flush already
+    scheduled on ``loop`` is not scheduled again."""
+    global _flush_on
+    if _flush_on is not loop:
+        _flush_on = loop
+        loop.call_soon(flush)
 
 
 class ResourceSampler:

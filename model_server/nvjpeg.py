@@ -275,7 +275,7 @@ class HardwareDecoder:
         """The batched decode of the images in ``sizes`` (indices by height and width), one output
         tensor per size; ``ptrs``/``lengths``: every image's bytes (uint64, by index)."""
         if not sizes:
-            m.later(m.NVJPEG_HEADERS_SECONDS.observe, time.perf_counter() - t0)
+            m.later_observe(m.NVJPEG_HEADERS_SECONDS, time.perf_counter() - t0)
             return []
         groups: list[Group] = []
         # The nvjpegImage_t array as rows of 8 words (4 plane pointers, 4 pitches), filled by numpy.
@@ -308,8 +308,8 @@ class HardwareDecoder:
                    self.lib.nvjpegDecodeBatched(handle, self.state, data_ptrs, lens, images, stream))  # fmt: skip
         # Where the decode stage's time goes: the host's header reads and table (t0..t1), and the batched
         # call, which returns once the engines are done (t1..now: the wait for the lock and for the GIL back included).
-        m.later(m.NVJPEG_HEADERS_SECONDS.observe, t1 - t0)
-        m.later(m.NVJPEG_DECODE_SECONDS.observe, time.perf_counter() - t1)
+        m.later_observe(m.NVJPEG_HEADERS_SECONDS, t1 - t0)
+        m.later_observe(m.NVJPEG_DECODE_SECONDS, time.perf_counter() - t1)
         return groups
 
 

@@ -170,9 +170,9 @@ class DevicePipeline:
             graph.source.copy_(image)
             graph.graph.replay()
         t1 = time.perf_counter()
-        m.later(m.GPU_DECODE_SECONDS.observe, t1 - t0)
+        m.later_observe(m.GPU_DECODE_SECONDS, t1 - t0)
         logits = self.runner.run_filled(1)
-        m.later(m.DEVICE_SECONDS.observe, time.perf_counter() - t1)
+        m.later_observe(m.DEVICE_SECONDS, time.perf_counter() - t1)
         return [logits]
 
     def _crop_graph(self, image: torch.Tensor, rows: torch.Tensor) -> CropGraph | None:
@@ -242,7 +242,7 @@ class DevicePipeline:
                 self._decode(staged, payloads, jpeg_idx)
             staged.ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
             staged.ready.record(stream)
-        m.later(m.GPU_DECODE_SECONDS.observe, time.perf_counter() - t0)
+        m.later_observe(m.GPU_DECODE_SECONDS, time.perf_counter() - t0)
         return staged
 
     def _side_stream(self) -> torch.cuda.Stream:
@@ -300,9 +300,9 @@ class DevicePipeline:
             h2d[1].record()
         t0 = time.perf_counter()
         logits = self.runner(batch)  # returns host logits: the device is done, the events too
-        m.later(m.DEVICE_SECONDS.observe, time.perf_counter() - t0)
+        m.later_observe(m.DEVICE_SECONDS, time.perf_counter() - t0)
         if h2d is not None:
-            m.later(m.H2D_SECONDS.observe, h2d[0].elapsed_time(h2d[1]) / 1000.0)
+            m.later_observe(m.H2D_SECONDS, h2d[0].elapsed_time(h2d[1]) / 1000.0)
         start = 0
         for i in order:
             n = parts[i].shape[0]
@@ -336,7 +336,7 @@ class DevicePipeline:
             return
         if info is not None:
             payload.headers = Headers(ptrs, lengths, info)
-        m.later(m.NVJPEG_EARLY_HEADERS_SECONDS.observe, time.perf_counter() - t0)
+        m.later_observe(m.NVJPEG_EARLY_HEADERS_SECONDS, time.perf_counter() - t0)
 
     def _decode(self, staged: Staged, payloads: list[Payload], jpeg_idx: list[int]) -> None:
         """All JPEGs of all requests: one batched decode, one resize per distinct image size."""

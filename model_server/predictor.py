@@ -161,8 +161,8 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
                 if is_grpc:
                     raise _grpc_error(e) from e
                 raise
-            m.later(m.REQUEST_SECONDS.labels(protocol=protocol).observe, time.perf_counter() - t0)
-            asyncio.get_running_loop().call_soon(m.flush)  # after this task has sent its answer, unless it must wait
+            m.later_observe(m.REQUEST_SECONDS, time.perf_counter() - t0, protocol)
+            m.flush_soon(asyncio.get_running_loop())  # after this task has sent its answer, unless it must wait
             return result
         finally:
             if state is not None:
@@ -270,7 +270,7 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
             else [None]
         )
         if all(f is not None for f in frames) and not self._cpu_share.take(len(images)):
-            m.later(m.PREPROCESS_SECONDS.observe, time.perf_counter() - t0)
+            m.later_observe(m.PREPROCESS_SECONDS, time.perf_counter() - t0)
             return JpegBatch(images, frames=bytes(f or 0 for f in frames))
         loop = asyncio.get_running_loop()
 
@@ -285,7 +285,7 @@ class DenseNetPredictor(kserve.Model):  # type: ignore[misc]
                 crops = list(await asyncio.gather(*(loop.run_in_executor(self._decode_pool, one, d) for d in images)))
         finally:
             self._cpu_share.decoding -= len(images)
-        m.later(m.PREPROCESS_SECONDS.observe, time.perf_counter() - t0)
+        m.later_observe(m.PREPROCESS_SECONDS, time.perf_counter() - t0)
         return np.stack(crops)
 
     async def _infer(self, payload: Payload) -> np.ndarray:

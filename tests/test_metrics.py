@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from model_server import metrics as m
@@ -141,3 +142,70 @@ def test_a_batch_is_answered_before_its_metric_writes() -> None:
 
     before, answered, after = asyncio.run(main())
     assert answered == before and after == before + 2
+
+
+def test_observations_queued_until_flush_are_written_once_per_histogram(monkeypatch: pytest.MonkeyPatch) -> None:
+    """later_observe: nothing written before flush; then one observe_many per histogram and label values,
+    exposing what one observe per value would, labelled children included."""
+    one, many, reg_one, reg_many = _pair()
+    lab_one = Histogram("r", "r", ["protocol"], buckets=(0.001, 0.01), registry=reg_one)
+    lab_many = Histogram("r", "r", ["protocol"], buckets=(0.001, 0.01), registry=reg_many)
+    for v in VALUES:
+        one.observe(v)
+        lab_one.labels("v1").observe(v)
+    lab_one.labels("v2").observe(0.5)
+    calls: list[tuple[object, int]] = []
+    real = m.observe_many
+    monkeypatch.setattr(m, "observe_many", lambda h, vs: (calls.append((h, len(vs))), real(h, vs))[1])
+    for v in VALUES:
+        m.later_observe(many, v)
+        m.later_observe(lab_many, v, "v1")
+    m.later_observe(lab_many, 0.5, "v2")
+    assert "h_count 0.0" in generate_latest(reg_many).decode()  # queued, not written
+    m.flush()
+    assert sorted(n for _, n in calls) == [1, len(VALUES), len(VALUES)]  # one write per histogram child
+    strip = [ln for ln in generate_latest(reg_one).decode().splitlines() if "_created" not in ln]
+    assert strip == [ln for ln in generate_latest(reg_many).decode().splitlines() if "_created" not in ln]
+    calls.clear()
+    m.flush()  # nothing queued: nothing written
+    assert calls == []
+
+
+def test_observations_while_paused_are_dropped_and_a_full_queue_writes_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, many, _, reg = _pair()
+    try:
+        m.set_enabled(False)
+        m.later_observe(m.DEVICE_SECONDS, 1.0)  # the paused metric is a no-op: nothing queued
+        m.later_observe_many(m.QUEUE_WAIT_SECONDS, [1.0, 2.0])
+    finally:
+        m.set_enabled(True)
+    assert not m._OBSERVED
+    monkeypatch.setattr(m, "_OBSERVED_MAX", 3)  # a caller that never flushes: bounded all the same
+    for v in (0.001, 0.002, 0.003, 0.004):
+        m.later_observe(many, v)
+    assert "h_count 3.0" in generate_latest(reg).decode()
+    m.flush()
+    assert "h_count 4.0" in generate_latest(reg).decode()
+
+
+def test_flush_soon_schedules_one_flush_after_the_callbacks_already_queued() -> None:
+    import asyncio
+
+    order: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        m.later(order.append, "metrics")
+        m.flush_soon(loop)
+        loop.call_soon(order.append, "answer")  # queued after the flush: runs after it
+        m.flush_soon(loop)  # already scheduled: not again
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        m.later(order.append, "next")
+        m.flush_soon(loop)  # the first flush ran: a new one is scheduled
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert order == ["metrics", "answer", "next"]
