@@ -355,6 +355,21 @@ def scrape_sums(url: str) -> dict[str, list[float]]:
     return out
 
 
+def scrape_after(
+    url: str, before: dict[str, list[float]], count: int, timeout_s: float = 2.0
+) -> dict[str, list[float]]:
+    """:func:`scrape_sums` once the predictor's request histogram counts ``count`` more than ``before``
+    (its metric writes follow the answers by a loop turn), or after ``timeout_s`` as it stands."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = scrape_sums(url)
+        if now.get("request_seconds", [0.0, 0.0])[1] >= before.get("request_seconds", [0.0, 0.0])[1] + count:
+            return now
+        if time.monotonic() > deadline:
+            return now
+        time.sleep(0.02)
+
+
 def breakdown(before: dict[str, list[float]], after: dict[str, list[float]]) -> dict[str, float]:
     """Mean per observation during one run: where a request's time went on the server side (ms), batch size."""
     means: dict[str, float] = {}
@@ -1213,10 +1228,16 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest._payloads import photo_set
 
         photo = photo_set(sizes[0])[0]
+        sums = scrape_sums(server.url)
         metrics["first_request_ms"] = round(one_request_ms(server.url, photo, args.user), 2)
+        after_first = scrape_after(server.url, sums, 1)
         # The same request again, the same way: what the client and a new connection cost on their own.
         repeats = [one_request_ms(server.url, photo, args.user) for _ in range(20)]
         metrics["first_request_repeat_p50_ms"] = round(statistics.median(repeats), 2)
+        # Where the first request's time went on the server, against the repeats' means: the stages that
+        # differ are what a first request still pays for (the rest is the connection and HTTP around them).
+        metrics["first_request_stages"] = breakdown(sums, after_first)
+        metrics["first_request_repeat_stages"] = breakdown(after_first, scrape_after(server.url, after_first, 20))
         time.sleep(2.5)
         metrics["rss_idle_mb"] = rss_of(server.proc.pid)
         metrics["vram_idle_mb"] = gpu_mem_of(server.proc.pid)

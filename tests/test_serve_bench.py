@@ -352,6 +352,10 @@ def test_single_and_compare_phases_on_the_cpu(artifacts_dir: Path, tmp_path: Pat
     assert set(metrics["ratios"]) <= {"first_request_vs_c1_p50", "first_request_vs_c1_p50_exact"}
     assert "first_request_vs_c1_p50" in metrics["ratios"]
     assert metrics["first_request_ms"] > 0 and metrics["first_request_repeat_p50_ms"] > 0  # sent as the load sends
+    # the first request's server-side stages (from /metrics) beside the repeats' means, in the same keys
+    first, repeat = metrics["first_request_stages"], metrics["first_request_repeat_stages"]
+    assert first["request_mean_ms"] > 0 and first["device_mean_ms"] > 0 and first["batch_size_mean"] == 1
+    assert set(first) == set(repeat) and repeat["request_mean_ms"] > 0
     assert "compare x vs base at 1 users, 1 pairs:" in out.stdout
     assert "pair 1/1 x" in out.stderr
 
