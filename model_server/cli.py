@@ -16,12 +16,14 @@ from model_server.config import (
     CROP_KERNELS,
     DECODE_STREAM_PRIORITIES,
     DEFAULT_BODY_POOL_MB,
+    DEFAULT_WARMUP_IMAGE_SIZES,
     EVENT_LOOPS,
     JPEG_DECODERS,
     MIN_QUEUE_IMAGES,
     MODEL_STREAMS,
     QUEUE_BATCHES,
     ServingConfig,
+    parse_image_sizes,
     queue_images,
 )
 from model_server.tuning import EarlyStart, start_before_torch
@@ -126,6 +128,13 @@ def _parser() -> argparse.ArgumentParser:
         "uint8 ones: its binary for the GPU from DENSENET_CROP_KERNEL_DIR or the user cache, else compiled by "
         "Triton at warm-up and kept there; refuses to start if it cannot be found, compiled or loaded) or auto "
         "(triton where it can run, else torch) (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--warmup_image_sizes",
+        default=_env("WARMUP_IMAGE_SIZES", ",".join(f"{w}x{h}" for w, h in DEFAULT_WARMUP_IMAGE_SIZES)),
+        help="with GPU decode: image sizes (WIDTHxHEIGHT, comma-separated, or none) whose lone-JPEG path is "
+        "warmed before ready, so the first request of each size pays no first-time decode or crop-graph "
+        "capture; list the sizes your clients send (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
         "--ipc_pinned_bodies", default=_env("IPC_PINNED_BODIES", "true"), choices=("true", "false"),
@@ -299,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.admin_token and len(args.admin_token) < MIN_ADMIN_TOKEN_CHARS:
         print(f"error: --admin_token must have at least {MIN_ADMIN_TOKEN_CHARS} characters", file=sys.stderr)
         return 2
+    try:
+        warmup_sizes = parse_image_sizes(args.warmup_image_sizes)
+    except ValueError as e:
+        print(f"error: --warmup_image_sizes: {e}", file=sys.stderr)
+        return 2
     config = ServingConfig(
         device=args.device,
         max_batch_size=args.max_batch_size,
@@ -318,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         early_headers=args.nvjpeg_early_headers == "true",
         pinned_bodies=args.ipc_pinned_bodies == "true",
         inline_idle_ms=args.inline_idle_ms,
+        warmup_image_sizes=warmup_sizes,
     )
     if args.inline_idle_ms < 0:
         print(f"error: --inline_idle_ms must be >= 0 (0: never), got {args.inline_idle_ms:g}", file=sys.stderr)

@@ -92,7 +92,7 @@ def load_model(artifact_dir: Path, config: ServingConfig, *, early: EarlyStart |
                               early_headers=config.early_headers, crop_kernel=config.crop_kernel)  # fmt: skip
     gpu_decode = config.gpu_decode and device.type == "cuda"
     if gpu_decode:
-        pipeline.warm_up()
+        pipeline.warm_up(config.warmup_image_sizes)
     log.info("start-up: weights loaded %.2fs, buckets warmed %.2fs, decoder warmed %.2fs",
              t_loaded - t0, t_warm - t_loaded, time.perf_counter() - t_warm)  # fmt: skip
     two_stage = device.type == "cuda"  # decoding batch k+1 (own thread and stream) overlaps running batch k

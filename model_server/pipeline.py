@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -408,8 +408,10 @@ class DevicePipeline:
             self._pinned[key] = buf
         return buf[:n]
 
-    def warm_up(self) -> None:
-        """Initialise nvJPEG and the resize kernels so the first request pays nothing."""
+    def warm_up(self, sizes: Sequence[tuple[int, int]] = ()) -> None:
+        """Initialise nvJPEG and the resize kernels so the first request pays nothing; and for each
+        (width, height) of ``sizes``, send two lone JPEGs of that size through: the first decodes one
+        (nvJPEG's first of a size), the second captures the size's crop graph."""
         if self.device.type != "cuda":
             return
         hardware = hardware_decoder(self.device) if self.jpeg_decoder == "nvjpeg" else None
@@ -426,4 +428,11 @@ class DevicePipeline:
             result = self([batch])
             if isinstance(result[0], Exception):
                 raise result[0]
+        for size in sizes:
+            sized = warm_up_jpeg(size)
+            for _ in range(2):
+                body = bytearray(sized)  # as one JPEG arrives over IPC
+                result = self([JpegBatch([memoryview(body)], buffer=body)])
+                if isinstance(result[0], Exception):
+                    raise result[0]
         torch.cuda.synchronize(self.device)

@@ -29,6 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
         ("--nvjpeg_early_headers", "yes", "argument --nvjpeg_early_headers: invalid choice: 'yes'"),
         ("--decode_stream_priority", "max", "argument --decode_stream_priority: invalid choice: 'max'"),
         ("--crop_kernel", "cuda", "argument --crop_kernel: invalid choice: 'cuda'"),
+        (
+            "--warmup_image_sizes",
+            "640x480,vga",
+            "--warmup_image_sizes: image size 'vga' is not WIDTHxHEIGHT with sides 1..8192",
+        ),
+        ("--warmup_image_sizes", "0x480", "image size '0x480' is not WIDTHxHEIGHT"),
     ],
 )
 def test_a_bad_value_exits_2_naming_it(tmp_path: Path, flag: str, value: str, message: str) -> None:
@@ -206,3 +212,14 @@ def test_the_queue_holds_eight_batches_by_default(flag: int, max_batch: int, que
     from model_server.config import queue_images
 
     assert queue_images(flag, max_batch) == queue
+
+
+def test_warmup_image_sizes_parse_as_width_by_height() -> None:
+    from model_server.config import DEFAULT_WARMUP_IMAGE_SIZES, ServingConfig, parse_image_sizes
+
+    assert parse_image_sizes("640x480, 1920X1080,640x480") == ((640, 480), (1920, 1080))  # repeats once
+    assert parse_image_sizes("none") == parse_image_sizes("") == ()
+    assert ServingConfig().warmup_image_sizes == DEFAULT_WARMUP_IMAGE_SIZES
+    for bad in ("640", "640x", "x480", "640x480x3", "-640x480", "9000x10", "640*480"):
+        with pytest.raises(ValueError, match="is not WIDTHxHEIGHT"):
+            parse_image_sizes(bad)

@@ -183,6 +183,34 @@ def test_a_request_run_inline_on_the_loop_thread_matches_the_device_thread(tmp_p
     assert torch.equal(inline, threaded)
 
 
+def test_warmup_image_sizes_capture_their_crop_graphs_before_the_first_request(tmp_path: Path) -> None:
+    """pipeline.warm_up(sizes): each size's lone-JPEG crop graph is captured before any request, so the
+    first request of that size replays it; its answer is what an unwarmed pipeline gives."""
+    from model_server.artifact import read_manifest
+    from model_server.pipeline import DevicePipeline, JpegBatch
+    from model_server.runtimes import load_runner
+
+    build_artifacts(tmp_path, "densenet121-eager-fp16-cl-graphs", device="cuda")  # the lone path needs graphs
+    d = tmp_path / "densenet121-eager-fp16-cl-graphs"
+    runner = load_runner(read_manifest(d), d, torch.device("cuda"))
+    runner.warm_up()
+    warmed = DevicePipeline(runner)
+    warmed.warm_up([(640, 480), (1280, 720)])
+    assert {(480, 640), (720, 1280)} <= set(warmed._crop_graphs)
+    plain = DevicePipeline(runner)
+    plain.warm_up()
+    assert (480, 640) not in plain._crop_graphs
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(_jpegs()[0])).convert("RGB").resize((640, 480)).save(buf, format="JPEG")
+    photo = buf.getvalue()
+    graphs = len(warmed._crop_graphs)
+    (first,) = warmed([JpegBatch([photo])])
+    (eager,) = plain([JpegBatch([photo])])  # a size seen once: cropped eagerly
+    assert len(warmed._crop_graphs) == graphs, "replayed, not captured"
+    assert isinstance(first, torch.Tensor) and isinstance(eager, torch.Tensor)
+    torch.testing.assert_close(first, eager, atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("jpeg_decoder", ["nvjpeg", "torchvision"])
 def test_two_prepare_threads_crop_what_one_does(tmp_path: Path, jpeg_decoder: str) -> None:
     """DevicePipeline.prepare called from two threads at once (decode_bench --threads; each on a side
