@@ -361,13 +361,12 @@ def scrape_after(
     """:func:`scrape_sums` once the predictor's request histogram counts ``count`` more than ``before``
     (its metric writes follow the answers by a loop turn), or after ``timeout_s`` as it stands."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        now = scrape_sums(url)
-        if now.get("request_seconds", [0.0, 0.0])[1] >= before.get("request_seconds", [0.0, 0.0])[1] + count:
-            return now
-        if time.monotonic() > deadline:
-            return now
+    target = before.get("request_seconds", [0.0, 0.0])[1] + count
+    now = scrape_sums(url)
+    while now.get("request_seconds", [0.0, 0.0])[1] < target and time.monotonic() < deadline:
         time.sleep(0.02)
+        now = scrape_sums(url)
+    return now
 
 
 def breakdown(before: dict[str, list[float]], after: dict[str, list[float]]) -> dict[str, float]:

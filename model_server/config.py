@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import importlib.util
 import os
+import re
 import tempfile
 
 # Here, not in preprocess (which imports torch and PIL): the CLI parses its flags, and starts the
@@ -55,20 +56,15 @@ def parse_image_sizes(text: str) -> tuple[tuple[int, int], ...]:
         return ()
     sizes: list[tuple[int, int]] = []
     for entry in text.split(","):
-        w, sep, h = entry.strip().lower().partition("x")
-        if (
-            not sep
-            or not w.isdigit()
-            or not h.isdigit()
-            or not (0 < int(w) <= MAX_WARMUP_SIDE)
-            or not (0 < int(h) <= MAX_WARMUP_SIDE)
-        ):
+        match = re.fullmatch(r"(\d+)x(\d+)", entry.strip().lower())
+        size = (int(match[1]), int(match[2])) if match else (0, 0)
+        if not all(0 < side <= MAX_WARMUP_SIDE for side in size):
             raise ValueError(
                 f"image size {entry.strip()!r} is not WIDTHxHEIGHT with sides 1..{MAX_WARMUP_SIDE} "
                 "(e.g. 640x480,1920x1080, or none)"
             )
-        if (int(w), int(h)) not in sizes:
-            sizes.append((int(w), int(h)))
+        if size not in sizes:
+            sizes.append(size)
     return tuple(sizes)
 
 

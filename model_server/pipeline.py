@@ -420,19 +420,20 @@ class DevicePipeline:
         jpeg = warm_up_jpeg()
         # nvJPEG's buffers for large photos were grown by the early thread's 12 MP decode (warm_gpu_decoder).
         for n in sorted({1, min(8, self.runner.max_batch)}):
-            # as a request's JPEGs arrive over IPC: back to back in one buffer, headers read on arrival
-            body = bytearray(jpeg * n)
-            view = memoryview(body)
-            batch = JpegBatch([view[i * len(jpeg) : (i + 1) * len(jpeg)] for i in range(n)], buffer=body)
-            self.read_headers(batch)
-            result = self([batch])
-            if isinstance(result[0], Exception):
-                raise result[0]
+            self._warm(jpeg, n)
         for size in sizes:
             sized = warm_up_jpeg(size)
-            for _ in range(2):
-                body = bytearray(sized)  # as one JPEG arrives over IPC
-                result = self([JpegBatch([memoryview(body)], buffer=body)])
-                if isinstance(result[0], Exception):
-                    raise result[0]
+            self._warm(sized, 1)
+            self._warm(sized, 1)  # the size's second sighting: its crop graph is captured
         torch.cuda.synchronize(self.device)
+
+    def _warm(self, jpeg: bytes, n: int) -> None:
+        """``n`` copies of ``jpeg`` through both stages as one request's JPEGs arrive over IPC: back to
+        back in one buffer, headers read on arrival."""
+        body = bytearray(jpeg * n)
+        view = memoryview(body)
+        batch = JpegBatch([view[i * len(jpeg) : (i + 1) * len(jpeg)] for i in range(n)], buffer=body)
+        self.read_headers(batch)
+        result = self([batch])
+        if isinstance(result[0], Exception):
+            raise result[0]
