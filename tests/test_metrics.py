@@ -118,7 +118,7 @@ def test_a_write_queued_while_paused_stays_a_no_op() -> None:
 
 def test_a_batch_is_answered_before_its_metric_writes() -> None:
     """The batcher queues a batch's writes and flushes them on the loop after the answers' callbacks:
-    the waiting request resumes first, the counters move one loop turn later."""
+    the waiting request resumes first, the counters move two loop turns later."""
     import asyncio
 
     import torch
@@ -135,6 +135,7 @@ def test_a_batch_is_answered_before_its_metric_writes() -> None:
             out = await batcher.submit(7, 2)
             assert float(out[0]) == 7.0
             answered = m.IMAGES._value.get()
+            await asyncio.sleep(0)
             await asyncio.sleep(0)
             return before, answered, m.IMAGES._value.get()
         finally:
@@ -190,22 +191,31 @@ def test_observations_while_paused_are_dropped_and_a_full_queue_writes_at_once(
     assert "h_count 4.0" in generate_latest(reg).decode()
 
 
-def test_flush_soon_schedules_one_flush_after_the_callbacks_already_queued() -> None:
+def test_flush_soon_flushes_once_after_the_writes_that_queued_callbacks_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device process's answer: ``set_result`` queues the IPC callback, which queues the one write of
+    its burst for the turn after. The metrics flush comes after that write, once however often asked."""
     import asyncio
 
     order: list[str] = []
+    flushes: list[int] = []
+    real = m.flush
+    monkeypatch.setattr(m, "flush", lambda: (flushes.append(1), real())[1])
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        answered: asyncio.Future[int] = loop.create_future()
+        answered.add_done_callback(lambda f: loop.call_soon(order.append, "write"))
+        answered.set_result(1)  # the batch's answer: its callback runs next turn and queues the write
         m.later(order.append, "metrics")
         m.flush_soon(loop)
-        loop.call_soon(order.append, "answer")  # queued after the flush: runs after it
         m.flush_soon(loop)  # already scheduled: not again
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        for _ in range(3):
+            await asyncio.sleep(0)
         m.later(order.append, "next")
         m.flush_soon(loop)  # the first flush ran: a new one is scheduled
-        await asyncio.sleep(0)
+        for _ in range(3):
+            await asyncio.sleep(0)
 
     asyncio.run(main())
-    assert order == ["metrics", "answer", "next"]
+    assert order == ["write", "metrics", "next"]
+    assert len(flushes) == 2
