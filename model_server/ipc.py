@@ -418,6 +418,9 @@ class _DeviceConnection(_Framed):
         except Exception as e:
             self._fail(req_id, n, e)
             return
+        if fut.done():  # run inline (the batcher's idle path): answered now, not a loop turn later
+            self._answer(req_id, n, fut)
+            return
         self.inflight.add(fut)
         fut.add_done_callback(functools.partial(self._answer, req_id, n))
 

@@ -94,10 +94,15 @@ async def device_server(
     max_queue: int = 256,
     body_pool_bytes: int = 0,
     admit: Callable[[Any], None] | None = None,
+    inline: bool = False,
 ) -> AsyncIterator[DeviceServer]:
+    """``inline``: the batcher runs a request that finds it idle at once on the loop's thread."""
     device = device or Device()
     folder = tempfile.mkdtemp(prefix="ipc-test-")  # short: a Unix socket path holds ~100 bytes
-    batcher = DynamicBatcher(device, max_batch_size=max_batch, max_delay_s=0.0, max_queue_images=max_queue)
+    batcher = DynamicBatcher(
+        device, max_batch_size=max_batch, max_delay_s=0.0, max_queue_images=max_queue,
+        **({"prepare": lambda payloads: payloads, "inline_after_idle_s": 0.0} if inline else {}),
+    )  # fmt: skip
     server = DeviceServer(
         batcher, os.path.join(folder, "device.sock"), control=control, body_pool_bytes=body_pool_bytes, admit=admit
     )
@@ -144,9 +149,11 @@ def test_jpeg_and_tensor_payloads_round_trip_to_their_own_request() -> None:
     run(main())
 
 
-def test_an_answer_is_written_before_its_batchs_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("inline", [False, True], ids=["device-thread", "inline"])
+def test_an_answer_is_written_before_its_batchs_metrics(monkeypatch: pytest.MonkeyPatch, inline: bool) -> None:
     """The batch's metric writes (~50 us of mmap stores on an H100 host) come after its answers are on the
-    socket, so a lone request does not wait for them (metrics.flush_soon)."""
+    socket, so a lone request does not wait for them (metrics.flush_soon), also when the batcher runs it
+    inline, inside ``submit_nowait``: the answer is then written a loop turn earlier still."""
     from model_server import ipc, metrics
 
     order: list[str] = []
@@ -160,15 +167,16 @@ def test_an_answer_is_written_before_its_batchs_metrics(monkeypatch: pytest.Monk
     monkeypatch.setattr(ipc._Framed, "flush", write)
     monkeypatch.setattr(metrics, "flush", lambda: (order.append("metrics"), real_flush())[1])
 
-    async def main() -> None:
-        async with device_server() as server:
+    async def main() -> int:
+        async with device_server(inline=inline) as server:
             client = DeviceClient(server.path)
             for k in (3, 5):
                 assert int((await client.infer(JpegBatch([b"x" * k]), 5.0))[0, 0]) == k
                 await wait_until(lambda: order.count("metrics") == order.count("answer"))
             client.close()
+            return server.batcher.inline_batches
 
-    run(main())
+    assert run(main()) == (2 if inline else 0)
     assert order == ["answer", "metrics"] * 2
 
 
