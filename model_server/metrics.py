@@ -180,8 +180,9 @@ def flush_soon(loop: asyncio.AbstractEventLoop) -> None:
     callbacks already queued and after those they queue in turn. An answer is written that late:
     a future's result reaches its callback one turn after ``set_result`` (the device process's
     IPC answer), and that callback queues the write for the turn after (one write per burst). A flush
-    one turn away ran before the write, and on an H100 host it had added its ~50 us of mmap stores
-    to every lone request's latency (+2.9 % at concurrency 1, serve_bench's metrics-toggle, session 25).
+    one turn away ran before the write and added its locked shared-memory stores to every lone
+    request: the metrics' p50 cost at concurrency 1 went from +2.7..+2.9 % to +0.9 % on the H100
+    hosts (serve_bench's metrics-toggle, session 25; ``ipc`` also answers an inline request at once).
     A flush already scheduled on ``loop`` is not scheduled again."""
     global _flush_on
     if _flush_on is not loop:

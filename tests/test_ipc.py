@@ -151,7 +151,7 @@ def test_jpeg_and_tensor_payloads_round_trip_to_their_own_request() -> None:
 
 @pytest.mark.parametrize("inline", [False, True], ids=["device-thread", "inline"])
 def test_an_answer_is_written_before_its_batchs_metrics(monkeypatch: pytest.MonkeyPatch, inline: bool) -> None:
-    """The batch's metric writes (~50 us of mmap stores on an H100 host) come after its answers are on the
+    """The batch's metric writes (locked shared-memory stores) come after its answers are on the
     socket, so a lone request does not wait for them (metrics.flush_soon), also when the batcher runs it
     inline, inside ``submit_nowait``: the answer is then written a loop turn earlier still."""
     from model_server import ipc, metrics
