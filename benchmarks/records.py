@@ -65,6 +65,19 @@ def host_speed(repeats: int = 5) -> dict[str, float]:
     }
 
 
+def speed_drift_pct(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """How much slower each :func:`host_speed` probe read at the end of a run than at its start, in %
+    (positive: slower after; ``memcpy_gb_s`` is a rate, so its ratio is turned to match the times)."""
+    out = {}
+    for key, b in before.items():
+        a = after.get(key)
+        if not a or not b:
+            continue
+        slower = b / a if key.endswith("_gb_s") else a / b
+        out[key] = round((slower - 1.0) * 100.0, 1)
+    return out
+
+
 def write_record(
     name: str,
     script: str,

@@ -47,9 +47,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -884,7 +884,50 @@ def load_users(metrics: Mapping[str, Any], levels: Sequence[int], explicit: int 
     return int(best) if best else max(levels)
 
 
-def metrics_toggle_run(server: Server, args: argparse.Namespace, users: int, work: Path) -> dict[str, Any]:
+class TogglePlan(NamedTuple):
+    """One metrics-toggle run's blocks of four windows, each window's length and the guard after a switch."""
+
+    blocks: int
+    window_s: float
+    guard_s: float
+
+
+def toggle_plans(blocks: str, window_s: str, guard_s: str, users: Sequence[int]) -> Callable[[int], TogglePlan]:
+    """The plan of each ``--toggle-users`` level from ``--toggle-blocks``/``-window-s``/``-guard-s``: each
+    one value for every level, or a comma list of one per level (``users`` given), e.g. 1.5 s windows at
+    concurrency 1 and 0.5 s at 128 users (README, the serving benchmark).
+
+    Raises:
+        ValueError: naming the flag and the value it got.
+    """
+    lists: dict[str, list[float]] = {}
+    for flag, text, kind in (("blocks", blocks, int), ("window-s", window_s, float), ("guard-s", guard_s, float)):
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"--toggle-{flag} must be a number or a comma list of them, got {text!r}") from None
+        if len(values) > 1 and len(values) != len(users):
+            levels = ", ".join(map(str, users)) or "none given"
+            raise ValueError(f"--toggle-{flag} lists {len(values)} values for {len(users)} --toggle-users "
+                             f"levels ({levels}): give one value, or one per level")  # fmt: skip
+        lists[flag] = values
+    plans = []
+    for k in range(max(len(v) for v in lists.values())):
+        b, w, g = (lists[f][min(k, len(lists[f]) - 1)] for f in ("blocks", "window-s", "guard-s"))
+        if b < 1:
+            raise ValueError(f"--toggle-blocks must be at least 1 each, got {blocks!r}")
+        if not 0 <= g < w:
+            raise ValueError(f"--toggle-guard-s must be >= 0 and below --toggle-window-s ({w:g}), got {g:g}")
+        plans.append(TogglePlan(int(b), w, g))
+    if len(plans) == 1:
+        return lambda u: plans[0]
+    by_users = dict(zip(users, plans, strict=True))
+    return lambda u: by_users[u]
+
+
+def metrics_toggle_run(
+    server: Server, args: argparse.Namespace, users: int, plan: TogglePlan, work: Path
+) -> dict[str, Any]:
     """One Locust run at ``users`` on the running ``server``, its request-path metrics paused and resumed
     (``kill -USR1``/``-USR2``) in blocks of windows on, off, off, on (:mod:`runtime_ab`); on again at the end."""
     from model_server.metrics import PAUSE_SIGNAL, RESUME_SIGNAL
@@ -893,14 +936,14 @@ def metrics_toggle_run(server: Server, args: argparse.Namespace, users: int, wor
         os.kill(server.proc.pid, RESUME_SIGNAL if on else PAUSE_SIGNAL)
 
     settle_s = 6.0  # Locust's start and the spawn of its users, before the first window
-    states = runtime_ab.abba(args.toggle_blocks)
-    duration = int(settle_s + len(states) * args.toggle_window_s) + 2
+    states = runtime_ab.abba(plan.blocks)
+    duration = int(settle_s + len(states) * plan.window_s) + 2
     windows: list[runtime_ab.Window] = []
     first = time.time() + settle_s
 
     def schedule() -> None:
         try:
-            windows.extend(runtime_ab.run_windows(first, args.toggle_window_s, states, switch))
+            windows.extend(runtime_ab.run_windows(first, plan.window_s, states, switch))
         finally:
             switch(True)
 
@@ -910,13 +953,13 @@ def metrics_toggle_run(server: Server, args: argparse.Namespace, users: int, wor
     tag = f"toggle-c{users}"
     procs = 1 if users == 1 else min(args.processes, users)
     run = run_locust(server.url, args.user, users, procs, duration, size, 1, work, tag)
-    scheduler.join(args.toggle_window_s * len(states) + 30)
+    scheduler.join(plan.window_s * len(states) + 30)
     figures = runtime_ab.window_figures(
-        read_raw_samples(work / f"{tag}-latency"), windows, images_per_request=1, guard_s=args.toggle_guard_s
+        read_raw_samples(work / f"{tag}-latency"), windows, images_per_request=1, guard_s=plan.guard_s
     )
     summary = runtime_ab.summarize(figures, bound_pct=METRICS_OVERHEAD_TARGET_PCT, windows=windows)
     return {
-        "users": users, "blocks": args.toggle_blocks, "window_s": args.toggle_window_s, "guard_s": args.toggle_guard_s,
+        "users": users, "blocks": plan.blocks, "window_s": plan.window_s, "guard_s": plan.guard_s,
         "img_s": round(run["img_s"], 1), "failures": run["failures"], **summary,
     }  # fmt: skip
 
@@ -1092,12 +1135,13 @@ def main(argv: list[str] | None = None) -> int:
         "single-image concurrency); one server, its metrics paused and resumed in alternating windows",
     )  # fmt: skip
     p.add_argument(
-        "--toggle-blocks", type=int, default=12,
-        help="metrics-toggle: blocks of four windows (on, off, off, on) per run, one effect each (default 12)",
+        "--toggle-blocks", default="12",
+        help="metrics-toggle: blocks of four windows (on, off, off, on) per run, one effect each (default 12); "
+        "this and the next two take one value, or a comma list of one per --toggle-users level",
     )  # fmt: skip
-    p.add_argument("--toggle-window-s", type=float, default=1.5, help="metrics-toggle: seconds per window")
+    p.add_argument("--toggle-window-s", default="1.5", help="metrics-toggle: seconds per window (default 1.5)")
     p.add_argument(
-        "--toggle-guard-s", type=float, default=0.25,
+        "--toggle-guard-s", default="0.25",
         help="metrics-toggle: requests ending this soon after a switch are left out (they ran partly before it)",
     )  # fmt: skip
     p.add_argument(
@@ -1150,17 +1194,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--roles-images must be at least 1, got {args.roles_images}")
     if args.compare_images < 1:
         p.error(f"--compare-images must be at least 1, got {args.compare_images}")
-    if args.toggle_blocks < 1:
-        p.error(f"--toggle-blocks must be at least 1, got {args.toggle_blocks}")
-    if not 0 <= args.toggle_guard_s < args.toggle_window_s:
-        p.error(f"--toggle-guard-s must be >= 0 and below --toggle-window-s ({args.toggle_window_s:g}), "
-                f"got {args.toggle_guard_s:g}")  # fmt: skip
     try:
         toggle_users = [int(u) for u in args.toggle_users.split(",") if u.strip()]
     except ValueError:
         p.error(f"--toggle-users must be comma-separated integers, got {args.toggle_users!r}")
     if any(u < 1 for u in toggle_users):
         p.error(f"--toggle-users must be at least 1 each, got {args.toggle_users!r}")
+    try:
+        toggle_plan = toggle_plans(args.toggle_blocks, args.toggle_window_s, args.toggle_guard_s, toggle_users)
+    except ValueError as e:
+        p.error(str(e))
     if args.trace_batches < 0 or (args.trace_batches and "cpu-roles" not in phases):
         p.error("--trace-batches must be >= 0 and needs the cpu-roles phase in --phases")
     if args.py_spy < 0 or (args.py_spy and "cpu-roles" not in phases):
@@ -1353,9 +1396,10 @@ def main(argv: list[str] | None = None) -> int:
                 metrics["batched_rounds"] = rounds[1:]
         if "metrics-toggle" in phases:
             users_list = toggle_users or sorted({1, load_users(metrics, levels)})
-            step("metrics-toggle", f"metrics paused and resumed in one server, {args.toggle_blocks} blocks of 4 "
-                 f"windows of {args.toggle_window_s:g} s, at {', '.join(map(str, users_list))} users")  # fmt: skip
-            toggles = {f"c{u}": metrics_toggle_run(server, args, u, work) for u in users_list}
+            plans = [(u, toggle_plan(u)) for u in users_list]
+            step("metrics-toggle", "metrics paused and resumed in one server, at " + "; ".join(
+                f"{u} users {pl.blocks} blocks of 4 windows of {pl.window_s:g} s" for u, pl in plans))  # fmt: skip
+            toggles = {f"c{u}": metrics_toggle_run(server, args, u, pl, work) for u, pl in plans}
             metrics["metrics_toggle"] = toggles
             for u in users_list:
                 print("    " + toggle_line(u, toggles[f"c{u}"]), file=sys.stderr, flush=True)
@@ -1391,6 +1435,9 @@ def main(argv: list[str] | None = None) -> int:
                 metrics.update(metrics_overhead(metrics["compare"]["arms"]))
     finally:
         server.stop()
+    # and after every load: a lent host's speed drifts within one run (session 25: the Python loop
+    # went from 34.5 to 62 ms on one machine within eight minutes), which the probe before cannot show
+    host_after = records.host_speed()
 
     compare_failures = [n for arm in metrics.get("compare", {}).get("arms", {}).values() for n in arm["failures"]]
     toggle_failures = [t["failures"] for t in metrics.get("metrics_toggle", {}).values()]
@@ -1404,6 +1451,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = environment(device, packages=SERVING_PACKAGES)
     env["host_speed"] = host
+    env["host_speed_after"] = host_after
+    env["host_speed_drift_pct"] = records.speed_drift_pct(host, host_after)
     gpu = (env.get("gpu") or "cpu").lower().replace("nvidia ", "").replace(" ", "-")
     date = dt.date.today().isoformat()
     name = args.name or f"serve-{slug}"

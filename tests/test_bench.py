@@ -501,6 +501,23 @@ def test_host_speed_probes_the_interpreter_memory_and_cpu_decoder(monkeypatch: p
     assert slow["memcpy_gb_s"] == round((64 << 20) / 1e9, 2)
 
 
+def test_speed_drift_reads_positive_when_the_host_got_slower_for_times_and_rates_alike() -> None:
+    """records.speed_drift_pct: a probe slower at the end reads positive, whether it is a time (larger)
+    or a rate (smaller); a probe missing or zero on either side is left out."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import records
+
+    before = {"python_loop_ms": 34.5, "memcpy_gb_s": 9.0, "pil_decode_vga_ms": 5.0}
+    after = {"python_loop_ms": 62.1, "memcpy_gb_s": 6.0, "pil_decode_vga_ms": 5.0}
+    assert records.speed_drift_pct(before, after) == {
+        "python_loop_ms": 80.0,
+        "memcpy_gb_s": 50.0,
+        "pil_decode_vga_ms": 0.0,
+    }
+    assert records.speed_drift_pct(after, before)["python_loop_ms"] == -44.4  # faster after
+    assert records.speed_drift_pct(before, {"python_loop_ms": 0.0}) == {}
+
+
 def test_a_serving_record_names_the_serving_stacks_versions_and_the_host_cpu() -> None:
     """A serving record's ``environ``: every package of the predictor's and Locust's stack with its
     installed version (None where absent), and the host CPU's model (hosts of one GPU kind differ)."""

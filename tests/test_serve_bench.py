@@ -164,6 +164,9 @@ def test_batched_rounds_on_the_cpu(artifacts_dir: Path, tmp_path: Path) -> None:
     # the host's speed, probed before any load, so records from machines naming one CPU model differ
     assert set(record["environ"]["host_speed"]) == {"python_loop_ms", "memcpy_gb_s", "pil_decode_vga_ms"}
     assert min(record["environ"]["host_speed"].values()) > 0
+    # and after the loads, with the drift between the two (how much slower the host got within the run)
+    assert set(record["environ"]["host_speed_after"]) == set(record["environ"]["host_speed"])
+    assert set(record["environ"]["host_speed_drift_pct"]) == set(record["environ"]["host_speed"])
     rounds = metrics["e2e_batched_rounds_img_s"]
     assert len(rounds) == 2 and min(rounds) > 0 and metrics["e2e_batched_users"] == 1
     assert rounds[0] == round(metrics["batched_runs"]["c1"]["img_s"], 1) and len(metrics["batched_rounds"]) == 1
@@ -187,6 +190,10 @@ def test_batched_rounds_on_the_cpu(artifacts_dir: Path, tmp_path: Path) -> None:
         ["--batched-rounds", "0"],
         ["--server-cpus", "0-a"],
         ["--locust-cpus", "100000"],  # not a CPU this process may run on
+        ["--toggle-blocks", "12,24"],  # one per level, but no levels named
+        ["--toggle-users", "1,128", "--toggle-window-s", "1.5,0.5,1"],  # three windows for two levels
+        ["--toggle-guard-s", "2"],  # not below the window
+        ["--toggle-blocks", "0"],
     ],
 )
 def test_unusable_flags_exit_2_before_any_work(
@@ -196,6 +203,21 @@ def test_unusable_flags_exit_2_before_any_work(
         sb.main(["--model-dir", str(tmp_path / "absent"), *argv])
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_toggle_plans_give_every_level_one_value_or_its_own() -> None:
+    """``--toggle-blocks``/``-window-s``/``-guard-s``: one value for every level, or one per
+    ``--toggle-users`` level (1.5 s windows at concurrency 1, 0.5 s at 128 users); errors name the flag."""
+    same = sb.toggle_plans("12", "1.5", "0.25", [])
+    assert same(1) == same(128) == sb.TogglePlan(12, 1.5, 0.25)
+    own = sb.toggle_plans("24,60", "1.5,0.5", "0.1", [1, 128])
+    assert own(1) == sb.TogglePlan(24, 1.5, 0.1) and own(128) == sb.TogglePlan(60, 0.5, 0.1)
+    with pytest.raises(ValueError, match=r"--toggle-window-s lists 3 values for 2 --toggle-users levels \(1, 128\)"):
+        sb.toggle_plans("12", "1.5,0.5,1", "0.1", [1, 128])
+    with pytest.raises(ValueError, match=r"--toggle-guard-s must be >= 0 and below --toggle-window-s \(0.5\), got 0.6"):
+        sb.toggle_plans("12", "1.5,0.5", "0.6", [1, 128])
+    with pytest.raises(ValueError, match="--toggle-blocks must be a number or a comma list of them, got 'x'"):
+        sb.toggle_plans("x", "1.5", "0.25", [1])
 
 
 def test_cpu_lists_parse_as_taskset_takes_them_and_pin_children() -> None:
