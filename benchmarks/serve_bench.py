@@ -900,7 +900,7 @@ def toggle_plans(blocks: str, window_s: str, guard_s: str, users: Sequence[int])
     Raises:
         ValueError: naming the flag and the value it got.
     """
-    lists: dict[str, list[float]] = {}
+    lists: dict[str, list[Any]] = {}
     for flag, text, kind in (("blocks", blocks, int), ("window-s", window_s, float), ("guard-s", guard_s, float)):
         try:
             values = [kind(v) for v in text.split(",")]
@@ -911,14 +911,14 @@ def toggle_plans(blocks: str, window_s: str, guard_s: str, users: Sequence[int])
             raise ValueError(f"--toggle-{flag} lists {len(values)} values for {len(users)} --toggle-users "
                              f"levels ({levels}): give one value, or one per level")  # fmt: skip
         lists[flag] = values
-    plans = []
-    for k in range(max(len(v) for v in lists.values())):
-        b, w, g = (lists[f][min(k, len(lists[f]) - 1)] for f in ("blocks", "window-s", "guard-s"))
-        if b < 1:
+    n = max(len(v) for v in lists.values())
+    plans = [TogglePlan(*p) for p in zip(*(v * n if len(v) == 1 else v for v in lists.values()), strict=True)]
+    for plan in plans:
+        if plan.blocks < 1:
             raise ValueError(f"--toggle-blocks must be at least 1 each, got {blocks!r}")
-        if not 0 <= g < w:
-            raise ValueError(f"--toggle-guard-s must be >= 0 and below --toggle-window-s ({w:g}), got {g:g}")
-        plans.append(TogglePlan(int(b), w, g))
+        if not 0 <= plan.guard_s < plan.window_s:
+            raise ValueError(f"--toggle-guard-s must be >= 0 and below --toggle-window-s ({plan.window_s:g}), "
+                             f"got {plan.guard_s:g}")  # fmt: skip
     if len(plans) == 1:
         return lambda u: plans[0]
     by_users = dict(zip(users, plans, strict=True))

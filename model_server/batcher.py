@@ -274,7 +274,7 @@ class DynamicBatcher:
             results = [e]
         self._idle_since = time.monotonic()
         self._deliver([item], results)
-        m.flush_soon(asyncio.get_running_loop())  # after the answer's callback
+        m.flush_soon(asyncio.get_running_loop())  # after the answer is written
 
     def _prepare_and_run(self, payloads: list[Any]) -> list[torch.Tensor | Exception]:
         if self.alone is not None:

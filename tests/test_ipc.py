@@ -99,10 +99,8 @@ async def device_server(
     """``inline``: the batcher runs a request that finds it idle at once on the loop's thread."""
     device = device or Device()
     folder = tempfile.mkdtemp(prefix="ipc-test-")  # short: a Unix socket path holds ~100 bytes
-    batcher = DynamicBatcher(
-        device, max_batch_size=max_batch, max_delay_s=0.0, max_queue_images=max_queue,
-        **({"prepare": lambda payloads: payloads, "inline_after_idle_s": 0.0} if inline else {}),
-    )  # fmt: skip
+    idle_path: dict[str, Any] = {"prepare": lambda payloads: payloads, "inline_after_idle_s": 0.0} if inline else {}
+    batcher = DynamicBatcher(device, max_batch_size=max_batch, max_delay_s=0.0, max_queue_images=max_queue, **idle_path)
     server = DeviceServer(
         batcher, os.path.join(folder, "device.sock"), control=control, body_pool_bytes=body_pool_bytes, admit=admit
     )
